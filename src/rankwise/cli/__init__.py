@@ -1,0 +1,36 @@
+"""The ``rankwise`` command: parses arguments, calls the library, turns bad input into one line and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import compress as _compress_cmds
+from . import delta as _delta_cmds
+from . import merge as _merge_cmds
+
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankwise", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (_compress_cmds, _delta_cmds, _merge_cmds):
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USAGE_ERRORS as exc:
+        print(f"rankwise {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rankwise {args.command}: interrupted; no output was written", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

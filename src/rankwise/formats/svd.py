@@ -1,0 +1,243 @@
+"""Low-rank matrix factorizations: exact truncated SVD, randomized SVD, and whitened (activation-aware) SVD."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._ops import (
+    Tensor,
+    check_fraction,
+    check_int_rank,
+    check_tensor,
+    check_tolerance,
+    compute_dtype,
+    largest_within_budget,
+    rank_for_tolerance,
+)
+
+
+@dataclass(frozen=True)
+class SVD:
+    """``W ≈ U diag(S) Vh``.
+
+    U : Tensor, shape (m, r); S : Tensor, shape (r,); Vh : Tensor, shape (r, n).
+    ``spectrum`` holds every singular value of the factorized matrix (the whitened one for
+    :func:`whitened_svd`), so that ``tail_error(k)`` is known for any rank without another SVD.
+    """
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+    spectrum: Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.shape[0])
+
+    @property
+    def ranks(self) -> tuple[int]:
+        return (self.rank,)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.U.shape[0]), int(self.Vh.shape[1]))
+
+    @property
+    def num_params(self) -> int:
+        m, n = self.shape
+        return self.rank * (m + n + 1)
+
+    def to_dense(self) -> Tensor:
+        return (self.U * self.S) @ self.Vh
+
+    def truncate(self, rank: int) -> "SVD":
+        """The leading ``rank`` triplets (Eckart–Young optimal when this is an exact SVD)."""
+        check_int_rank(rank, "rank", self.rank)
+        return SVD(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.spectrum)
+
+    def tail_error(self, rank: int) -> float:
+        """Frobenius norm of the discarded part at ``rank`` (of the whitened matrix for whitened SVDs)."""
+        if self.spectrum is None:
+            raise ValueError("tail_error needs the full spectrum; this SVD was computed without it")
+        return float(torch.sqrt((self.spectrum[rank:].double() ** 2).sum()))
+
+
+def svd_rank(shape: tuple[int, int], rank: int | float) -> int:
+    """Resolve an int rank, or a float fraction of ``m*n`` parameters, into an int rank for ``shape``."""
+    m, n = shape
+    full = min(m, n)
+    if isinstance(rank, float):
+        keep = check_fraction(rank, "rank")
+        return largest_within_budget(keep * m * n, lambda r: r * (m + n), full)
+    return check_int_rank(rank, "rank", full)
+
+
+def _check_matrix(W: Tensor) -> None:
+    check_tensor(W, "W", ndim=2)
+
+
+def _finish(U: Tensor, S: Tensor, Vh: Tensor, spectrum: Tensor, like: Tensor) -> SVD:
+    dt = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    # factors of a half-precision matrix are returned in float32: casting U, S, Vh to float16 loses more
+    # than the truncation itself; layers cast them to the model dtype when they build.
+    return SVD(U.to(dt), S.to(dt), Vh.to(dt), spectrum.to(dt))
+
+
+def truncated_svd(W: Tensor, rank: int | float | None = None, *, eps: float | None = None) -> SVD:
+    """Best rank-``r`` approximation of ``W`` (Eckart & Young 1936).
+
+    Parameters
+    ----------
+    W : Tensor, shape (m, n)
+    rank : int in [1, min(m, n)], or float in (0, 1] (fraction of the ``m*n`` dense parameters kept
+        by ``U S Vh`` storage of ``r*(m+n)``), or None for full rank / the ``eps`` rule.
+    eps : float, optional
+        Relative tolerance: the smallest rank with ``||W - W_r||_F <= eps * ||W||_F``. With ``rank``
+        also given, the smaller of the two ranks is used.
+
+    Returns
+    -------
+    SVD with ``||W - to_dense()||_F == sqrt(sum of discarded S**2)``.
+    """
+    _check_matrix(W)
+    r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
+    A = W.to(compute_dtype(W))
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    if eps is not None:
+        r = min(r, rank_for_tolerance(S, check_tolerance(eps)))
+    return _finish(U[:, :r], S[:r], Vh[:r], S, W)
+
+
+def randomized_svd(
+    W: Tensor, rank: int | float, *, oversample: int = 10, n_iter: int = 4, seed: int = 0
+) -> SVD:
+    """Randomized rank-``r`` SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 with QR re-orthonormalisation).
+
+    A Gaussian sketch of ``r + oversample`` columns, ``n_iter`` power iterations (each followed by a QR
+    for stability), then an exact SVD of the small projected matrix. ``seed`` makes the factors
+    bit-identical across runs on the same device. ``spectrum`` holds the ``r + oversample`` estimated
+    singular values (an approximation of the leading part of the true spectrum).
+
+    References
+    ----------
+    N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness", SIAM Review 53 (2011).
+    """
+    _check_matrix(W)
+    r = svd_rank(tuple(W.shape), rank)
+    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+        raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    A = W.to(compute_dtype(W))
+    m, n = A.shape
+    transpose = m < n  # sketch the longer side so the QR factors stay tall and thin
+    if transpose:
+        A = A.T
+        m, n = n, m
+    k = min(r + oversample, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, dtype=A.dtype).to(A.device)
+    Q, _ = torch.linalg.qr(A @ omega)
+    for _ in range(n_iter):
+        Z, _ = torch.linalg.qr(A.T @ Q)
+        Q, _ = torch.linalg.qr(A @ Z)
+    Ub, S, Vh = torch.linalg.svd(Q.T @ A, full_matrices=False)
+    U = Q @ Ub
+    if transpose:
+        U, Vh = Vh.T, U.T
+    return _finish(U[:, :r], S[:r], Vh[:r], S, W)
+
+
+def whitened_svd(
+    W: Tensor,
+    rank: int | float | None = None,
+    *,
+    scale: Tensor | None = None,
+    whitening: Tensor | None = None,
+) -> SVD:
+    """Truncated SVD of ``W`` measured on its inputs, returned as factors of the *unwhitened* ``W``.
+
+    With an input-side factor ``M`` (``diag(scale)`` or ``whitening``) the SVD is taken of ``W M``
+    and the right factor is mapped back, ``Vh <- Vh M^{-1}``, so ``U diag(S) Vh ≈ W`` minimises
+    ``||(W - W_r) M||_F``. For ``M = L`` with ``L L^T = X^T X`` (Cholesky of the input Gram matrix,
+    see :func:`rankwise.formats.whitening.whitening_factor`) this is the output error on the
+    calibration inputs ``X`` (SVD-LLM); for ``M = diag(mean|x|^alpha)`` it is ASVD.
+
+    Parameters
+    ----------
+    W : Tensor, shape (m, n)
+    rank : int, float fraction or None (full rank), as in :func:`truncated_svd`.
+    scale : Tensor, shape (n,), strictly positive, optional
+    whitening : Tensor, shape (n, n), invertible, optional (lower-triangular is solved as such)
+
+    Returns
+    -------
+    SVD whose ``S`` and ``spectrum`` are those of ``W M``: ``tail_error(r)`` is the whitened error.
+
+    References
+    ----------
+    Z. Yuan et al., "ASVD: Activation-aware SVD for compressing LLMs", arXiv:2312.05821.
+    X. Wang et al., "SVD-LLM: Truncation-aware SVD for LLM compression", ICLR 2025, arXiv:2403.07378.
+    """
+    _check_matrix(W)
+    if (scale is None) == (whitening is None):
+        raise ValueError("whitened_svd needs exactly one of scale= (shape (n,)) or whitening= (shape (n, n))")
+    n = W.shape[1]
+    r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
+    # float64: the whitening factor can be ill-conditioned and its inverse multiplies the error back.
+    A = W.to(torch.float64)
+    if scale is not None:
+        check_tensor(scale, "scale", ndim=1)
+        if scale.shape[0] != n:
+            raise ValueError(f"scale must have shape ({n},) to match W's {n} columns, got {tuple(scale.shape)}")
+        if not bool((scale > 0).all()):
+            raise ValueError("scale must be strictly positive (it is inverted); got entries <= 0")
+        s = scale.to(A)
+        U, S, Vh = torch.linalg.svd(A * s, full_matrices=False)
+        Vh = Vh[:r] / s
+    else:
+        check_tensor(whitening, "whitening", ndim=2)
+        if tuple(whitening.shape) != (n, n):
+            raise ValueError(f"whitening must have shape ({n}, {n}) to match W's {n} columns, got {tuple(whitening.shape)}")
+        M = whitening.to(A)
+        U, S, Vh = torch.linalg.svd(A @ M, full_matrices=False)
+        if bool(torch.equal(M, torch.tril(M))):
+            Vh = torch.linalg.solve_triangular(M, Vh[:r], upper=False, left=False)
+        else:
+            Vh = torch.linalg.solve(M, Vh[:r], left=False)
+    return _finish(U[:, :r], S[:r], Vh, S, W)
+
+
+def whitening_factor(gram: Tensor, *, damping: float = 1e-6) -> Tensor:
+    """An input-side factor ``M`` with ``M M^T = gram + damping * mean(diag(gram)) * I``, in float64.
+
+    ``gram = X^T X`` of the calibration inputs. The Cholesky factor (lower-triangular) is returned when
+    the damped Gram matrix is positive definite. Gram matrices of LLM activations often are not
+    (dead channels, fewer tokens than features, float round-off); then the symmetric eigendecomposition
+    is used instead, with eigenvalues floored at ``damping * max eigenvalue``: ``M = Q diag(sqrt(λ))``.
+    Either way ``M`` is invertible and finite, so :func:`whitened_svd` never produces NaN.
+
+    Parameters
+    ----------
+    gram : Tensor, shape (n, n), symmetric positive semi-definite
+    damping : float in [0, 1), relative ridge added before factorizing.
+    """
+    check_tensor(gram, "gram", ndim=2)
+    if gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be square, got shape {tuple(gram.shape)}")
+    check_tolerance(damping, "damping")
+    G = gram.to(torch.float64)
+    G = (G + G.T) / 2
+    n = G.shape[0]
+    mean_diag = float(torch.diagonal(G).mean())
+    if mean_diag <= 0:
+        return torch.eye(n, dtype=torch.float64, device=G.device)
+    eye = torch.eye(n, dtype=torch.float64, device=G.device)
+    L, info = torch.linalg.cholesky_ex(G + damping * mean_diag * eye)
+    if int(info) == 0 and bool(torch.isfinite(L).all()):
+        return L
+    evals, evecs = torch.linalg.eigh(G)
+    floor = max(float(evals.max()), mean_diag) * max(damping, 1e-12)
+    return evecs * torch.sqrt(evals.clamp_min(floor))
