@@ -1,0 +1,194 @@
+"""The merge driver: validate inputs, then merge tensor by tensor from lazy readers and stream the result out."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from ..io.lazy import LazyCheckpoint, StateDictCheckpoint, as_checkpoint, write_checkpoint
+from ..registry import Entry
+
+Source = LazyCheckpoint | StateDictCheckpoint
+
+# files of a Hugging Face model dir that travel with the merged weights (taken from the base, else models[0])
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+def _entry(method: str) -> Entry:
+    from . import METHODS
+
+    return METHODS.get(method)
+
+
+def resolve_options(entry: Entry, options: dict) -> dict:
+    """The method's defaults updated by ``options``; an unknown option raises ValueError listing the accepted ones."""
+    accepted = entry.meta.get("options", {})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for merge method {entry.name!r}; "
+            f"accepted: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    return {**accepted, **options}
+
+
+def _label(i: int | None, src: Source) -> str:
+    return f"{'base' if i is None else f'models[{i}]'} ({src.path})"
+
+
+def check_compatible(models: Sequence[Source], base: Source | None) -> list[str]:
+    """Tensor names shared by all inputs, after checking they have the same names and shapes.
+
+    Raises ValueError naming the first (sorted) tensor missing from an input or whose shape differs.
+    """
+    ref_i, ref = (None, base) if base is not None else (0, models[0])
+    names = ref.keys()
+    others = [(i, m) for i, m in enumerate(models) if m is not ref]
+    for i, src in others:
+        mine = set(src.keys())
+        missing = sorted(set(names) - mine)
+        extra = sorted(mine - set(names))
+        if missing or extra:
+            first = min(missing[:1] + extra[:1])
+            has, lacks = (_label(ref_i, ref), _label(i, src)) if first in missing else (_label(i, src), _label(ref_i, ref))
+            raise ValueError(
+                f"models differ in architecture: tensor {first!r} is in {has} but not in {lacks}"
+            )
+        for name in names:
+            if src.shape(name) != ref.shape(name):
+                raise ValueError(
+                    f"models differ in architecture: tensor {name!r} has shape {ref.shape(name)} in "
+                    f"{_label(ref_i, ref)} but {src.shape(name)} in {_label(i, src)}"
+                )
+    return names
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    # one independent stream per tensor, whatever order tensors are visited in
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
+def merged_tensors(
+    models: Sequence[object], method: str = "linear", base: object | None = None, *, dtype: torch.dtype | None = None,
+    **options,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Validate everything, then return a generator of merged ``(name, tensor)`` pairs (tensor scope only).
+
+    Inputs are read one tensor name at a time, cast to float32 (float64 stays float64), merged, and cast
+    to ``dtype`` (default: the reference model's dtype of that tensor; the reference is ``base`` when given,
+    else ``models[0]``). Non-floating tensors (integer buffers) are copied from the reference.
+    """
+    entry = _entry(method)
+    if entry.meta.get("scope") != "tensor":
+        raise ValueError(f"merge method {method!r} works on nn.Modules; call rankwise.merge(...) with modules")
+    opts = resolve_options(entry, options)
+    sources, base_src = _open_inputs(entry, models, base)
+    names = check_compatible(sources, base_src)
+    ref = base_src if base_src is not None else sources[0]
+    if isinstance(ref, LazyCheckpoint):
+        names = sorted(names, key=lambda n: (str(ref.file_of(n)), n))  # visit the reference's shards in order
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+    def generate() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            ref_t = ref.get(name)
+            if not ref_t.is_floating_point():
+                yield name, ref_t
+                continue
+            tensors = [_compute(s.get(name)) for s in sources]
+            base_t = _compute(ref_t) if base_src is not None else None
+            call = dict(opts, seed=_tensor_seed(opts["seed"], name)) if "seed" in opts else opts
+            out = entry.fn(tensors, base_t, **call)
+            yield name, out.to(dtype or ref_t.dtype)
+
+    return generate()
+
+
+def _open_inputs(entry: Entry, models: Sequence[object], base: object | None) -> tuple[list[Source], Source | None]:
+    if isinstance(models, (str, os.PathLike, torch.nn.Module, dict)) or not isinstance(models, Sequence):
+        raise ValueError(f"models must be a list of models (paths, nn.Modules or state dicts), got {type(models).__name__}")
+    need = entry.meta.get("min_models", 1)
+    if len(models) < need:
+        besides = " besides the base" if entry.meta.get("needs_base") else ""
+        raise ValueError(
+            f"merge method {entry.name!r} needs at least {need} fine-tuned models{besides}, got {len(models)}"
+        )
+    if entry.meta.get("needs_base") and base is None:
+        raise ValueError(f"merge method {entry.name!r} needs a base model (base=... / --base)")
+    sources = [as_checkpoint(m, f"models[{i}]") for i, m in enumerate(models)]
+    base_src = as_checkpoint(base, "base") if base is not None and entry.meta.get("needs_base") else None
+    return sources, base_src
+
+
+def merge(
+    models: Sequence[object], method: str = "linear", base: object | None = None, *, dtype: torch.dtype | None = None,
+    **options,
+) -> dict[str, torch.Tensor]:
+    """Merge fine-tuned models in weight space and return the merged state dict.
+
+    Parameters
+    ----------
+    models : list of checkpoint paths (read lazily), nn.Modules or state dicts, one per fine-tuned model.
+    method : a registered name (``rankwise.merge.METHODS.names()``): linear, task_arithmetic, ties, dare,
+        model_stock, tsv, iso_c, ...
+    base : the common pre-trained model, required by every method except ``linear`` (which ignores it).
+    dtype : dtype of the merged floating tensors (default: the reference model's).
+    **options : the method's options (``METHODS.get(method).meta["options"]`` lists them and their defaults).
+
+    Returns
+    -------
+    dict name -> Tensor, the merged state dict (loadable with ``model.load_state_dict``).
+    """
+    entry = _entry(method)
+    if entry.meta.get("scope") == "model":
+        opts = resolve_options(entry, options)
+        _open_inputs(entry, models, base)  # the same count / base checks
+        if not all(isinstance(m, torch.nn.Module) for m in [*models, *([base] if base is not None else [])]):
+            raise ValueError(f"merge method {method!r} needs nn.Modules (it runs forward passes), not paths or state dicts")
+        return entry.fn(list(models), base, **opts)
+    return dict(merged_tensors(models, method, base, dtype=dtype, **options))
+
+
+def merge_to_dir(
+    models: Sequence[object], out: str | os.PathLike, method: str = "linear", base: object | None = None, *,
+    force: bool = False, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30, **options,
+) -> Path:
+    """Merge like :func:`merge` and write a safetensors model dir to ``out`` atomically, streaming tensors.
+
+    ``config.json`` and tokenizer files are taken from the base (else ``models[0]``) when it is a model
+    dir. An existing ``out`` raises FileExistsError unless ``force``; on any error nothing is left behind.
+    """
+    entry = _entry(method)
+    if entry.meta.get("scope") == "model":
+        pairs = merge(models, method, base, dtype=dtype, **options).items()
+        ref = base if base is not None else models[0]
+        config = None
+    else:
+        pairs = merged_tensors(models, method, base, dtype=dtype, **options)
+        ref = base if base is not None and entry.meta.get("needs_base") else models[0]
+        config = as_checkpoint(ref).config
+    side = []
+    if isinstance(ref, (str, os.PathLike)) and Path(ref).is_dir():
+        side = [Path(ref) / f for f in _SIDE_FILES if (Path(ref) / f).is_file()]
+    return write_checkpoint(out, pairs, config=config, force=force, max_shard_bytes=max_shard_bytes, extra_files=side)
+
+
+__all__ = ["check_compatible", "merge", "merge_to_dir", "merged_tensors", "resolve_options"]
