@@ -107,17 +107,29 @@ def merged_tensors(
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
-    def generate() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in names:
-            ref_t = ref.get(name)
-            if not ref_t.is_floating_point():
-                yield name, ref_t
-                continue
-            tensors = [_compute(s.get(name)) for s in sources]
-            base_t = _compute(ref_t) if base_src is not None else None
-            call = dict(opts, seed=_tensor_seed(opts["seed"], name)) if "seed" in opts else opts
+    if "seed" in opts and (isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int) or opts["seed"] < 0):
+        raise ValueError(f"seed must be an int >= 0, got {opts['seed']!r}")
+
+    def merged(name: str) -> torch.Tensor:
+        ref_t = ref.get(name)
+        if not ref_t.is_floating_point():
+            return ref_t
+        tensors = [_compute(s.get(name)) for s in sources]
+        base_t = _compute(ref_t) if base_src is not None else None
+        call = dict(opts, seed=_tensor_seed(opts["seed"], name)) if "seed" in opts else opts
+        try:
             out = entry.fn(tensors, base_t, **call)
-            yield name, out.to(dtype or ref_t.dtype)
+        except ValueError as exc:
+            raise ValueError(f"merging tensor {name!r}: {exc}") from None
+        return out.to(dtype or ref_t.dtype)
+
+    # the first tensor is merged now, so that bad option values fail before any output is started
+    first = merged(names[0])
+
+    def generate() -> Iterator[tuple[str, torch.Tensor]]:
+        yield names[0], first
+        for name in names[1:]:
+            yield name, merged(name)
 
     return generate()
 
