@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from .io import hf_register as _hf_register  # noqa: F401  (stock from_pretrained reads rankwise dirs)
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -1,0 +1,160 @@
+"""Saving a compressed model as a transformers directory that rankwise and stock ``from_pretrained`` both reload.
+
+Layout of a rankwise directory::
+
+    config.json              the model's config + "quantization_config": {"quant_method": "rankwise",
+                             "version": 1, "ranks": {module name: rank}}
+    model.safetensors        every tensor once (tied embeddings stored once); factorized layers as
+                             <name>.down.weight (rank, in), <name>.up.weight (out, rank), <name>.up.bias
+    tokenizer files          when the tokenizer is known
+    rankwise_report.json     the compression report, when given
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from ..layers.linear import LowRankLinear
+from .atomic import atomic_output_dir
+
+REPORT_FILE = "rankwise_report.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+)
+
+
+def low_rank_ranks(model: nn.Module) -> dict[str, int]:
+    """``{qualified name: rank}`` of every ``LowRankLinear`` in ``model``."""
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _copy_tokenizer_files(model: nn.Module, out: Path) -> None:
+    """Copy the tokenizer files of the directory the model was loaded from, if it was loaded from one."""
+    source = Path(str(getattr(model, "name_or_path", "") or ""))
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, out / name)
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer=None, force: bool = False) -> Path:
+    """Write ``model`` (with its ``LowRankLinear`` layers) to ``out_dir``, atomically.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        A model, typically after :func:`rankwise.compress_`. It is not modified.
+    out_dir : path
+        Output directory; must not exist unless ``force``.
+    report : CompressReport, optional
+        Stored as ``rankwise_report.json`` (read by ``rankwise info``).
+    tokenizer : optional
+        Saved alongside; when ``None``, tokenizer files found in the directory the model was loaded
+        from are copied.
+    force : bool
+        Replace an existing ``out_dir``.
+
+    Returns
+    -------
+    Path of the written directory.
+    """
+    from .hf_quantizer import RankwiseConfig
+
+    if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
+        raise ValueError(f"save expects a transformers PreTrainedModel, got {type(model).__name__}")
+    config = RankwiseConfig(low_rank_ranks(model))
+    had = hasattr(model.config, "quantization_config")
+    previous = getattr(model.config, "quantization_config", None)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        model.config.quantization_config = config.to_dict()
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if had:
+                model.config.quantization_config = previous
+            else:
+                del model.config.quantization_config
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        else:
+            _copy_tokenizer_files(model, tmp)
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict:
+    """The ``quantization_config`` of a rankwise directory; ``ValueError`` if ``path`` is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"rankwise directory {str(path)!r} not found")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{str(path)!r} is not a rankwise directory: it has no config.json")
+    try:
+        qc = json.loads(config_file.read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"config file {str(config_file)!r} is not valid JSON: {exc}") from None
+    if qc.get("quant_method") != "rankwise":
+        raise ValueError(f"{str(path)!r} is not a rankwise directory: config.json has no quantization_config with quant_method 'rankwise'")
+    return qc
+
+
+def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
+    """Per-layer ranks and parameter counts of a rankwise directory, read from the file headers only.
+
+    Returns
+    -------
+    rows : list of ``(name, (out, in), rank, params_after, params_before)``, one per factorized layer,
+        in natural name order (block 2 before block 10).
+    totals : dict with ``layers_before``/``layers_after`` (factorized layers, dense vs factors) and
+        ``model_before``/``model_after`` (every stored tensor, tied ones once).
+    """
+    from .models import check_safetensors
+
+    path = Path(path)
+    ranks = read_quantization_config(path)["ranks"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"rankwise directory {str(path)!r} has no .safetensors weights")
+    from safetensors import safe_open
+
+    for file in files:
+        check_safetensors(file)
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+    rows = []
+    natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # layers.2 < layers.10
+    for name, rank in sorted(ranks.items(), key=lambda item: natural(item[0])):
+        key = next((k for k in shapes if k == f"{name}.down.weight" or k.endswith(f".{name}.down.weight")), None)
+        if key is None:
+            raise ValueError(f"rankwise directory {str(path)!r} lists layer {name!r} but stores no {name}.down.weight")
+        stem = key.removesuffix(".down.weight")
+        (r, n), (m, _) = shapes[key], shapes[f"{stem}.up.weight"]
+        bias = shapes.get(f"{stem}.up.bias", (0,))[0]
+        rows.append((name, (m, n), rank, r * (m + n) + bias, m * n + bias))
+    stored = sum(math.prod(s) for s in shapes.values())
+    after, before = sum(r[3] for r in rows), sum(r[4] for r in rows)
+    totals = {"layers_before": before, "layers_after": after, "model_before": stored - after + before, "model_after": stored}
+    return rows, totals
+
+
+def load(path: str | os.PathLike, *, device: str = "cpu") -> nn.Module:
+    """Load a directory written by :func:`save`, as the same transformers class, in eval mode.
+
+    Equivalent to ``AutoModelForCausalLM.from_pretrained(path)`` (``AutoModel`` for encoders) after
+    ``import rankwise``; the factorized layers come back as ``LowRankLinear`` with identical weights.
+    """
+    from .models import load_model
+
+    read_quantization_config(path)
+    return load_model(path, device=device)[0]

@@ -1,0 +1,118 @@
+"""transformers integration: a "rankwise" quantization method so stock ``from_pretrained`` rebuilds factorized layers.
+
+transformers lets a package register its own quantization config and quantizer
+(``register_quantization_config`` / ``register_quantizer``). A rankwise checkpoint's ``config.json``
+carries ``"quantization_config": {"quant_method": "rankwise", "version": 1, "ranks": {name: rank}}``;
+before the weights are read, the quantizer swaps each listed ``nn.Linear`` (or transformers
+``Conv1D``) of the freshly built, empty model for a :class:`~rankwise.layers.LowRankLinear` of that
+rank, so the stored ``down.weight`` / ``up.weight`` / ``up.bias`` tensors load as they are: no
+conversion, no ``trust_remote_code``. Importing this module registers both classes (once).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..layers.linear import LowRankLinear
+
+QUANT_METHOD = "rankwise"
+FORMAT_VERSION = 1
+
+
+class RankwiseConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a rankwise checkpoint: which modules are factorized, at which rank.
+
+    Parameters
+    ----------
+    ranks : dict[str, int]
+        Qualified module name (as in ``model.named_modules()`` of the saved model) -> rank.
+    version : int
+        Format version; only 1 exists.
+    """
+
+    def __init__(self, ranks: dict[str, int] | None = None, version: int = FORMAT_VERSION, **kwargs):
+        if version != FORMAT_VERSION:
+            raise ValueError(f"rankwise checkpoint format version must be {FORMAT_VERSION}, got {version!r}")
+        bad = {k: v for k, v in (ranks or {}).items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad:
+            name, value = next(iter(bad.items()))
+            raise ValueError(f"rankwise quantization_config ranks must be ints >= 1, got {value!r} for {name!r}")
+        self.quant_method = QUANT_METHOD
+        self.version = version
+        self.ranks = dict(ranks or {})
+
+
+def _resolve(model: nn.Module, name: str) -> str | None:
+    """``name`` as it is called in ``model``, allowing for a base model saved inside a task model or vice versa."""
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    candidates = [name]
+    if prefix:
+        candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+    return next((c for c in candidates if c in modules), None)
+
+
+def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Swap each module named in ``ranks`` for an uninitialized ``LowRankLinear`` of that rank, in place.
+
+    The new layer has the old one's shape, bias presence, device and dtype (on the meta device while
+    ``from_pretrained`` builds the model). Raises ``ValueError`` for a name the model lacks or a
+    module that is not ``nn.Linear`` / ``Conv1D``.
+    """
+    for name, rank in ranks.items():
+        resolved = _resolve(model, name)
+        if resolved is None:
+            raise ValueError(f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have")
+        old = model.get_submodule(resolved)
+        if isinstance(old, nn.Linear):
+            n_in, n_out = old.in_features, old.out_features
+        elif type(old).__name__ == "Conv1D" and hasattr(old, "nf"):
+            n_in, n_out = old.weight.shape[0], old.nf
+        elif isinstance(old, LowRankLinear) and old.rank == rank:
+            continue
+        else:
+            raise ValueError(f"rankwise checkpoint lists module {name!r} as factorized, but it is a {type(old).__name__}, not nn.Linear or Conv1D")
+        new = LowRankLinear(n_in, n_out, rank, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+        parent_name, _, child = resolved.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        # Some models' _init_weights reach into a child's .weight (GPT-2 scales c_proj.weight); every
+        # tensor of a rankwise checkpoint is stored, so the parent needs no init and must skip it.
+        parent._is_hf_initialized = True
+    return model
+
+
+class RankwiseHfQuantizer(HfQuantizer):
+    """Loads a rankwise checkpoint: factorized layers are built before loading; weights load unchanged."""
+
+    requires_calibration = False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_with_low_rank(model, self.quantization_config.ranks)
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register the config and the quantizer with transformers under ``"rankwise"`` (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(RankwiseConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(RankwiseHfQuantizer)
+
+
+register()
