@@ -23,6 +23,7 @@ METHODS = Registry("merge method")
 # Importing a method's module registers it. Model-scope methods (adamerging.py, rebasin.py) are owned
 # by their engineer, who adds their import line here when the module lands.
 from . import dare, iso_c, linear, model_stock, task_arithmetic, ties, tsv  # noqa: E402,F401
+from . import adamerging, rebasin  # noqa: E402,F401
 from .run import merge, merge_to_dir, merged_tensors  # noqa: E402
 
 __all__ = ["METHODS", "merge", "merge_to_dir", "merged_tensors"]

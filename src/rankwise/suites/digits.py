@@ -1,0 +1,281 @@
+"""A multi-task suite on scikit-learn's bundled digits: one base model fine-tuned on eight distinct tasks.
+
+The base model is trained on the plain digits; each task then fine-tunes the whole base backbone
+together with a task-specific linear head. Merges combine the backbones only; every task is scored
+with the merged backbone followed by its own head, as in task arithmetic, TIES and TSV-M (which keep
+task-specific classification heads and merge the shared encoder). Seven tasks change the input domain
+(rotation, mirror, inversion, a fixed pixel permutation, a cyclic shift, blur plus noise, a
+checkerboard sign flip) and one changes the label set (parity), so the task vectors pull the shared
+backbone in genuinely different directions.
+
+Everything is seeded and runs on one CPU thread in seconds; the trained weights are cached as one
+safetensors file under ``~/.cache/rankwise/digits``, keyed by the training configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SPLIT_SEED = 0  # fixes the train/val/test split, whatever the training seed
+TASK_SEED = 1234  # fixes the random parts of the task definitions (pixel permutation, noise)
+N_TEST, N_VAL = 450, 270  # of 1797 images; the remaining 1077 are for training
+ARCHS = ("cnn", "mlp")
+SPLITS = ("train", "val", "test")
+_CACHE_VERSION = 2
+
+
+def _rot90(x, y):
+    return torch.rot90(x, 1, (1, 2)), y
+
+
+def _hflip(x, y):
+    return x.flip(2), y
+
+
+def _invert(x, y):
+    return 1.0 - x, y
+
+
+def _permute(x, y):
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(TASK_SEED))
+    return x.reshape(-1, 64)[:, perm].reshape(-1, 8, 8), y
+
+
+def _roll(x, y):
+    return torch.roll(x, shifts=(3, 3), dims=(1, 2)), y
+
+
+def _blur_noise(x, y):
+    blurred = F.avg_pool2d(x[:, None], 3, stride=1, padding=1)[:, 0]
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(TASK_SEED))
+    return blurred + 0.1 * noise, y
+
+
+def _checker(x, y):
+    sign = 1.0 - 2.0 * ((torch.arange(8)[:, None] + torch.arange(8)) % 2)
+    return x * sign, y
+
+
+def _parity(x, y):
+    return x, y % 2
+
+
+# name -> (number of classes, transform of (images (N, 8, 8) in [0, 1], labels (N,)))
+TASKS: dict[str, tuple[int, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]]] = {
+    "rot90": (10, _rot90),
+    "hflip": (10, _hflip),
+    "invert": (10, _invert),
+    "permute": (10, _permute),
+    "roll": (10, _roll),
+    "blur_noise": (10, _blur_noise),
+    "checker": (10, _checker),
+    "parity": (2, _parity),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _task_data(task: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """Images (N, 1, 8, 8) float32 and labels (N,) int64 of ``task`` ("digits" = untransformed) per split."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32) / 16.0
+    y = torch.tensor(d.target, dtype=torch.int64)
+    if task != "digits":
+        x, y = TASKS[task][1](x, y)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    parts = {"test": order[:N_TEST], "val": order[N_TEST : N_TEST + N_VAL], "train": order[N_TEST + N_VAL :]}
+    return {s: (x[i, None].contiguous(), y[i].contiguous()) for s, i in parts.items()}
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def make_backbone(arch: str = "cnn", *, seed: int = 0, width: int = 64) -> tuple[nn.Sequential, int]:
+    """A fresh, seeded feature extractor for 8x8 digits, and the size of its output features.
+
+    ``"cnn"``: conv 3x3 (1 -> 16), ReLU, conv 3x3 (16 -> 32), ReLU, max-pool 2, flatten, linear
+    (512 -> ``width``), ReLU. ``"mlp"``: flatten, linear (64 -> ``width``), ReLU, linear
+    (``width`` -> ``width``), ReLU. Input: Tensor, shape (N, 1, 8, 8); output shape (N, ``width``).
+    """
+    _check_choice("arch", arch, ARCHS)
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"width must be an int >= 1, got {width!r}")
+    torch.manual_seed(seed)
+    if arch == "cnn":
+        layers = [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                  nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, width), nn.ReLU()]
+    else:
+        layers = [nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers), width
+
+
+def make_model(arch: str = "cnn", num_classes: int = 10, *, seed: int = 0, width: int = 64) -> nn.Sequential:
+    """One flat ``nn.Sequential``: :func:`make_backbone` followed by a linear head to ``num_classes`` logits."""
+    backbone, features = make_backbone(arch, seed=seed, width=width)
+    return nn.Sequential(*backbone, nn.Linear(features, num_classes))
+
+
+def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float = 1e-3,
+                     batch_size: int = 64, seed: int = 0) -> nn.Module:
+    """Train ``model`` in place with Adam on cross-entropy; minibatch order drawn from ``seed``.
+
+    x : Tensor, shape (N, 1, 8, 8); y : Tensor of int64, shape (N,).
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(batch_size):
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def split_data(task: str, split: str) -> tuple[Tensor, Tensor]:
+    """Images, shape (N, 1, 8, 8), and labels, shape (N,), of ``task`` (or ``"digits"``) on ``split``."""
+    _check_choice("task", task, ("digits", *TASKS))
+    _check_choice("split", split, SPLITS)
+    return _task_data(task)[split]
+
+
+@dataclass
+class DigitsSuite:
+    """A base backbone, one fine-tuned backbone and head per task, and the data to score them.
+
+    ``finetuned[k]`` and ``heads[k]`` belong to ``tasks[k]``; each head started from the base's head
+    (a seeded fresh one for tasks with another label set) and was fine-tuned with its backbone.
+    """
+
+    arch: str
+    tasks: tuple[str, ...]
+    base: nn.Sequential
+    finetuned: list[nn.Sequential]
+    heads: list[nn.Linear]
+
+    def inputs(self, task: str, split: str = "test") -> Tensor:
+        """Unlabeled images of ``task`` on ``split``, shape (N, 1, 8, 8)."""
+        return split_data(task, split)[0]
+
+    @torch.no_grad()
+    def accuracy(self, backbone: nn.Module, task: str, split: str = "test") -> float:
+        """Accuracy of ``backbone`` followed by ``task``'s own fine-tuned head, on ``split``."""
+        _check_choice("task", task, self.tasks)
+        x, y = split_data(task, split)
+        head = self.heads[self.tasks.index(task)]
+        return (head(backbone(x)).argmax(1) == y).float().mean().item()
+
+    def evaluate(self, backbone: nn.Module | dict[str, Tensor], split: str = "test") -> dict[str, float]:
+        """Per-task accuracy of one backbone (module or state dict of the base's architecture) on ``split``."""
+        if isinstance(backbone, dict):
+            backbone = self.load_backbone(backbone)
+        return {t: self.accuracy(backbone, t, split) for t in self.tasks}
+
+    def load_backbone(self, state: dict[str, Tensor]) -> nn.Sequential:
+        """A copy of the base backbone carrying the tensors of ``state`` (e.g. a merge's output)."""
+        model = copy.deepcopy(self.base)
+        model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+        return model.eval()
+
+
+def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict) -> dict[str, Tensor]:
+    backbone, features = make_backbone(arch, seed=seed, width=cfg["width"])
+    head = nn.Linear(features, 10)
+    x, y = split_data("digits", "train")
+    train_classifier(nn.Sequential(backbone, head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed)
+    state = {f"base.{k}": v for k, v in backbone.state_dict().items()}
+    for i, task in enumerate(tasks):
+        x, y = split_data(task, "train")
+        num_classes = TASKS[task][0]
+        if num_classes == head.out_features:
+            task_head = copy.deepcopy(head)
+        else:  # a new label set: a linear probe on the frozen base features plays the zero-shot head
+            torch.manual_seed(seed + 1000 + i)
+            task_head = nn.Linear(features, num_classes)
+            with torch.no_grad():
+                feats = backbone(x)
+            train_classifier(task_head, feats, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed + 1000 + i)
+        task_head.requires_grad_(False)  # heads stay fixed; only the backbone is fine-tuned
+        ft = copy.deepcopy(backbone)
+        train_classifier(nn.Sequential(ft, task_head), x, y, epochs=cfg["ft_epochs"], lr=cfg["ft_lr"], seed=seed + 1 + i)
+        state.update({f"{task}.backbone.{k}": v for k, v in ft.state_dict().items()})
+        state.update({f"{task}.head.{k}": v for k, v in task_head.state_dict().items()})
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load_digits_suite(arch: str = "cnn", tasks: Sequence[str] | None = None, *, seed: int = 0,
+                      width: int = 64, base_epochs: int = 30, ft_epochs: int = 15, lr: float = 1e-3,
+                      ft_lr: float = 1e-3, cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
+    """Train (or read from the cache) the base model and one fine-tune per task.
+
+    Parameters
+    ----------
+    arch : ``"cnn"`` or ``"mlp"``, see :func:`make_backbone`.
+    tasks : names from :data:`TASKS` (default: all eight), in the order merges will receive them.
+    seed : seeds the initialisation and every minibatch order.
+    base_epochs, ft_epochs, lr : Adam training of the base (on the plain digits) and of each fine-tune.
+    cache_dir : where trained weights are kept (default ``~/.cache/rankwise/digits``); the file name
+        hashes the whole configuration, so changing any argument trains afresh.
+
+    Returns
+    -------
+    DigitsSuite, all modules in eval mode, float32, on the CPU.
+    """
+    _check_choice("arch", arch, ARCHS)
+    tasks = tuple(TASKS) if tasks is None else tuple(tasks)
+    for t in tasks:
+        _check_choice("task", t, tuple(TASKS))
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks must be distinct names from {', '.join(TASKS)}, got {list(tasks)!r}")
+    cfg = {"version": _CACHE_VERSION, "arch": arch, "tasks": list(tasks), "seed": seed,
+           "width": width, "base_epochs": base_epochs, "ft_epochs": ft_epochs, "lr": lr, "ft_lr": ft_lr}
+    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "rankwise" / "digits"
+    path = root / f"{arch}-{key}.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    if path.exists():
+        state = load_file(path)
+    else:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the suite must stay cheap on a shared CPU
+        try:
+            state = _train_suite(arch, tasks, seed, cfg)
+        finally:
+            torch.set_num_threads(threads)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        save_file(state, tmp, metadata={"config": json.dumps(cfg, sort_keys=True)})
+        os.replace(tmp, path)
+
+    def backbone(prefix: str) -> nn.Sequential:
+        model = make_backbone(arch, seed=seed, width=width)[0]
+        model.load_state_dict(_strip(state, prefix))
+        return model.eval()
+
+    heads = []
+    for t in tasks:
+        h = _strip(state, f"{t}.head.")
+        head = nn.Linear(h["weight"].shape[1], h["weight"].shape[0])
+        head.load_state_dict(h)
+        heads.append(head.eval())
+    return DigitsSuite(arch, tasks, backbone("base."), [backbone(f"{t}.backbone.") for t in tasks], heads)
