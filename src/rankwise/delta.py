@@ -111,7 +111,8 @@ class _Source:
             params = dict(model.named_parameters())  # drops tied duplicates (lm_head tied to embed_tokens)
             first = {id(p): n for n, p in params.items()}
             self.tied = {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if n not in params}
-            buffers = {n: b for n, b in model.named_buffers() if n in model.state_dict()}
+            persistent = set(model.state_dict(keep_vars=True))
+            buffers = {n: b for n, b in model.named_buffers() if n in persistent}
             self.ckpt = StateDictCheckpoint({**params, **buffers}, f"<{what} {type(model).__name__}>")
             for name, mod in model.named_modules():
                 if isinstance(mod, nn.Linear):
