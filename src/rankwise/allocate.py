@@ -1,0 +1,135 @@
+"""Rank allocation under one global parameter budget: uniform (SVD-LLM) and loss-aware (Fisher-weighted)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .registry import Registry
+
+ALLOCATORS = Registry("allocator")
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What the allocator knows about one layer.
+
+    shape : (out_features m, in_features n); bias : number of bias parameters (kept either way);
+    gains : Tensor, shape (k,), float64, ``gains[i]`` = estimated loss increase from dropping the
+    (i+1)-th singular triplet (``k = min(m, n)``). A rank-``r`` factorization costs ``r*(m+n)+bias``
+    parameters and loses ``gains[r:].sum()``; the dense layer costs ``m*n+bias`` and loses nothing.
+    """
+
+    shape: tuple[int, int]
+    bias: int
+    gains: torch.Tensor
+
+    @property
+    def dense_params(self) -> int:
+        return self.shape[0] * self.shape[1] + self.bias
+
+    @property
+    def step(self) -> int:
+        return self.shape[0] + self.shape[1]
+
+    @property
+    def max_rank(self) -> int:
+        """Largest rank that still stores fewer parameters than the dense layer."""
+        m, n = self.shape
+        return min((m * n - 1) // (m + n), m, n)
+
+    def params(self, rank: int | None) -> int:
+        return self.dense_params if rank is None else rank * self.step + self.bias
+
+
+def allocate_ranks(name: str, layers: list[LayerCost], keep: float, *, min_rank: int = 1) -> list[int | None]:
+    """Ranks (None = stay dense) with ``sum(params) <= keep * sum(dense params)``.
+
+    Parameters
+    ----------
+    name : registered allocator, see ``ALLOCATORS.names()``.
+    keep : float in (0, 1], the fraction of the layers' dense parameters kept.
+    min_rank : smallest rank any factorized layer may get (guards against starving a layer).
+    """
+    budget = keep * sum(l.dense_params for l in layers)
+    return ALLOCATORS.get(name).fn(layers, budget, min_rank=min_rank)
+
+
+@ALLOCATORS.register("uniform", paper="https://arxiv.org/abs/2403.07378")
+def uniform(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> list[int | None]:
+    """The same kept fraction for every matrix (SVD-LLM's rule): the largest rank within ``keep`` of
+    each layer's own parameters; a layer whose rank would not save parameters stays dense."""
+    keep = budget / sum(l.dense_params for l in layers)
+    ranks: list[int | None] = []
+    for l in layers:
+        r = int((keep * l.dense_params - l.bias) // l.step)
+        ranks.append(None if r > l.max_rank else max(r, min(min_rank, l.max_rank), 1))
+    return ranks
+
+
+@ALLOCATORS.register("fisher", paper="https://arxiv.org/abs/2207.00112")
+def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> list[int | None]:
+    """Minimise the summed estimated loss increase ``sum_l gains_l[r_l:].sum()`` under the budget.
+
+    Each layer chooses among ranks ``min_rank..max_rank`` and "dense". A Lagrange multiplier ``lam``
+    (price of a parameter) is bisected so that every layer's ``argmin loss + lam * params`` fits the
+    budget (exact for the convex hull of each layer's loss curve); the budget left over is then spent
+    greedily, one rank step at a time, on the largest loss decrease per parameter.
+
+    References
+    ----------
+    Y.-C. Hsu et al., "Language model compression with weighted low-rank factorization" (FWSVD),
+    ICLR 2022, arXiv:2207.00112 (Fisher-weighted reconstruction).
+    H. Everett, "Generalized Lagrange multiplier method for solving problems of optimum allocation of
+    resources", Operations Research 11 (1963).
+    """
+    tails, params, options = [], [], []
+    for l in layers:
+        lo = min(max(min_rank, 1), l.max_rank)
+        g = l.gains.to(torch.float64).clamp_min(0)
+        tail = torch.flip(torch.cumsum(torch.flip(g, [0]), 0), [0])  # tail[r] = loss at rank r
+        opts = list(range(lo, l.max_rank + 1)) + [None]
+        loss = torch.tensor([float(tail[r]) if r is not None and r < len(tail) else 0.0 for r in opts], dtype=torch.float64)
+        cost = torch.tensor([l.params(r) for r in opts], dtype=torch.float64)
+        tails.append(loss), params.append(cost), options.append(opts)
+
+    def choose(lam: float) -> list[int]:
+        return [int(torch.argmin(loss + lam * cost)) for loss, cost in zip(tails, params)]
+
+    def total(idx: list[int]) -> float:
+        return sum(float(c[i]) for c, i in zip(params, idx))
+
+    floor = [0] * len(layers)
+    if total(floor) > budget:
+        raise ValueError(f"keep is too small: even rank {min_rank} for every layer exceeds the budget of {int(budget)} parameters")
+    hi = max(float(t[0]) for t in tails) + 1.0
+    while total(choose(hi)) > budget:
+        hi *= 2
+    lo = 0.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if total(choose(mid)) > budget:
+            lo = mid
+        else:
+            hi = mid
+    idx = choose(hi)
+    spent = total(idx)
+    # top-up: the best next option per layer (one rank step, or dense from max_rank) while it fits
+    while True:
+        best, best_rate = None, 0.0
+        for k, (loss, cost) in enumerate(zip(tails, params)):
+            i = idx[k]
+            if i + 1 >= len(cost):
+                continue
+            extra = float(cost[i + 1] - cost[i])
+            if spent + extra > budget:
+                continue
+            rate = float(loss[i] - loss[i + 1]) / extra
+            if best is None or rate > best_rate:
+                best, best_rate = k, rate
+        if best is None:
+            break
+        spent += float(params[best][idx[best] + 1] - params[best][idx[best]])
+        idx[best] += 1
+    return [opts[i] for opts, i in zip(options, idx)]

@@ -1,0 +1,274 @@
+"""compress_(model, config, calib): walk -> calibrate -> factorize -> allocate -> refit -> swap, in place."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from .allocate import ALLOCATORS, LayerCost, allocate_ranks
+from .calibrate import CalibStats, _bar, collect_stats
+from .formats.svd import SVD, truncated_svd, whitened_svd, whitening_factor
+from .layers.linear import LowRankLinear, dense_weight
+from .targets import check_finite_weights, find_targets, layer_shape, replace_module
+
+METHODS = ("svd", "asvd", "whiten")
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How to compress; frozen and JSON-serializable (``to_dict`` / ``from_dict``).
+
+    keep : fraction in (0, 1] of the targeted layers' parameters kept (one global budget).
+    method : "svd" (data-free), "asvd" (scale by mean|x|^asvd_alpha) or "whiten" (SVD-LLM).
+    allocate : rank allocator, see ``rankwise.allocate.ALLOCATORS`` ("uniform", "fisher").
+    include, exclude : regexes over qualified module names (default: linear layers of the block stack).
+    calib_seqs, seq_len : calibration size used by callers that build ``calib`` from text.
+    update : closed-form refit of each layer's up factor on the compressed model's own inputs.
+    fisher_seqs : how many calibration sequences also run a backward pass for the Fisher weights.
+    min_rank : smallest rank a factorized layer may get.
+    """
+
+    version: int = CONFIG_VERSION
+    keep: float = 0.8
+    method: str = "whiten"
+    allocate: str = "fisher"
+    include: str | None = None
+    exclude: str | None = None
+    calib_seqs: int = 32
+    seq_len: int = 512
+    update: bool = False
+    asvd_alpha: float = 0.5
+    fisher_seqs: int = 8
+    min_rank: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"version must be {CONFIG_VERSION} (the only config version), got {self.version!r}")
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < float(self.keep) <= 1.0:
+            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
+        ALLOCATORS.get(self.allocate)
+        for name in ("calib_seqs", "seq_len", "fisher_seqs", "min_rank", "seed"):
+            v = getattr(self, name)
+            low = 0 if name in ("fisher_seqs", "seed") else (2 if name == "seq_len" else 1)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if not isinstance(self.update, bool):
+            raise ValueError(f"update must be True or False, got {self.update!r}")
+        if isinstance(self.asvd_alpha, bool) or not isinstance(self.asvd_alpha, (int, float)) or not 0 <= self.asvd_alpha <= 1:
+            raise ValueError(f"asvd_alpha must be a number in [0, 1], got {self.asvd_alpha!r}")
+        for name in ("include", "exclude"):
+            v = getattr(self, name)
+            if v is not None:
+                if not isinstance(v, str):
+                    raise ValueError(f"{name} must be a regex string or None, got {type(v).__name__}")
+                try:
+                    re.compile(v)
+                except re.error as err:
+                    raise ValueError(f"{name}={v!r} is not a valid regular expression: {err}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "version" not in d:
+            raise ValueError(f"config has no 'version' key; expected version {CONFIG_VERSION}")
+        return cls(**d)
+
+
+@dataclass
+class LayerReport:
+    """One target layer: ``rank`` None means it was left dense (no rank would save parameters)."""
+
+    name: str
+    shape: tuple[int, int]
+    rank: int | None
+    params_before: int
+    params_after: int
+    error: float  # relative whitened (or scaled / plain, by method) Frobenius error of the truncation
+    seconds: float
+
+
+@dataclass
+class CompressReport:
+    """Per-layer results, totals, timings (seconds) and the config that produced them."""
+
+    layers: list[LayerReport]
+    config: CompressConfig
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        """name -> rank of every layer replaced by a LowRankLinear (dense-kept layers are absent)."""
+        return {l.name: l.rank for l in self.layers if l.rank is not None}
+
+    @property
+    def params_before(self) -> int:
+        return sum(l.params_before for l in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        return sum(l.params_after for l in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "layers": [asdict(l) | {"shape": list(l.shape)} for l in self.layers],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "timings": dict(self.timings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def summary(self) -> str:
+        """A one-screen table: one row per layer kind (block index replaced by ``*``), then totals."""
+        groups: dict[str, list[LayerReport]] = {}
+        for l in self.layers:
+            groups.setdefault(re.sub(r"\.\d+\.", ".*.", l.name), []).append(l)
+        head = f"{'layers':<44} {'n':>4} {'shape':>11} {'ranks (min-max)':>16} {'kept':>6} {'err':>6}"
+        lines = [head, "-" * len(head)]
+        for key, ls in groups.items():
+            rs = [l.rank if l.rank is not None else min(l.shape) for l in ls]
+            dense = sum(l.rank is None for l in ls)
+            rtxt = f"{min(rs)}-{max(rs)}" + (f" {dense}d" if dense else "")
+            kept = sum(l.params_after for l in ls) / sum(l.params_before for l in ls)
+            err = sum(l.error for l in ls) / len(ls)
+            shape = "x".join(map(str, ls[0].shape))
+            lines.append(f"{key[-44:]:<44} {len(ls):>4} {shape:>11} {rtxt:>16} {kept:>6.3f} {err:>6.3f}")
+        c = self.config
+        lines.append("-" * len(head))
+        lines.append(
+            f"params {self.params_before:,} -> {self.params_after:,} (kept {self.params_after / self.params_before:.3f}, "
+            f"target {c.keep}); method={c.method} allocate={c.allocate} update={c.update}"
+        )
+        lines.append("time " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None, *, progress: bool = True) -> CompressReport:
+    """Factorize the target layers of ``model`` in place under one parameter budget.
+
+    Parameters
+    ----------
+    model : a transformers model (causal LM or encoder) or any nn.Module whose forward accepts
+        ``input_ids`` and ``attention_mask``.
+    config : :class:`CompressConfig`.
+    calib : LongTensor, shape (n_seqs, seq_len), calibration token ids; None only for method "svd"
+        with the "uniform" allocator.
+
+    Returns
+    -------
+    :class:`CompressReport`.
+
+    References
+    ----------
+    X. Wang et al., "SVD-LLM: Truncation-aware SVD for LLM compression", arXiv:2403.07378.
+    Z. Yuan et al., "ASVD: Activation-aware SVD for compressing LLMs", arXiv:2312.05821.
+    """
+    if not isinstance(config, CompressConfig):
+        raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
+    needs_data = config.method != "svd" or config.allocate == "fisher" or config.update
+    _check_calib(calib, needs_data, config)
+    targets = find_targets(model, config.include, config.exclude)
+    check_finite_weights(targets)
+    timings = {}
+    t0 = time.perf_counter()
+    stats = None
+    if calib is not None and needs_data:
+        fisher = config.fisher_seqs if config.allocate == "fisher" else 0
+        if config.allocate == "fisher" and fisher == 0:
+            raise ValueError("fisher_seqs must be >= 1 with allocate='fisher' (it needs loss gradients)")
+        stats = collect_stats(model, targets, calib, fisher_seqs=min(fisher, calib.shape[0]), seed=config.seed, progress=progress)
+    timings["calibration"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    factors, costs, seconds = {}, [], {}
+    for name, layer in _bar(targets.items(), progress, "factorization"):
+        t1 = time.perf_counter()
+        factors[name] = factorize(dense_weight(layer).detach(), config, stats, name)
+        costs.append(layer_cost(layer, factors[name], stats, name, config.allocate))
+        seconds[name] = time.perf_counter() - t1
+    timings["factorization"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ranks = allocate_ranks(config.allocate, costs, float(config.keep), min_rank=config.min_rank)
+    timings["allocation"] = time.perf_counter() - t0
+
+    layers = []
+    for (name, layer), cost, rank in zip(targets.items(), costs, ranks):
+        f = factors[name]
+        err = f.tail_error(rank) / max(float(torch.linalg.vector_norm(f.spectrum.double())), 1e-300) if rank is not None else 0.0
+        layers.append(LayerReport(name, cost.shape, rank, cost.dense_params, cost.params(rank), err, seconds[name]))
+    t0 = time.perf_counter()
+    new = {}
+    for (name, layer), rank in zip(targets.items(), ranks):
+        if rank is not None:
+            W = dense_weight(layer)
+            new[name] = LowRankLinear.from_factors(factors[name].truncate(rank), getattr(layer, "bias", None), dtype=W.dtype).to(W.device)
+    if config.update and new:
+        from .update import refit_
+
+        refit_(model, targets, new, calib, progress=progress)
+    timings["update"] = time.perf_counter() - t0
+    for name, layer in new.items():
+        replace_module(model, name, layer)
+    return CompressReport(layers, config, timings)
+
+
+def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None, name: str) -> SVD:
+    """Full-rank SVD of ``W`` (m, n) in the method's metric; truncate later with ``SVD.truncate``."""
+    if config.method == "svd":
+        return truncated_svd(W)
+    st = stats.inputs[name]
+    if config.method == "asvd":
+        mean = st.mean_abs
+        # dead input channels would give scale 0 (not invertible): floor them at a tiny fraction of the max
+        scale = mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha
+        return whitened_svd(W, scale=scale.to(W.device))
+    return whitened_svd(W, whitening=whitening_factor(st.covariance).to(W.device))
+
+
+def layer_cost(layer: nn.Module, f: SVD, stats: CalibStats | None, name: str, allocate: str) -> LayerCost:
+    """Per-triplet loss increase: ``S_i^2`` in the method's metric, weighted for "fisher" by the
+    output-gradient second moment ``sum_j E[g_j^2] U_ji^2`` (the loss change of removing triplet i
+    under a Kronecker-factored Fisher approximation)."""
+    m, n = layer_shape(layer)
+    bias = getattr(layer, "bias", None)
+    S2 = f.spectrum.double() ** 2
+    gains = S2
+    if allocate == "fisher":
+        g = stats.out_grad_sq.get(name) if stats is not None else None
+        if g is None:
+            raise ValueError(f"allocate='fisher' needs loss gradients for {name}, but calibration gave none")
+        gains = S2[: f.rank] * ((f.U.double() ** 2) * g.to(f.U.device)[:, None]).sum(0)
+    return LayerCost((m, n), 0 if bias is None else int(bias.numel()), gains.cpu())
+
+
+def _check_calib(calib, needs_data: bool, config: CompressConfig) -> None:
+    if calib is None:
+        if needs_data:
+            raise ValueError(
+                f"calib is required for method={config.method!r}, allocate={config.allocate!r}, update={config.update}; "
+                "only method='svd' with allocate='uniform' and no update runs without calibration data"
+            )
+        return
+    if not isinstance(calib, torch.Tensor) or calib.dtype not in (torch.int64, torch.int32) or calib.ndim != 2 or calib.numel() == 0:
+        desc = f"{calib.dtype} tensor of shape {tuple(calib.shape)}" if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise ValueError(f"calib must be a LongTensor of token ids, shape (n_seqs, seq_len), got {desc}")

@@ -1,0 +1,83 @@
+"""Rank allocation: the budget is met exactly, the loss-aware allocator beats uniform and matches brute force."""
+
+import itertools
+
+import pytest
+import torch
+
+from rankwise.allocate import ALLOCATORS, LayerCost, allocate_ranks
+
+
+def layers_with_spectra(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(48, 32), (32, 32), (64, 32), (32, 80), (16, 16)]
+    out = []
+    for i, (m, n) in enumerate(shapes):
+        decay = 0.5 + 0.4 * i / len(shapes)
+        g = torch.sort(torch.rand(min(m, n), generator=gen, dtype=torch.float64), descending=True).values
+        out.append(LayerCost((m, n), m if i % 2 else 0, (10.0 ** i) * g * decay ** torch.arange(min(m, n))))
+    return out
+
+
+def total(layers, ranks):
+    return sum(l.params(r) for l, r in zip(layers, ranks))
+
+
+def loss(layers, ranks):
+    return sum(0.0 if r is None else float(l.gains[r:].sum()) for l, r in zip(layers, ranks))
+
+
+@pytest.mark.parametrize("keep", [0.2, 0.45, 0.6, 0.8, 0.95])
+def test_fisher_allocation_meets_the_budget_within_one_rank_step(keep):
+    layers = layers_with_spectra()
+    dense = sum(l.dense_params for l in layers)
+    ranks = allocate_ranks("fisher", layers, keep, min_rank=2)
+    spent = total(layers, ranks)
+    assert spent <= keep * dense
+    assert spent > keep * dense - max(l.step for l in layers)
+    assert all(r is None or 2 <= r <= l.max_rank for l, r in zip(layers, ranks))
+    assert loss(layers, ranks) <= loss(layers, allocate_ranks("uniform", layers, keep))
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.6, 0.9, 1.0])
+def test_uniform_keeps_the_same_fraction_of_every_layer(keep):
+    layers = layers_with_spectra()
+    ranks = allocate_ranks("uniform", layers, keep)
+    for l, r in zip(layers, ranks):
+        assert l.params(r) <= keep * l.dense_params
+        if r is not None:
+            assert l.params(r) > keep * l.dense_params - l.step
+            assert 1 <= r <= l.max_rank
+        else:  # dense only when the rank that fits would store as many parameters as the dense layer
+            assert (keep * l.dense_params - l.bias) // l.step > l.max_rank
+    assert total(layers, ranks) <= keep * sum(l.dense_params for l in layers)
+
+
+def test_fisher_matches_brute_force_on_small_problem():
+    gen = torch.Generator().manual_seed(3)
+    layers = [LayerCost((6, 5), 0, torch.sort(torch.rand(5, generator=gen, dtype=torch.float64) * s, descending=True).values)
+              for s in (1.0, 5.0, 0.2)]
+    for keep in (0.4, 0.6, 0.8):
+        budget = keep * sum(l.dense_params for l in layers)
+        options = [list(range(1, l.max_rank + 1)) + [None] for l in layers]
+        best = min(loss(layers, c) for c in itertools.product(*options) if total(layers, c) <= budget)
+        ranks = allocate_ranks("fisher", layers, keep)
+        assert total(layers, ranks) <= budget
+        assert loss(layers, ranks) == pytest.approx(best, rel=1e-12)
+
+
+def test_a_layer_whose_truncation_is_costly_stays_dense():
+    cheap = LayerCost((64, 64), 0, torch.full((64,), 1e-6, dtype=torch.float64))
+    costly = LayerCost((64, 64), 0, torch.full((64,), 1e3, dtype=torch.float64))
+    ranks = allocate_ranks("fisher", [cheap, costly], 0.6)
+    assert ranks[1] is None and ranks[0] is not None
+    assert total([cheap, costly], ranks) <= 0.6 * 2 * 64 * 64
+
+
+def test_bad_allocator_and_budget_messages():
+    layers = layers_with_spectra()
+    with pytest.raises(ValueError, match=r"^unknown allocator 'greedy'; known: fisher, uniform$"):
+        allocate_ranks("greedy", layers, 0.5)
+    with pytest.raises(ValueError, match=r"^keep is too small: even rank 16 for every layer exceeds the budget of \d+ parameters$"):
+        allocate_ranks("fisher", layers, 0.05, min_rank=16)
+    assert ALLOCATORS.names() == ["fisher", "uniform"]

@@ -1,0 +1,97 @@
+"""Calibration statistics: exact against brute force, shared inputs deduplicated, Fisher diagonal exact."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from rankwise.calibrate import collect_stats
+from rankwise.targets import find_targets
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def stored_inputs(model, targets, calib):
+    """Brute force: keep every target's input and every output gradient."""
+    xs, gs = {n: [] for n in targets}, {n: [] for n in targets}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+             for n, m in targets.items()]
+
+    def grad_hook(name):
+        def hook(mod, args, out):
+            out.register_hook(lambda g: gs[name].append(g.reshape(-1, g.shape[-1])))
+
+        return hook
+
+    hooks += [m.register_forward_hook(grad_hook(n)) for n, m in targets.items()]
+    emb = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for start in range(0, calib.shape[0], 4):
+        b = calib[start:start + 4]
+        out = model(input_ids=b, attention_mask=torch.ones_like(b))
+        torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), b[:, 1:].reshape(-1)).backward()
+    for h in hooks + [emb]:
+        h.remove()
+    return {n: torch.cat(v) for n, v in xs.items()}, {n: torch.cat(v) for n, v in gs.items()}
+
+
+def test_stats_equal_brute_force_and_inputs_are_shared():
+    model = tiny_llama()
+    targets = find_targets(model)
+    calib = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(1))
+    stats = collect_stats(model, targets, calib, fisher_seqs=6, progress=False)
+    xs, gs = stored_inputs(model, targets, calib)
+    for name in targets:
+        X = xs[name]
+        st = stats.inputs[name]
+        assert st.count == 6 * 16
+        torch.testing.assert_close(st.gram, X.T @ X, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st.mean_abs, X.abs().mean(0), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(stats.out_grad_sq[name], gs[name].pow(2).mean(0), rtol=1e-5, atol=1e-12)
+    layer = "model.layers.0."
+    q, k, v = (stats.inputs[layer + f"self_attn.{p}_proj"] for p in "qkv")
+    assert q is k and k is v
+    assert stats.inputs[layer + "mlp.gate_proj"] is stats.inputs[layer + "mlp.up_proj"]
+    assert stats.inputs[layer + "self_attn.o_proj"] is not q
+    assert len(stats.groups()) == 2 * 4  # per block: attention input, o_proj, MLP input, down_proj
+    assert stats.loss is not None and stats.loss > 0
+
+
+def test_statistics_computed_once_per_distinct_input(monkeypatch):
+    from rankwise import calibrate
+
+    calls = []
+    original = calibrate.InputStats.add
+    monkeypatch.setattr(calibrate.InputStats, "add", lambda self, x: (calls.append(x.shape), original(self, x))[1])
+    model = tiny_llama()
+    collect_stats(model, find_targets(model), torch.zeros(4, 8, dtype=torch.long), batch_size=2, progress=False)
+    assert len(calls) == 2 * 4 * 2  # 2 batches x 2 blocks x 4 distinct inputs (not 7 layers)
+
+
+def test_encoder_stats_and_gauss_newton_gradients_are_finite():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    model = BertModel(cfg).eval()
+    targets = find_targets(model)
+    assert all(n.startswith("encoder.layer.") for n in targets) and len(targets) == 12
+    stats = collect_stats(model, targets, torch.randint(0, 80, (4, 10)), fisher_seqs=4, progress=False)
+    assert {stats.inputs[f"encoder.layer.0.attention.self.{p}"] is stats.inputs["encoder.layer.0.attention.self.query"]
+            for p in ("key", "value")} == {True}
+    for name in targets:
+        assert stats.inputs[name].count == 40
+        assert torch.isfinite(stats.out_grad_sq[name]).all() and float(stats.out_grad_sq[name].sum()) > 0
+
+
+def test_unused_target_is_reported():
+    model = tiny_llama()
+    targets = find_targets(model)
+    targets["lm_head"] = model.lm_head
+    extra = torch.nn.Linear(3, 3)
+    targets["unused"] = extra
+    with pytest.raises(ValueError, match=r"^calibration never reached layer\(s\) unused: they are not used"):
+        collect_stats(model, targets, torch.zeros(1, 4, dtype=torch.long), progress=False)

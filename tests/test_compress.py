@@ -1,0 +1,171 @@
+"""compress_: exact at full rank, the budget is met, encoders and GPT-2 Conv1D work, every bad input is named."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from rankwise.calibrate import collect_stats
+from rankwise.compress import CompressConfig, CompressReport, compress_, factorize
+from rankwise.layers.linear import LowRankLinear, dense_weight
+from rankwise.targets import find_targets, replace_module
+
+CALIB = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(5))
+
+
+def tiny_llama(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def logits(model, ids=CALIB[:2]):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
+def test_full_rank_factorization_reproduces_dense_logits(method):
+    model = tiny_llama()
+    dense = logits(model)
+    targets = find_targets(model)
+    config = CompressConfig(method=method, allocate="uniform")
+    stats = None if method == "svd" else collect_stats(model, targets, CALIB, progress=False)
+    for name, layer in targets.items():
+        f = factorize(dense_weight(layer).detach(), config, stats, name)
+        assert f.rank == min(dense_weight(layer).shape)
+        replace_module(model, name, LowRankLinear.from_factors(f, layer.bias, dtype=torch.float64))
+    torch.testing.assert_close(logits(model), dense, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("allocate", ["uniform", "fisher"])
+@pytest.mark.parametrize("keep", [0.5, 0.8])
+def test_compress_meets_the_budget_and_reports_what_it_did(allocate, keep):
+    model = tiny_llama(dtype=torch.float32)
+    before = count(model)
+    report = compress_(model, CompressConfig(keep=keep, allocate=allocate, min_rank=4), CALIB, progress=False)
+    assert report.params_after <= keep * report.params_before
+    assert report.params_before == sum(p.numel() for n, p in tiny_llama().named_parameters() if n.startswith("model.layers.") and "norm" not in n)
+    assert before - count(model) == report.params_before - report.params_after
+    if allocate == "fisher":
+        assert report.params_after > keep * report.params_before - max(sum(l.shape) for l in report.layers)
+    for name, rank in report.ranks.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LowRankLinear) and layer.rank == rank >= 4
+    for l in report.layers:
+        assert 0.0 <= l.error < 1.0 and l.seconds >= 0
+        if l.rank is None:
+            assert isinstance(model.get_submodule(l.name), torch.nn.Linear) and l.params_after == l.params_before
+    assert set(report.timings) == {"calibration", "factorization", "allocation", "update"}
+    assert torch.isfinite(logits(model)).all()
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["params_after"] == report.params_after and d["config"] == report.config.to_dict()
+    text = report.summary()
+    assert len(text.splitlines()) == 2 + 7 + 3
+    assert f"params {report.params_before:,} -> {report.params_after:,}" in text
+
+
+def test_whitening_beats_plain_svd_on_calibration_outputs_and_no_nan_with_singular_gram():
+    model = tiny_llama()
+    dense = logits(model, CALIB[:1, :3])
+    errs = {}
+    for method in ("svd", "whiten"):
+        m = tiny_llama()
+        # 3 tokens of 1 sequence: every X^T X is singular (rank <= 3 < 64 features)
+        compress_(m, CompressConfig(keep=0.5, method=method, allocate="uniform"), CALIB[:1, :3], progress=False)
+        out = logits(m, CALIB[:1, :3])
+        assert torch.isfinite(out).all()
+        errs[method] = float((out - dense).norm() / dense.norm())
+    assert errs["whiten"] < 0.1 * errs["svd"]
+
+
+def test_encoder_and_gpt2_conv1d_are_compressed():
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=96)).eval()
+    ids = torch.randint(0, 80, (4, 12))
+    report = compress_(bert, CompressConfig(keep=0.7), ids, progress=False)
+    assert len(report.layers) == 12 and report.params_after <= 0.7 * report.params_before
+    assert torch.isfinite(bert(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state).all()
+    assert type(bert.embeddings.word_embeddings) is torch.nn.Embedding
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=64, n_layer=2, n_head=4, n_positions=32)).double().eval()
+    dense = logits(gpt2, ids)
+    report = compress_(gpt2, CompressConfig(keep=0.999, allocate="uniform"), ids, progress=False)
+    assert [l.name for l in report.layers] == [f"transformer.h.{i}.{p}" for i in range(2)
+                                               for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert isinstance(gpt2.transformer.h[0].attn.c_attn, LowRankLinear)
+    assert float((logits(gpt2, ids) - dense).norm() / dense.norm()) < 0.05
+
+
+def test_include_and_exclude_select_by_name():
+    model = tiny_llama(dtype=torch.float32)
+    report = compress_(model, CompressConfig(keep=0.5, allocate="uniform", include=r"mlp\.", exclude=r"down_proj"), CALIB, progress=False)
+    assert [l.name for l in report.layers] == [f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj")]
+
+
+def test_config_round_trips_through_json():
+    config = CompressConfig(keep=0.6, method="asvd", allocate="uniform", include="q_proj", update=True, seed=3)
+    assert CompressConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert CompressConfig().to_dict()["version"] == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"keep": 0.0}, r"^keep must be a fraction in \(0, 1\], got 0\.0$"),
+        ({"keep": 1.5}, r"^keep must be a fraction in \(0, 1\], got 1\.5$"),
+        ({"keep": math.nan}, r"^keep must be a fraction in \(0, 1\], got nan$"),
+        ({"method": "qr"}, r"^unknown method 'qr'; known: svd, asvd, whiten$"),
+        ({"allocate": "greedy"}, r"^unknown allocator 'greedy'; known: fisher, uniform$"),
+        ({"include": "("}, r"^include='\(' is not a valid regular expression: "),
+        ({"calib_seqs": 0}, r"^calib_seqs must be an int >= 1, got 0$"),
+        ({"update": 1}, r"^update must be True or False, got 1$"),
+        ({"asvd_alpha": 2.0}, r"^asvd_alpha must be a number in \[0, 1\], got 2\.0$"),
+        ({"version": 2}, r"^version must be 1 \(the only config version\), got 2$"),
+    ],
+)
+def test_bad_config_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        CompressConfig(**kwargs)
+
+
+def test_bad_config_dicts_are_named():
+    with pytest.raises(ValueError, match=r"^unknown config key\(s\) rank; known: allocate, asvd_alpha, "):
+        CompressConfig.from_dict({"version": 1, "rank": 3})
+    with pytest.raises(ValueError, match=r"^config has no 'version' key; expected version 1$"):
+        CompressConfig.from_dict({"keep": 0.5})
+
+
+def test_bad_compress_inputs_are_named_and_leave_the_model_untouched():
+    model = tiny_llama(dtype=torch.float32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^include='nothing_here' matches no nn\.Linear/Conv1D module name \(of 15, e\.g\. "):
+        compress_(model, CompressConfig(include="nothing_here"), CALIB, progress=False)
+    with pytest.raises(ValueError, match=r"^calib is required for method='whiten', allocate='uniform', update=False; only method='svd'"):
+        compress_(model, CompressConfig(allocate="uniform"), None, progress=False)
+    with pytest.raises(ValueError, match=r"^calib must be a LongTensor of token ids, shape \(n_seqs, seq_len\), got torch\.float32 tensor of shape \(2, 3\)$"):
+        compress_(model, CompressConfig(), torch.zeros(2, 3), progress=False)
+    with pytest.raises(ValueError, match=r"^config must be a rankwise\.CompressConfig, got dict$"):
+        compress_(model, {"keep": 0.5}, CALIB, progress=False)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^tensor model\.layers\.1\.mlp\.up_proj\.weight contains 1 NaN/Inf values; only finite"):
+        compress_(model, CompressConfig(), CALIB, progress=False)
+    state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]) or (torch.isnan(v).any() and torch.equal(v.nan_to_num(), state[k].nan_to_num())), k
+
+
+def test_data_free_svd_needs_no_calibration():
+    model = tiny_llama(dtype=torch.float32)
+    report = compress_(model, CompressConfig(keep=0.5, method="svd", allocate="uniform"), None, progress=False)
+    assert isinstance(report, CompressReport) and report.timings["calibration"] < 1.0
+    assert len(report.ranks) == 14
