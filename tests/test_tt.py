@@ -257,6 +257,8 @@ X = torch.ones(2, 3, 4, dtype=torch.float64)
         (lambda: tt_svd(X, "2"), "rank must be an int, a tuple of 2 ints, a float in (0, 1] or None, got '2'"),
         (lambda: tt_svd(X, eps=1.0), "eps must be a relative tolerance in [0, 1), got 1.0"),
         (lambda: tt_round(X), "tt must be a rankwise.formats.tt.TT, got Tensor"),
+        (lambda: tt_round(TT((torch.ones(1, 2, 3), torch.ones(2, 2, 1)))), "tt.cores[0] has shape (1, 2, 3); accepted: (1, n, 2) to chain with its neighbours (boundary ranks are 1)"),
+        (lambda: tt_round(TT((torch.ones(1, 2, 2), torch.ones(2, 2, 1))), eps=2.0), "eps must be a relative tolerance in [0, 1), got 2.0"),
         (lambda: tt_matrix(torch.ones(6, 8), (2, 3), (2, 2)), "row_dims=(2, 3) and col_dims=(2, 2) multiply to (6, 4); accepted: factorizations of W's shape (6, 8)"),
         (lambda: tt_matrix(torch.ones(6, 8), (2, 3), (2, 2, 2)), "row_dims and col_dims must have the same length, got (2, 3) and (2, 2, 2)"),
         (lambda: tt_matrix(torch.ones(6, 8), (6,), (8,)), "row_dims must be a tuple of at least 2 positive ints, got (6,)"),

@@ -126,7 +126,7 @@ def ht_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
     n)`` (nodes that cannot reach R keep their largest rank); R must be in [1, largest bound]. ``tuple``
     of 2d-1 ints in node order: root entry 1, each within its bound, ``k_t <= k_left k_right``, the
     root's two children equal; no clamping. ``float`` in (0, 1]: the largest ``R`` (clamped as for an
-    int) whose HT stores at most that fraction of ``prod(shape)``.
+    int) whose HT stores at most that fraction of ``prod(shape)`` (R = 1 when even that exceeds the budget).
     """
     tree = dimension_tree(len(shape))
     bounds = _node_bounds(shape, tree)
@@ -164,16 +164,18 @@ def _post_order(tree, index: int = 0) -> list[int]:
 
 
 def ht_svd(x: Tensor, rank: RankSpec | None = None, *, eps: float | None = None) -> HT:
-    """HT-SVD: truncated hierarchical SVD from the leaves to the root (Grasedyck 2010, Algorithm 2).
+    """HT-SVD: truncated hierarchical SVD, leaves to root (Grasedyck 2010, leaves-to-root truncation).
 
     Nodes are visited children first. At each node the current tensor (``x`` projected onto the
     bases already computed) is matricized with that node's mode as rows (for an interior node the
     merged (k_left k_right) mode of its children), its leading left singular vectors become the
-    node's basis, and the tensor is projected onto them. Every projection is orthogonal and nested in
-    the previous ones, so ``||x - ht||^2`` is the sum of the squared tails discarded at the nodes. The
-    root's right child is the transpose of the left one and is truncated losslessly, so there are
-    2d-3 truncations, each discarding no more than the tail of the same node's matricization of ``x``:
-    ``||x - ht||_F <= sqrt(2d-3) * ||x - x_best||_F`` (Grasedyck 2010, Theorem 3.11 / Lemma 3.15).
+    node's basis, and the tensor is projected onto them. The projections are orthogonal and nested,
+    so ``||x - ht||_F^2`` is exactly the sum of the squared tails discarded at the nodes. The root's
+    right child spans the complement of its left one and is truncated losslessly, so 2d-3 nodes
+    truncate. Each node's matrix is the node's matricization of ``x`` multiplied by matrices with
+    orthonormal rows or columns, so its tail is no larger than that of ``x``: ``||x - ht||_F^2 <=
+    sum over those nodes of the tail of x's matricization <= (2d-3) ||x - x_best||_F^2``, the
+    quasi-optimality bound of Grasedyck's HSVD.
 
     Parameters
     ----------

@@ -152,7 +152,8 @@ def tt_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
     ``r_k = min(R, n_1...n_k, n_{k+1}...n_d)`` (bonds that cannot reach R keep their largest rank);
     R itself must be in [1, largest bond bound]. ``tuple``: one rank per bond, each within its bound and
     with ``r_k <= r_{k-1} n_k`` and ``r_k <= n_{k+1} r_{k+1}``, no clamping. ``float`` in (0, 1]: the
-    largest ``R`` (clamped as for an int) whose TT stores at most that fraction of ``prod(shape)``.
+    largest ``R`` (clamped as for an int) whose TT stores at most that fraction of ``prod(shape)``
+    (R = 1 when even that exceeds the budget).
     """
     bounds = bond_bounds(shape)
     if rank is None:
@@ -253,9 +254,17 @@ def tt_round(tt: TT, rank: RankSpec | None = None, *, eps: float | None = None) 
         raise ValueError(f"tt must have at least 2 cores, got {len(tt.cores)}")
     for k, c in enumerate(tt.cores):
         check_tensor(c, f"tt.cores[{k}]", ndim=3)
+    edges = [1, *(c.shape[0] for c in tt.cores[1:]), 1]
+    for k, c in enumerate(tt.cores):
+        if (c.shape[0], c.shape[2]) != (edges[k], edges[k + 1]):
+            raise ValueError(
+                f"tt.cores[{k}] has shape {tuple(c.shape)}; accepted: ({edges[k]}, n, {edges[k + 1]}) to chain with "
+                f"its neighbours (boundary ranks are 1)"
+            )
     shape = tt.shape
     d = len(shape)
     caps = tt_ranks(shape, rank)
+    eps = None if eps is None else check_tolerance(eps)
     cores = [c.to(compute_dtype(c)) for c in tt.cores]
     for k in range(d - 1, 0, -1):
         r0, n, r1 = cores[k].shape
@@ -265,7 +274,7 @@ def tt_round(tt: TT, rank: RankSpec | None = None, *, eps: float | None = None) 
         cores[k - 1] = (prev.reshape(-1, r0) @ R.T).reshape(prev.shape[0], prev.shape[1], -1)
     tol_sq = None
     if eps is not None:
-        tol_sq = (check_tolerance(eps) ** 2) * float(torch.sum(cores[0].to(torch.float64) ** 2)) / (d - 1)
+        tol_sq = (eps**2) * float(torch.sum(cores[0].to(torch.float64) ** 2)) / (d - 1)
     for k in range(d - 1):
         r0, n, r1 = cores[k].shape
         M = cores[k].reshape(r0 * n, r1)
