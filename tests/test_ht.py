@@ -192,6 +192,8 @@ X = torch.ones(2, 3, 4, dtype=torch.float64)  # tree: root, (0, 1), (0,), (1,), 
         (lambda: ht_svd(X, 0.0), "rank as a float must be a fraction of the dense parameter count in (0, 1], got 0.0"),
         (lambda: ht_svd(X, [1, 4, 2.0, 2, 4]), "rank[2] must be an int in [1, 2], got 2.0"),
         (lambda: ht_svd(X, eps=-0.1), "eps must be a relative tolerance in [0, 1), got -0.1"),
+        # leaf (3,) cannot have rank 2 once its sibling and the root's children have rank 1
+        (lambda: ht_svd(torch.ones(2, 2, 2, 2), (1, 1, 2, 2, 1, 1, 2)), "rank[6]=2 for the node over modes (3,) exceeds 1, the most its matricization allows given the other ranks in rank=(1, 1, 2, 2, 1, 1, 2)"),
     ],
 )
 def test_bad_input_raises(call, text):
