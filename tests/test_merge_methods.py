@@ -114,13 +114,13 @@ def test_model_stock_matches_the_formula_on_a_constructed_example():
     assert torch.allclose(deltas @ deltas.T, torch.tensor([[1, .5, .5], [.5, 1, .5], [.5, .5, 1]], dtype=torch.float64))
     base = torch.tensor([[2.0, -1.0, 3.0]], dtype=torch.float64)
     fts = [base + 2.0 * d for d in deltas]  # scaling every task vector leaves the angle unchanged
-    out = model_stock(fts, base)
+    out = model_stock([f.clone() for f in fts], base)  # methods overwrite their inputs (the driver's copies)
     expected = 0.75 * torch.stack(fts).mean(dim=0) + 0.25 * base
     assert torch.allclose(out, expected, atol=1e-12, rtol=0)
     # orthogonal task vectors (cos 0) keep the base; identical ones (cos 1) give their average
     eye = torch.eye(3, dtype=torch.float64)
     assert torch.allclose(model_stock([base + e for e in eye], base), base, atol=1e-12, rtol=0)
-    same = [base + deltas[0]] * 3
+    same = [base + deltas[0] for _ in range(3)]
     assert torch.allclose(model_stock(same, base), base + deltas[0], atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match=r"'model_stock' needs at least 3 fine-tuned models besides the base, got 2"):
         merge([{"w": base}, {"w": base}], "model_stock", {"w": base})

@@ -199,14 +199,14 @@ class _ShardWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.dtype not in _CODES:
             raise ValueError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # no copy
         self.header[name] = {
             "dtype": _CODES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [self.nbytes, self.nbytes + len(data)],
+            "data_offsets": [self.nbytes, self.nbytes + data.nbytes],
         }
-        self.fh.write(data)
-        self.nbytes += len(data)
+        self.fh.write(data.data)
+        self.nbytes += data.nbytes
 
     def close(self) -> None:
         self.fh.close()

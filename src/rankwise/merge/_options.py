@@ -47,11 +47,16 @@ def choice(value: object, name: str, accepted: Sequence[object]) -> object:
     return value
 
 
-def stacked_deltas(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    """Task vectors ``t_i - base``, shape (T, *base.shape)."""
-    return torch.stack([t - base for t in tensors])
+def task_vectors_(tensors: list[torch.Tensor], base: torch.Tensor) -> list[torch.Tensor]:
+    """Turn each fine-tuned tensor into its task vector ``t_i - base`` in place (the driver's scratch copies)."""
+    for t in tensors:
+        t.sub_(base)
+    return tensors
 
 
-def broadcast_weights(weights: list[float], like: torch.Tensor) -> torch.Tensor:
-    """Weights as a tensor of shape (T, 1, ..., 1) that multiplies a (T, *shape) stack."""
-    return torch.tensor(weights, dtype=like.dtype, device=like.device).reshape(-1, *([1] * (like.ndim - 1)))
+def weighted_sum_(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``sum_i w_i t_i`` accumulated into ``tensors[0]`` (overwritten; the others are scaled in place)."""
+    out = tensors[0].mul_(weights[0])
+    for t, w in zip(tensors[1:], weights[1:]):
+        out.add_(t.mul_(w))
+    return out

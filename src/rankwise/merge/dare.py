@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 
 from . import METHODS
-from ._options import broadcast_weights, choice, model_weights, per_model_fraction, scalar, stacked_deltas
+from ._options import choice, model_weights, per_model_fraction, scalar, task_vectors_, weighted_sum_
 from .ties import sign_consensus_merge
 
 
 def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: str) -> torch.Tensor:
-    """Keep each entry with probability ``density`` (a seeded Bernoulli mask) and rescale what is kept.
+    """Keep each entry with probability ``density`` (a seeded Bernoulli mask) and rescale what is kept (in place).
 
     rescale : ``"density"`` divides survivors by ``density`` (the paper: the expectation is unchanged);
         ``"l1"`` multiplies them so the L1 norm equals the undropped one (mergekit's ``rescale: true``);
@@ -19,12 +19,13 @@ def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Gener
     if density >= 1:
         return delta
     keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) < density
-    dropped = delta * keep.to(delta.device)
+    before = delta.abs().sum() if rescale == "l1" else None
+    dropped = delta.mul_(keep.to(delta.device))  # in place: delta is the driver's scratch copy
     if rescale == "density":
-        return dropped / density
+        return dropped.div_(density)
     if rescale == "l1":
-        before, after = delta.abs().sum(), dropped.abs().sum()
-        return dropped if before < 1e-7 or after < 1e-7 else dropped * (before / after)
+        after = dropped.abs().sum()
+        return dropped if before < 1e-7 or after < 1e-7 else dropped.mul_(before / after)
     return dropped
 
 
@@ -72,13 +73,11 @@ def dare(
     dens = per_model_fraction(density, len(tensors), "density")
     choice(rescale, "rescale", ("density", "l1", "none"))
     gen = torch.Generator().manual_seed(int(seed))
-    deltas = stacked_deltas(tensors, base)
-    for i, d in enumerate(dens):
-        deltas[i] = drop_and_rescale(deltas[i], d, gen, rescale)
+    deltas = [drop_and_rescale(d, p, gen, rescale) for d, p in zip(task_vectors_(tensors, base), dens)]
     if sign_consensus:
-        mixed = sign_consensus_merge(deltas, w, normalize)
+        mixed = sign_consensus_merge([d.mul_(wi) for d, wi in zip(deltas, w)], w, normalize)
     else:
-        mixed = (deltas * broadcast_weights(w, deltas)).sum(dim=0)
+        mixed = weighted_sum_(deltas, w)
         if normalize:
             mixed /= sum(w) if abs(sum(w)) >= 1e-8 else 1.0
-    return base + scalar(scale, "scale") * mixed
+    return mixed.mul_(scalar(scale, "scale")).add_(base)

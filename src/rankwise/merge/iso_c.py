@@ -6,7 +6,7 @@ import torch
 
 from ..formats.svd import truncated_svd
 from . import METHODS
-from ._options import scalar
+from ._options import scalar, task_vectors_, weighted_sum_
 from .tsv import as_matrix
 
 
@@ -38,9 +38,9 @@ def iso_c(tensors: list[torch.Tensor], base: torch.Tensor, *, scale: float = 1.0
     "No task left behind: Isotropic model merging with common and task-specific subspaces", ICML 2025.
     """
     alpha = scalar(scale, "scale")
-    deltas = torch.stack([t - base for t in tensors])
+    total = weighted_sum_(task_vectors_(tensors, base), [1.0] * len(tensors))
     if base.ndim < 2:
-        return base + alpha * deltas.mean(dim=0)
-    svd = truncated_svd(as_matrix(deltas.sum(dim=0)))
+        return total.mul_(alpha / len(tensors)).add_(base)
+    svd = truncated_svd(as_matrix(total))
     merged = svd.S.mean() * (svd.U @ svd.Vh)
     return base + alpha * merged.reshape(base.shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import METHODS
-from ._options import model_weights
+from ._options import model_weights, weighted_sum_
 
 
 @METHODS.register(
@@ -21,7 +21,7 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weights=No
 
     Parameters
     ----------
-    tensors : list of T tensors of one shape, one per model.
+    tensors : list of T tensors of one shape, one per model (the driver's scratch copies, overwritten).
     base : ignored (averaging needs no base model).
     weights : float or list of T floats, default 1.0 each.
     normalize : divide by the sum of the weights (which must then be non-zero).
@@ -32,9 +32,7 @@ def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weights=No
     without increasing inference time", ICML 2022.
     """
     w = model_weights(weights, len(tensors))
-    out = torch.zeros_like(tensors[0])
-    for t, wi in zip(tensors, w):
-        out.add_(t, alpha=wi)
+    out = weighted_sum_(tensors, w)
     if normalize:
         if sum(w) == 0:
             raise ValueError(f"weights sum to 0 ({w!r}); normalize=True divides by their sum")

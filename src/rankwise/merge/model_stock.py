@@ -5,24 +5,26 @@ from __future__ import annotations
 import torch
 
 from . import METHODS
+from ._options import task_vectors_, weighted_sum_
 
 
-def interpolation_ratio(deltas: torch.Tensor) -> torch.Tensor:
+def interpolation_ratio(deltas: list[torch.Tensor]) -> float:
     """``t = N cos / (1 + (N - 1) cos)`` from the mean pairwise cosine of the task vectors.
 
-    deltas : Tensor, shape (N, D), the flattened ``W_i - W_base``. Returns a 0-d tensor; where the
-    denominator vanishes (cos = -1/(N-1)) there is no finite estimate and ``t = 0`` keeps the base.
+    deltas : list of N tensors of one shape, the ``W_i - W_base`` (each flattened to one vector).
+    Where the denominator vanishes (cos = -1/(N-1)) there is no finite estimate and ``t = 0`` keeps
+    the base; zero task vectors count as orthogonal.
     """
-    n = deltas.shape[0]
-    norms = deltas.norm(dim=1)
-    gram = deltas @ deltas.T
-    cos = (gram / (norms[:, None] * norms[None, :]).clamp(min=1e-6)).clamp(-1, 1)
-    i, j = torch.triu_indices(n, n, offset=1)
-    c = cos[i, j].mean()
+    flat = [d.reshape(-1) for d in deltas]
+    n = len(flat)
+    norms = [float(f.norm()) for f in flat]
+    cosines = [
+        max(-1.0, min(1.0, float(flat[i] @ flat[j]) / max(norms[i] * norms[j], 1e-6)))
+        for i in range(n) for j in range(i + 1, n)
+    ]
+    c = sum(cosines) / len(cosines)
     denom = 1 + (n - 1) * c
-    if denom.abs() < 1e-6:
-        return torch.zeros((), dtype=deltas.dtype)
-    return n * c / denom
+    return 0.0 if abs(denom) < 1e-6 else n * c / denom
 
 
 @METHODS.register(
@@ -50,7 +52,7 @@ def model_stock(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor
     ----------
     D.-H. Jang, S. Yun, D. Han, "Model Stock: All we need is just a few fine-tuned models", ECCV 2024.
     """
-    deltas = torch.stack([(t - base).reshape(-1) for t in tensors])
+    deltas = task_vectors_(tensors, base)
     t = interpolation_ratio(deltas)
-    average = torch.stack(tensors).mean(dim=0)
-    return t * average + (1 - t) * base
+    # t * mean_i W_i + (1 - t) * W_base, written as base + t * (mean task vector)
+    return weighted_sum_(deltas, [1.0] * len(deltas)).mul_(t / len(deltas)).add_(base)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from collections.abc import Iterator, Sequence
@@ -81,8 +82,23 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _compute(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+class _Scratch:
+    """One reusable compute-dtype buffer per input, sized for the largest tensor.
+
+    Each model's tensor is copied (and converted) into its buffer instead of a fresh allocation per
+    tensor name: large fresh allocations are page-faulted in anew every time, which costs more than
+    the merge arithmetic. Methods may overwrite these copies; the user's tensors are never touched.
+    """
+
+    def __init__(self, count: int, numel: int, dtype: torch.dtype):
+        self.buffers = [torch.empty(numel, dtype=dtype) for _ in range(count)]
+
+    def load(self, i: int, t: torch.Tensor) -> torch.Tensor:
+        return self.buffers[i][: t.numel()].view(t.shape).copy_(t)
+
+    def owns(self, t: torch.Tensor) -> bool:
+        ptr = t.untyped_storage().data_ptr()
+        return any(ptr == b.untyped_storage().data_ptr() for b in self.buffers)
 
 
 def merged_tensors(
@@ -91,7 +107,8 @@ def merged_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Validate everything, then return a generator of merged ``(name, tensor)`` pairs (tensor scope only).
 
-    Inputs are read one tensor name at a time, cast to float32 (float64 stays float64), merged, and cast
+    Inputs are read one tensor name at a time, copied into float32 scratch buffers (float64 when any
+    input tensor is float64), merged, and cast
     to ``dtype`` (default: the reference model's dtype of that tensor; the reference is ``base`` when given,
     else ``models[0]``). Non-floating tensors (integer buffers) are copied from the reference.
     """
@@ -110,18 +127,24 @@ def merged_tensors(
     if "seed" in opts and (isinstance(opts["seed"], bool) or not isinstance(opts["seed"], int) or opts["seed"] < 0):
         raise ValueError(f"seed must be an int >= 0, got {opts['seed']!r}")
 
+    floating = [n for n in names if ref.dtype(n).is_floating_point]
+    wide = any(ref.dtype(n) == torch.float64 for n in floating)
+    largest = max((math.prod(ref.shape(n)) for n in floating), default=0)
+    scratch = _Scratch(len(sources) + 1, largest, torch.float64 if wide else torch.float32)
+
     def merged(name: str) -> torch.Tensor:
         ref_t = ref.get(name)
         if not ref_t.is_floating_point():
             return ref_t
-        tensors = [_compute(s.get(name)) for s in sources]
-        base_t = _compute(ref_t) if base_src is not None else None
+        tensors = [scratch.load(i, s.get(name)) for i, s in enumerate(sources)]
+        base_t = scratch.load(len(sources), ref_t) if base_src is not None else None
         call = dict(opts, seed=_tensor_seed(opts["seed"], name)) if "seed" in opts else opts
         try:
             out = entry.fn(tensors, base_t, **call)
         except ValueError as exc:
             raise ValueError(f"merging tensor {name!r}: {exc}") from None
-        return out.to(dtype or ref_t.dtype)
+        out = out.to(dtype or ref_t.dtype)
+        return out.clone() if scratch.owns(out) else out  # the buffers are reused for the next tensor
 
     # the first tensor is merged now, so that bad option values fail before any output is started
     first = merged(names[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import METHODS
-from ._options import broadcast_weights, model_weights, scalar, stacked_deltas
+from ._options import model_weights, scalar, task_vectors_, weighted_sum_
 
 
 @METHODS.register(
@@ -33,10 +33,8 @@ def task_arithmetic(
     G. Ilharco et al., "Editing models with task arithmetic", ICLR 2023.
     """
     w = model_weights(weights, len(tensors))
-    deltas = stacked_deltas(tensors, base)
-    deltas.mul_(broadcast_weights(w, deltas))
-    mixed = deltas.sum(dim=0)
+    mixed = weighted_sum_(task_vectors_(tensors, base), w)
     if normalize:
         total = sum(w)
         mixed /= total if abs(total) >= 1e-8 else 1.0
-    return base + scalar(scale, "scale") * mixed
+    return mixed.mul_(scalar(scale, "scale")).add_(base)

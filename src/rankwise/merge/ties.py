@@ -5,41 +5,52 @@ from __future__ import annotations
 import torch
 
 from . import METHODS
-from ._options import broadcast_weights, model_weights, per_model_fraction, scalar, stacked_deltas
+from ._options import model_weights, per_model_fraction, scalar, task_vectors_
 
 
 def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ``max(1, int(density * numel))`` entries of largest magnitude, zero the rest.
+    """Keep the ``max(1, int(density * numel))`` entries of largest magnitude, zero the rest (in place).
 
-    delta : Tensor, any shape. ``density >= 1`` returns ``delta`` unchanged.
+    delta : contiguous Tensor, any shape. ``density >= 1`` returns ``delta`` unchanged. The threshold
+    comes from a selection (``kthvalue``), not a sort; among entries equal to it, the first ones in
+    memory order are kept, so exactly ``k`` survive.
     """
     if density >= 1:
         return delta
-    k = max(1, int(density * delta.numel()))
-    flat = delta.reshape(-1)
-    keep = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.reshape(delta.shape)
+    n = delta.numel()
+    k = max(1, int(density * n))
+    flat = delta.view(-1)
+    mag = flat.abs()
+    threshold = mag.kthvalue(n - k + 1).values
+    keep = mag > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        keep[(mag == threshold).nonzero().squeeze(1)[:missing]] = True
+    return delta.masked_fill_(~keep.view(delta.shape), 0)
 
 
-def sign_consensus_merge(deltas: torch.Tensor, weights: list[float], normalize: bool) -> torch.Tensor:
-    """Elect a sign per entry and combine the weighted deltas that agree with it.
+def sign_consensus_merge(weighted: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """Elect a sign per entry and combine the weighted task vectors that agree with it.
 
-    deltas : Tensor, shape (T, *shape), the (trimmed) task vectors, not yet weighted.
+    weighted : list of T tensors ``w_i delta_i`` (already trimmed / dropped and weighted; overwritten).
     The elected sign is that of ``sum_i w_i delta_i`` (positive on ties); entry-wise the result is
     ``sum_{i agrees} w_i delta_i``, divided by ``sum_{i agrees} w_i`` when ``normalize`` (the disjoint
     mean; 1 where no model agrees). Zero entries never agree, so trimmed entries do not dilute the mean.
     """
-    w = broadcast_weights(weights, deltas)
-    weighted = deltas * w
-    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    agree = (torch.sign(weighted) == elected).to(deltas.dtype)
-    mixed = (weighted * agree).sum(dim=0)
+    positive = weighted[0].clone()
+    for d in weighted[1:]:
+        positive.add_(d)
+    positive = positive >= 0
+    mixed = torch.zeros_like(weighted[0])
+    divisor = torch.zeros_like(weighted[0]) if normalize else None
+    for d, w in zip(weighted, weights):
+        agree = torch.where(positive, d > 0, d < 0)
+        mixed.add_(d.mul_(agree))  # d is scratch: the driver's copy
+        if normalize:
+            divisor.add_(agree, alpha=w)
     if normalize:
-        divisor = (w * agree).sum(dim=0)
         divisor[divisor == 0] = 1
-        mixed = mixed / divisor
+        mixed.div_(divisor)
     return mixed
 
 
@@ -78,7 +89,5 @@ def ties(
     """
     w = model_weights(weights, len(tensors))
     dens = per_model_fraction(density, len(tensors), "density")
-    deltas = stacked_deltas(tensors, base)
-    for i, d in enumerate(dens):
-        deltas[i] = trim_to_density(deltas[i], d)
-    return base + scalar(scale, "scale") * sign_consensus_merge(deltas, w, normalize)
+    weighted = [trim_to_density(d, p).mul_(wi) for d, p, wi in zip(task_vectors_(tensors, base), dens, w)]
+    return sign_consensus_merge(weighted, w, normalize).mul_(scalar(scale, "scale")).add_(base)

@@ -7,7 +7,7 @@ import torch
 from ..formats._ops import check_int_rank
 from ..formats.svd import truncated_svd
 from . import METHODS
-from ._options import scalar
+from ._options import scalar, task_vectors_, weighted_sum_
 
 
 def per_task_rank(rank: int | float | None, full: int, tasks: int) -> int:
@@ -65,9 +65,10 @@ def tsv(tensors: list[torch.Tensor], base: torch.Tensor, *, scale: float = 1.0, 
     "Task Singular Vectors: Reducing task interference in model merging", CVPR 2025.
     """
     alpha = scalar(scale, "scale")
+    deltas = task_vectors_(tensors, base)
     if base.ndim < 2:
-        return base + alpha * torch.stack([t - base for t in tensors]).mean(dim=0)
-    mats = [as_matrix(t - base) for t in tensors]
+        return weighted_sum_(deltas, [1.0] * len(deltas)).mul_(alpha / len(deltas)).add_(base)
+    mats = [as_matrix(d) for d in deltas]
     k = per_task_rank(rank, min(mats[0].shape), len(mats))
     parts = [truncated_svd(m, k) for m in mats]
     U = torch.cat([p.U for p in parts], dim=1)
