@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -12,6 +13,7 @@ pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from rankwise import apply_delta_, extract_delta  # noqa: E402
+from rankwise.delta import allocate_delta_ranks  # noqa: E402
 from rankwise.peft_export import load_peft  # noqa: E402
 
 K = 3  # rank of the known delta added to every Linear weight
@@ -97,17 +99,33 @@ def test_keep_budget_is_respected_and_no_triplet_fits_after():
     assert used == delta.num_params <= budget
     smallest_step = min(sum(D.shape) for D in deltas.values())
     assert budget - used < smallest_step
-    # greedy order: every triplet kept has s^2/(m+n) >= every triplet left out that would have fit
-    kept, left = [], []
-    for name, s in delta.spectra.items():
-        r, step = delta.ranks.get(name, 0), sum(delta.shapes[name])
-        kept += [float(v) ** 2 / step for v in s[:r]]
-        left += [float(v) ** 2 / step for v in s[r:]]
-    assert min(kept) >= max(left) or budget - used < smallest_step
+    # the same allocation as repeatedly taking the best next triplet s^2/(m+n) that still fits
+    ranks, left = dict.fromkeys(delta.spectra, 0), budget
+    while True:
+        fits = [(float(s[ranks[n]]) ** 2 / sum(delta.shapes[n]), n) for n, s in delta.spectra.items()
+                if ranks[n] < s.numel() and sum(delta.shapes[n]) <= left]
+        if not fits:
+            break
+        best = max(fits)[1]
+        ranks[best] += 1
+        left -= sum(delta.shapes[best])
+    assert {n: r for n, r in ranks.items() if r} == delta.ranks
     measured = sum(float(torch.linalg.norm(D - (delta.lora[n][1] @ delta.lora[n][0] if n in delta.lora else 0)) ** 2)
                    for n, D in deltas.items())
     total = sum(float(torch.linalg.norm(D) ** 2) for D in deltas.values())
     assert math.isclose(math.sqrt(measured / total), delta.relative_error(), rel_tol=1e-9)
+
+
+def test_equal_costs_greedy_allocation_is_optimal():
+    g = torch.Generator().manual_seed(3)
+    spectra = {f"l{i}": torch.sort(torch.rand(4, generator=g, dtype=torch.float64), descending=True).values for i in range(3)}
+    shapes = dict.fromkeys(spectra, (4, 6))
+    ranks = allocate_delta_ranks(spectra, shapes, budget=5 * 10 + 9)  # room for 5 triplets of cost 10
+    assert sum(ranks.values()) == 5
+    kept = sum(float((spectra[n][:r] ** 2).sum()) for n, r in ranks.items())
+    best = max(sum(float((spectra[n][:r] ** 2).sum()) for n, r in zip(spectra, rs))
+               for rs in itertools.product(range(5), repeat=3) if sum(rs) <= 5)
+    assert math.isclose(kept, best, rel_tol=1e-12)
 
 
 def test_energy_rule_keeps_the_fraction_with_a_minimal_greedy_prefix():
