@@ -1,12 +1,15 @@
 """A multi-task suite on scikit-learn's bundled digits: one base model fine-tuned on eight distinct tasks.
 
-The base model is trained on the plain digits; each task then fine-tunes the whole base backbone
-together with a task-specific linear head. Merges combine the backbones only; every task is scored
-with the merged backbone followed by its own head, as in task arithmetic, TIES and TSV-M (which keep
-task-specific classification heads and merge the shared encoder). Seven tasks change the input domain
-(rotation, mirror, inversion, a fixed pixel permutation, a cyclic shift, blur plus noise, a
-checkerboard sign flip) and one changes the label set (parity), so the task vectors pull the shared
-backbone in genuinely different directions.
+The base model (a backbone plus a linear head) is trained on the plain digits. Each task then
+fine-tunes the whole backbone together with its own linear head (started from the base head, or
+fresh for another label set). Merges combine the backbones only; every task is scored with the merged
+backbone followed by its own head, as task arithmetic, TIES and TSV-M do (they keep task-specific
+classification heads and merge the shared encoder). The default tasks (:data:`DEFAULT_TASKS`) change
+the input domain in seven ways (rotation by 90 degrees, mirror, intensity inversion, a one-pixel
+shift, blur plus noise, dilated strokes, an erased centre) and the label set once (parity), so the task
+vectors pull the shared backbone in different directions. :data:`HARD_TASKS` swaps three of them for
+transforms that destroy the spatial layout (a fixed pixel permutation, a cyclic roll, a checkerboard
+sign flip).
 
 Everything is seeded and runs on one CPU thread in seconds; the trained weights are cached as one
 safetensors file under ``~/.cache/rankwise/digits``, keyed by the training configuration.
@@ -32,7 +35,7 @@ TASK_SEED = 1234  # fixes the random parts of the task definitions (pixel permut
 N_TEST, N_VAL = 450, 270  # of 1797 images; the remaining 1077 are for training
 ARCHS = ("cnn", "mlp")
 SPLITS = ("train", "val", "test")
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 def _rot90(x, y):
@@ -62,6 +65,22 @@ def _blur_noise(x, y):
     return blurred + 0.1 * noise, y
 
 
+def _shift(x, y):
+    out = torch.zeros_like(x)
+    out[:, 1:, 1:] = x[:, :-1, :-1]
+    return out, y
+
+
+def _dilate(x, y):
+    return F.max_pool2d(x[:, None], 3, stride=1, padding=1)[:, 0], y
+
+
+def _erase(x, y):
+    out = x.clone()
+    out[:, 2:5, 2:5] = 0.0
+    return out, y
+
+
 def _checker(x, y):
     sign = 1.0 - 2.0 * ((torch.arange(8)[:, None] + torch.arange(8)) % 2)
     return x * sign, y
@@ -80,8 +99,15 @@ TASKS: dict[str, tuple[int, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]]] 
     "roll": (10, _roll),
     "blur_noise": (10, _blur_noise),
     "checker": (10, _checker),
+    "shift": (10, _shift),
+    "dilate": (10, _dilate),
+    "erase": (10, _erase),
     "parity": (2, _parity),
 }
+
+
+DEFAULT_TASKS = ("rot90", "hflip", "invert", "shift", "blur_noise", "dilate", "erase", "parity")
+HARD_TASKS = ("rot90", "hflip", "invert", "permute", "roll", "blur_noise", "checker", "parity")
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,13 +156,18 @@ def make_model(arch: str = "cnn", num_classes: int = 10, *, seed: int = 0, width
 
 
 def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float = 1e-3,
-                     batch_size: int = 64, seed: int = 0) -> nn.Module:
-    """Train ``model`` in place with Adam on cross-entropy; minibatch order drawn from ``seed``.
+                     optimizer: str = "adam", batch_size: int = 64, seed: int = 0) -> nn.Module:
+    """Train ``model`` in place on cross-entropy; minibatch order drawn from ``seed``.
 
     x : Tensor, shape (N, 1, 8, 8); y : Tensor of int64, shape (N,).
+    optimizer : ``"adam"`` or ``"sgd"`` (momentum 0.9).
     """
+    _check_choice("optimizer", optimizer, ("adam", "sgd"))
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    if optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=g).split(batch_size):
@@ -200,21 +231,17 @@ def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict) -> dic
     train_classifier(nn.Sequential(backbone, head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed)
     state = {f"base.{k}": v for k, v in backbone.state_dict().items()}
     for i, task in enumerate(tasks):
-        x, y = split_data(task, "train")
-        num_classes = TASKS[task][0]
-        if num_classes == head.out_features:
-            task_head = copy.deepcopy(head)
-        else:  # a new label set: a linear probe on the frozen base features plays the zero-shot head
-            torch.manual_seed(seed + 1000 + i)
-            task_head = nn.Linear(features, num_classes)
-            with torch.no_grad():
-                feats = backbone(x)
-            train_classifier(task_head, feats, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed + 1000 + i)
-        task_head.requires_grad_(False)  # heads stay fixed; only the backbone is fine-tuned
         ft = copy.deepcopy(backbone)
-        train_classifier(nn.Sequential(ft, task_head), x, y, epochs=cfg["ft_epochs"], lr=cfg["ft_lr"], seed=seed + 1 + i)
+        if TASKS[task][0] == head.out_features:
+            ft_head = copy.deepcopy(head)
+        else:  # another label set: a fresh seeded head
+            torch.manual_seed(seed + 1000 + i)
+            ft_head = nn.Linear(features, TASKS[task][0])
+        x, y = split_data(task, "train")
+        train_classifier(nn.Sequential(ft, ft_head), x, y, epochs=cfg["ft_epochs"], lr=cfg["ft_lr"],
+                         optimizer="sgd", seed=seed + 1 + i)
         state.update({f"{task}.backbone.{k}": v for k, v in ft.state_dict().items()})
-        state.update({f"{task}.head.{k}": v for k, v in task_head.state_dict().items()})
+        state.update({f"{task}.head.{k}": v for k, v in ft_head.state_dict().items()})
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
@@ -222,17 +249,21 @@ def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_digits_suite(arch: str = "cnn", tasks: Sequence[str] | None = None, *, seed: int = 0,
-                      width: int = 64, base_epochs: int = 30, ft_epochs: int = 15, lr: float = 1e-3,
-                      ft_lr: float = 1e-3, cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
+def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, seed: int = 0,
+                      width: int = 256, base_epochs: int = 30, ft_epochs: int = 15, lr: float = 1e-3,
+                      ft_lr: float = 0.03, cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
     """Train (or read from the cache) the base model and one fine-tune per task.
 
     Parameters
     ----------
     arch : ``"cnn"`` or ``"mlp"``, see :func:`make_backbone`.
-    tasks : names from :data:`TASKS` (default: all eight), in the order merges will receive them.
+    tasks : names from :data:`TASKS` (default :data:`DEFAULT_TASKS`), in the order merges receive them.
     seed : seeds the initialisation and every minibatch order.
-    base_epochs, ft_epochs, lr : Adam training of the base (on the plain digits) and of each fine-tune.
+    width : the backbone's feature size, see :func:`make_backbone`.
+    base_epochs, lr : Adam training of the base on the plain digits.
+    ft_epochs, ft_lr : SGD (momentum 0.9) fine-tuning of backbone and head on each task. SGD keeps each
+        task vector in the span of its task's gradients; Adam fine-tunes (tried) move every weight
+        alike and merge worse with every method, see BENCHMARKS.md.
     cache_dir : where trained weights are kept (default ``~/.cache/rankwise/digits``); the file name
         hashes the whole configuration, so changing any argument trains afresh.
 
@@ -241,7 +272,7 @@ def load_digits_suite(arch: str = "cnn", tasks: Sequence[str] | None = None, *, 
     DigitsSuite, all modules in eval mode, float32, on the CPU.
     """
     _check_choice("arch", arch, ARCHS)
-    tasks = tuple(TASKS) if tasks is None else tuple(tasks)
+    tasks = DEFAULT_TASKS if tasks is None else tuple(tasks)
     for t in tasks:
         _check_choice("task", t, tuple(TASKS))
     if not tasks or len(set(tasks)) != len(tasks):

@@ -1,0 +1,173 @@
+"""Merging on the digits suite: every registered method side by side, and Git Re-Basin loss barriers.
+
+Part 1 merges the suite's fine-tuned backbones with every method and scores each task with the merged
+backbone and that task's own head (test split). Hyper-parameters are each paper's default or are
+chosen by a small sweep on the held-out *validation* split (part of the training images, never the
+test split); AdaMerging adapts on the unlabeled test inputs, as the paper does (test-time adaptation).
+Normalized accuracy = merged / individually fine-tuned accuracy, per task, averaged over tasks.
+
+Part 2 trains two models on the plain digits from different seeds and measures the loss barrier on
+the straight path between them, before and after weight matching:
+``max_alpha [L((1 - alpha) a + alpha b) - ((1 - alpha) L(a) + alpha L(b))]`` on an 11-point grid.
+
+    python benchmarks/merge.py [--arch mlp] [--tasks default|hard] [--skip-barrier]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+
+import rankwise
+from rankwise.merge import METHODS
+from rankwise.merge.adamerging import learn_coefficients
+from rankwise.merge.rebasin import align
+from rankwise.suites.digits import DEFAULT_TASKS, HARD_TASKS, load_digits_suite, make_model, split_data, train_classifier
+
+SCALES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
+# each method's sweep on the validation split; single entries are the paper's setting
+GRIDS = {
+    "linear": [{}],
+    "task_arithmetic": [{"scale": s} for s in SCALES],
+    "ties": [{"density": 0.2, "scale": s} for s in (0.5, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0)],
+    "dare": [{"density": d, "scale": s, "sign_consensus": True, "normalize": True}
+             for d in (0.1, 0.3, 0.5) for s in (0.5, 1.0, 1.5, 2.0, 3.0)],
+    "model_stock": [{}],
+    "tsv": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)],
+    "iso_c": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)],
+}
+DATA_FREE = ("linear", "task_arithmetic", "ties", "dare", "model_stock", "tsv", "iso_c")
+
+
+def _mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / len(d)
+
+
+def merge_all(suite, ada_steps: int, ada_lr: float) -> list[dict]:
+    """One row per method: chosen options, per-task test accuracy, normalized accuracy, merge wall time."""
+    individual = {t: suite.accuracy(ft, t) for t, ft in zip(suite.tasks, suite.finetuned)}
+    rows = [{"method": "base (no merge)", "options": "", "acc": suite.evaluate(suite.base), "time": 0.0},
+            {"method": "individual fine-tunes", "options": "", "acc": individual, "time": 0.0}]
+    missing = sorted(set(METHODS.names()) - set(GRIDS) - {"adamerging", "rebasin"})
+    if missing:
+        raise SystemExit(f"no sweep defined for merge method(s) {missing}")
+    chosen = {}
+    for method, grid in GRIDS.items():
+        best = None
+        for options in grid:
+            state = rankwise.merge(suite.finetuned, method=method, base=suite.base, **options)
+            val = _mean(suite.evaluate(state, "val"))
+            if best is None or val > best[0]:
+                best = (val, options)
+        chosen[method] = best[1]
+        t0 = time.perf_counter()
+        state = rankwise.merge(suite.finetuned, method=method, base=suite.base, **best[1])
+        seconds = time.perf_counter() - t0
+        rows.append({"method": method, "options": _fmt(best[1]), "acc": suite.evaluate(state), "time": seconds})
+    init = min(chosen["task_arithmetic"]["scale"], 1.0)
+    t0 = time.perf_counter()
+    res = learn_coefficients(suite.finetuned, suite.base, [suite.inputs(t, "test") for t in suite.tasks],
+                             heads=suite.heads, steps=ada_steps, lr=ada_lr, init=init, seed=0)
+    seconds = time.perf_counter() - t0
+    rows.append({"method": "adamerging", "options": f"init={init:g}, steps={ada_steps}, lr={ada_lr:g}",
+                 "acc": suite.evaluate(res.state), "time": seconds,
+                 "note": f"entropy {res.entropy[0]:.3f} -> {res.entropy[-1]:.3f}; "
+                         f"lambda range [{res.coefficients.min():.2f}, {res.coefficients.max():.2f}]"})
+    for r in rows:
+        r["norm"] = sum(r["acc"][t] / individual[t] for t in suite.tasks) / len(suite.tasks)
+    return rows
+
+
+def _fmt(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
+def print_merges(suite, rows: list[dict]) -> None:
+    head = "| method | options | " + " | ".join(suite.tasks) + " | mean acc | normalized | time (s) |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    for r in rows:
+        accs = " | ".join(f"{100 * r['acc'][t]:.1f}" for t in suite.tasks)
+        print(f"| {r['method']} | {r['options']} | {accs} | {100 * _mean(r['acc']):.1f} | "
+              f"{100 * r['norm']:.1f} | {r['time']:.2f} |")
+    for r in rows:
+        if "note" in r:
+            print(f"\n{r['method']}: {r['note']}")
+    by = {r["method"]: r["norm"] for r in rows}
+    ta = by["task_arithmetic"]
+    best = max(DATA_FREE, key=by.get)
+    closed = (by[best] - ta) / (1.0 - ta)
+    print(f"\nbest data-free merge: {best} at {100 * by[best]:.1f}% normalized; task arithmetic "
+          f"{100 * ta:.1f}%: closes {100 * closed:.0f}% of the gap to the individual models (target >= 50%)")
+    print(f"adamerging {100 * by['adamerging']:.1f}% vs task arithmetic {100 * ta:.1f}%: "
+          f"{'beats' if by['adamerging'] > ta else 'does NOT beat'} it")
+
+
+def _loss(template, state, x, y) -> float:
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
+def barrier(a, b, x, y, points: int = 11) -> float:
+    """Max over the grid of loss on the straight path minus the linear interpolation of the end losses."""
+    sa, sb = a.state_dict(), b.state_dict()
+    alphas = torch.linspace(0, 1, points).tolist()
+    losses = [_loss(a, {k: (1 - t) * sa[k] + t * sb[k] for k in sa}, x, y) for t in alphas]
+    return max(loss - ((1 - t) * losses[0] + t * losses[-1]) for loss, t in zip(losses, alphas))
+
+
+def _accuracy(template, state, x, y) -> float:
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def barriers() -> None:
+    x, y = split_data("digits", "train")
+    xt, yt = split_data("digits", "test")
+    print("| model | barrier train (naive) | barrier train (aligned) | barrier test (naive) | barrier test (aligned) "
+          "| test reduction | midpoint test acc naive / rebasin | align time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for arch, width, epochs in (("mlp", 128, 30), ("cnn", 64, 20)):
+        a, b = (train_classifier(make_model(arch, seed=s, width=width), x, y, epochs=epochs, seed=s) for s in (1, 2))
+        t0 = time.perf_counter()
+        b_aligned = align(b, a, seed=0)
+        seconds = time.perf_counter() - t0
+        tr0, tr1 = barrier(a, b, x, y), barrier(a, b_aligned, x, y)
+        te0, te1 = barrier(a, b, xt, yt), barrier(a, b_aligned, xt, yt)
+        naive = rankwise.merge([a, b], method="linear")
+        rebased = rankwise.merge([a, b], method="rebasin", seed=0)
+        accs = f"{100 * _accuracy(a, naive, xt, yt):.1f} / {100 * _accuracy(a, rebased, xt, yt):.1f}"
+        print(f"| {arch} width {width} | {tr0:.3f} | {tr1:.3f} | {te0:.3f} | {te1:.3f} | {100 * (1 - te1 / te0):.0f}% "
+              f"| {accs} | {seconds:.2f} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="mlp", choices=("mlp", "cnn"))
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--tasks", default="default", choices=("default", "hard"))
+    p.add_argument("--ada-steps", type=int, default=200)
+    p.add_argument("--ada-lr", type=float, default=1e-3)
+    p.add_argument("--skip-barrier", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    tasks = DEFAULT_TASKS if args.tasks == "default" else HARD_TASKS
+    t0 = time.perf_counter()
+    suite = load_digits_suite(args.arch, tasks, width=args.width)
+    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}) ready in {time.perf_counter() - t0:.1f} s\n")
+    print_merges(suite, merge_all(suite, args.ada_steps, args.ada_lr))
+    if not args.skip_barrier:
+        print()
+        barriers()
+
+
+if __name__ == "__main__":
+    main()
