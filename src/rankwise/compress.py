@@ -12,7 +12,7 @@ from torch import nn
 
 from .allocate import ALLOCATORS, LayerCost, allocate_ranks
 from .calibrate import CalibStats, _bar, collect_stats
-from .formats.svd import SVD, truncated_svd, whitened_svd, whitening_factor
+from .formats.svd import SVD, whitening_factor
 from .layers.linear import LowRankLinear, dense_weight
 from .targets import check_finite_weights, find_targets, layer_shape, replace_module
 
@@ -199,10 +199,10 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     timings["calibration"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    factors, costs, seconds = {}, [], {}
+    factors, costs, seconds, cache = {}, [], {}, {}
     for name, layer in _bar(targets.items(), progress, "factorization"):
         t1 = time.perf_counter()
-        factors[name] = factorize(dense_weight(layer).detach(), config, stats, name)
+        factors[name] = factorize(dense_weight(layer).detach(), config, stats, name, cache)
         costs.append(layer_cost(layer, factors[name], stats, name, config.allocate))
         seconds[name] = time.perf_counter() - t1
     timings["factorization"] = time.perf_counter() - t0
@@ -232,17 +232,62 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     return CompressReport(layers, config, timings)
 
 
-def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None, name: str) -> SVD:
-    """Full-rank SVD of ``W`` (m, n) in the method's metric; truncate later with ``SVD.truncate``."""
+def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None, name: str, cache: dict | None = None) -> SVD:
+    """Full-rank SVD of ``W M`` (``W`` shape (m, n)) in the method's metric, returned as factors of ``W``.
+
+    ``M`` is the identity ("svd"), ``diag(mean|x|^alpha)`` ("asvd") or the whitening factor of the
+    input covariance ("whiten"); truncate later with ``SVD.truncate``. ``cache`` (a dict kept across
+    calls) holds one whitening factor per shared input (q/k/v, gate/up).
+    """
     if config.method == "svd":
-        return truncated_svd(W)
+        return gram_svd(W, None)
     st = stats.inputs[name]
     if config.method == "asvd":
         mean = st.mean_abs
         # dead input channels would give scale 0 (not invertible): floor them at a tiny fraction of the max
-        scale = mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha
-        return whitened_svd(W, scale=scale.to(W.device))
-    return whitened_svd(W, whitening=whitening_factor(st.covariance).to(W.device))
+        return gram_svd(W, torch.diag(mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha))
+    cache = {} if cache is None else cache
+    if id(st) not in cache:
+        cache[id(st)] = whitening_factor(st.covariance)
+    return gram_svd(W, cache[id(st)])
+
+
+def gram_svd(W: torch.Tensor, M: torch.Tensor | None) -> SVD:
+    """SVD of ``A = W M`` (float64) from the eigendecomposition of the smaller Gram matrix, ``Vh <- Vh M^{-1}``.
+
+    ``eigh`` of the (k, k) Gram, ``k = min(m, n)``, is several times faster than an SVD of ``A`` and
+    exact to float64 round-off relative to ``S[0]`` for every singular value; the reconstruction
+    ``U diag(S) Vh`` equals ``W`` at full rank whatever the conditioning, because ``Vh`` is
+    ``U^T A / S`` with ``S`` floored only where it is negligible (never a division by zero).
+
+    Parameters
+    ----------
+    W : Tensor, shape (m, n); M : Tensor, shape (n, n), invertible (lower-triangular solved as such), or None.
+    """
+    A = W.detach().to(torch.float64)
+    if M is not None:
+        M = M.to(A)
+        A = A @ M
+    m, n = A.shape
+    if m <= n:
+        evals, vecs = torch.linalg.eigh(A @ A.T)
+        evals, vecs = evals.flip(0), vecs.flip(1)
+        S = evals.clamp_min(0).sqrt()
+        U = vecs
+        Vh = (U.T @ A) / S.clamp_min(float(S[0]) * 1e-150 + 1e-300)[:, None]
+    else:
+        evals, vecs = torch.linalg.eigh(A.T @ A)
+        evals, vecs = evals.flip(0), vecs.flip(1)
+        S = evals.clamp_min(0).sqrt()
+        Vh = vecs.T
+        U = (A @ vecs) / S.clamp_min(float(S[0]) * 1e-150 + 1e-300)
+    if M is not None:
+        if bool(torch.equal(M, torch.tril(M))):
+            Vh = torch.linalg.solve_triangular(M, Vh, upper=False, left=False)
+        else:
+            Vh = torch.linalg.solve(M, Vh, left=False)
+    dt = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32
+    return SVD(U.to(dt), S.to(dt), Vh.to(dt), S.to(dt))
 
 
 def layer_cost(layer: nn.Module, f: SVD, stats: CalibStats | None, name: str, allocate: str) -> LayerCost:
