@@ -1,9 +1,157 @@
-"""CLI commands for compress (thin: argument parsing only, the work is in the library)."""
+"""CLI commands compress, eval and info (thin: argument parsing only, the work is in the library)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+DEFAULT_EVAL_TOKENS = 8192
+DEFAULT_SENTENCES = 256
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this module's subcommands on sub; each sets func to a callable(args) -> int."""
+    from ..allocate import ALLOCATORS
+    from ..compress import METHODS, CompressConfig
+
+    d = CompressConfig()
+    p = sub.add_parser("compress", help="factorize a model's layers under one parameter budget and save it",
+                       description="Factorize the linear layers of MODEL's transformer blocks to keep a fraction "
+                       "of their parameters, then save a directory that rankwise.load and transformers' "
+                       "from_pretrained (after `import rankwise`) both reload.")
+    p.add_argument("model", metavar="MODEL", help="transformers model dir, .gguf/.safetensors file, or alias (smollm2, minilm)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
+    p.add_argument("--keep", type=float, help=f"fraction in (0, 1] of the targeted layers' parameters to keep (default {d.keep})")
+    p.add_argument("--method", help=f"{', '.join(METHODS)} (default {d.method})")
+    p.add_argument("--allocate", help=f"rank allocator: {', '.join(ALLOCATORS.names())} (default {d.allocate})")
+    p.add_argument("--calib", metavar="FILE", help="UTF-8 text file for calibration (default: built-in text, disjoint from eval's)")
+    p.add_argument("--calib-tokens", type=int, metavar="N",
+                   help=f"calibration tokens, cut into sequences of --seq-len (default {d.calib_seqs * d.seq_len})")
+    p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
+    p.add_argument("--include", metavar="REGEX", help="compress every linear layer whose name matches (default: those in the blocks)")
+    p.add_argument("--exclude", metavar="REGEX", help="then leave out the layers whose name matches")
+    p.add_argument("--update", action=argparse.BooleanOptionalAction, help=f"closed-form refit after truncation (default {d.update})")
+    p.add_argument("--seed", type=int, help=f"seed for every random step (default {d.seed})")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.set_defaults(func=run_compress)
+
+    p = sub.add_parser("eval", help="perplexity of a causal LM, or embedding similarity of an encoder to --ref")
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="model dir (rankwise or transformers), .gguf file or alias")
+    p.add_argument("--text", metavar="FILE", help="UTF-8 text to evaluate on (default: built-in held-out text)")
+    p.add_argument("--ref", metavar="MODEL", help="reference model (required for encoders; for LMs its perplexity is shown too)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N", help=f"causal LMs: tokens scored (default {DEFAULT_EVAL_TOKENS})")
+    p.add_argument("--seq-len", type=int, default=512, help="causal LMs: sequence length (default 512)")
+    p.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES, metavar="N", help=f"encoders: sentences compared (default {DEFAULT_SENTENCES})")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("info", help="per-layer ranks and parameter counts of a rankwise directory")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=run_info)
+
+
+def _read_text(path: str, option: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{option} file {path!r} not found")
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{option} file {path!r} is not UTF-8 text: {exc}") from None
+
+
+def _positive(value, option: str) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{option} must be an int >= 1, got {value}")
+
+
+def run_compress(args) -> int:
+    from ..compress import CompressConfig, compress_
+    from ..data import builtin_text, token_sequences
+    from ..io.checkpoint import save
+    from ..io.models import load_tokenizer, load_weights, model_dir
+
+    given = {k: getattr(args, k) for k in ("keep", "method", "allocate", "include", "exclude", "update", "seed", "seq_len")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.calib_tokens is not None:
+        seq_len = given.get("seq_len", CompressConfig.seq_len)
+        if args.calib_tokens < seq_len:
+            raise ValueError(f"--calib-tokens must be at least --seq-len ({seq_len}), got {args.calib_tokens}")
+        given["calib_seqs"] = args.calib_tokens // seq_len
+    config = CompressConfig(**given)  # validates every option before the model is read
+    if Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"output directory {args.out!r} already exists; pass --force to overwrite it")
+    text = _read_text(args.calib, "--calib") if args.calib else builtin_text("calib")
+
+    hf_dir = model_dir(args.model)
+    tokenizer = load_tokenizer(hf_dir)
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer files, so calibration text cannot be tokenized")
+    calib = token_sequences(tokenizer, text, config.seq_len, config.calib_seqs, what="calibration")
+    model, _ = load_weights(hf_dir, device=args.device)
+    report = compress_(model, config, calib, progress=True)
+    out = save(model, args.out, report=report, tokenizer=tokenizer, force=args.force)
+    print(report.summary())
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"saved {out} ({size / 2**20:.1f} MiB of weights); reload with rankwise.load({str(out)!r})")
+    return 0
+
+
+def run_eval(args) -> int:
+    from ..data import builtin_text, token_sequences
+    from ..eval import embedding_similarity, perplexity, split_sentences
+    from ..io.models import dir_kind, load_model, load_tokenizer, load_weights, model_dir
+
+    _positive(args.tokens, "--tokens")
+    _positive(args.sentences, "--sentences")
+    text = _read_text(args.text, "--text") if args.text else builtin_text("eval")
+    source = args.text or "built-in held-out text"
+    hf_dir = model_dir(args.model)
+    tokenizer = load_tokenizer(hf_dir)
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer files, so the text cannot be tokenized")
+    if dir_kind(hf_dir) == "encoder" and args.ref is None:
+        raise ValueError(f"model {args.model!r} is an encoder: pass --ref MODEL to compare its sentence embeddings against")
+    model, kind = load_weights(hf_dir, device=args.device)
+    ref = load_model(args.ref, device=args.device)[0] if args.ref else None
+    if kind == "causal-lm":
+        if args.tokens < args.seq_len:
+            raise ValueError(f"--tokens must be at least --seq-len ({args.seq_len}), got {args.tokens}")
+        ids = token_sequences(tokenizer, text, args.seq_len, args.tokens // args.seq_len, what="evaluation")
+        ppl = perplexity(model, ids)
+        print(f"perplexity {ppl:.3f} on {ids.numel()} tokens ({ids.shape[0]} x {ids.shape[1]}) of {source}")
+        if ref is not None:
+            ref_ppl = perplexity(ref, ids)
+            print(f"reference perplexity {ref_ppl:.3f}; ratio {ppl / ref_ppl:.3f}")
+        return 0
+    sentences = split_sentences(text)[: args.sentences]
+    if not sentences:
+        raise ValueError(f"--text file {args.text!r} holds no sentence of 20 to 400 characters")
+    sim = embedding_similarity(model, ref, tokenizer, sentences)
+    print(f"mean cosine similarity to {args.ref} {sim:.5f} over {len(sentences)} sentences of {source}")
+    return 0
+
+
+def run_info(args) -> int:
+    from ..io.checkpoint import REPORT_FILE, layer_table
+
+    rows, totals = layer_table(args.dir)
+    head = f"{'layer':<48} {'shape':>11} {'rank':>5} {'params':>10} {'dense':>10} {'ratio':>6}"
+    print(head)
+    print("-" * len(head))
+    for name, (m, n), rank, after, before in rows:
+        print(f"{name[-48:]:<48} {f'{m}x{n}':>11} {rank:>5} {after:>10,} {before:>10,} {after / before:>6.3f}")
+    print("-" * len(head))
+    print(f"factorized layers: {totals['layers_after']:,} / {totals['layers_before']:,} params "
+          f"(ratio {totals['layers_after'] / max(totals['layers_before'], 1):.3f})")
+    print(f"whole model:       {totals['model_after']:,} / {totals['model_before']:,} params "
+          f"(ratio {totals['model_after'] / totals['model_before']:.3f}, compression {totals['model_before'] / totals['model_after']:.2f}x)")
+    report = Path(args.dir) / REPORT_FILE
+    if report.is_file():
+        r = json.loads(report.read_text())
+        c = r["config"]
+        print(f"compressed with keep={c['keep']} method={c['method']} allocate={c['allocate']} update={c['update']}; "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in r.get("timings", {}).items()))
+    return 0

@@ -79,26 +79,36 @@ def model_kind(config) -> str:
     return "encoder"
 
 
-def _load_hf_dir(path: Path, device: str):
-    """Load a transformers model directory (rankwise checkpoints included) and its tokenizer if it has one."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def dir_kind(hf_dir: Path) -> str:
+    """:func:`model_kind` of a transformers directory, from its config.json alone."""
+    from transformers import AutoConfig
+
+    return model_kind(AutoConfig.from_pretrained(hf_dir))
+
+
+def load_tokenizer(hf_dir: Path):
+    """The tokenizer saved in a transformers directory, or ``None`` when it holds no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    has_tokenizer = any((hf_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    return AutoTokenizer.from_pretrained(hf_dir) if has_tokenizer else None
+
+
+def load_weights(hf_dir: Path, *, device: str = "cpu"):
+    """``(model, kind)`` from a transformers directory (rankwise checkpoints included), in eval mode.
+
+    ``AutoModelForCausalLM`` for causal LMs, ``AutoModel`` for encoders; the stored dtype is kept.
+    Raises ``ValueError`` naming the first parameter that holds NaN/Inf.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
 
     from . import hf_quantizer  # noqa: F401  (registers "rankwise" with transformers)
 
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model directory {str(path)!r} has no config.json: not a transformers model directory")
-    weights = sorted(path.glob("*.safetensors"))
-    if not weights:
-        raise ValueError(f"model directory {str(path)!r} has no .safetensors weights")
-    for file in weights:
-        check_safetensors(file)
-    config = AutoConfig.from_pretrained(path)
-    kind = model_kind(config)
+    kind = dir_kind(hf_dir)
     auto = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
-    model = auto.from_pretrained(path, dtype="auto").to(device).eval()
-    has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
-    return model, tokenizer, kind
+    model = auto.from_pretrained(hf_dir, dtype="auto").to(device).eval()
+    check_finite(model)
+    return model, kind
 
 
 def _gguf_cache_key(path: Path) -> str:
@@ -153,16 +163,30 @@ def load_model(spec: str | os.PathLike, *, device: str = "cpu", progress: bool =
         Unknown file type, a directory without ``config.json``, a corrupted or truncated
         safetensors/GGUF file (named), or a weight holding NaN/Inf (named).
     """
+    hf_dir = model_dir(spec, progress=progress)
+    model, kind = load_weights(hf_dir, device=device)
+    return model, load_tokenizer(hf_dir), kind
+
+
+def model_dir(spec: str | os.PathLike, *, progress: bool = True) -> Path:
+    """The transformers directory ``spec`` names, checked: config.json present, safetensors files intact.
+
+    A ``.gguf`` file is converted (once, cached); a ``.safetensors`` file stands for its directory.
+    Raises as :func:`load_model` does, without reading any weights.
+    """
     path = resolve(spec)
-    if path.is_dir():
-        hf_dir = path
-    elif path.suffix == ".gguf":
-        hf_dir = converted_gguf(path, progress=progress)
-    elif path.suffix == ".safetensors":
+    if path.suffix == ".gguf" and path.is_file():
+        return converted_gguf(path, progress=progress)
+    if path.suffix == ".safetensors" and path.is_file():
         check_safetensors(path)
-        hf_dir = path.parent
-    else:
+        path = path.parent
+    elif not path.is_dir():
         raise ValueError(f"model {str(spec)!r} is not a directory, .gguf or .safetensors file; accepted: those, or an alias ({', '.join(sorted(ALIASES))})")
-    model, tokenizer, kind = _load_hf_dir(hf_dir, device)
-    check_finite(model)
-    return model, tokenizer, kind
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model directory {str(path)!r} has no config.json: not a transformers model directory")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"model directory {str(path)!r} has no .safetensors weights")
+    for file in weights:
+        check_safetensors(file)
+    return path

@@ -1,0 +1,215 @@
+"""`rankwise compress / eval / info` on tiny models: same result as the API, and every bad input gives one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import rankwise
+import rankwise.compress
+from rankwise.cli import main
+from rankwise.compress import CompressConfig, compress_
+from rankwise.data import builtin_text, token_sequences
+from rankwise.eval import perplexity
+from rankwise.io.models import load_model
+
+from _tiny_models import save_model_dir, tiny_bert, tiny_llama, token_ids, tree_digest
+
+FAST = ["--seq-len", "32", "--calib-tokens", "256"]  # 8 calibration sequences of 32 tokens
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_model_dir(tiny_llama(), tmp_path_factory.mktemp("m") / "llama")
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return save_model_dir(tiny_bert(), tmp_path_factory.mktemp("m") / "bert")
+
+
+@pytest.fixture(scope="module")
+def compressed(llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "c"
+    assert main(["compress", str(llama_dir), "--keep", "0.6", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_compress_matches_the_api_and_leaves_input_untouched(llama_dir, compressed, tmp_path):
+    digest = tree_digest(llama_dir)
+    model, tokenizer, _ = load_model(llama_dir)
+    config = CompressConfig(keep=0.6, seq_len=32, calib_seqs=8)
+    report = compress_(model, config, token_sequences(tokenizer, builtin_text("calib"), 32, 8), progress=False)
+    reloaded = rankwise.load(compressed)
+    assert {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, rankwise.LowRankLinear)} == report.ranks
+    ids = token_ids(2, 20)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert sorted(p.name for p in compressed.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "rankwise_report.json",
+        "tokenizer.json", "tokenizer_config.json",
+    ]
+    assert tree_digest(llama_dir) == digest
+
+
+def test_compress_prints_summary(llama_dir, tmp_path, capsys):
+    assert main(["compress", str(llama_dir), "--keep", "0.9", "--method", "svd", "--allocate", "uniform",
+                 "--out", str(tmp_path / "c"), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"params 18,432 -> \d[\d,]* \(kept 0\.\d+, target 0\.9\); method=svd allocate=uniform update=False", out)
+    assert f"saved {tmp_path / 'c'}" in out
+
+
+def test_info_lists_every_layer_and_totals(compressed, capsys):
+    assert main(["info", str(compressed)]) == 0
+    out = capsys.readouterr().out
+    from rankwise.io.checkpoint import layer_table
+
+    rows, totals = layer_table(compressed)
+    assert len(rows) == len(re.findall(r"^model\.layers\.\d\.\S+ +\d+x\d+ +\d+ ", out, re.M)) > 0
+    for name, (m, n), rank, after, before in rows:
+        assert re.search(rf"^{re.escape(name)} +{m}x{n} +{rank} +{after:,} +{before:,} ", out, re.M)
+    ratio = totals["layers_after"] / totals["layers_before"]
+    assert f"factorized layers: {totals['layers_after']:,} / {totals['layers_before']:,} params (ratio {ratio:.3f})" in out
+    assert "compressed with keep=0.6 method=whiten" in out
+
+
+def test_eval_perplexity_matches_the_api(compressed, llama_dir, capsys):
+    assert main(["eval", str(compressed), "--tokens", "128", "--seq-len", "32", "--ref", str(llama_dir)]) == 0
+    out = capsys.readouterr().out
+    model, tokenizer, _ = load_model(compressed)
+    ids = token_sequences(tokenizer, builtin_text("eval"), 32, 4)
+    ppl = perplexity(model, ids, progress=False)
+    ref = perplexity(load_model(llama_dir)[0], ids, progress=False)
+    assert f"perplexity {ppl:.3f} on 128 tokens (4 x 32) of built-in held-out text" in out
+    assert f"reference perplexity {ref:.3f}; ratio {ppl / ref:.3f}" in out
+
+
+def test_encoder_compress_and_eval_against_ref(bert_dir, tmp_path, capsys):
+    out_dir = tmp_path / "c"
+    assert main(["compress", str(bert_dir), "--keep", "0.8", "--out", str(out_dir), *FAST]) == 0
+    text = tmp_path / "s.txt"
+    text.write_text("The first sentence is about cats. The second sentence is about dogs and their owners.")
+    capsys.readouterr()
+    assert main(["eval", str(out_dir), "--ref", str(bert_dir), "--text", str(text)]) == 0
+    m = re.search(r"mean cosine similarity to \S+ (\d\.\d{5}) over 2 sentences", capsys.readouterr().out)
+    assert m and 0.5 < float(m.group(1)) < 1.0
+
+
+PROGRESS_BAR = re.compile(r"\| *\d+/\d+ \[")
+
+
+def run_bad(argv, capsys, match, *, after_loading=False):
+    """Run the CLI expecting exit 2 with exactly one stderr line matching ``match``.
+
+    Input caught before any weight is read gives nothing else on stderr; an error found once the
+    model is loaded (``after_loading``) may follow transformers' "Loading weights" progress bar.
+    """
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    if after_loading:
+        err = [line for line in err if line.strip() and not PROGRESS_BAR.search(line)]
+    assert len(err) == 1 and re.search(match, err[0]), err
+    return err[0]
+
+
+def no_output(parent: Path, name: str = "c") -> bool:
+    return not (parent / name).exists() and not any(p.name.startswith(f".{name}.") for p in parent.iterdir())
+
+
+def test_existing_output_refused_without_force(llama_dir, tmp_path, capsys):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "mine.txt").write_text("keep me")
+    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys,
+            r"^rankwise compress: error: output directory '.*/c' already exists; pass --force to overwrite it$")
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["mine.txt"]
+
+
+@pytest.mark.parametrize("keep", ["0", "1.5", "-0.2"])
+def test_keep_out_of_range(llama_dir, tmp_path, capsys, keep):
+    run_bad(["compress", str(llama_dir), "--keep", keep, "--out", str(tmp_path / "c")], capsys,
+            rf"^rankwise compress: error: keep must be a fraction in \(0, 1\], got {re.escape(str(float(keep)))}$")
+    assert no_output(tmp_path)
+
+
+def test_missing_model(tmp_path, capsys):
+    run_bad(["compress", str(tmp_path / "nope"), "--out", str(tmp_path / "c")], capsys,
+            r"model '.*/nope' not found: expected a transformers model directory")
+    assert no_output(tmp_path)
+
+
+def test_truncated_safetensors_is_named(llama_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in llama_dir.iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    digest = tree_digest(bad)
+    run_bad(["compress", str(bad), "--out", str(tmp_path / "c"), *FAST], capsys,
+            rf"corrupted or truncated safetensors file '{re.escape(str(bad / 'model.safetensors'))}'")
+    assert no_output(tmp_path) and tree_digest(bad) == digest
+
+
+def test_calibration_text_too_short(llama_dir, tmp_path, capsys):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--calib", str(short), *FAST], capsys,
+            r"calibration text too short: need 256 tokens \(8 x 32\), got \d+$")
+    assert no_output(tmp_path)
+
+
+def test_include_matching_nothing(llama_dir, tmp_path, capsys):
+    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--include", "no_such_layer", *FAST], capsys,
+            r"include='no_such_layer' matches no nn.Linear/Conv1D module name", after_loading=True)
+    assert no_output(tmp_path)
+
+
+def test_nan_weight_is_named(tmp_path, capsys):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
+    src = save_model_dir(model, tmp_path / "nan")
+    run_bad(["compress", str(src), "--out", str(tmp_path / "c"), *FAST], capsys,
+            r"'model.layers.0.self_attn.v_proj.weight' holds NaN or Inf values", after_loading=True)
+    assert no_output(tmp_path)
+
+
+def test_ctrl_c_during_compression_leaves_nothing(llama_dir, tmp_path, capsys, monkeypatch):
+    real = rankwise.compress.compress_
+
+    def compress_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rankwise.compress, "compress_", compress_then_interrupt)
+    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys,
+            r"^rankwise compress: interrupted; no output was written$", after_loading=True)
+    assert no_output(tmp_path)
+
+
+def test_ctrl_c_while_writing_leaves_nothing(llama_dir, tmp_path, capsys, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    real = LlamaForCausalLM.save_pretrained
+
+    def write_then_interrupt(self, path, **kwargs):
+        real(self, path, **kwargs)
+        assert (Path(path) / "model.safetensors").is_file()  # interrupted with a partial output on disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", write_then_interrupt)
+    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys, r"interrupted; no output was written$",
+            after_loading=True)
+    assert no_output(tmp_path)
+
+
+def test_eval_and_info_bad_inputs(bert_dir, llama_dir, tmp_path, capsys):
+    run_bad(["eval", str(bert_dir)], capsys, r"^rankwise eval: error: model '.*' is an encoder: pass --ref MODEL")
+    run_bad(["eval", str(llama_dir), "--text", str(tmp_path / "none.txt")], capsys, r"--text file '.*none.txt' not found$")
+    run_bad(["info", str(llama_dir)], capsys, r"^rankwise info: error: '.*' is not a rankwise directory")
+    run_bad(["eval", str(llama_dir), "--tokens", "0"], capsys, r"--tokens must be an int >= 1, got 0$")
+    assert sorted(os.listdir(tmp_path)) == []
