@@ -78,6 +78,17 @@ def test_hooi_error_not_above_hosvd_and_non_increasing():
     assert hooi.errors[-1] == pytest.approx(_rel(hooi.to_dense(), x), rel=1e-10)
 
 
+def test_rank_above_product_of_other_ranks_gets_a_completed_orthonormal_basis():
+    # mode 2's projected unfolding has only 1 * 1 columns: its extra basis vectors carry no energy
+    x = torch.randn(4, 5, 6, dtype=torch.float64, generator=_gen(12))
+    t = tucker_hooi(x, (1, 1, 3), n_iter_max=4)
+    f = t.factors[2]
+    assert f.shape == (6, 3)
+    assert float((f.T @ f - torch.eye(3, dtype=torch.float64)).abs().max()) < 1e-12
+    assert t.errors[-1] == pytest.approx(_rel(t.to_dense(), x), rel=1e-10)
+    assert t.errors[-1] <= t.errors[0]
+
+
 def test_hooi_stops_when_error_change_below_tol():
     x = _noisy((10, 10, 10), (3, 3, 3), seed=4)
     t = tucker_hooi(x, 3, n_iter_max=50, tol=1e-2)  # the first sweep already changes the error by < 1e-2

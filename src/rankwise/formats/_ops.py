@@ -81,7 +81,8 @@ def leading_left_singular_vectors(m: Tensor, rank: int) -> Tensor:
         md = m.to(torch.float64)
         _, evecs = torch.linalg.eigh(md @ md.T)  # ascending eigenvalues
         return evecs[:, -rank:].flip(1).to(m.dtype)
-    u, _, _ = torch.linalg.svd(m, full_matrices=False)
+    # with fewer columns than ``rank`` the extra vectors complete an orthonormal basis (zero singular value)
+    u, _, _ = torch.linalg.svd(m, full_matrices=rank > cols)
     return u[:, :rank]
 
 

@@ -141,8 +141,9 @@ def cp_als(
     Gram matrices, so the error cannot rise between sweeps. The MTTKRP never forms the Khatri–Rao
     product: after every ``N - 1`` updates ``X`` is contracted with the factor just updated, and that
     partial result (indexed by the other modes and the rank) serves the next ``N - 1`` MTTKRPs, so a
-    sweep reads the full tensor ``N / (N - 1)`` times. The error comes from ``||X - X̂||^2 = ||X||^2 - 2<X, X̂> + ||X̂||^2`` with no
-    reconstruction.
+    sweep reads the full tensor ``N / (N - 1)`` times. The error comes from
+    ``||X - X̂||^2 = ||X||^2 - 2<X, X̂> + ||X̂||^2`` with no reconstruction, except near an exact fit,
+    where that difference has lost its digits to cancellation and ``X̂`` is formed to measure it.
 
     Parameters
     ----------
@@ -205,9 +206,12 @@ def cp_als(
             grams[mode] = a.T @ a
         # <X, X̂> from the last mode's MTTKRP; ||X̂||^2 from the Gram matrices.
         inner = float((mttkrp * factors[-1]).sum(0) @ weights)
-        hadamard = v * grams[-1]
-        est_sq = float(weights @ hadamard @ weights)
-        errors.append(math.sqrt(max(norm_sq - 2 * inner + est_sq, 0.0) / norm_sq) if norm_sq > 0 else 0.0)
+        est_sq = float(weights @ (v * grams[-1]) @ weights)
+        gap = norm_sq - 2 * inner + est_sq
+        if gap < 1e-6 * (norm_sq + 2 * abs(inner) + est_sq):
+            # near-exact fit: the identity has lost most of its digits to cancellation, measure directly
+            gap = float((xc - CP(weights, tuple(factors)).to_dense()).double().norm()) ** 2
+        errors.append(math.sqrt(max(gap, 0.0) / norm_sq) if norm_sq > 0 else 0.0)
         if tol > 0 and len(errors) > 1 and errors[-2] - errors[-1] < tol:
             break
 

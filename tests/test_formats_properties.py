@@ -1,0 +1,90 @@
+"""Property-based tests (hypothesis) of the SVD, Tucker and CP formats over random shapes and ranks."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rankwise.formats.cp import cp_als
+from rankwise.formats.svd import randomized_svd, truncated_svd
+from rankwise.formats.tucker import tucker_hooi, tucker_hosvd, tucker_num_params, tucker_ranks
+
+FEW = settings(max_examples=15, deadline=None, derandomize=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors: multi-threaded BLAS calls only wait on OpenMP barriers on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tensor(shape, seed):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _err(f, x) -> float:
+    return float((f.to_dense() - x).norm())
+
+
+@FEW
+@given(m=st.integers(1, 12), n=st.integers(1, 12), data=st.data(), seed=st.integers(0, 2**16))
+def test_svd_shapes_params_and_error_non_increasing_in_rank(m, n, data, seed):
+    x = _tensor((m, n), seed)
+    r = data.draw(st.integers(1, min(m, n)))
+    f = truncated_svd(x, r)
+    assert f.to_dense().shape == (m, n)
+    assert f.num_params == r * (m + n + 1)
+    errors = [_err(truncated_svd(x, k), x) for k in range(1, min(m, n) + 1)]
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-10 * max(float(x.norm()), 1.0)
+    g = randomized_svd(x, r, seed=seed)
+    assert g.to_dense().shape == (m, n) and g.rank == r
+    assert _err(g, x) >= errors[r - 1] - 1e-10  # Eckart–Young: nothing beats the truncated SVD
+
+
+@FEW
+@given(shape=st.lists(st.integers(2, 6), min_size=2, max_size=4), data=st.data(), seed=st.integers(0, 2**16))
+def test_tucker_shapes_params_and_hosvd_error_non_increasing_in_rank(shape, data, seed):
+    x = _tensor(shape, seed)
+    n = len(shape)
+    modes = tuple(sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1))))
+    bounds = [min(shape[m], math.prod(shape) // shape[m]) for m in modes]
+    ranks = tuple(data.draw(st.integers(1, b)) for b in bounds)
+    t = tucker_hooi(x, ranks, modes=modes, n_iter_max=3)
+    assert t.to_dense().shape == tuple(shape) and t.ranks == ranks and t.modes == modes
+    assert t.num_params == tucker_num_params(shape, ranks, modes)
+    assert t.num_params == t.core.numel() + sum(shape[m] * r for m, r in zip(modes, ranks))
+    # the leading singular subspaces are nested, so a larger rank on every mode never does worse
+    bigger = tuple(min(r + 1, b) for r, b in zip(ranks, bounds))
+    assert _err(tucker_hosvd(x, bigger, modes=modes), x) <= _err(tucker_hosvd(x, ranks, modes=modes), x) + 1e-12
+    assert _err(t, x) <= _err(tucker_hosvd(x, ranks, modes=modes), x) + 1e-12
+
+
+@FEW
+@given(shape=st.lists(st.integers(2, 8), min_size=2, max_size=4), frac=st.floats(0.01, 1.0))
+def test_tucker_fraction_rank_respects_budget(shape, frac):
+    modes = tuple(range(len(shape)))
+    ranks = tucker_ranks(shape, frac, modes)
+    assert all(1 <= r <= s for r, s in zip(ranks, shape))
+    if tucker_num_params(shape, (1,) * len(shape), modes) <= frac * math.prod(shape):
+        assert tucker_num_params(shape, ranks, modes) <= frac * math.prod(shape)
+
+
+@FEW
+@given(shape=st.lists(st.integers(2, 6), min_size=2, max_size=4), data=st.data(), seed=st.integers(0, 2**16))
+def test_cp_shapes_params_and_monotone_errors(shape, data, seed):
+    x = _tensor(shape, seed)
+    r = data.draw(st.integers(1, min(5, math.prod(shape) // max(shape))))
+    c = cp_als(x, r, init=data.draw(st.sampled_from(["svd", "random"])), n_iter_max=15, tol=0, seed=seed)
+    assert c.to_dense().shape == tuple(shape) and c.rank == r
+    assert c.num_params == r * (1 + sum(shape))
+    assert all(f.shape == (s, r) for f, s in zip(c.factors, shape))
+    # Only rounding may raise the error: exact fits of small tensors can have components ~40x ||X|| that
+    # cancel, leaving ~1e-12 of noise in the measured relative error.
+    assert all(b <= a + 1e-10 for a, b in zip(c.errors, c.errors[1:]))
+    assert c.errors[-1] == pytest.approx(_err(c, x) / float(x.norm()), abs=1e-7)
