@@ -10,7 +10,7 @@ Part 2 trains two models on the plain digits from different seeds and measures t
 the straight path between them, before and after weight matching:
 ``max_alpha [L((1 - alpha) a + alpha b) - ((1 - alpha) L(a) + alpha L(b))]`` on an 11-point grid.
 
-    python benchmarks/merge.py [--arch mlp] [--tasks default|hard] [--skip-barrier]
+    python benchmarks/merge.py [--arch mlp] [--tasks default|hard] [--ft-lr 0.03] [--skip-barrier]
 """
 
 from __future__ import annotations
@@ -154,6 +154,8 @@ def main() -> None:
     p.add_argument("--arch", default="mlp", choices=("mlp", "cnn"))
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--tasks", default="default", choices=("default", "hard"))
+    p.add_argument("--ft-lr", type=float, default=0.03, help="SGD learning rate of the fine-tunes")
+    p.add_argument("--ft-epochs", type=int, default=15)
     p.add_argument("--ada-steps", type=int, default=200)
     p.add_argument("--ada-lr", type=float, default=1e-3)
     p.add_argument("--skip-barrier", action="store_true")
@@ -161,8 +163,9 @@ def main() -> None:
     torch.set_num_threads(1)
     tasks = DEFAULT_TASKS if args.tasks == "default" else HARD_TASKS
     t0 = time.perf_counter()
-    suite = load_digits_suite(args.arch, tasks, width=args.width)
-    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}) ready in {time.perf_counter() - t0:.1f} s\n")
+    suite = load_digits_suite(args.arch, tasks, width=args.width, ft_lr=args.ft_lr, ft_epochs=args.ft_epochs)
+    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, fine-tunes: SGD lr {args.ft_lr:g} for "
+          f"{args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s\n")
     print_merges(suite, merge_all(suite, args.ada_steps, args.ada_lr))
     if not args.skip_barrier:
         print()
