@@ -133,7 +133,7 @@ def tucker_hosvd(x: Tensor, rank: RankSpec, modes: Sequence[int] | None = None) 
     Returns
     -------
     Tucker with orthonormal factors; ``errors`` holds the one relative error of the HOSVD. The error is
-    at most ``sqrt(N)`` times the best rank-``ranks`` Tucker error.
+    at most ``sqrt(len(modes))`` times the best Tucker error at these ranks.
 
     References
     ----------
