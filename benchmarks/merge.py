@@ -38,7 +38,7 @@ GRIDS = {
              for d in (0.1, 0.3, 0.5) for s in (0.5, 1.0, 1.5, 2.0, 3.0)],
     "model_stock": [{}],
     "tsv": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)],
-    "iso_c": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)],
+    "iso_c": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0)],
 }
 DATA_FREE = ("linear", "task_arithmetic", "ties", "dare", "model_stock", "tsv", "iso_c")
 
