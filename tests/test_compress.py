@@ -31,13 +31,13 @@ def count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
-def test_full_rank_factorization_reproduces_dense_logits(method):
+@pytest.mark.parametrize("method, allocate", [("svd", "uniform"), ("asvd", "uniform"), ("whiten", "uniform"), ("whiten", "fisher")])
+def test_full_rank_factorization_reproduces_dense_logits(method, allocate):
     model = tiny_llama()
     dense = logits(model)
     targets = find_targets(model)
-    config = CompressConfig(method=method, allocate="uniform")
-    stats = None if method == "svd" else collect_stats(model, targets, CALIB, progress=False)
+    config = CompressConfig(method=method, allocate=allocate)
+    stats = None if method == "svd" else collect_stats(model, targets, CALIB, fisher_seqs=4, progress=False)
     for name, layer in targets.items():
         f = factorize(dense_weight(layer).detach(), config, stats, name)
         assert f.rank == min(dense_weight(layer).shape)
@@ -69,6 +69,24 @@ def test_compress_meets_the_budget_and_reports_what_it_did(allocate, keep):
     text = report.summary()
     assert len(text.splitlines()) == 2 + 7 + 3
     assert f"params {report.params_before:,} -> {report.params_after:,}" in text
+
+
+def test_fisher_weighted_truncation_minimises_the_fisher_weighted_error():
+    from rankwise.compress import output_weights
+    from rankwise.formats.svd import whitening_factor
+
+    model = tiny_llama()
+    targets = find_targets(model)
+    stats = collect_stats(model, targets, CALIB, fisher_seqs=8, progress=False)
+    name = "model.layers.1.mlp.gate_proj"
+    W = dense_weight(targets[name]).detach()
+    L = whitening_factor(stats.inputs[name].covariance)
+    rows, mean = output_weights(stats, name)
+    fisher = factorize(W, CompressConfig(allocate="fisher"), stats, name).truncate(12)
+    plain = factorize(W, CompressConfig(allocate="uniform"), stats, name).truncate(12)
+    err = {k: float((rows[:, None] * (W - f.to_dense()) @ L).norm()) for k, f in (("fisher", fisher), ("plain", plain))}
+    assert err["fisher"] < err["plain"]
+    assert err["fisher"] ** 2 == pytest.approx(fisher.tail_error(12) ** 2, rel=1e-9)
 
 
 def test_whitening_beats_plain_svd_on_calibration_outputs_and_no_nan_with_singular_gram():

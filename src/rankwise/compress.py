@@ -42,7 +42,7 @@ class CompressConfig:
     exclude: str | None = None
     calib_seqs: int = 32
     seq_len: int = 512
-    update: bool = False
+    update: bool = False  # measured on SmolLM2: the one-shot refit overcompensates (see BENCHMARKS.md)
     asvd_alpha: float = 0.5
     fisher_seqs: int = 8
     min_rank: int = 8
@@ -162,7 +162,14 @@ class CompressReport:
         return "\n".join(lines)
 
 
-def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | None = None, *, progress: bool = True) -> CompressReport:
+def compress_(
+    model: nn.Module,
+    config: CompressConfig,
+    calib: torch.Tensor | None = None,
+    *,
+    stats: CalibStats | None = None,
+    progress: bool = True,
+) -> CompressReport:
     """Factorize the target layers of ``model`` in place under one parameter budget.
 
     Parameters
@@ -172,6 +179,9 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     config : :class:`CompressConfig`.
     calib : LongTensor, shape (n_seqs, seq_len), calibration token ids; None only for method "svd"
         with the "uniform" allocator.
+    stats : statistics from :func:`rankwise.calibrate.collect_stats` on this same (dense) model and
+        ``calib``, to compress at several budgets without calibrating again (with ``fisher_seqs >= 1``
+        for allocate "fisher").
 
     Returns
     -------
@@ -185,13 +195,16 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
     if not isinstance(config, CompressConfig):
         raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
     needs_data = config.method != "svd" or config.allocate == "fisher" or config.update
-    _check_calib(calib, needs_data, config)
+    _check_calib(calib, needs_data and (stats is None or config.update), config)
     targets = find_targets(model, config.include, config.exclude)
     check_finite_weights(targets)
+    if stats is not None:
+        missing = [n for n in targets if n not in stats.inputs]
+        if missing:
+            raise ValueError(f"stats has no statistics for layer {missing[0]} ({len(missing)} missing); collect them on this model's targets")
     timings = {}
     t0 = time.perf_counter()
-    stats = None
-    if calib is not None and needs_data:
+    if calib is not None and needs_data and stats is None:
         fisher = config.fisher_seqs if config.allocate == "fisher" else 0
         if config.allocate == "fisher" and fisher == 0:
             raise ValueError("fisher_seqs must be >= 1 with allocate='fisher' (it needs loss gradients)")
@@ -233,27 +246,50 @@ def compress_(model: nn.Module, config: CompressConfig, calib: torch.Tensor | No
 
 
 def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None, name: str, cache: dict | None = None) -> SVD:
-    """Full-rank SVD of ``W M`` (``W`` shape (m, n)) in the method's metric, returned as factors of ``W``.
+    """Full-rank SVD of ``D W M`` (``W`` shape (m, n)) in the method's metric, returned as factors of ``W``.
 
     ``M`` is the identity ("svd"), ``diag(mean|x|^alpha)`` ("asvd") or the whitening factor of the
-    input covariance ("whiten"); truncate later with ``SVD.truncate``. ``cache`` (a dict kept across
-    calls) holds one whitening factor per shared input (q/k/v, gate/up).
+    input covariance ("whiten"). With allocate "fisher", ``D = diag(sqrt(E[g^2]))`` weights each output
+    row by its loss gradient (both sides whitened), so that truncating the SVD minimises the
+    Kronecker-factored Fisher estimate of the loss increase ``sum_j E[g_j^2] ||((W - W_r) M)_j||^2``;
+    otherwise ``D = I``. Truncate later with ``SVD.truncate``. ``cache`` (a dict kept across calls)
+    holds one whitening factor per shared input (q/k/v, gate/up).
+
+    References
+    ----------
+    Y.-C. Hsu et al., "Language model compression with weighted low-rank factorization", arXiv:2207.00112.
+    X. Wang et al., "SVD-LLM: Truncation-aware SVD for LLM compression", arXiv:2403.07378.
     """
+    rows = output_weights(stats, name)[0] if config.allocate == "fisher" else None
     if config.method == "svd":
-        return gram_svd(W, None)
+        return gram_svd(W, None, rows)
     st = stats.inputs[name]
     if config.method == "asvd":
         mean = st.mean_abs
         # dead input channels would give scale 0 (not invertible): floor them at a tiny fraction of the max
-        return gram_svd(W, torch.diag(mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha))
+        return gram_svd(W, torch.diag(mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha), rows)
     cache = {} if cache is None else cache
     if id(st) not in cache:
         cache[id(st)] = whitening_factor(st.covariance)
-    return gram_svd(W, cache[id(st)])
+    return gram_svd(W, cache[id(st)], rows)
 
 
-def gram_svd(W: torch.Tensor, M: torch.Tensor | None) -> SVD:
-    """SVD of ``A = W M`` (float64) from the eigendecomposition of the smaller Gram matrix, ``Vh <- Vh M^{-1}``.
+def output_weights(stats: CalibStats | None, name: str) -> tuple[torch.Tensor, float]:
+    """``(sqrt(g / mean g), mean g)`` for ``g = E[(dL/dy)^2]`` (shape (m,)), floored at 1e-4 of its mean
+    so that no output row is weighted (and later divided) by zero."""
+    g = stats.out_grad_sq.get(name) if stats is not None else None
+    if g is None:
+        raise ValueError(f"allocate='fisher' needs loss gradients for {name}, but calibration gave none")
+    g = g.to(torch.float64)
+    mean = max(float(g.mean()), 1e-300)
+    g = g.clamp_min(mean * 1e-4)
+    mean = float(g.mean())
+    return torch.sqrt(g / mean), mean
+
+
+def gram_svd(W: torch.Tensor, M: torch.Tensor | None, rows: torch.Tensor | None = None) -> SVD:
+    """SVD of ``A = diag(rows) W M`` (float64) from the eigendecomposition of the smaller Gram matrix,
+    mapped back to factors of ``W``: ``U <- U / rows``, ``Vh <- Vh M^{-1}``.
 
     ``eigh`` of the (k, k) Gram, ``k = min(m, n)``, is several times faster than an SVD of ``A`` and
     exact to float64 round-off relative to ``S[0]`` for every singular value; the reconstruction
@@ -263,8 +299,12 @@ def gram_svd(W: torch.Tensor, M: torch.Tensor | None) -> SVD:
     Parameters
     ----------
     W : Tensor, shape (m, n); M : Tensor, shape (n, n), invertible (lower-triangular solved as such), or None.
+    rows : Tensor, shape (m,), strictly positive, or None.
     """
     A = W.detach().to(torch.float64)
+    if rows is not None:
+        rows = rows.to(A)
+        A = A * rows[:, None]
     if M is not None:
         M = M.to(A)
         A = A @ M
@@ -281,6 +321,8 @@ def gram_svd(W: torch.Tensor, M: torch.Tensor | None) -> SVD:
         S = evals.clamp_min(0).sqrt()
         Vh = vecs.T
         U = (A @ vecs) / S.clamp_min(float(S[0]) * 1e-150 + 1e-300)
+    if rows is not None:
+        U = U / rows[:, None]
     if M is not None:
         if bool(torch.equal(M, torch.tril(M))):
             Vh = torch.linalg.solve_triangular(M, Vh, upper=False, left=False)
@@ -291,18 +333,13 @@ def gram_svd(W: torch.Tensor, M: torch.Tensor | None) -> SVD:
 
 
 def layer_cost(layer: nn.Module, f: SVD, stats: CalibStats | None, name: str, allocate: str) -> LayerCost:
-    """Per-triplet loss increase: ``S_i^2`` in the method's metric, weighted for "fisher" by the
-    output-gradient second moment ``sum_j E[g_j^2] U_ji^2`` (the loss change of removing triplet i
-    under a Kronecker-factored Fisher approximation)."""
+    """Per-triplet loss increase ``S_i^2`` in the factorization's metric; for "fisher" scaled by the
+    mean output-gradient second moment, so that it estimates the loss change (comparable across layers)."""
     m, n = layer_shape(layer)
     bias = getattr(layer, "bias", None)
-    S2 = f.spectrum.double() ** 2
-    gains = S2
+    gains = f.spectrum.double() ** 2
     if allocate == "fisher":
-        g = stats.out_grad_sq.get(name) if stats is not None else None
-        if g is None:
-            raise ValueError(f"allocate='fisher' needs loss gradients for {name}, but calibration gave none")
-        gains = S2[: f.rank] * ((f.U.double() ** 2) * g.to(f.U.device)[:, None]).sum(0)
+        gains = gains * output_weights(stats, name)[1]
     return LayerCost((m, n), 0 if bias is None else int(bias.numel()), gains.cpu())
 
 
