@@ -145,6 +145,7 @@ def test_config_round_trips_through_json():
         ({"include": "("}, r"^include='\(' is not a valid regular expression: "),
         ({"calib_seqs": 0}, r"^calib_seqs must be an int >= 1, got 0$"),
         ({"update": 1}, r"^update must be True or False, got 1$"),
+        ({"fisher_seqs": 0}, r"^fisher_seqs must be >= 1 with allocate='fisher' \(it needs loss gradients\), got 0$"),
         ({"asvd_alpha": 2.0}, r"^asvd_alpha must be a number in \[0, 1\], got 2\.0$"),
         ({"version": 2}, r"^version must be 1 \(the only config version\), got 2$"),
     ],
@@ -227,3 +228,16 @@ def test_update_minimises_each_layers_output_error_on_the_compressed_inputs():
     # must find a strictly better up factor for the last layer (3.5% lower error here)
     assert after["model.layers.1.mlp.down_proj"] < 0.98 * before["model.layers.1.mlp.down_proj"]
     assert all(isinstance(model.get_submodule(n), torch.nn.Linear) for n in targets)  # model left dense
+
+
+def test_precomputed_stats_give_the_same_compression_and_are_checked():
+    config = CompressConfig(keep=0.5, fisher_seqs=4, min_rank=2)
+    a, b = tiny_llama(dtype=torch.float32), tiny_llama(dtype=torch.float32)
+    stats = collect_stats(b, find_targets(b), CALIB, fisher_seqs=4, progress=False)
+    ra = compress_(a, config, CALIB, progress=False)
+    rb = compress_(b, config, None, stats=stats, progress=False)
+    assert ra.ranks == rb.ranks
+    torch.testing.assert_close(logits(a), logits(b), rtol=0, atol=0)
+    c = tiny_llama(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^stats has no statistics for layer model\.layers\.0\.mlp\.gate_proj \(6 missing\)"):
+        compress_(c, config, None, stats=collect_stats(c, find_targets(c, include=r"layers\.\d+\.self_attn"), CALIB, progress=False), progress=False)

@@ -61,6 +61,8 @@ class CompressConfig:
             low = 0 if name in ("fisher_seqs", "seed") else (2 if name == "seq_len" else 1)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+        if self.allocate == "fisher" and self.fisher_seqs == 0:
+            raise ValueError("fisher_seqs must be >= 1 with allocate='fisher' (it needs loss gradients), got 0")
         if not isinstance(self.update, bool):
             raise ValueError(f"update must be True or False, got {self.update!r}")
         if isinstance(self.asvd_alpha, bool) or not isinstance(self.asvd_alpha, (int, float)) or not 0 <= self.asvd_alpha <= 1:
@@ -206,8 +208,6 @@ def compress_(
     t0 = time.perf_counter()
     if calib is not None and needs_data and stats is None:
         fisher = config.fisher_seqs if config.allocate == "fisher" else 0
-        if config.allocate == "fisher" and fisher == 0:
-            raise ValueError("fisher_seqs must be >= 1 with allocate='fisher' (it needs loss gradients)")
         stats = collect_stats(model, targets, calib, fisher_seqs=min(fisher, calib.shape[0]), seed=config.seed, progress=progress)
     timings["calibration"] = time.perf_counter() - t0
 
