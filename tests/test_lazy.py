@@ -128,3 +128,26 @@ def test_writer_is_atomic_and_refuses_existing_output(tmp_path):
     with pytest.raises(ValueError, match="tensor 'a' is written twice"):
         write_checkpoint(tmp_path / "dup", [("a", torch.ones(1)), ("a", torch.ones(1))])
     assert not (tmp_path / "dup").exists()
+
+
+def test_reads_every_dtype_and_shape_written_by_safetensors(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    sd = {
+        "f64": torch.randn(3, 2, generator=g, dtype=torch.float64),
+        "bf16": torch.randn(5, generator=g).bfloat16(),
+        "bool": torch.tensor([True, False, True]),
+        "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "f8": torch.randn(4, generator=g).to(torch.float8_e4m3fn),
+    }
+    save_file(sd, tmp_path / "all.safetensors")
+    ckpt = open_checkpoint(tmp_path / "all.safetensors")
+    for name, t in sd.items():
+        got = ckpt.get(name)
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert torch.equal(got.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else got,
+                           t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t)
+    write_checkpoint(tmp_path / "again", {k: ckpt.get(k) for k in ckpt.keys()})
+    stock = load_file(tmp_path / "again" / "model.safetensors")
+    assert all(torch.equal(stock[k].reshape(-1).view(torch.uint8), sd[k].reshape(-1).view(torch.uint8)) for k in sd)

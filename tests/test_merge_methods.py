@@ -198,3 +198,19 @@ def test_driver_names_the_first_mismatch_and_unknown_options():
     snapshot = {k: v.clone() for k, v in good.items()}
     merge([good, good, good], "model_stock", base)
     assert all(torch.equal(good[k], snapshot[k]) for k in good)  # inputs untouched
+
+
+def test_modules_merge_into_a_loadable_state_dict_and_stay_unchanged():
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)) for _ in range(3)]
+    before = [{k: v.clone() for k, v in n.state_dict().items()} for n in nets]
+    out = rankwise.merge(nets[1:], "task_arithmetic", nets[0], scale=0.5)
+    for k, v in before[0].items():
+        if v.is_floating_point():
+            expected = v + 0.5 * ((before[1][k] - v) + (before[2][k] - v))
+            assert torch.allclose(out[k], expected, rtol=0, atol=1e-6)
+        else:  # BatchNorm's num_batches_tracked: copied from the base
+            assert torch.equal(out[k], v)
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    fresh.load_state_dict(out)
+    assert all(torch.equal(n.state_dict()[k], b[k]) for n, b in zip(nets, before) for k in b)

@@ -8,9 +8,9 @@ import shutil
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from .atomic import atomic_output_dir
 
@@ -35,8 +35,10 @@ _DTYPES = {
 _CODES = {dt: code for code, dt in _DTYPES.items()}
 
 
-def _read_header(file: Path) -> dict[str, dict]:
+def _read_header(file: Path) -> tuple[int, dict[str, dict]]:
     """Parse and check a safetensors header (format: u64 little-endian length, JSON, raw bytes).
+
+    Returns the offset where tensor data starts and the header (name -> dtype, shape, data_offsets).
 
     Raises ``ValueError`` naming ``file`` when it is truncated or not a safetensors file, so a broken
     checkpoint is reported when it is opened rather than halfway through a merge.
@@ -63,7 +65,7 @@ def _read_header(file: Path) -> dict[str, dict]:
         end = max(end, int(info["data_offsets"][1]))
     if 8 + n + end > size:
         raise ValueError(f"{str(file)!r} is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
-    return header
+    return 8 + n, header
 
 
 class LazyCheckpoint:
@@ -71,14 +73,17 @@ class LazyCheckpoint:
 
     Headers of every shard are parsed when opened (names, shapes, dtypes, integrity); tensor data is
     read on :meth:`get` only, with at most one shard file open at a time. Use :func:`open_checkpoint`.
+    Files are read as the safetensors format specifies (little-endian, C order), as written by
+    ``safetensors`` and :func:`write_checkpoint`; tests check both directions against ``safetensors``.
     """
 
-    def __init__(self, path: Path, files: dict[str, Path], headers: dict[Path, dict], config: dict | None):
+    def __init__(self, path: Path, files: dict[str, Path], headers: dict[Path, tuple[int, dict]], config: dict | None):
         self.path = path
         self.config = config
         self._files = files
-        self._headers = headers
-        self._open: tuple[Path, object] | None = None
+        self._headers = {f: h for f, (_, h) in headers.items()}
+        self._data_start = {f: start for f, (start, _) in headers.items()}
+        self._open: tuple[Path, BinaryIO] | None = None
 
     def keys(self) -> list[str]:
         return sorted(self._files)
@@ -106,14 +111,28 @@ class LazyCheckpoint:
         return self._files[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """Read tensor ``name`` (only its bytes) on the CPU, in its stored dtype."""
+        """Read tensor ``name`` (only its bytes) on the CPU, in its stored dtype.
+
+        The bytes are read into a fresh tensor with one positioned read, not memory-mapped: a mapping
+        would keep every page read so far resident (and counted in the process's memory) until the
+        shard is closed, i.e. the whole checkpoint by the end of a merge.
+        """
         file = self.file_of(name)
+        info = self._headers[file][name]
+        begin, end = (int(x) for x in info["data_offsets"])
         if self._open is None or self._open[0] != file:
-            self._open = None  # drop the previous shard's handle (and its mmap) before opening the next
-            self._open = (file, safe_open(str(file), framework="pt", device="cpu"))
-        return self._open[1].get_tensor(name)
+            self.close()  # one shard file open at a time
+            self._open = (file, open(file, "rb"))
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        fh = self._open[1]
+        fh.seek(self._data_start[file] + begin)
+        if end > begin and fh.readinto(memoryview(out.numpy())) != end - begin:
+            raise ValueError(f"{str(file)!r} was truncated while reading tensor {name!r}")
+        return out.view(_DTYPES[info["dtype"]]).reshape(self.shape(name))
 
     def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
         self._open = None
 
     def __enter__(self) -> "LazyCheckpoint":
@@ -168,11 +187,11 @@ def open_checkpoint(path: str | os.PathLike) -> LazyCheckpoint:
             except json.JSONDecodeError:
                 raise ValueError(f"{str(path / CONFIG_NAME)!r} is not valid JSON") from None
     files: dict[str, Path] = {}
-    headers: dict[Path, dict] = {}
+    headers: dict[Path, tuple[int, dict]] = {}
     if shard_of is None:
         single = path if path.is_file() else path_file
         headers[single] = _read_header(single)
-        files = {name: single for name in headers[single]}
+        files = {name: single for name in headers[single][1]}
     else:
         for name, shard in shard_of.items():
             file = path / shard
@@ -180,7 +199,7 @@ def open_checkpoint(path: str | os.PathLike) -> LazyCheckpoint:
                 if not file.is_file():
                     raise FileNotFoundError(f"shard {str(file)!r} named by {str(path / INDEX_NAME)!r} does not exist")
                 headers[file] = _read_header(file)
-            if name not in headers[file]:
+            if name not in headers[file][1]:
                 raise ValueError(f"{str(path / INDEX_NAME)!r} maps tensor {name!r} to {str(file)!r}, which lacks it")
             files[name] = file
     return LazyCheckpoint(path, files, headers, config)
