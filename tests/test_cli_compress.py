@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -75,6 +76,10 @@ def test_info_lists_every_layer_and_totals(compressed, capsys):
         assert re.search(rf"^{re.escape(name)} +{m}x{n} +{rank} +{after:,} +{before:,} ", out, re.M)
     ratio = totals["layers_after"] / totals["layers_before"]
     assert f"factorized layers: {totals['layers_after']:,} / {totals['layers_before']:,} params (ratio {ratio:.3f})" in out
+    report = json.loads((compressed / "rankwise_report.json").read_text())
+    kept = report["params_after"] / report["params_before"]
+    assert f"targeted layers:   {report['params_after']:,} / {report['params_before']:,} params (kept {kept:.3f};" in out
+    assert abs(kept - 0.6) < 0.05
     assert "compressed with keep=0.6 method=whiten" in out
 
 

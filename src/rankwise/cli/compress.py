@@ -152,6 +152,8 @@ def run_info(args) -> int:
     if report.is_file():
         r = json.loads(report.read_text())
         c = r["config"]
+        print(f"targeted layers:   {r['params_after']:,} / {r['params_before']:,} params (kept {r['params_after'] / r['params_before']:.3f}; "
+              f"layers left dense count at full size)")
         print(f"compressed with keep={c['keep']} method={c['method']} allocate={c['allocate']} update={c['update']}; "
               + ", ".join(f"{k} {v:.1f}s" for k, v in r.get("timings", {}).items()))
     return 0
