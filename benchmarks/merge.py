@@ -3,14 +3,16 @@
 Part 1 merges the suite's fine-tuned backbones with every method and scores each task with the merged
 backbone and that task's own head (test split). Hyper-parameters are each paper's default or are
 chosen by a small sweep on the held-out *validation* split (part of the training images, never the
-test split); AdaMerging adapts on the unlabeled test inputs, as the paper does (test-time adaptation).
+test split); AdaMerging adapts on the unlabeled test inputs, as the paper does (test-time adaptation),
+with its own init / learning rate chosen by adapting on the unlabeled val inputs and scoring val labels.
+AdaMerging++ is the same on the TIES-processed task vectors (trim density 0.2).
 Normalized accuracy = merged / individually fine-tuned accuracy, per task, averaged over tasks.
 
 Part 2 trains two models on the plain digits from different seeds and measures the loss barrier on
 the straight path between them, before and after weight matching:
 ``max_alpha [L((1 - alpha) a + alpha b) - ((1 - alpha) L(a) + alpha L(b))]`` on an 11-point grid.
 
-    python benchmarks/merge.py [--arch mlp] [--tasks default|hard] [--ft-lr 0.03] [--skip-barrier]
+    python benchmarks/merge.py [--arch mlp] [--tasks default|hard] [--ft-lr 0.03] [--heads finetuned|probe] [--skip-barrier]
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ GRIDS = {
     "tsv": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)],
     "iso_c": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0)],
 }
+ADA_BATCH = 16  # unlabeled inputs per task per step, as in the paper
+ADA_DENSITY = 0.2  # AdaMerging++: TIES's default trim density
 DATA_FREE = ("linear", "task_arithmetic", "ties", "dare", "model_stock", "tsv", "iso_c")
 
 
@@ -47,7 +51,7 @@ def _mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
 
 
-def merge_all(suite, ada_steps: int, ada_lr: float) -> list[dict]:
+def merge_all(suite, ada_steps: int, ada_lrs: tuple[float, ...]) -> list[dict]:
     """One row per method: chosen options, per-task test accuracy, normalized accuracy, merge wall time."""
     individual = {t: suite.accuracy(ft, t) for t, ft in zip(suite.tasks, suite.finetuned)}
     rows = [{"method": "base (no merge)", "options": "", "acc": suite.evaluate(suite.base), "time": 0.0},
@@ -68,15 +72,26 @@ def merge_all(suite, ada_steps: int, ada_lr: float) -> list[dict]:
         state = rankwise.merge(suite.finetuned, method=method, base=suite.base, **best[1])
         seconds = time.perf_counter() - t0
         rows.append({"method": method, "options": _fmt(best[1]), "acc": suite.evaluate(state), "time": seconds})
-    init = min(chosen["task_arithmetic"]["scale"], 1.0)
-    t0 = time.perf_counter()
-    res = learn_coefficients(suite.finetuned, suite.base, [suite.inputs(t, "test") for t in suite.tasks],
-                             heads=suite.heads, steps=ada_steps, lr=ada_lr, init=init, seed=0)
-    seconds = time.perf_counter() - t0
-    rows.append({"method": "adamerging", "options": f"init={init:g}, steps={ada_steps}, lr={ada_lr:g}",
-                 "acc": suite.evaluate(res.state), "time": seconds,
-                 "note": f"entropy {res.entropy[0]:.3f} -> {res.entropy[-1]:.3f}; "
-                         f"lambda range [{res.coefficients.min():.2f}, {res.coefficients.max():.2f}]"})
+    ta_scale = min(chosen["task_arithmetic"]["scale"], 1.0)
+    for name, density in (("adamerging", None), ("adamerging++", ADA_DENSITY)):
+        # hyper-parameters: adapt on the unlabeled val inputs, pick by val accuracy; then adapt on test inputs
+        best = None
+        for init in sorted({ta_scale, 0.3}):
+            for lr in ada_lrs:
+                options = {"init": init, "lr": lr, "steps": ada_steps, "batch_size": ADA_BATCH, "density": density}
+                res = learn_coefficients(suite.finetuned, suite.base, [suite.inputs(t, "val") for t in suite.tasks],
+                                         heads=suite.heads, seed=0, **options)
+                val = _mean(suite.evaluate(res.state, "val"))
+                if best is None or val > best[0]:
+                    best = (val, options)
+        t0 = time.perf_counter()
+        res = learn_coefficients(suite.finetuned, suite.base, [suite.inputs(t, "test") for t in suite.tasks],
+                                 heads=suite.heads, seed=0, **best[1])
+        seconds = time.perf_counter() - t0
+        rows.append({"method": name, "options": _fmt({k: v for k, v in best[1].items() if v is not None}),
+                     "acc": suite.evaluate(res.state), "time": seconds,
+                     "note": f"entropy {res.entropy[0]:.3f} -> {res.entropy[-1]:.3f}; "
+                             f"lambda range [{res.coefficients.min():.2f}, {res.coefficients.max():.2f}]"})
     for r in rows:
         r["norm"] = sum(r["acc"][t] / individual[t] for t in suite.tasks) / len(suite.tasks)
     return rows
@@ -103,8 +118,9 @@ def print_merges(suite, rows: list[dict]) -> None:
     closed = (by[best] - ta) / (1.0 - ta)
     print(f"\nbest data-free merge: {best} at {100 * by[best]:.1f}% normalized; task arithmetic "
           f"{100 * ta:.1f}%: closes {100 * closed:.0f}% of the gap to the individual models (target >= 50%)")
-    print(f"adamerging {100 * by['adamerging']:.1f}% vs task arithmetic {100 * ta:.1f}%: "
-          f"{'beats' if by['adamerging'] > ta else 'does NOT beat'} it")
+    for name in ("adamerging", "adamerging++"):
+        print(f"{name} {100 * by[name]:.1f}% vs task arithmetic {100 * ta:.1f}%: "
+              f"{'beats' if by[name] > ta else 'does NOT beat'} it")
 
 
 def _loss(template, state, x, y) -> float:
@@ -156,17 +172,21 @@ def main() -> None:
     p.add_argument("--tasks", default="default", choices=("default", "hard"))
     p.add_argument("--ft-lr", type=float, default=0.03, help="SGD learning rate of the fine-tunes")
     p.add_argument("--ft-epochs", type=int, default=15)
+    p.add_argument("--heads", default="finetuned", choices=("finetuned", "probe"),
+                   help="task heads fine-tuned with the backbone, or linear probes on the base kept frozen")
     p.add_argument("--ada-steps", type=int, default=200)
-    p.add_argument("--ada-lr", type=float, default=1e-3)
+    p.add_argument("--ada-lr", type=float, nargs="+", default=[1e-3, 1e-2],
+                   help="AdaMerging learning rates to choose from on the val split")
     p.add_argument("--skip-barrier", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     tasks = DEFAULT_TASKS if args.tasks == "default" else HARD_TASKS
     t0 = time.perf_counter()
-    suite = load_digits_suite(args.arch, tasks, width=args.width, ft_lr=args.ft_lr, ft_epochs=args.ft_epochs)
-    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, fine-tunes: SGD lr {args.ft_lr:g} for "
+    suite = load_digits_suite(args.arch, tasks, width=args.width, ft_lr=args.ft_lr, ft_epochs=args.ft_epochs,
+                              heads=args.heads)
+    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, heads {args.heads}, fine-tunes: SGD lr {args.ft_lr:g} for "
           f"{args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s\n")
-    print_merges(suite, merge_all(suite, args.ada_steps, args.ada_lr))
+    print_merges(suite, merge_all(suite, args.ada_steps, tuple(args.ada_lr)))
     if not args.skip_barrier:
         print()
         barriers()

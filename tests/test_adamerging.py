@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rankwise
-from rankwise.merge.adamerging import learn_coefficients
+from rankwise.merge.adamerging import learn_coefficients, ties_vectors
 from rankwise.suites.digits import make_model
 
 K = 3
@@ -116,3 +116,35 @@ def test_bad_input():
     other = make_model("mlp", seed=0, width=17)
     with pytest.raises(ValueError, match=r"^models\[1\] does not match base at tensor '1.bias': \(17,\) vs \(16,\)$"):
         learn_coefficients([models[0], other], base, inputs[:2])
+
+
+def test_ties_vectors_hand_example():
+    v = torch.tensor([[3.0, -1.0, 0.5, -4.0],
+                      [-2.0, 2.0, 1.0, -0.1]])
+    # density 0.5 keeps the 2 largest magnitudes per task: [3, 0, 0, -4] and [-2, 2, 0, 0];
+    # elected signs of the sum [1, 2, 0, -4]: +, +, + (tie), -; disagreeing entries are dropped
+    want = torch.tensor([[3.0, 0.0, 0.0, -4.0],
+                         [0.0, 2.0, 0.0, 0.0]])
+    before = v.clone()
+    assert torch.equal(ties_vectors(v, 0.5), want)
+    assert torch.equal(v, before)
+
+
+def test_adamerging_plus_plus_merges_the_ties_processed_vectors():
+    base, models, inputs, heads = _setup(True)
+    res = learn_coefficients(models, base, inputs, heads=heads, steps=5, lr=1e-2, init=0.3, density=0.2)
+    assert res.entropy[-1] < res.entropy[0]
+    sb = base.state_dict()
+    for j, n in enumerate(res.names):
+        tv = ties_vectors(torch.stack([m.state_dict()[n] - sb[n] for m in models]), 0.2)
+        assert (tv != 0).sum() <= K * max(1, int(0.2 * sb[n].numel()))
+        want = sb[n] + torch.tensordot(res.coefficients[:, j], tv, dims=1)
+        torch.testing.assert_close(res.state[n], want, rtol=1e-6, atol=1e-6)
+    plain = learn_coefficients(models, base, inputs, heads=heads, steps=0, init=0.3)
+    plus = learn_coefficients(models, base, inputs, heads=heads, steps=0, init=0.3, density=0.2)
+    ties = rankwise.merge(models, method="ties", base=base, density=0.2, scale=0.3, normalize=False)
+    assert not torch.equal(plain.state["1.weight"], plus.state["1.weight"])
+    for n in plus.names:  # at init every coefficient is 0.3: TIES without the disjoint mean, scale 0.3
+        torch.testing.assert_close(plus.state[n], ties[n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^density must be a number in \(0, 1\] or None, got 0$"):
+        learn_coefficients(models, base, inputs, density=0)

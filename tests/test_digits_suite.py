@@ -1,10 +1,12 @@
 """The digits multi-task suite: fixed splits, the task transforms, seeded training, the cache, scoring."""
 
+import copy
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from rankwise.suites.digits import DEFAULT_TASKS, TASKS, load_digits_suite, make_model, split_data
+from rankwise.suites.digits import DEFAULT_TASKS, TASKS, load_digits_suite, make_model, split_data, train_classifier
 
 SMALL = dict(arch="mlp", tasks=("rot90", "parity"), width=32, base_epochs=8, ft_epochs=8)
 
@@ -80,6 +82,27 @@ def test_evaluate_takes_modules_or_state_dicts(small):
     assert suite.accuracy(suite.finetuned[0], "rot90", "val") == want
 
 
+def test_probe_heads_are_linear_probes_kept_frozen(small, tmp_path):
+    _, finetuned = small
+    suite = load_digits_suite(**SMALL, heads="probe", cache_dir=tmp_path)
+    assert suite.head_mode == "probe" and finetuned.head_mode == "finetuned"
+    assert len(list(tmp_path.iterdir())) == 1  # its own cache file, not the default suite's
+    assert all(torch.equal(v, finetuned.base.state_dict()[k]) for k, v in suite.base.state_dict().items())
+    # retrain the probe of task 0 exactly as the suite does: the stored head is that probe, untouched by fine-tuning
+    torch.manual_seed(1000)
+    probe = torch.nn.Linear(32, 10)
+    x, y = split_data("rot90", "train")
+    train_classifier(torch.nn.Sequential(copy.deepcopy(suite.base).requires_grad_(False), probe), x, y, epochs=8, lr=1e-3, seed=2000)
+    assert all(torch.equal(v, suite.heads[0].state_dict()[k]) for k, v in probe.state_dict().items())
+    assert suite.heads[1].out_features == 2
+    # through the frozen probes, the base beats chance and each fine-tuned backbone beats the base
+    for task, ft, chance in zip(suite.tasks, suite.finetuned, (0.1, 0.5)):
+        assert suite.accuracy(suite.base, task) >= chance + 0.15
+        assert suite.accuracy(ft, task) >= suite.accuracy(suite.base, task) + 0.1
+        assert suite.accuracy(ft, task) >= 0.85
+    assert not all(torch.equal(v, suite.finetuned[0].state_dict()[k]) for k, v in suite.base.state_dict().items())
+
+
 def test_cnn_shapes():
     model = make_model("cnn", num_classes=10, seed=0, width=24)
     assert any(isinstance(m, torch.nn.Conv2d) for m in model)
@@ -96,6 +119,8 @@ def test_bad_input(tmp_path):
         split_data("rot90", "dev")
     with pytest.raises(ValueError, match=r"^tasks must be distinct names from .*, got \['rot90', 'rot90'\]$"):
         load_digits_suite(tasks=("rot90", "rot90"), cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"^heads must be one of finetuned, probe, got 'frozen'$"):
+        load_digits_suite(heads="frozen", cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"^width must be an int >= 1, got 0$"):
         make_model("mlp", width=0)
     assert list(tmp_path.iterdir()) == []  # nothing written on bad input

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from . import METHODS
+from .ties import trim_to_density
 
 PAPER = "https://arxiv.org/abs/2310.02575"
 
@@ -52,12 +53,32 @@ def _mean_entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+def ties_vectors(vectors: Tensor, density: float) -> Tensor:
+    """TIES-process the K task vectors of one tensor: trim each to ``density``, drop entries against the elected sign.
+
+    vectors : Tensor, shape (K, *shape), the task vectors ``models[k] - base`` of one parameter tensor.
+    Returns a new Tensor of the same shape: entry (k, i) is kept when it is among the ``density``
+    fraction of largest magnitudes of ``vectors[k]`` and its sign agrees with that of the sum over k of
+    the trimmed vectors (positive on ties); other entries are 0. This is AdaMerging++'s input.
+
+    References
+    ----------
+    P. Yadav et al. "TIES-Merging: Resolving Interference When Merging Models." NeurIPS 2023.
+    arXiv:2306.01708. E. Yang et al. "AdaMerging." ICLR 2024. arXiv:2310.02575 (AdaMerging++).
+    """
+    trimmed = torch.stack([trim_to_density(v.clone().contiguous(), density) for v in vectors])
+    positive = trimmed.sum(0) >= 0
+    return trimmed * torch.where(positive, trimmed > 0, trimmed < 0)
+
+
 def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Sequence[Tensor], *,
                        heads: Sequence[nn.Module] | None = None, steps: int = 100, lr: float = 1e-2,
-                       init: float = 0.3, batch_size: int | None = None, seed: int = 0) -> AdaMergingResult:
+                       init: float = 0.3, batch_size: int | None = None, seed: int = 0,
+                       density: float | None = None) -> AdaMergingResult:
     """Learn one coefficient per task and per parameter tensor by minimising prediction entropy.
 
-    The merged parameters are ``theta_l = base_l + sum_k lambda[k, l] * (models[k]_l - base_l)`` with
+    The merged parameters are ``theta_l = base_l + sum_k lambda[k, l] * (models[k]_l - base_l)``
+    (``models[k]_l - base_l`` TIES-processed when ``density`` is given: AdaMerging++) and with
     every ``lambda`` starting at ``init`` (task arithmetic) and clipped to [0, 1] in the forward pass, as
     in the paper. The objective is the Shannon entropy of the softmax predictions, averaged over the
     samples of each task and then over tasks: task ``k`` feeds ``inputs[k]`` through the merged model
@@ -74,6 +95,8 @@ def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Seq
     init : the starting coefficient (the task-arithmetic scale).
     batch_size : samples per task per step, drawn with ``seed``; None uses all inputs every step.
     seed : seeds the minibatch draws.
+    density : None for AdaMerging (raw task vectors); a fraction in (0, 1] for AdaMerging++, which
+        learns the coefficients of the TIES-processed task vectors (:func:`ties_vectors`) instead.
 
     Returns
     -------
@@ -95,6 +118,10 @@ def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Seq
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
 
+    if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
+                                or not 0 < density <= 1):
+        raise ValueError(f"density must be a number in (0, 1] or None, got {density!r}")
+
     template = copy.deepcopy(base).eval().requires_grad_(False)
     frozen_heads = [copy.deepcopy(h).eval().requires_grad_(False) for h in heads] if heads is not None else None
     base_params = {n: p.detach() for n, p in base.named_parameters() if p.is_floating_point()}
@@ -102,6 +129,8 @@ def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Seq
     device = next(iter(base_params.values())).device
     vectors = {n: torch.stack([dict(m.named_parameters())[n].detach().float() - base_params[n].float() for m in models])
                for n in names}  # each (K, *shape)
+    if density is not None:
+        vectors = {n: ties_vectors(v, density) for n, v in vectors.items()}
     raw = torch.full((k, len(names)), float(init), device=device, requires_grad=True)
     opt = torch.optim.Adam([raw], lr=lr)
     g = torch.Generator().manual_seed(seed)
@@ -147,7 +176,7 @@ def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Seq
 
 @METHODS.register("adamerging", paper=PAPER, scope="model", min_models=1, needs_base=True,
                   options={"inputs": None, "heads": None, "steps": 100, "lr": 1e-2, "init": 0.3,
-                           "batch_size": None, "seed": 0})
+                           "batch_size": None, "seed": 0, "density": None})
 def adamerging(models: Sequence[nn.Module], base: nn.Module | None, *, inputs: Sequence[Tensor] | None = None,
                **options) -> dict[str, Tensor]:
     """Merged state dict of layer-wise AdaMerging; see :func:`learn_coefficients` for the options.

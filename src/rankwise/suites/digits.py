@@ -2,7 +2,9 @@
 
 The base model (a backbone plus a linear head) is trained on the plain digits. Each task then
 fine-tunes the whole backbone together with its own linear head (started from the base head, or
-fresh for another label set). Merges combine the backbones only; every task is scored with the merged
+fresh for another label set); with ``heads="probe"`` each task's head is instead a linear probe on the
+frozen base features, kept frozen while the backbone is fine-tuned (the fixed-head protocol of
+task arithmetic and AdaMerging on CLIP). Merges combine the backbones only; every task is scored with the merged
 backbone followed by its own head, as task arithmetic, TIES and TSV-M do (they keep task-specific
 classification heads and merge the shared encoder). The default tasks (:data:`DEFAULT_TASKS`) change
 the input domain in seven ways (rotation by 90 degrees, mirror, intensity inversion, a one-pixel
@@ -35,6 +37,7 @@ TASK_SEED = 1234  # fixes the random parts of the task definitions (pixel permut
 N_TEST, N_VAL = 450, 270  # of 1797 images; the remaining 1077 are for training
 ARCHS = ("cnn", "mlp")
 SPLITS = ("train", "val", "test")
+HEAD_MODES = ("finetuned", "probe")  # see load_digits_suite(heads=...)
 _CACHE_VERSION = 3
 
 
@@ -189,8 +192,10 @@ def split_data(task: str, split: str) -> tuple[Tensor, Tensor]:
 class DigitsSuite:
     """A base backbone, one fine-tuned backbone and head per task, and the data to score them.
 
-    ``finetuned[k]`` and ``heads[k]`` belong to ``tasks[k]``; each head started from the base's head
-    (a seeded fresh one for tasks with another label set) and was fine-tuned with its backbone.
+    ``finetuned[k]`` and ``heads[k]`` belong to ``tasks[k]``. ``head_mode`` says how the heads were
+    made (see :func:`load_digits_suite`): ``"finetuned"``, each head started from the base's head (a
+    seeded fresh one for tasks with another label set) and was fine-tuned with its backbone; ``"probe"``,
+    each head is a linear probe on the base backbone, frozen while its backbone was fine-tuned.
     """
 
     arch: str
@@ -198,6 +203,7 @@ class DigitsSuite:
     base: nn.Sequential
     finetuned: list[nn.Sequential]
     heads: list[nn.Linear]
+    head_mode: str = "finetuned"
 
     def inputs(self, task: str, split: str = "test") -> Tensor:
         """Unlabeled images of ``task`` on ``split``, shape (N, 1, 8, 8)."""
@@ -224,22 +230,30 @@ class DigitsSuite:
         return model.eval()
 
 
-def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict) -> dict[str, Tensor]:
+def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict, heads: str) -> dict[str, Tensor]:
     backbone, features = make_backbone(arch, seed=seed, width=cfg["width"])
     head = nn.Linear(features, 10)
     x, y = split_data("digits", "train")
     train_classifier(nn.Sequential(backbone, head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed)
     state = {f"base.{k}": v for k, v in backbone.state_dict().items()}
+    backbone.requires_grad_(False)
     for i, task in enumerate(tasks):
-        ft = copy.deepcopy(backbone)
-        if TASKS[task][0] == head.out_features:
+        x, y = split_data(task, "train")
+        if heads == "probe":  # a linear probe on the frozen base features, then kept frozen
+            torch.manual_seed(seed + 1000 + i)
+            ft_head = nn.Linear(features, TASKS[task][0])
+            train_classifier(nn.Sequential(backbone, ft_head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"],
+                             seed=seed + 2000 + i)
+            ft_head.requires_grad_(False)
+        elif TASKS[task][0] == head.out_features:
             ft_head = copy.deepcopy(head)
         else:  # another label set: a fresh seeded head
             torch.manual_seed(seed + 1000 + i)
             ft_head = nn.Linear(features, TASKS[task][0])
-        x, y = split_data(task, "train")
+        ft = copy.deepcopy(backbone).requires_grad_(True)
         train_classifier(nn.Sequential(ft, ft_head), x, y, epochs=cfg["ft_epochs"], lr=cfg["ft_lr"],
                          optimizer="sgd", seed=seed + 1 + i)
+        ft_head.requires_grad_(True)
         state.update({f"{task}.backbone.{k}": v for k, v in ft.state_dict().items()})
         state.update({f"{task}.head.{k}": v for k, v in ft_head.state_dict().items()})
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
@@ -251,7 +265,7 @@ def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, seed: int = 0,
                       width: int = 256, base_epochs: int = 30, ft_epochs: int = 15, lr: float = 1e-3,
-                      ft_lr: float = 0.03, cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
+                      ft_lr: float = 0.03, heads: str = "finetuned", cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
     """Train (or read from the cache) the base model and one fine-tune per task.
 
     Parameters
@@ -264,6 +278,13 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
     ft_epochs, ft_lr : SGD (momentum 0.9) fine-tuning of backbone and head on each task. SGD keeps each
         task vector in the span of its task's gradients; Adam fine-tunes (tried) move every weight
         alike and merge worse with every method, see BENCHMARKS.md.
+    heads : how each task's linear head is made. ``"finetuned"``: started from the base's head (a
+        seeded fresh one for another label set) and fine-tuned together with the backbone.
+        ``"probe"``: trained first as a linear probe on the frozen base backbone's features (Adam,
+        ``base_epochs`` epochs, ``lr``), then kept frozen while the backbone is fine-tuned, so that
+        only the backbone moves; this mirrors AdaMerging's and task arithmetic's protocol on CLIP,
+        whose classification heads are fixed (zero-shot) and never fine-tuned, and makes the base
+        backbone with each head a calibrated classifier instead of a confidently wrong one.
     cache_dir : where trained weights are kept (default ``~/.cache/rankwise/digits``); the file name
         hashes the whole configuration, so changing any argument trains afresh.
 
@@ -272,6 +293,7 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
     DigitsSuite, all modules in eval mode, float32, on the CPU.
     """
     _check_choice("arch", arch, ARCHS)
+    _check_choice("heads", heads, HEAD_MODES)
     tasks = DEFAULT_TASKS if tasks is None else tuple(tasks)
     for t in tasks:
         _check_choice("task", t, tuple(TASKS))
@@ -279,6 +301,8 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
         raise ValueError(f"tasks must be distinct names from {', '.join(TASKS)}, got {list(tasks)!r}")
     cfg = {"version": _CACHE_VERSION, "arch": arch, "tasks": list(tasks), "seed": seed,
            "width": width, "base_epochs": base_epochs, "ft_epochs": ft_epochs, "lr": lr, "ft_lr": ft_lr}
+    if heads != "finetuned":  # the default keeps the cache key of the suites trained before this option
+        cfg["heads"] = heads
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "rankwise" / "digits"
     path = root / f"{arch}-{key}.safetensors"
@@ -290,7 +314,7 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the suite must stay cheap on a shared CPU
         try:
-            state = _train_suite(arch, tasks, seed, cfg)
+            state = _train_suite(arch, tasks, seed, cfg, heads)
         finally:
             torch.set_num_threads(threads)
         root.mkdir(parents=True, exist_ok=True)
@@ -303,10 +327,11 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
         model.load_state_dict(_strip(state, prefix))
         return model.eval()
 
-    heads = []
+    head_modules = []
     for t in tasks:
         h = _strip(state, f"{t}.head.")
         head = nn.Linear(h["weight"].shape[1], h["weight"].shape[0])
         head.load_state_dict(h)
-        heads.append(head.eval())
-    return DigitsSuite(arch, tasks, backbone("base."), [backbone(f"{t}.backbone.") for t in tasks], heads)
+        head_modules.append(head.eval())
+    return DigitsSuite(arch, tasks, backbone("base."), [backbone(f"{t}.backbone.") for t in tasks], head_modules,
+                       heads)
