@@ -97,6 +97,22 @@ def merge_all(suite, ada_steps: int, ada_lrs: tuple[float, ...]) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def entropy_vs_accuracy(suite) -> None:
+    """AdaMerging's premise, checked on val: does lower mean entropy go with higher accuracy along task arithmetic?"""
+    individual = {t: suite.accuracy(ft, t, "val") for t, ft in zip(suite.tasks, suite.finetuned)}
+    print("task arithmetic on val: scale -> task-averaged entropy (nats) / normalized accuracy %")
+    for scale in (0.0, *SCALES[:5]):
+        model = suite.load_backbone(rankwise.merge(suite.finetuned, method="task_arithmetic", base=suite.base,
+                                                   scale=scale))
+        ent = []
+        for t, head in zip(suite.tasks, suite.heads):
+            logp = torch.log_softmax(head(model(suite.inputs(t, "val"))), -1)
+            ent.append(-(logp.exp() * logp).sum(-1).mean().item())
+        acc = suite.evaluate(model, "val")
+        print(f"  {scale:g}: {sum(ent) / len(ent):.3f} / {100 * _mean({t: acc[t] / individual[t] for t in acc}):.1f}")
+
+
 def _fmt(options: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in options.items())
 
@@ -187,6 +203,8 @@ def main() -> None:
     print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, heads {args.heads}, fine-tunes: SGD lr {args.ft_lr:g} for "
           f"{args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s\n")
     print_merges(suite, merge_all(suite, args.ada_steps, tuple(args.ada_lr)))
+    print()
+    entropy_vs_accuracy(suite)
     if not args.skip_barrier:
         print()
         barriers()
