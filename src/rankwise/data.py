@@ -35,7 +35,7 @@ def token_sequences(tokenizer, text: str, seq_len: int, n_seqs: int | None = Non
         raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
     if n_seqs is not None and (isinstance(n_seqs, bool) or not isinstance(n_seqs, int) or n_seqs < 1):
         raise ValueError(f"the number of {what} sequences must be an int >= 1, got {n_seqs!r}")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     fit = ids.numel() // seq_len
     need = (n_seqs or 1) * seq_len
     if fit == 0 or (n_seqs is not None and fit < n_seqs):
