@@ -72,6 +72,10 @@ def uniform(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> lis
 def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> list[int | None]:
     """Minimise the summed estimated loss increase ``sum_l gains_l[r_l:].sum()`` under the budget.
 
+    With :func:`rankwise.compress.layer_cost` the gains are the squared singular values of the
+    Fisher-weighted whitened weight ``diag(sqrt(E[g^2])) W L``, i.e. a Kronecker-factored Fisher
+    estimate of the loss increase of dropping each triplet, comparable across layers.
+
     Each layer chooses among ranks ``min_rank..max_rank`` and "dense". A Lagrange multiplier ``lam``
     (price of a parameter) is bisected so that every layer's ``argmin loss + lam * params`` fits the
     budget (exact for the convex hull of each layer's loss curve); the budget left over is then spent

@@ -32,6 +32,9 @@ def refit_(
     batch only, then the compressed model runs and accumulates ``K`` and ``G'``; nothing else is stored.
     ``model`` is left with its dense ``targets`` in place; ``new`` layers are updated in place.
 
+    All layers are refit at once, each against its predecessors' unrefit outputs; on SmolLM2 this
+    overcompensates and raised perplexity (BENCHMARKS.md), so ``CompressConfig.update`` is off by default.
+
     References
     ----------
     X. Wang et al., "SVD-LLM: Truncation-aware SVD for LLM compression", arXiv:2403.07378 (parameter
