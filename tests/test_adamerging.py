@@ -13,14 +13,6 @@ from rankwise.suites.digits import make_model
 K = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _setup(with_heads: bool):
     """A base MLP, K fine-tunes = base + seeded perturbations, K unlabeled input sets, optional heads."""
     g = torch.Generator().manual_seed(0)

@@ -11,14 +11,6 @@ from rankwise.suites.digits import DEFAULT_TASKS, TASKS, load_digits_suite, make
 SMALL = dict(arch="mlp", tasks=("rot90", "parity"), width=32, base_epochs=8, ft_epochs=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     cache = tmp_path_factory.mktemp("digits")

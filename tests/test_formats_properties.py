@@ -14,15 +14,6 @@ from rankwise.formats.tucker import tucker_hooi, tucker_hosvd, tucker_num_params
 FEW = settings(max_examples=15, deadline=None, derandomize=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: multi-threaded BLAS calls only wait on OpenMP barriers on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tensor(shape, seed):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 

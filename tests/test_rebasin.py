@@ -11,14 +11,6 @@ from rankwise.merge.rebasin import align, apply_permutation, permutation_spec, w
 from rankwise.suites.digits import make_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _permuted_copy(model: nn.Module, seed: int) -> tuple[nn.Module, list[torch.Tensor]]:
     spec = permutation_spec(model)
     g = torch.Generator().manual_seed(seed)

@@ -10,16 +10,6 @@ from rankwise.formats._ops import multi_mode_dot
 from rankwise.formats.tucker import tucker_hooi, tucker_hosvd, tucker_num_params, tucker_ranks
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: on a shared 2-core machine every multi-threaded BLAS/LAPACK call waits
-    # milliseconds on OpenMP barriers, which made this file 30x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
