@@ -19,7 +19,8 @@ import time
 import torch
 
 from rankwise.calibrate import collect_stats
-from rankwise.compress import CompressConfig, compress_, gram_svd
+from rankwise.compress import CompressConfig, compress_
+from rankwise.formats.svd import whitened_svd
 from rankwise.data import builtin_text, token_sequences
 from rankwise.eval import perplexity, prefill_throughput, sentence_embeddings, split_sentences
 from rankwise.layers.linear import dense_weight
@@ -112,7 +113,7 @@ def baseline_seconds(model, calib) -> float:
         n = W.shape[1]
         if n not in factors:
             factors[n] = torch.tril(torch.ones(n, n, dtype=torch.float64)) / n + torch.eye(n, dtype=torch.float64)
-        gram_svd(W, factors[n])
+        whitened_svd(W, whitening=factors[n])
     return time.perf_counter() - t0
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from .allocate import ALLOCATORS, LayerCost, allocate_ranks
 from .calibrate import CalibStats, _bar, collect_stats
-from .formats.svd import SVD, whitening_factor
+from .formats.svd import SVD, whitened_svd, whitening_factor
 from .layers.linear import LowRankLinear, dense_weight
 from .targets import check_finite_weights, find_targets, layer_shape, replace_module
 
@@ -262,16 +262,16 @@ def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None,
     """
     rows = output_weights(stats, name)[0] if config.allocate == "fisher" else None
     if config.method == "svd":
-        return gram_svd(W, None, rows)
+        return whitened_svd(W, rows=rows)
     st = stats.inputs[name]
     if config.method == "asvd":
         mean = st.mean_abs
         # dead input channels would give scale 0 (not invertible): floor them at a tiny fraction of the max
-        return gram_svd(W, torch.diag(mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha), rows)
+        return whitened_svd(W, scale=mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha, rows=rows)
     cache = {} if cache is None else cache
     if id(st) not in cache:
         cache[id(st)] = whitening_factor(st.covariance)
-    return gram_svd(W, cache[id(st)], rows)
+    return whitened_svd(W, whitening=cache[id(st)], rows=rows)
 
 
 def output_weights(stats: CalibStats | None, name: str) -> tuple[torch.Tensor, float]:
@@ -285,51 +285,6 @@ def output_weights(stats: CalibStats | None, name: str) -> tuple[torch.Tensor, f
     g = g.clamp_min(mean * 1e-4)
     mean = float(g.mean())
     return torch.sqrt(g / mean), mean
-
-
-def gram_svd(W: torch.Tensor, M: torch.Tensor | None, rows: torch.Tensor | None = None) -> SVD:
-    """SVD of ``A = diag(rows) W M`` (float64) from the eigendecomposition of the smaller Gram matrix,
-    mapped back to factors of ``W``: ``U <- U / rows``, ``Vh <- Vh M^{-1}``.
-
-    ``eigh`` of the (k, k) Gram, ``k = min(m, n)``, is several times faster than an SVD of ``A`` and
-    exact to float64 round-off relative to ``S[0]`` for every singular value; the reconstruction
-    ``U diag(S) Vh`` equals ``W`` at full rank whatever the conditioning, because ``Vh`` is
-    ``U^T A / S`` with ``S`` floored only where it is negligible (never a division by zero).
-
-    Parameters
-    ----------
-    W : Tensor, shape (m, n); M : Tensor, shape (n, n), invertible (lower-triangular solved as such), or None.
-    rows : Tensor, shape (m,), strictly positive, or None.
-    """
-    A = W.detach().to(torch.float64)
-    if rows is not None:
-        rows = rows.to(A)
-        A = A * rows[:, None]
-    if M is not None:
-        M = M.to(A)
-        A = A @ M
-    m, n = A.shape
-    if m <= n:
-        evals, vecs = torch.linalg.eigh(A @ A.T)
-        evals, vecs = evals.flip(0), vecs.flip(1)
-        S = evals.clamp_min(0).sqrt()
-        U = vecs
-        Vh = (U.T @ A) / S.clamp_min(float(S[0]) * 1e-150 + 1e-300)[:, None]
-    else:
-        evals, vecs = torch.linalg.eigh(A.T @ A)
-        evals, vecs = evals.flip(0), vecs.flip(1)
-        S = evals.clamp_min(0).sqrt()
-        Vh = vecs.T
-        U = (A @ vecs) / S.clamp_min(float(S[0]) * 1e-150 + 1e-300)
-    if rows is not None:
-        U = U / rows[:, None]
-    if M is not None:
-        if bool(torch.equal(M, torch.tril(M))):
-            Vh = torch.linalg.solve_triangular(M, Vh, upper=False, left=False)
-        else:
-            Vh = torch.linalg.solve(M, Vh, left=False)
-    dt = W.dtype if W.dtype in (torch.float32, torch.float64) else torch.float32
-    return SVD(U.to(dt), S.to(dt), Vh.to(dt), S.to(dt))
 
 
 def layer_cost(layer: nn.Module, f: SVD, stats: CalibStats | None, name: str, allocate: str) -> LayerCost:
