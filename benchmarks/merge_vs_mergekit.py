@@ -87,8 +87,8 @@ def worker(tool: str, config: Path, out: Path) -> None:
         opts = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
         run = lambda: run_merge(cfg, str(out), opts)  # noqa: E731
     else:
-        from rankwise.merge import merge_to_dir
-        from rankwise.merge.mergekit_yaml import read_mergekit_config
+        from rankwise.merging import merge_to_dir
+        from rankwise.merging.mergekit_yaml import read_mergekit_config
 
         spec = read_mergekit_config(config)
         run = lambda: merge_to_dir(spec.models, out, spec.method, spec.base, dtype=spec.dtype, force=True, **spec.options)  # noqa: E731

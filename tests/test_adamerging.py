@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rankwise
-from rankwise.merge.adamerging import learn_coefficients, ties_vectors
+from rankwise.merging.adamerging import learn_coefficients, ties_vectors
 from rankwise.suites.digits import make_model
 
 K = 3

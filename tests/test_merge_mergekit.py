@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from rankwise.io import open_checkpoint
-from rankwise.merge import merge
-from rankwise.merge.mergekit_yaml import read_mergekit_config
+from rankwise.merging import merge
+from rankwise.merging.mergekit_yaml import read_mergekit_config
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import torch
 
 import rankwise
 from rankwise.io import write_checkpoint
-from rankwise.merge import METHODS, merge
-from rankwise.merge.model_stock import model_stock
-from rankwise.merge.tsv import nearest_orthonormal
+from rankwise.merging import METHODS, merge
+from rankwise.merging.model_stock import model_stock
+from rankwise.merging.tsv import nearest_orthonormal
 
 
 def _t(*rows):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import rankwise
-from rankwise.merge.rebasin import align, apply_permutation, permutation_spec, weight_matching
+from rankwise.merging.rebasin import align, apply_permutation, permutation_spec, weight_matching
 from rankwise.suites.digits import make_model
 
 

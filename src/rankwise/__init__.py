@@ -25,7 +25,7 @@ _EXPORTS = {
     "extract_delta": "rankwise.delta",
     "apply_delta_": "rankwise.delta",
     # merging
-    "merge": "rankwise.merge",
+    "merge": "rankwise.merging",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -16,8 +16,8 @@ def _rank(text: str) -> int | float:
 def _merge(args: argparse.Namespace) -> int:
     import torch
 
-    from ..merge import METHODS, merge_to_dir
-    from ..merge.mergekit_yaml import read_mergekit_config
+    from ..merging import METHODS, merge_to_dir
+    from ..merging.mergekit_yaml import read_mergekit_config
 
     out = Path(args.out)
     if out.exists() and not args.force:  # fail before reading any model

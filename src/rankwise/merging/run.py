@@ -182,7 +182,7 @@ def merge(
     Parameters
     ----------
     models : list of checkpoint paths (read lazily), nn.Modules or state dicts, one per fine-tuned model.
-    method : a registered name (``rankwise.merge.METHODS.names()``): linear, task_arithmetic, ties, dare,
+    method : a registered name (``rankwise.merging.METHODS.names()``): linear, task_arithmetic, ties, dare,
         model_stock, tsv, iso_c, ...
     base : the common pre-trained model, required by every method except ``linear`` (which ignores it).
     dtype : dtype of the merged floating tensors (default: the reference model's).
