@@ -12,7 +12,9 @@ Part 2 trains two models on the plain digits from different seeds and measures t
 the straight path between them, before and after weight matching:
 ``max_alpha [L((1 - alpha) a + alpha b) - ((1 - alpha) L(a) + alpha L(b))]`` on an 11-point grid.
 
-    python benchmarks/merge.py [--arch mlp] [--tasks default|hard] [--ft-lr 0.03] [--heads finetuned|probe] [--skip-barrier]
+    python benchmarks/merge.py [--arch mlp] [--width 256] [--tasks default|hard] [--ft-lr 0.03] [--ft-epochs 15]
+        [--heads finetuned|probe|zeroshot] [--pretrain plain|augmented] [--label-smoothing 0] [--split test|val]
+        [--skip-barrier]
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def _mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
 
 
-def merge_all(suite, ada_steps: int, ada_lrs: tuple[float, ...]) -> list[dict]:
-    """One row per method: chosen options, per-task test accuracy, normalized accuracy, merge wall time."""
-    individual = {t: suite.accuracy(ft, t) for t, ft in zip(suite.tasks, suite.finetuned)}
-    rows = [{"method": "base (no merge)", "options": "", "acc": suite.evaluate(suite.base), "time": 0.0},
+def merge_all(suite, ada_steps: int, ada_lrs: tuple[float, ...], split: str = "test") -> list[dict]:
+    """One row per method: chosen options, per-task accuracy on ``split``, normalized accuracy, merge wall time.
+
+    Options are chosen on val whatever ``split``; ``split="val"`` scores the rows on val too (AdaMerging
+    then adapts on the unlabeled val inputs), for choosing a suite configuration without looking at test.
+    """
+    individual = {t: suite.accuracy(ft, t, split) for t, ft in zip(suite.tasks, suite.finetuned)}
+    rows = [{"method": "base (no merge)", "options": "", "acc": suite.evaluate(suite.base, split), "time": 0.0},
             {"method": "individual fine-tunes", "options": "", "acc": individual, "time": 0.0}]
     missing = sorted(set(METHODS.names()) - set(GRIDS) - {"adamerging", "rebasin"})
     if missing:
@@ -71,7 +77,7 @@ def merge_all(suite, ada_steps: int, ada_lrs: tuple[float, ...]) -> list[dict]:
         t0 = time.perf_counter()
         state = rankwise.merge(suite.finetuned, method=method, base=suite.base, **best[1])
         seconds = time.perf_counter() - t0
-        rows.append({"method": method, "options": _fmt(best[1]), "acc": suite.evaluate(state), "time": seconds})
+        rows.append({"method": method, "options": _fmt(best[1]), "acc": suite.evaluate(state, split), "time": seconds})
     ta_scale = min(chosen["task_arithmetic"]["scale"], 1.0)
     for name, density in (("adamerging", None), ("adamerging++", ADA_DENSITY)):
         # hyper-parameters: adapt on the unlabeled val inputs, pick by val accuracy; then adapt on test inputs
@@ -85,11 +91,11 @@ def merge_all(suite, ada_steps: int, ada_lrs: tuple[float, ...]) -> list[dict]:
                 if best is None or val > best[0]:
                     best = (val, options)
         t0 = time.perf_counter()
-        res = learn_coefficients(suite.finetuned, suite.base, [suite.inputs(t, "test") for t in suite.tasks],
+        res = learn_coefficients(suite.finetuned, suite.base, [suite.inputs(t, split) for t in suite.tasks],
                                  heads=suite.heads, seed=0, **best[1])
         seconds = time.perf_counter() - t0
         rows.append({"method": name, "options": _fmt({k: v for k, v in best[1].items() if v is not None}),
-                     "acc": suite.evaluate(res.state), "time": seconds,
+                     "acc": suite.evaluate(res.state, split), "time": seconds,
                      "note": f"entropy {res.entropy[0]:.3f} -> {res.entropy[-1]:.3f}; "
                              f"lambda range [{res.coefficients.min():.2f}, {res.coefficients.max():.2f}]"})
     for r in rows:
@@ -188,8 +194,14 @@ def main() -> None:
     p.add_argument("--tasks", default="default", choices=("default", "hard"))
     p.add_argument("--ft-lr", type=float, default=0.03, help="SGD learning rate of the fine-tunes")
     p.add_argument("--ft-epochs", type=int, default=15)
-    p.add_argument("--heads", default="finetuned", choices=("finetuned", "probe"),
+    p.add_argument("--heads", default="finetuned", choices=("finetuned", "probe", "zeroshot"),
                    help="task heads fine-tuned with the backbone, or linear probes on the base kept frozen")
+    p.add_argument("--pretrain", default="plain", choices=("plain", "augmented"),
+                   help="base trained on the plain digits, or on them under generic random jitter")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="of the base's training loss")
+    p.add_argument("--base-epochs", type=int, default=30)
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="score the merges on test (the report) or on val (to choose a suite configuration)")
     p.add_argument("--ada-steps", type=int, default=200)
     p.add_argument("--ada-lr", type=float, nargs="+", default=[1e-3, 1e-2],
                    help="AdaMerging learning rates to choose from on the val split")
@@ -199,10 +211,13 @@ def main() -> None:
     tasks = DEFAULT_TASKS if args.tasks == "default" else HARD_TASKS
     t0 = time.perf_counter()
     suite = load_digits_suite(args.arch, tasks, width=args.width, ft_lr=args.ft_lr, ft_epochs=args.ft_epochs,
-                              heads=args.heads)
-    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, heads {args.heads}, fine-tunes: SGD lr {args.ft_lr:g} for "
-          f"{args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s\n")
-    print_merges(suite, merge_all(suite, args.ada_steps, tuple(args.ada_lr)))
+                              heads=args.heads, pretrain=args.pretrain, label_smoothing=args.label_smoothing,
+                              base_epochs=args.base_epochs)
+    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, heads {args.heads}, base: {args.pretrain} "
+          f"digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; fine-tunes: SGD lr "
+          f"{args.ft_lr:g} for {args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s; scored on "
+          f"{args.split}\n")
+    print_merges(suite, merge_all(suite, args.ada_steps, tuple(args.ada_lr), args.split))
     print()
     entropy_vs_accuracy(suite)
     if not args.skip_barrier:

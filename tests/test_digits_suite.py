@@ -6,7 +6,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from rankwise.suites.digits import DEFAULT_TASKS, TASKS, load_digits_suite, make_model, split_data, train_classifier
+from rankwise.suites.digits import (DEFAULT_TASKS, TASKS, augment, load_digits_suite, make_model, split_data,
+                                    train_classifier, zeroshot_head)
 
 SMALL = dict(arch="mlp", tasks=("rot90", "parity"), width=32, base_epochs=8, ft_epochs=8)
 
@@ -95,6 +96,65 @@ def test_probe_heads_are_linear_probes_kept_frozen(small, tmp_path):
     assert not all(torch.equal(v, suite.finetuned[0].state_dict()[k]) for k, v in suite.base.state_dict().items())
 
 
+def test_augment_is_a_seeded_small_jitter():
+    x = split_data("digits", "val")[0]
+    a = augment(x, torch.Generator().manual_seed(0))
+    assert a.shape == x.shape and torch.equal(a, augment(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(a, augment(x, torch.Generator().manual_seed(1)))
+    # on blank images only the noise is left: standard deviation 0.05
+    noise = augment(torch.zeros(2000, 1, 8, 8), torch.Generator().manual_seed(0))
+    assert abs(noise.std().item() - 0.05) < 0.001 and abs(noise.mean().item()) < 0.001
+    # a small jitter: each image stays far closer to itself than to any task's transform of it
+    def dist(u, v):
+        return (u - v).flatten(1).norm(dim=1).mean().item()
+    for task in ("rot90", "hflip", "invert", "shift", "permute", "roll", "checker"):
+        assert dist(a, x) < 0.6 * dist(a, split_data(task, "val")[0]), task
+    assert x.equal(split_data("digits", "val")[0])  # input untouched
+
+
+def test_augmented_pretraining_with_label_smoothing(small, tmp_path):
+    _, plain = small
+    suite = load_digits_suite(**SMALL, pretrain="augmented", label_smoothing=0.1, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1  # its own cache file
+    assert not torch.equal(suite.base.state_dict()["1.weight"], plain.base.state_dict()["1.weight"])
+    # the same architecture, seeded, still a digit classifier
+    assert load_digits_suite(**SMALL, pretrain="augmented", label_smoothing=0.1, cache_dir=tmp_path).base.state_dict()[
+        "1.weight"].equal(suite.base.state_dict()["1.weight"])
+    for task, ft in zip(suite.tasks, suite.finetuned):
+        assert suite.accuracy(ft, task) >= 0.85
+    # retrain the base exactly as the suite does
+    torch.manual_seed(0)
+    model = make_model("mlp", num_classes=10, seed=0, width=32)
+    x, y = split_data("digits", "train")
+    train_classifier(model, x, y, epochs=8, lr=1e-3, seed=0, augmented=True, label_smoothing=0.1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in suite.base.state_dict().items())
+    # label smoothing: the base is less confident on inputs it was not trained on (rot90)
+    ref = train_classifier(make_model("mlp", num_classes=10, seed=0, width=32), x, y, epochs=8, lr=1e-3, seed=0)
+    xr = split_data("rot90", "val")[0]
+    with torch.no_grad():
+        conf = [torch.softmax(m(xr), 1).max(1).values.mean().item() for m in (model, ref)]
+    assert conf[0] < conf[1] - 0.05, conf
+
+
+def test_zeroshot_heads_are_the_base_head_kept_frozen(tmp_path):
+    suite = load_digits_suite(**SMALL, heads="zeroshot", cache_dir=tmp_path)
+    torch.manual_seed(0)
+    model = make_model("mlp", num_classes=10, seed=0, width=32)
+    train_classifier(model, *split_data("digits", "train"), epochs=8, lr=1e-3, seed=0)
+    base_head = model[-1]
+    assert all(torch.equal(v, suite.heads[0].state_dict()[k]) for k, v in base_head.state_dict().items())
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        digit_logits = base_head(x)
+        want = torch.stack([digit_logits[:, 0::2].mean(1), digit_logits[:, 1::2].mean(1)], 1)
+        torch.testing.assert_close(suite.heads[1](x), want, rtol=1e-6, atol=1e-6)
+    for task, ft in zip(suite.tasks, suite.finetuned):
+        assert suite.accuracy(ft, task) >= suite.accuracy(suite.base, task) + 0.1
+    assert suite.accuracy(suite.finetuned[0], "rot90") >= 0.85
+    with pytest.raises(ValueError, match=r"^num_classes must be 10 or 2 for a zero-shot head, got 3$"):
+        zeroshot_head(base_head, 3)
+
+
 def test_cnn_shapes():
     model = make_model("cnn", num_classes=10, seed=0, width=24)
     assert any(isinstance(m, torch.nn.Conv2d) for m in model)
@@ -111,8 +171,12 @@ def test_bad_input(tmp_path):
         split_data("rot90", "dev")
     with pytest.raises(ValueError, match=r"^tasks must be distinct names from .*, got \['rot90', 'rot90'\]$"):
         load_digits_suite(tasks=("rot90", "rot90"), cache_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"^heads must be one of finetuned, probe, got 'frozen'$"):
+    with pytest.raises(ValueError, match=r"^heads must be one of finetuned, probe, zeroshot, got 'frozen'$"):
         load_digits_suite(heads="frozen", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"^pretrain must be one of plain, augmented, got 'imagenet'$"):
+        load_digits_suite(pretrain="imagenet", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"^label_smoothing must be a number in \[0, 1\), got 1.0$"):
+        load_digits_suite(label_smoothing=1.0, cache_dir=tmp_path)
     with pytest.raises(ValueError, match=r"^width must be an int >= 1, got 0$"):
         make_model("mlp", width=0)
     assert list(tmp_path.iterdir()) == []  # nothing written on bad input

@@ -23,6 +23,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ TASK_SEED = 1234  # fixes the random parts of the task definitions (pixel permut
 N_TEST, N_VAL = 450, 270  # of 1797 images; the remaining 1077 are for training
 ARCHS = ("cnn", "mlp")
 SPLITS = ("train", "val", "test")
-HEAD_MODES = ("finetuned", "probe")  # see load_digits_suite(heads=...)
+HEAD_MODES = ("finetuned", "probe", "zeroshot")  # see load_digits_suite(heads=...)
+PRETRAIN_MODES = ("plain", "augmented")  # see load_digits_suite(pretrain=...)
 _CACHE_VERSION = 3
 
 
@@ -158,12 +160,33 @@ def make_model(arch: str = "cnn", num_classes: int = 10, *, seed: int = 0, width
     return nn.Sequential(*backbone, nn.Linear(features, num_classes))
 
 
+def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Generic random jitter of 8x8 images, none of the tasks' transforms: a small random affine map
+    (rotation within +-10 degrees, scale within +-10 %, translation within +-1/2 pixel, bilinear) then
+    Gaussian noise of standard deviation 0.05, every draw from ``generator``.
+
+    x : Tensor, shape (N, 1, 8, 8). Returns a new Tensor of the same shape.
+    """
+    n = len(x)
+    angle = (2 * torch.rand(n, generator=generator) - 1) * math.radians(10)
+    zoom = 1 + (2 * torch.rand(n, generator=generator) - 1) * 0.1
+    shift = (2 * torch.rand(n, 2, generator=generator) - 1) * 0.125  # 1 pixel = 2/8 in grid units
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + 0.05 * torch.randn(out.shape, generator=generator)
+
+
 def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float = 1e-3,
-                     optimizer: str = "adam", batch_size: int = 64, seed: int = 0) -> nn.Module:
-    """Train ``model`` in place on cross-entropy; minibatch order drawn from ``seed``.
+                     optimizer: str = "adam", batch_size: int = 64, seed: int = 0,
+                     label_smoothing: float = 0.0, augmented: bool = False) -> nn.Module:
+    """Train ``model`` in place on cross-entropy; minibatch order (and augmentation) drawn from ``seed``.
 
     x : Tensor, shape (N, 1, 8, 8); y : Tensor of int64, shape (N,).
     optimizer : ``"adam"`` or ``"sgd"`` (momentum 0.9).
+    label_smoothing : passed to the cross-entropy (Szegedy et al. 2016), in [0, 1).
+    augmented : each minibatch goes through :func:`augment` first.
     """
     _check_choice("optimizer", optimizer, ("adam", "sgd"))
     g = torch.Generator().manual_seed(seed)
@@ -175,7 +198,8 @@ def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr:
     for _ in range(epochs):
         for idx in torch.randperm(len(y), generator=g).split(batch_size):
             opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            xb = augment(x[idx], g) if augmented else x[idx]
+            F.cross_entropy(model(xb), y[idx], label_smoothing=label_smoothing).backward()
             opt.step()
     model.eval()
     return model
@@ -230,11 +254,30 @@ class DigitsSuite:
         return model.eval()
 
 
+def zeroshot_head(head: nn.Linear, num_classes: int) -> nn.Linear:
+    """A task head made from the base's digit head alone, as CLIP's zero-shot heads are made from class names.
+
+    ``num_classes`` 10: a copy of ``head``; 2 (parity): class c's logit is the mean of the digit logits of
+    the digits of parity c (rows and biases averaged). head : nn.Linear, shape (10, features).
+    """
+    if num_classes == head.out_features:
+        return copy.deepcopy(head)
+    if num_classes != 2:
+        raise ValueError(f"num_classes must be {head.out_features} or 2 for a zero-shot head, got {num_classes!r}")
+    out = nn.Linear(head.in_features, 2)
+    with torch.no_grad():
+        for c in (0, 1):
+            out.weight[c] = head.weight[c::2].mean(0)
+            out.bias[c] = head.bias[c::2].mean()
+    return out
+
+
 def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict, heads: str) -> dict[str, Tensor]:
     backbone, features = make_backbone(arch, seed=seed, width=cfg["width"])
     head = nn.Linear(features, 10)
     x, y = split_data("digits", "train")
-    train_classifier(nn.Sequential(backbone, head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed)
+    train_classifier(nn.Sequential(backbone, head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed,
+                     augmented=cfg.get("pretrain") == "augmented", label_smoothing=cfg.get("label_smoothing", 0.0))
     state = {f"base.{k}": v for k, v in backbone.state_dict().items()}
     backbone.requires_grad_(False)
     for i, task in enumerate(tasks):
@@ -245,6 +288,8 @@ def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict, heads:
             train_classifier(nn.Sequential(backbone, ft_head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"],
                              seed=seed + 2000 + i)
             ft_head.requires_grad_(False)
+        elif heads == "zeroshot":  # the base's own head, frozen; no task data used to make it
+            ft_head = zeroshot_head(head, TASKS[task][0]).requires_grad_(False)
         elif TASKS[task][0] == head.out_features:
             ft_head = copy.deepcopy(head)
         else:  # another label set: a fresh seeded head
@@ -265,7 +310,8 @@ def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, seed: int = 0,
                       width: int = 256, base_epochs: int = 30, ft_epochs: int = 15, lr: float = 1e-3,
-                      ft_lr: float = 0.03, heads: str = "finetuned", cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
+                      ft_lr: float = 0.03, heads: str = "finetuned", pretrain: str = "plain",
+                      label_smoothing: float = 0.0, cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
     """Train (or read from the cache) the base model and one fine-tune per task.
 
     Parameters
@@ -275,6 +321,10 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
     seed : seeds the initialisation and every minibatch order.
     width : the backbone's feature size, see :func:`make_backbone`.
     base_epochs, lr : Adam training of the base on the plain digits.
+    pretrain : ``"plain"`` trains the base on the digits as they are; ``"augmented"`` on the digits under
+        :func:`augment`'s generic random jitter (none of the tasks' transforms), a broader "pretraining"
+        whose features degrade more gracefully off its training distribution.
+    label_smoothing : of the base's training loss, in [0, 1): a less overconfident base head.
     ft_epochs, ft_lr : SGD (momentum 0.9) fine-tuning of backbone and head on each task. SGD keeps each
         task vector in the span of its task's gradients; Adam fine-tunes (tried) move every weight
         alike and merge worse with every method, see BENCHMARKS.md.
@@ -285,6 +335,9 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
         only the backbone moves; this mirrors AdaMerging's and task arithmetic's protocol on CLIP,
         whose classification heads are fixed (zero-shot) and never fine-tuned, and makes the base
         backbone with each head a calibrated classifier instead of a confidently wrong one.
+        ``"zeroshot"``: :func:`zeroshot_head` of the base's head, kept frozen while the backbone is
+        fine-tuned: fixed heads made without task data, as CLIP's zero-shot heads are (weaker than a
+        probe, so the backbone has to move to the head).
     cache_dir : where trained weights are kept (default ``~/.cache/rankwise/digits``); the file name
         hashes the whole configuration, so changing any argument trains afresh.
 
@@ -299,10 +352,16 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
         _check_choice("task", t, tuple(TASKS))
     if not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be distinct names from {', '.join(TASKS)}, got {list(tasks)!r}")
+    _check_choice("pretrain", pretrain, PRETRAIN_MODES)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     cfg = {"version": _CACHE_VERSION, "arch": arch, "tasks": list(tasks), "seed": seed,
            "width": width, "base_epochs": base_epochs, "ft_epochs": ft_epochs, "lr": lr, "ft_lr": ft_lr}
-    if heads != "finetuned":  # the default keeps the cache key of the suites trained before this option
-        cfg["heads"] = heads
+    # options at their defaults stay out of the key, so suites trained before an option existed keep their file
+    for name, value, default in (("heads", heads, "finetuned"), ("pretrain", pretrain, "plain"),
+                                 ("label_smoothing", float(label_smoothing), 0.0)):
+        if value != default:
+            cfg[name] = value
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
     root = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "rankwise" / "digits"
     path = root / f"{arch}-{key}.safetensors"
