@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from rankwise.formats._ops import gram_eigh
 from rankwise.formats.svd import randomized_svd, truncated_svd, whitened_svd, whitening_factor
 
 
@@ -63,6 +64,49 @@ def test_eps_rule_picks_smallest_rank_within_tolerance():
     f = truncated_svd(W, eps=eps)
     assert f.rank == 2
     assert float((W - f.to_dense()).norm()) <= eps * float(W.norm())
+
+
+@pytest.mark.parametrize("shape", [(300, 160), (160, 300)])
+def test_small_rank_gram_route_equals_full_svd(shape):
+    """8 * rank <= min(m, n): leading subspace from the Gram matrix, then Rayleigh–Ritz."""
+    s = torch.arange(1, 161, dtype=torch.float64) ** -0.5
+    W = _matrix_with_spectrum(*shape, s, seed=3)
+    f = truncated_svd(W, 16)
+    assert f.spectrum.shape == (16,) and f.energy == pytest.approx(float(W.norm()) ** 2, rel=1e-14)
+    assert torch.allclose(f.S, s[:16], rtol=1e-12, atol=0)
+    eye = torch.eye(16, dtype=torch.float64)
+    assert float((f.U.T @ f.U - eye).abs().max()) < 1e-12
+    assert float((f.Vh @ f.Vh.T - eye).abs().max()) < 1e-12
+    err = float((W - f.to_dense()).norm())
+    assert err == pytest.approx(float(s[16:].norm()), rel=1e-12)  # Eckart–Young
+    for k in (1, 9, 16):
+        assert f.tail_error(k) == pytest.approx(float(s[k:].norm()), rel=1e-10)
+    with pytest.raises(ValueError, match=r"tail_error\(17\) needs the singular values beyond the 16 this SVD holds"):
+        f.tail_error(17)
+
+
+def test_small_rank_beyond_gram_resolution_falls_back_to_full_svd():
+    """A rank-3 matrix asked for rank 10: the 10th singular value is zero, below the Gram matrix's
+    resolution, so the full SVD is taken (whole spectrum kept) and the result is exact."""
+    g = _gen(8)
+    W = torch.randn(200, 3, dtype=torch.float64, generator=g) @ torch.randn(3, 100, dtype=torch.float64, generator=g)
+    f = truncated_svd(W, 10)
+    assert f.spectrum.shape == (100,) and f.energy is None
+    assert _rel(f.to_dense(), W) < 1e-12
+    assert float((f.U.T @ f.U - torch.eye(10, dtype=torch.float64)).abs().max()) < 1e-12
+
+
+@pytest.mark.parametrize("k", [8, 50, None])  # 8: LAPACK dsyevr on the index range; 50, None: full eigh
+def test_gram_eigh_leading_pairs_match_full_eigendecomposition(k):
+    a = torch.randn(100, 130, generator=_gen(12))  # float32 in, float64 Gram
+    evals, evecs = gram_eigh(a, k)
+    ref_vals, ref_vecs = torch.linalg.eigh(a.double() @ a.double().T)
+    n = 100 if k is None else k
+    assert evals.dtype == evecs.dtype == torch.float64 and evecs.shape == (100, n)
+    assert torch.allclose(evals, ref_vals.flip(0)[:n], rtol=1e-12, atol=0)
+    assert float((evecs.T @ evecs - torch.eye(n, dtype=torch.float64)).abs().max()) < 1e-12
+    overlap = (evecs.T @ ref_vecs.flip(1)[:, :n]).abs().diagonal()  # same vectors up to sign
+    assert float((overlap - 1).abs().max()) < 1e-10
 
 
 def test_half_precision_input_is_computed_in_float32():

@@ -16,7 +16,7 @@ from ._ops import (
     compute_dtype,
     largest_within_budget,
     leading_left_singular_vectors,
-    unfold,
+    matmul,
 )
 
 _LETTERS = "abcdefghijklmnopqrstuvwxy"  # one per mode; "z" is the rank index
@@ -52,9 +52,11 @@ class CP:
         return self.rank * (1 + sum(self.shape))
 
     def to_dense(self) -> Tensor:
-        n = len(self.factors)
-        spec = ",".join(f"{_LETTERS[i]}z" for i in range(n)) + ",z->" + _LETTERS[:n]
-        return torch.einsum(spec, *self.factors, self.weights)
+        """``(A_0 diag(weights)) (A_1 ⊙ ... ⊙ A_{N-1})^T`` folded: one GEMM after a Khatri–Rao product."""
+        rest = self.factors[-1]
+        for f in reversed(self.factors[1:-1]):
+            rest = (f[:, None, :] * rest[None]).reshape(-1, self.rank)  # Khatri–Rao, row-major order
+        return matmul(self.factors[0] * self.weights, rest.T).reshape(self.shape)
 
 
 def cp_rank(shape: Sequence[int], rank: int | float) -> int:
@@ -70,15 +72,17 @@ def cp_rank(shape: Sequence[int], rank: int | float) -> int:
     return check_int_rank(rank, "rank", max_rank)
 
 
-def _init_factors(x: Tensor, rank: int, init: str, seed: int) -> list[Tensor]:
+def _init_factors(majors: Sequence[Tensor], rank: int, init: str, seed: int) -> list[Tensor]:
+    """Initial factors from ``majors[n]``, the tensor with mode ``n`` moved first (its unfoldings)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     factors = []
-    for n, size in enumerate(x.shape):
-        a = torch.randn(size, rank, generator=gen, dtype=x.dtype).to(x.device)
+    for xm in majors:
+        size = xm.shape[0]
+        a = torch.randn(size, rank, generator=gen, dtype=xm.dtype).to(xm.device)
         if init == "svd":
             k = min(rank, size)
             # columns beyond the mode size stay random: the unfolding has no more singular vectors
-            a[:, :k] = leading_left_singular_vectors(unfold(x, n), k)
+            a[:, :k] = leading_left_singular_vectors(xm.reshape(size, -1), k)
         factors.append(a)
     return factors
 
@@ -91,38 +95,37 @@ def _solve_normal(gram: Tensor, rhs: Tensor) -> Tensor:
     return rhs @ torch.linalg.pinv(gram, hermitian=True)
 
 
-def _contract_mode(x: Tensor, factor: Tensor, mode: int) -> tuple[Tensor, list[int]]:
-    """``sum_i x[..., i, ...] factor[i, r]`` over ``mode``, with the labels of the result's dimensions.
+def _contract_mode(x_major: Tensor, factor: Tensor, mode: int, ndim: int) -> tuple[Tensor, list[int]]:
+    """``sum_i x[..., i, ...] factor[i, r]`` over ``mode``, from ``x_major``, ``x`` with ``mode`` moved first.
 
-    Labels are mode numbers and -1 for the rank index. The rank index is placed so that the product is
-    one (batched) GEMM with the rank as the short leading output side: with MKL this layout is about 3x
-    faster than ``tensordot``'s, which puts the rank last.
+    Returns the product, shape (R, the other sizes in order), and its dimensions' labels (mode numbers,
+    -1 for the rank). Every contraction is then the same GEMM, ``factor^T`` (R, I) times a contiguous
+    (I, rest) matrix: the layout BLAS runs fastest here (1.5-2.5x the strided middle/last-mode ones).
     """
-    before, size, after = x.shape[:mode], x.shape[mode], x.shape[mode + 1 :]
-    labels = [m for m in range(x.ndim) if m != mode]
-    if not after:
-        out = factor.T @ x.reshape(-1, size).T  # (R, prod(before))
-        return out.reshape(-1, *before), [-1] + labels
-    if not before:
-        return (factor.T @ x.reshape(size, -1)).reshape(-1, *after), [-1] + labels
-    out = torch.matmul(factor.T, x.reshape(math.prod(before), size, math.prod(after)))
-    return out.reshape(*before, -1, *after), labels[:mode] + [-1] + labels[mode:]
+    size = x_major.shape[0]
+    out = matmul(factor.T, x_major.reshape(size, -1))
+    return out.reshape(-1, *x_major.shape[1:]), [-1] + [m for m in range(ndim) if m != mode]
 
 
 def _mttkrp(partial: Tensor, labels: Sequence[int], factors: Sequence[Tensor], keep: int) -> Tensor:
-    """Contract ``partial`` (dimensions ``labels``) with every factor but ``keep``'s, keeping the rank.
+    """Contract ``partial`` (rank first, then the modes ``labels[1:]``) with every factor but ``keep``'s.
 
     Returns the MTTKRP of mode ``keep``, shape (I_keep, R).
     """
     labels = list(labels)
-    for m in [m for m in labels if m not in (keep, -1)]:
-        d, zd = labels.index(m), labels.index(-1)
-        shape = [1] * partial.ndim
-        shape[d], shape[zd] = factors[m].shape
-        factor = factors[m] if d < zd else factors[m].T
-        partial = (partial * factor.reshape(shape)).sum(d)
+    rank = partial.shape[0]
+    for m in [m for m in labels[1:] if m != keep]:
+        d = labels.index(m)
+        size, pre, post = partial.shape[d], math.prod(partial.shape[1:d]), math.prod(partial.shape[d + 1 :])
+        f = factors[m].T  # (R, size)
+        blocks = partial.reshape(rank, pre, size, post)
+        if post == 1:  # (R, pre, size) @ (R, size, 1)
+            out = torch.bmm(blocks.reshape(rank, pre, size), f.unsqueeze(2))
+        else:  # (R, 1, 1, size) @ (R, pre, size, post), batched over the rank and ``pre``
+            out = torch.matmul(f.reshape(rank, 1, 1, size), blocks)
+        partial = out.reshape(rank, *partial.shape[1:d], *partial.shape[d + 1 :])
         labels.pop(d)
-    return partial if labels[0] == keep else partial.T
+    return partial.T
 
 
 def cp_als(
@@ -140,8 +143,10 @@ def cp_als(
     the MTTKRP ``M_n = X_(n) (⊙_{m≠n} A_m)`` and ``V_n`` the Hadamard product of the other factors'
     Gram matrices, so the error cannot rise between sweeps. The MTTKRP never forms the Khatri–Rao
     product: after every ``N - 1`` updates ``X`` is contracted with the factor just updated, and that
-    partial result (indexed by the other modes and the rank) serves the next ``N - 1`` MTTKRPs, so a
-    sweep reads the full tensor ``N / (N - 1)`` times. The error comes from
+    partial result (indexed by the rank and the other modes) serves the next ``N - 1`` MTTKRPs, so a
+    sweep reads the full tensor ``N / (N - 1)`` times. Each contraction reads a copy of ``X`` with the
+    contracted mode first (made once: memory holds up to ``N`` copies of ``X``), so that every
+    contraction is one contiguous GEMM. The error comes from
     ``||X - X̂||^2 = ||X||^2 - 2<X, X̂> + ||X̂||^2`` with no reconstruction, except near an exact fit,
     where that difference has lost its digits to cancellation and ``X̂`` is formed to measure it.
 
@@ -183,17 +188,20 @@ def cp_als(
     xc = x.to(compute_dtype(x))
     n = xc.ndim
     norm_sq = float(xc.double().norm()) ** 2
-    factors = _init_factors(xc, r, init, seed)
+    # X with mode m moved first, contiguous: the unfoldings for the init, and the operands of the
+    # contractions below (every contraction is then one contiguous GEMM)
+    majors = [xc] + [xc.movedim(m, 0).contiguous() for m in range(1, n)]
+    factors = _init_factors(majors, r, init, seed)
     grams = [a.T @ a for a in factors]
     weights = torch.ones(r, dtype=xc.dtype, device=xc.device)
     errors: list[float] = []
-    partial, labels = xc, list(range(n))
     for sweep in range(n_iter_max):
         for mode in range(n):
             if (sweep * n + mode) % (n - 1) == 0:
                 # Contract X with the factor updated last (mode - 1): that partial product, indexed by the
-                # remaining modes and the rank, serves the MTTKRPs of the next n - 1 updates.
-                partial, labels = _contract_mode(xc, factors[(mode - 1) % n], (mode - 1) % n)
+                # rank and the remaining modes, serves the MTTKRPs of the next n - 1 updates.
+                last = (mode - 1) % n
+                partial, labels = _contract_mode(majors[last], factors[last], last, n)
             mttkrp = _mttkrp(partial, labels, factors, keep=mode)
             v = torch.ones_like(grams[0])
             for m in range(n):

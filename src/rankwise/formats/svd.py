@@ -13,6 +13,7 @@ from ._ops import (
     check_tensor,
     check_tolerance,
     compute_dtype,
+    gram_eigh,
     largest_within_budget,
     rank_for_tolerance,
 )
@@ -23,14 +24,17 @@ class SVD:
     """``W ≈ U diag(S) Vh``.
 
     U : Tensor, shape (m, r); S : Tensor, shape (r,); Vh : Tensor, shape (r, n).
-    ``spectrum`` holds every singular value of the factorized matrix (the whitened one for
-    :func:`whitened_svd`), so that ``tail_error(k)`` is known for any rank without another SVD.
+    ``spectrum`` holds the singular values known of the factorized matrix (the whitened one for
+    :func:`whitened_svd`): all ``min(m, n)`` of them when a full SVD was taken, so that ``tail_error(k)``
+    is known for any rank without another SVD; only the leading ones otherwise, then with ``energy``,
+    the squared Frobenius norm of the factorized matrix, when the leading values are exact.
     """
 
     U: Tensor
     S: Tensor
     Vh: Tensor
     spectrum: Tensor | None = None
+    energy: float | None = None
 
     @property
     def rank(self) -> int:
@@ -55,13 +59,25 @@ class SVD:
     def truncate(self, rank: int) -> "SVD":
         """The leading ``rank`` triplets (Eckart–Young optimal when this is an exact SVD)."""
         check_int_rank(rank, "rank", self.rank)
-        return SVD(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.spectrum)
+        return SVD(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.spectrum, self.energy)
 
     def tail_error(self, rank: int) -> float:
-        """Frobenius norm of the discarded part at ``rank`` (of the whitened matrix for whitened SVDs)."""
-        if self.spectrum is None:
-            raise ValueError("tail_error needs the full spectrum; this SVD was computed without it")
-        return float(torch.sqrt((self.spectrum[rank:].double() ** 2).sum()))
+        """Frobenius norm of the discarded part at ``rank`` (of the whitened matrix for whitened SVDs).
+
+        From the discarded singular values when all are known; from ``energy`` minus the kept ones when
+        only the leading ``len(spectrum)`` are (``rank`` up to that length; the difference loses
+        relative accuracy once the tail is below ~1e-8 of the norm).
+        """
+        known = 0 if self.spectrum is None else int(self.spectrum.shape[0])
+        kept_sq = (self.spectrum[:rank].double() ** 2).sum() if known else None
+        if known == min(self.shape):
+            return float(torch.sqrt((self.spectrum[rank:].double() ** 2).sum()))
+        if self.energy is not None and rank <= known:
+            return float(torch.sqrt((self.energy - kept_sq).clamp_min(0.0)))
+        raise ValueError(
+            f"tail_error({rank}) needs the singular values beyond the {known} this SVD holds "
+            "(use truncated_svd with eps= or without rank, or whitened_svd)"
+        )
 
 
 def svd_rank(shape: tuple[int, int], rank: int | float) -> int:
@@ -78,11 +94,11 @@ def _check_matrix(W: Tensor) -> None:
     check_tensor(W, "W", ndim=2)
 
 
-def _finish(U: Tensor, S: Tensor, Vh: Tensor, spectrum: Tensor, like: Tensor) -> SVD:
+def _finish(U: Tensor, S: Tensor, Vh: Tensor, spectrum: Tensor, like: Tensor, energy: float | None = None) -> SVD:
     dt = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
     # factors of a half-precision matrix are returned in float32: casting U, S, Vh to float16 loses more
     # than the truncation itself; layers cast them to the model dtype when they build.
-    return SVD(U.to(dt), S.to(dt), Vh.to(dt), spectrum.to(dt))
+    return SVD(U.to(dt), S.to(dt), Vh.to(dt), spectrum.to(dt), energy)
 
 
 def truncated_svd(W: Tensor, rank: int | float | None = None, *, eps: float | None = None) -> SVD:
@@ -99,15 +115,45 @@ def truncated_svd(W: Tensor, rank: int | float | None = None, *, eps: float | No
 
     Returns
     -------
-    SVD with ``||W - to_dense()||_F == sqrt(sum of discarded S**2)``.
+    SVD with ``||W - to_dense()||_F == sqrt(sum of discarded S**2)``. ``spectrum`` holds every
+    singular value, except for a small ``rank`` without ``eps`` (below), where it holds the leading
+    ``rank`` and ``energy`` = ``||W||_F^2`` (``tail_error`` works up to ``rank`` either way).
+
+    Notes
+    -----
+    For a small explicit rank (``8 * rank <= min(m, n)``, no ``eps``) the leading singular subspace
+    comes from the ``rank`` leading eigenvectors of the float64 Gram matrix of the shorter side
+    (:func:`~rankwise.formats._ops.gram_eigh`) followed by a Rayleigh–Ritz step, an exact SVD of ``W``
+    projected on that subspace, which makes both factors orthonormal to round-off: 3-4x faster than a
+    full SVD at 4096 x 2048, rank 256. The Gram matrix resolves singular values down to about
+    ``1e-8 * S[0]``; when the ``rank``-th one is below ``1e-3 * S[0]`` a full SVD is taken instead.
     """
     _check_matrix(W)
     r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
     A = W.to(compute_dtype(W))
+    if eps is None and rank is not None and 8 * r <= min(A.shape):
+        leading = _leading_svd(A, r)
+        if leading is not None:
+            return _finish(*leading, leading[1], W, energy=float(A.double().norm()) ** 2)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     if eps is not None:
         r = min(r, rank_for_tolerance(S, check_tolerance(eps)))
     return _finish(U[:, :r], S[:r], Vh[:r], S, W)
+
+
+def _leading_svd(A: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Leading ``r`` singular triplets of ``A`` via the Gram matrix of its shorter side and a
+    Rayleigh–Ritz step; None when the ``r``-th singular value is below ``1e-3 * S[0]``."""
+    wide = A.shape[0] < A.shape[1]
+    B = A if wide else A.T  # (short, long): its left singular vectors are A's short-side ones
+    evals, Q = gram_eigh(B, r)
+    if not float(evals[-1]) >= 1e-6 * float(evals[0]) or not float(evals[0]) > 0:
+        return None
+    Q = Q.to(B.dtype)
+    # Rayleigh–Ritz: the SVD of the projection B^T Q (long, r), tall so that gesdd is fast
+    W, S, UcT = torch.linalg.svd(B.T @ Q, full_matrices=False)
+    short = Q @ UcT.T
+    return (short, S, W.T) if wide else (W, S, short.T)
 
 
 def randomized_svd(
@@ -240,13 +286,11 @@ def _gram_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of ``A`` (float64, shape (m, n)) from ``eigh`` of its smaller Gram matrix."""
     tiny = lambda S: S.clamp_min(float(S[0]) * 1e-150 + 1e-300)  # noqa: E731 - never divide by zero
     if A.shape[0] <= A.shape[1]:
-        evals, vecs = torch.linalg.eigh(A @ A.T)
-        S = evals.flip(0).clamp_min(0).sqrt()
-        U = vecs.flip(1)
+        evals, U = gram_eigh(A)
+        S = evals.clamp_min(0).sqrt()
         return U, S, (U.T @ A) / tiny(S)[:, None]
-    evals, vecs = torch.linalg.eigh(A.T @ A)
-    S = evals.flip(0).clamp_min(0).sqrt()
-    V = vecs.flip(1)
+    evals, V = gram_eigh(A.T)
+    S = evals.clamp_min(0).sqrt()
     return (A @ V) / tiny(S), S, V.T
 
 

@@ -16,6 +16,7 @@ from ._ops import (
     check_tensor,
     check_tolerance,
     compute_dtype,
+    gram_eigh,
     largest_within_budget,
 )
 
@@ -111,13 +112,13 @@ def truncated_left_basis(M: Tensor, max_rank: int, tol_sq: float | None) -> tupl
     """
     rows, cols = M.shape
     if rows <= cols:
-        A = M.to(torch.float64)
-        G = A @ A.T
-        if tol_sq is None or tol_sq >= _GRAM_FLOOR * rows * float(torch.trace(G)):
-            evals, evecs = torch.linalg.eigh(G)
-            sq = torch.flip(evals, [0]).clamp_min(0.0)
-            k = _rank_from_tail(sq, max_rank, tol_sq)
-            U = torch.flip(evecs[:, -k:], [1]).to(M.dtype)
+        if tol_sq is None:
+            U = gram_eigh(M, max_rank)[1].to(M.dtype)
+            return U, U.T @ M
+        if tol_sq >= _GRAM_FLOOR * rows * float(M.double().norm()) ** 2:  # the floor is relative to trace(M M^T)
+            sq, evecs = gram_eigh(M)
+            k = _rank_from_tail(sq.clamp_min(0.0), max_rank, tol_sq)
+            U = evecs[:, :k].to(M.dtype)
             return U, U.T @ M
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     k = _rank_from_tail(S.to(torch.float64) ** 2, max_rank, tol_sq)
