@@ -13,7 +13,7 @@ Each call is timed ``--repeats`` times (best time kept, the machine is shared); 
 error ``||X - X̂|| / ||X||`` is computed afterwards from the dense reconstruction in float64. Both sides
 get the same thread count: ``torch.set_num_threads`` and, for numpy's BLAS, ``threadpoolctl``.
 
-    python benchmarks/decompositions.py [--threads 1] [--repeats 3] [--only tucker cp ...]
+    python benchmarks/decompositions.py [--threads 1] [--repeats 3] [--only tucker cp ...] [--gemm]
 """
 
 from __future__ import annotations
@@ -175,11 +175,36 @@ def problems() -> dict[str, tuple[Callable[[], torch.Tensor], Callable, Callable
     return table
 
 
+def gemm_table(repeats: int) -> None:
+    """torch's matmul (MKL) against the CPU path of ``rankwise.formats._ops`` (numpy's OpenBLAS) on the
+    products the decompositions run: the narrow ALS contractions and the Gram matrices (numpy calls syrk
+    for ``x @ x.T``)."""
+    from rankwise.formats._ops import gram, matmul
+
+    print("\n| product (float64) | torch ms | rankwise._ops ms | ratio |\n|---|---:|---:|---:|")
+    g = _gen(20)
+    cases = {
+        "(16 x 100) @ (100 x 10000), CP contraction": (torch.randn(100, 16, dtype=torch.float64, generator=g).T,
+                                                       torch.randn(100, 10000, dtype=torch.float64, generator=g)),
+        "(64 x 256) @ (256 x 2304), Tucker-2 contraction": (torch.randn(64, 256, dtype=torch.float64, generator=g),
+                                                            torch.randn(256, 2304, dtype=torch.float64, generator=g)),
+        "(4096 x 2048) @ (2048 x 256)": (torch.randn(4096, 2048, dtype=torch.float64, generator=g),
+                                         torch.randn(2048, 256, dtype=torch.float64, generator=g)),
+    }
+    for label, (a, b) in cases.items():
+        t = _best_times({"torch": lambda a=a, b=b: a @ b, "ours": lambda a=a, b=b: matmul(a, b)}, repeats)
+        print(f"| {label} | {t['torch'][0] * 1e3:.2f} | {t['ours'][0] * 1e3:.2f} | {t['torch'][0] / t['ours'][0]:.2f}x |")
+    a = torch.randn(2048, 4096, dtype=torch.float64, generator=g)
+    t = _best_times({"torch": lambda: a @ a.T, "ours": lambda: gram(a)}, repeats)
+    print(f"| Gram (2048 x 4096) @ its transpose | {t['torch'][0] * 1e3:.2f} | {t['ours'][0] * 1e3:.2f} | {t['torch'][0] / t['ours'][0]:.2f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="threads for torch and numpy's BLAS (both sides)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per call; the best is kept")
     parser.add_argument("--only", nargs="*", default=None, help="substrings of problem names to run")
+    parser.add_argument("--gemm", action="store_true", help="also time torch's matmul against rankwise's CPU GEMM path")
     args = parser.parse_args()
 
     from threadpoolctl import threadpool_limits
@@ -211,6 +236,8 @@ def main() -> None:
             note += f"; rankwise / optimal - 1 = {errors['rankwise'] / optimal - 1:+.1e}"
             note += f"; randomized / optimal - 1 = {errors['rankwise randomized_svd (n_iter=8)'] / optimal - 1:+.1e}"
         print(f"|  | *{note}* | | | |")
+    if args.gemm:
+        gemm_table(args.repeats)
 
 
 if __name__ == "__main__":
