@@ -1,10 +1,12 @@
 """A multi-task suite on scikit-learn's bundled digits: one base model fine-tuned on eight distinct tasks.
 
-The base model (a backbone plus a linear head) is trained on the plain digits. Each task then
-fine-tunes the whole backbone together with its own linear head (started from the base head, or
-fresh for another label set); with ``heads="probe"`` each task's head is instead a linear probe on the
-frozen base features, kept frozen while the backbone is fine-tuned (the fixed-head protocol of
-task arithmetic and AdaMerging on CLIP). Merges combine the backbones only; every task is scored with the merged
+The base model (a backbone plus a linear head) is trained on the plain digits (with
+``pretrain="augmented"``, under generic random jitter and label smoothing: a broader "pretraining"
+that is none of the tasks). Each task then fine-tunes the whole backbone together with its own
+linear head (started from the base head, or fresh for another label set); with ``heads="probe"`` or
+``"zeroshot"`` each task's head is instead a linear probe on the frozen base features or the base's
+own head, kept frozen while the backbone is fine-tuned (the fixed-head protocol of task arithmetic
+and AdaMerging on CLIP). Merges combine the backbones only; every task is scored with the merged
 backbone followed by its own head, as task arithmetic, TIES and TSV-M do (they keep task-specific
 classification heads and merge the shared encoder). The default tasks (:data:`DEFAULT_TASKS`) change
 the input domain in seven ways (rotation by 90 degrees, mirror, intensity inversion, a one-pixel
@@ -13,8 +15,9 @@ vectors pull the shared backbone in different directions. :data:`HARD_TASKS` swa
 transforms that destroy the spatial layout (a fixed pixel permutation, a cyclic roll, a checkerboard
 sign flip).
 
-Everything is seeded and runs on one CPU thread in seconds; the trained weights are cached as one
-safetensors file under ``~/.cache/rankwise/digits``, keyed by the training configuration.
+Everything is seeded and runs on one CPU thread (seconds at width 256, about a minute at 1024); the
+trained weights are cached as one safetensors file under ``~/.cache/rankwise/digits``, keyed by the
+training configuration.
 """
 
 from __future__ import annotations
@@ -219,7 +222,8 @@ class DigitsSuite:
     ``finetuned[k]`` and ``heads[k]`` belong to ``tasks[k]``. ``head_mode`` says how the heads were
     made (see :func:`load_digits_suite`): ``"finetuned"``, each head started from the base's head (a
     seeded fresh one for tasks with another label set) and was fine-tuned with its backbone; ``"probe"``,
-    each head is a linear probe on the base backbone, frozen while its backbone was fine-tuned.
+    each head is a linear probe on the base backbone, frozen while its backbone was fine-tuned;
+    ``"zeroshot"``, each head is :func:`zeroshot_head` of the base's head, frozen likewise.
     """
 
     arch: str
@@ -353,7 +357,8 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
     if not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be distinct names from {', '.join(TASKS)}, got {list(tasks)!r}")
     _check_choice("pretrain", pretrain, PRETRAIN_MODES)
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
+            or not 0 <= label_smoothing < 1):
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     cfg = {"version": _CACHE_VERSION, "arch": arch, "tasks": list(tasks), "seed": seed,
            "width": width, "base_epochs": base_epochs, "ft_epochs": ft_epochs, "lr": lr, "ft_lr": ft_lr}
