@@ -8,7 +8,7 @@ subprocess (wall time, peak RSS from ``ru_maxrss``); both adapters are then read
 the decoder Linear layers, and perplexity on ``builtin_text("eval")`` of base + LoRA, against the
 base's and the fine-tuned model's.
 
-    python benchmarks/delta.py [--ranks 16 64] [--steps 24] [--eval-seqs 8]
+    python benchmarks/delta.py [--ranks 16 64] [--steps 24] [--eval-seqs 8] [--threads 1]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -74,8 +75,10 @@ def finetuned_dir(base: Path, steps: int, lr: float, batch: int, seed: int) -> P
     return out
 
 
-def measure(cmd: list[str]) -> dict:
-    res = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
+def measure(cmd: list[str], threads: int) -> dict:
+    """Run ``cmd`` in a subprocess limited to ``threads`` BLAS/OpenMP threads; wall time and peak RSS."""
+    env = {**os.environ, **{v: str(threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+    res = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True, env=env)
     stats = json.loads(res.stdout)
     if stats["rc"] != 0:
         raise RuntimeError(f"{cmd[0]} failed ({stats['rc']}): {stats['err']}")
@@ -109,6 +112,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--eval-seqs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="threads of each extractor's subprocess (the same for both)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,7 +148,7 @@ def main() -> None:
                 (f"rankwise keep={keep:.4f}", [*rw, "--out", str(tmp / f"rk{r}"), "--keep", f"{keep:.6f}"], tmp / f"rk{r}"),
             ]
             for label, cmd, out in runs:
-                stats = measure(cmd)
+                stats = measure(cmd, args.threads)
                 delta = load_peft(out)
                 merged = apply_delta_(copy.deepcopy(base_model), delta)
                 ppl = perplexity(merged, seqs)

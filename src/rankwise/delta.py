@@ -29,8 +29,10 @@ class Delta:
     exact : dict parameter name -> Tensor, the fine-tuned value of every parameter of a module stored
         exactly (embeddings, norms, non-targeted layers that changed).
     transposed : module names whose weight is stored (in, out) (transformers' Conv1D).
-    spectra : dict module name -> Tensor, shape (min(m, n),), all singular values of the layer's delta
-        (empty for a delta read from a PEFT adapter).
+    spectra : dict module name -> Tensor, the singular values computed for the layer's delta: all
+        ``min(m, n)`` of them, or with a fixed rank the leading ones that
+        :func:`~rankwise.formats.svd.truncated_svd` computed (empty for a delta read from a PEFT adapter).
+    energy : dict module name -> float, ``||W_ft - W_base||_F**2`` of the layer (same layers as ``spectra``).
     dense_params : ``sum(m * n)`` over the layers of ``spectra`` (the budget's reference).
     shapes : dict module name -> (out_features, in_features) of every layer in ``lora`` or ``bias``.
     tied : dict parameter name -> the name in ``exact`` it is tied to (a tied output head), so that
@@ -42,6 +44,7 @@ class Delta:
     exact: dict[str, torch.Tensor] = field(default_factory=dict)
     transposed: frozenset[str] = frozenset()
     spectra: dict[str, torch.Tensor] = field(default_factory=dict)
+    energy: dict[str, float] = field(default_factory=dict)
     dense_params: int = 0
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
@@ -58,7 +61,7 @@ class Delta:
     def relative_error(self) -> float:
         """``||D - B A||_F / ||D||_F`` over every layer of ``spectra`` (dropped layers count in full)."""
         kept = sum(float((s[: self.ranks.get(n, 0)].double() ** 2).sum()) for n, s in self.spectra.items())
-        total = sum(float((s.double() ** 2).sum()) for s in self.spectra.values())
+        total = sum(self.energy.values())
         return math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
 
     def weight_delta(self, module: str) -> torch.Tensor:
@@ -313,10 +316,13 @@ def extract_delta(
     out.shapes = dict(layers)
     for module, (m, n) in layers.items():
         r = rank if rank is not None else ranks[module] if ranks else min(m, n)
-        svd = truncated_svd(delta_of(module))
-        spectra[module] = svd.S
+        D = delta_of(module)
+        out.energy[module] = float(D.double().norm()) ** 2
         if r == 0:
             continue
+        svd = truncated_svd(D, r)  # the leading triplets only (a Gram-matrix route for small ranks)
+        if module not in spectra:  # keep/energy computed every singular value in the first pass
+            spectra[module] = svd.spectrum
         root = torch.sqrt(svd.S[:r])
         out.lora[module] = ((svd.Vh[:r] * root[:, None]).contiguous(), (svd.U[:, :r] * root).contiguous())
     out.spectra = spectra
