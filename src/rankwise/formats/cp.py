@@ -145,7 +145,7 @@ def cp_als(
     product: after every ``N - 1`` updates ``X`` is contracted with the factor just updated, and that
     partial result (indexed by the rank and the other modes) serves the next ``N - 1`` MTTKRPs, so a
     sweep reads the full tensor ``N / (N - 1)`` times. Each contraction reads a copy of ``X`` with the
-    contracted mode first (made once: memory holds up to ``N`` copies of ``X``), so that every
+    contracted mode first (made once: memory holds ``N`` copies of ``X``), so that every
     contraction is one contiguous GEMM. The error comes from
     ``||X - X̂||^2 = ||X||^2 - 2<X, X̂> + ||X̂||^2`` with no reconstruction, except near an exact fit,
     where that difference has lost its digits to cancellation and ``X̂`` is formed to measure it.
