@@ -169,6 +169,11 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
     Gaussian noise of standard deviation 0.05, every draw from ``generator``.
 
     x : Tensor, shape (N, 1, 8, 8). Returns a new Tensor of the same shape.
+
+    References
+    ----------
+    P. Y. Simard, D. Steinkraus, J. C. Platt, "Best practices for convolutional neural networks applied
+    to visual document analysis", ICDAR 2003 (small affine distortions of digits as augmentation).
     """
     n = len(x)
     angle = (2 * torch.rand(n, generator=generator) - 1) * math.radians(10)
@@ -188,7 +193,8 @@ def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr:
 
     x : Tensor, shape (N, 1, 8, 8); y : Tensor of int64, shape (N,).
     optimizer : ``"adam"`` or ``"sgd"`` (momentum 0.9).
-    label_smoothing : passed to the cross-entropy (Szegedy et al. 2016), in [0, 1).
+    label_smoothing : passed to the cross-entropy, in [0, 1) (C. Szegedy et al., "Rethinking the
+        Inception architecture for computer vision", CVPR 2016).
     augmented : each minibatch goes through :func:`augment` first.
     """
     _check_choice("optimizer", optimizer, ("adam", "sgd"))
@@ -263,6 +269,12 @@ def zeroshot_head(head: nn.Linear, num_classes: int) -> nn.Linear:
 
     ``num_classes`` 10: a copy of ``head``; 2 (parity): class c's logit is the mean of the digit logits of
     the digits of parity c (rows and biases averaged). head : nn.Linear, shape (10, features).
+
+    References
+    ----------
+    A. Radford et al., "Learning transferable visual models from natural language supervision", ICML
+    2021 (zero-shot heads); G. Ilharco et al., "Editing models with task arithmetic", ICLR 2023 (heads
+    kept frozen while the encoder is fine-tuned).
     """
     if num_classes == head.out_features:
         return copy.deepcopy(head)
