@@ -211,6 +211,7 @@ def main() -> None:
                    help="base trained on the plain digits, or on them under generic random jitter")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="of the base's training loss")
     p.add_argument("--base-epochs", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0, help="the suite's training seed")
     p.add_argument("--split", default="test", choices=("test", "val"),
                    help="score the merges on test (the report) or on val (to choose a suite configuration)")
     p.add_argument("--ada-steps", type=int, default=200)
@@ -225,9 +226,9 @@ def main() -> None:
     t0 = time.perf_counter()
     suite = load_digits_suite(args.arch, tasks, width=args.width, ft_lr=args.ft_lr, ft_epochs=args.ft_epochs,
                               heads=args.heads, pretrain=args.pretrain, label_smoothing=args.label_smoothing,
-                              base_epochs=args.base_epochs)
-    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, heads {args.heads}, base: {args.pretrain} "
-          f"digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; fine-tunes: SGD lr "
+                              base_epochs=args.base_epochs, seed=args.seed)
+    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, heads {args.heads}, seed {args.seed}, "
+          f"base: {args.pretrain} digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; fine-tunes: SGD lr "
           f"{args.ft_lr:g} for {args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s; scored on "
           f"{args.split}\n")
     print_merges(suite, merge_all(suite, args.ada_steps, tuple(args.ada_lr), args.split,
