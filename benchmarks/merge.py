@@ -33,7 +33,14 @@ import rankwise
 from rankwise.merging import METHODS
 from rankwise.merging.adamerging import learn_coefficients
 from rankwise.merging.rebasin import align
-from rankwise.suites.digits import DEFAULT_TASKS, HARD_TASKS, load_digits_suite, make_model, split_data, train_classifier
+from rankwise.suites.digits import (
+    DEFAULT_TASKS,
+    HARD_TASKS,
+    load_digits_suite,
+    make_model,
+    split_data,
+    train_classifier,
+)
 
 SCALES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 # each method's sweep on the validation split; single entries are the paper's setting

@@ -6,10 +6,18 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from rankwise.suites.digits import (DEFAULT_TASKS, TASKS, augment, load_digits_suite, make_model, split_data,
-                                    train_classifier, zeroshot_head)
+from rankwise.suites.digits import (
+    DEFAULT_TASKS,
+    TASKS,
+    augment,
+    load_digits_suite,
+    make_model,
+    split_data,
+    train_classifier,
+    zeroshot_head,
+)
 
-SMALL = dict(arch="mlp", tasks=("rot90", "parity"), width=32, base_epochs=8, ft_epochs=8)
+SMALL = {"arch": "mlp", "tasks": ("rot90", "parity"), "width": 32, "base_epochs": 8, "ft_epochs": 8}
 
 
 @pytest.fixture(scope="module")

@@ -118,7 +118,7 @@ DEFAULT_TASKS = ("rot90", "hflip", "invert", "shift", "blur_noise", "dilate", "e
 HARD_TASKS = ("rot90", "hflip", "invert", "permute", "roll", "blur_noise", "checker", "parity")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _task_data(task: str) -> dict[str, tuple[Tensor, Tensor]]:
     """Images (N, 1, 8, 8) float32 and labels (N,) int64 of ``task`` ("digits" = untransformed) per split."""
     from sklearn.datasets import load_digits
