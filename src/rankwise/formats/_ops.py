@@ -91,8 +91,8 @@ def _numpy_blas():
 def matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` (2-D, or batched with equal leading dimensions); on CPU through numpy's BLAS.
 
-    torch's CPU wheels link MKL, whose kernels for the narrow products of ALS-type loops (one side the
-    rank, ~16) ran 1.8-2.3x slower than numpy's OpenBLAS on our benchmark machine (AMD EPYC; see
+    torch's CPU wheels link MKL, which on our benchmark machine (AMD EPYC) ran the products of the
+    decompositions 1.06-1.34x slower than numpy's OpenBLAS (``benchmarks/decompositions.py --gemm``,
     BENCHMARKS.md); both run on torch's thread count. Gradients do not flow through the CPU path.
     """
     if a.device.type != "cpu":
