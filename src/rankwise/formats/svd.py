@@ -69,10 +69,10 @@ class SVD:
         relative accuracy once the tail is below ~1e-8 of the norm).
         """
         known = 0 if self.spectrum is None else int(self.spectrum.shape[0])
-        kept_sq = (self.spectrum[:rank].double() ** 2).sum() if known else None
         if known == min(self.shape):
             return float(torch.sqrt((self.spectrum[rank:].double() ** 2).sum()))
-        if self.energy is not None and rank <= known:
+        if self.energy is not None and known and rank <= known:
+            kept_sq = (self.spectrum[:rank].double() ** 2).sum()
             return float(torch.sqrt((self.energy - kept_sq).clamp_min(0.0)))
         raise ValueError(
             f"tail_error({rank}) needs the singular values beyond the {known} this SVD holds "
