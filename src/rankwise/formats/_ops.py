@@ -89,7 +89,7 @@ def _numpy_blas():
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (2-D, or batched with equal leading dimensions); on CPU through numpy's BLAS.
+    """``a @ b`` of two matrices; on CPU through numpy's BLAS.
 
     torch's CPU wheels link MKL, which on our benchmark machine (AMD EPYC) ran the products of the
     decompositions 1.06-1.34x slower than numpy's OpenBLAS (``benchmarks/decompositions.py --gemm``,
