@@ -8,16 +8,17 @@ with its own init / learning rate chosen by adapting on the unlabeled val inputs
 AdaMerging++ is the same on the TIES-processed task vectors (trim density 0.2).
 Normalized accuracy = merged / individually fine-tuned accuracy, per task, averaged over tasks.
 The default suite is the "pretrained backbone, gentle fine-tunes" regime of the papers, chosen with
-``--split val`` (see BENCHMARKS.md): an MLP of width 1024 pretrained on the digits under generic jitter
-with label smoothing 0.1, the hard tasks, fine-tunes by SGD lr 0.001 for 20 epochs.
+``--split val`` (see BENCHMARKS.md): an MLP of width 1024 ending in a parameter-free layer norm (the
+heads see normalised features, as CLIP's heads do), pretrained on the digits under generic jitter with
+label smoothing 0.1, the hard tasks, fine-tunes by SGD lr 0.001 for 20 epochs.
 
 Part 2 trains two models on the plain digits from different seeds and measures the loss barrier on
 the straight path between them, before and after weight matching:
 ``max_alpha [L((1 - alpha) a + alpha b) - ((1 - alpha) L(a) + alpha L(b))]`` on an 11-point grid.
 
     python benchmarks/merge.py [--arch mlp] [--width 256] [--tasks default|hard] [--ft-lr 0.03] [--ft-epochs 15]
-        [--heads finetuned|probe|zeroshot] [--pretrain plain|augmented] [--label-smoothing 0] [--split test|val]
-        [--skip-barrier]
+        [--heads finetuned|probe|zeroshot] [--pretrain plain|augmented] [--label-smoothing 0] [--no-feature-norm]
+        [--split test|val] [--seed 0] [--small-sweep] [--skip-barrier]
 """
 
 from __future__ import annotations
@@ -217,6 +218,8 @@ def main() -> None:
     p.add_argument("--pretrain", default="augmented", choices=("plain", "augmented"),
                    help="base trained on the plain digits, or on them under generic random jitter")
     p.add_argument("--label-smoothing", type=float, default=0.1, help="of the base's training loss")
+    p.add_argument("--feature-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="the backbone ends with a parameter-free layer norm (CLIP-like normalised features)")
     p.add_argument("--base-epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0, help="the suite's training seed")
     p.add_argument("--split", default="test", choices=("test", "val"),
@@ -233,8 +236,9 @@ def main() -> None:
     t0 = time.perf_counter()
     suite = load_digits_suite(args.arch, tasks, width=args.width, ft_lr=args.ft_lr, ft_epochs=args.ft_epochs,
                               heads=args.heads, pretrain=args.pretrain, label_smoothing=args.label_smoothing,
-                              base_epochs=args.base_epochs, seed=args.seed)
-    print(f"suite ({args.arch}, width {args.width}, tasks {args.tasks}, heads {args.heads}, seed {args.seed}, "
+                              base_epochs=args.base_epochs, seed=args.seed, feature_norm=args.feature_norm)
+    print(f"suite ({args.arch}, width {args.width}{', feature norm' if args.feature_norm else ''}, tasks {args.tasks}, "
+          f"heads {args.heads}, seed {args.seed}, "
           f"base: {args.pretrain} digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; fine-tunes: SGD lr "
           f"{args.ft_lr:g} for {args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s; scored on "
           f"{args.split}\n")

@@ -11,6 +11,7 @@ from rankwise.suites.digits import (
     TASKS,
     augment,
     load_digits_suite,
+    make_backbone,
     make_model,
     split_data,
     train_classifier,
@@ -161,6 +162,36 @@ def test_zeroshot_heads_are_the_base_head_kept_frozen(tmp_path):
     assert suite.accuracy(suite.finetuned[0], "rot90") >= 0.85
     with pytest.raises(ValueError, match=r"^num_classes must be 10 or 2 for a zero-shot head, got 3$"):
         zeroshot_head(base_head, 3)
+
+
+def test_feature_norm_normalises_and_undoes_weight_scaling(small, tmp_path):
+    plain, _ = make_backbone("mlp", seed=0, width=32)
+    normed, features = make_backbone("mlp", seed=0, width=32, feature_norm=True)
+    assert features == 32 and isinstance(normed[-1], torch.nn.LayerNorm)
+    assert plain.state_dict().keys() == normed.state_dict().keys()  # no new parameters, same seeded weights
+    assert all(torch.equal(v, normed.state_dict()[k]) for k, v in plain.state_dict().items())
+    x = split_data("rot90", "val")[0]
+    with torch.no_grad():
+        f = normed(x)
+        torch.testing.assert_close(f.mean(1), torch.zeros(len(x)), rtol=0, atol=1e-6)
+        p0 = plain(x)
+        v = p0.var(1, unbiased=False)
+        torch.testing.assert_close(f.var(1, unbiased=False), v / (v + 1e-5), rtol=1e-4, atol=0)  # unit up to eps
+        torch.testing.assert_close(f, torch.nn.functional.layer_norm(p0, (32,)), rtol=0, atol=1e-6)
+        # scaling the last layer's weights and bias by 3 triples the plain features but leaves the normalised
+        # ones (up to the eps of 1e-5 added to their variance, here ~5e-3)
+        for m in (plain, normed):
+            m[3].weight.mul_(3.0)
+            m[3].bias.mul_(3.0)
+        torch.testing.assert_close(plain(x), 3 * p0, rtol=1e-5, atol=1e-6)
+        assert (normed(x) - f).abs().max() < 1e-2
+    _, plain_suite = small
+    suite = load_digits_suite(**SMALL, feature_norm=True, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1  # its own cache file
+    assert isinstance(suite.base[-1], torch.nn.LayerNorm) and isinstance(suite.finetuned[1][-1], torch.nn.LayerNorm)
+    assert not isinstance(plain_suite.base[-1], torch.nn.LayerNorm)
+    for task, ft in zip(suite.tasks, suite.finetuned):
+        assert suite.accuracy(ft, task) >= 0.85
 
 
 def test_cnn_shapes():

@@ -2,7 +2,8 @@
 
 The base model (a backbone plus a linear head) is trained on the plain digits (with
 ``pretrain="augmented"``, under generic random jitter and label smoothing: a broader "pretraining"
-that is none of the tasks). Each task then fine-tunes the whole backbone together with its own
+that is none of the tasks; with ``feature_norm=True`` the backbone ends in a parameter-free layer norm,
+so heads see normalised features as CLIP's do). Each task then fine-tunes the whole backbone together with its own
 linear head (started from the base head, or fresh for another label set); with ``heads="probe"`` or
 ``"zeroshot"`` each task's head is instead a linear probe on the frozen base features or the base's
 own head, kept frozen while the backbone is fine-tuned (the fixed-head protocol of task arithmetic
@@ -138,12 +139,21 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def make_backbone(arch: str = "cnn", *, seed: int = 0, width: int = 64) -> tuple[nn.Sequential, int]:
+def make_backbone(arch: str = "cnn", *, seed: int = 0, width: int = 64,
+                  feature_norm: bool = False) -> tuple[nn.Sequential, int]:
     """A fresh, seeded feature extractor for 8x8 digits, and the size of its output features.
 
     ``"cnn"``: conv 3x3 (1 -> 16), ReLU, conv 3x3 (16 -> 32), ReLU, max-pool 2, flatten, linear
     (512 -> ``width``), ReLU. ``"mlp"``: flatten, linear (64 -> ``width``), ReLU, linear
-    (``width`` -> ``width``), ReLU. Input: Tensor, shape (N, 1, 8, 8); output shape (N, ``width``).
+    (``width`` -> ``width``), ReLU. ``feature_norm=True`` appends a layer norm without parameters, so the
+    features reaching a head have zero mean and unit variance whatever the weights, as CLIP's image
+    embeddings are normalised before its heads. Input: Tensor, shape (N, 1, 8, 8); output shape
+    (N, ``width``).
+
+    References
+    ----------
+    J. L. Ba, J. R. Kiros, G. E. Hinton, "Layer normalization", arXiv:1607.06450, 2016. A. Radford et
+    al., "Learning transferable visual models from natural language supervision", ICML 2021.
     """
     _check_choice("arch", arch, ARCHS)
     if isinstance(width, bool) or not isinstance(width, int) or width < 1:
@@ -154,6 +164,8 @@ def make_backbone(arch: str = "cnn", *, seed: int = 0, width: int = 64) -> tuple
                   nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, width), nn.ReLU()]
     else:
         layers = [nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()]
+    if feature_norm:
+        layers.append(nn.LayerNorm(width, elementwise_affine=False))
     return nn.Sequential(*layers), width
 
 
@@ -289,7 +301,8 @@ def zeroshot_head(head: nn.Linear, num_classes: int) -> nn.Linear:
 
 
 def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict, heads: str) -> dict[str, Tensor]:
-    backbone, features = make_backbone(arch, seed=seed, width=cfg["width"])
+    backbone, features = make_backbone(arch, seed=seed, width=cfg["width"],
+                                       feature_norm=cfg.get("feature_norm", False))
     head = nn.Linear(features, 10)
     x, y = split_data("digits", "train")
     train_classifier(nn.Sequential(backbone, head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed,
@@ -327,7 +340,8 @@ def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, seed: int = 0,
                       width: int = 256, base_epochs: int = 30, ft_epochs: int = 15, lr: float = 1e-3,
                       ft_lr: float = 0.03, heads: str = "finetuned", pretrain: str = "plain",
-                      label_smoothing: float = 0.0, cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
+                      label_smoothing: float = 0.0, feature_norm: bool = False,
+                      cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
     """Train (or read from the cache) the base model and one fine-tune per task.
 
     Parameters
@@ -341,6 +355,9 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
         :func:`augment`'s generic random jitter (none of the tasks' transforms), a broader "pretraining"
         whose features degrade more gracefully off its training distribution.
     label_smoothing : of the base's training loss, in [0, 1): a less overconfident base head.
+    feature_norm : the backbone ends with a parameter-free layer norm (see :func:`make_backbone`), so a
+        merge cannot make a frozen head more confident by scaling the features up: what AdaMerging's
+        entropy objective needs to track accuracy (see BENCHMARKS.md).
     ft_epochs, ft_lr : SGD (momentum 0.9) fine-tuning of backbone and head on each task. SGD keeps each
         task vector in the span of its task's gradients; Adam fine-tunes (tried) move every weight
         alike and merge worse with every method, see BENCHMARKS.md.
@@ -376,7 +393,8 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
            "width": width, "base_epochs": base_epochs, "ft_epochs": ft_epochs, "lr": lr, "ft_lr": ft_lr}
     # options at their defaults stay out of the key, so suites trained before an option existed keep their file
     for name, value, default in (("heads", heads, "finetuned"), ("pretrain", pretrain, "plain"),
-                                 ("label_smoothing", float(label_smoothing), 0.0)):
+                                 ("label_smoothing", float(label_smoothing), 0.0),
+                                 ("feature_norm", bool(feature_norm), False)):
         if value != default:
             cfg[name] = value
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
@@ -399,7 +417,7 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
         os.replace(tmp, path)
 
     def backbone(prefix: str) -> nn.Sequential:
-        model = make_backbone(arch, seed=seed, width=width)[0]
+        model = make_backbone(arch, seed=seed, width=width, feature_norm=feature_norm)[0]
         model.load_state_dict(_strip(state, prefix))
         return model.eval()
 
