@@ -114,6 +114,9 @@ def test_keep_budget_is_respected_and_no_triplet_fits_after():
         ranks[best] += 1
         left -= sum(delta.shapes[best])
     assert {n: r for n, r in ranks.items() if r} == delta.ranks
+    for n, D in deltas.items():  # the first pass's Gram-eigenvalue spectra are the singular values
+        s = torch.linalg.svdvals(D)
+        torch.testing.assert_close(delta.spectra[n], s.to(delta.spectra[n].dtype), rtol=0, atol=1e-7 * float(s[0]))
     measured = sum(float(torch.linalg.norm(D - (delta.lora[n][1] @ delta.lora[n][0] if n in delta.lora else 0)) ** 2)
                    for n, D in deltas.items())
     total = sum(float(torch.linalg.norm(D) ** 2) for D in deltas.values())

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rankwise.formats._ops import gram_eigh
+from rankwise.formats._ops import gram_eigh, gram_singular_values
 from rankwise.formats.svd import randomized_svd, truncated_svd, whitened_svd, whitening_factor
 
 
@@ -67,22 +67,24 @@ def test_eps_rule_picks_smallest_rank_within_tolerance():
 
 
 @pytest.mark.parametrize("shape", [(300, 160), (160, 300)])
-def test_small_rank_gram_route_equals_full_svd(shape):
-    """8 * rank <= min(m, n): leading subspace from the Gram matrix, then Rayleigh–Ritz."""
+@pytest.mark.parametrize("r", [16, 53])  # 16: dsyevr on the index range; 53: the largest with 3 * r <= 160
+def test_small_rank_gram_route_equals_full_svd(shape, r):
+    """3 * rank <= min(m, n): leading subspace from the Gram matrix, then Rayleigh–Ritz."""
     s = torch.arange(1, 161, dtype=torch.float64) ** -0.5
     W = _matrix_with_spectrum(*shape, s, seed=3)
-    f = truncated_svd(W, 16)
-    assert f.spectrum.shape == (16,) and f.energy == pytest.approx(float(W.norm()) ** 2, rel=1e-14)
-    assert torch.allclose(f.S, s[:16], rtol=1e-12, atol=0)
-    eye = torch.eye(16, dtype=torch.float64)
+    f = truncated_svd(W, r)
+    assert f.spectrum.shape == (r,) and f.energy == pytest.approx(float(W.norm()) ** 2, rel=1e-14)
+    assert torch.allclose(f.S, s[:r], rtol=1e-12, atol=0)
+    eye = torch.eye(r, dtype=torch.float64)
     assert float((f.U.T @ f.U - eye).abs().max()) < 1e-12
     assert float((f.Vh @ f.Vh.T - eye).abs().max()) < 1e-12
     err = float((W - f.to_dense()).norm())
-    assert err == pytest.approx(float(s[16:].norm()), rel=1e-12)  # Eckart–Young
-    for k in (1, 9, 16):
+    assert err == pytest.approx(float(s[r:].norm()), rel=1e-12)  # Eckart–Young
+    for k in (1, 9, r):
         assert f.tail_error(k) == pytest.approx(float(s[k:].norm()), rel=1e-10)
-    with pytest.raises(ValueError, match=r"tail_error\(17\) needs the singular values beyond the 16 this SVD holds"):
-        f.tail_error(17)
+    with pytest.raises(ValueError, match=rf"tail_error\({r + 1}\) needs the singular values beyond the {r} this SVD holds"):
+        f.tail_error(r + 1)
+    assert truncated_svd(W, 54).spectrum.shape == (160,)  # 3 * 54 > 160: the full SVD, whole spectrum
 
 
 def test_small_rank_beyond_gram_resolution_falls_back_to_full_svd():
@@ -107,6 +109,18 @@ def test_gram_eigh_leading_pairs_match_full_eigendecomposition(k):
     assert float((evecs.T @ evecs - torch.eye(n, dtype=torch.float64)).abs().max()) < 1e-12
     overlap = (evecs.T @ ref_vecs.flip(1)[:, :n]).abs().diagonal()  # same vectors up to sign
     assert float((overlap - 1).abs().max()) < 1e-10
+
+
+@pytest.mark.parametrize("shape", [(90, 60), (60, 90)])
+def test_gram_singular_values_match_svdvals_to_the_gram_resolution(shape):
+    s = torch.cat([torch.logspace(0, -6, 50, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)])
+    W = _matrix_with_spectrum(*shape, s, seed=13)
+    got = gram_singular_values(W)
+    assert got.dtype == torch.float64 and got.shape == (60,)
+    big = s >= 1e-3
+    assert torch.allclose(got[big], s[big], rtol=1e-9, atol=0)
+    assert float((got - s).abs().max()) < 1e-8  # every value (zeros too) within the resolution 1e-8 * S[0]
+    assert torch.equal(got, got.sort(descending=True).values)
 
 
 def test_half_precision_input_is_computed_in_float32():

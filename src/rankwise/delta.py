@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .formats._ops import gram_singular_values
 from .formats.svd import truncated_svd
 
 EXACT_OTHER = ("store", "skip")
@@ -30,7 +31,9 @@ class Delta:
         exactly (embeddings, norms, non-targeted layers that changed).
     transposed : module names whose weight is stored (in, out) (transformers' Conv1D).
     spectra : dict module name -> Tensor, the singular values computed for the layer's delta: all
-        ``min(m, n)`` of them, or with a fixed rank the leading ones that
+        ``min(m, n)`` of them (with ``keep`` / ``energy``, from the Gram eigenvalues: exact to about
+        ``1e-8`` of the largest, see :func:`~rankwise.formats._ops.gram_singular_values`; full rank:
+        from the SVD), or with a fixed rank the leading ones that
         :func:`~rankwise.formats.svd.truncated_svd` computed (empty for a delta read from a PEFT adapter).
     energy : dict module name -> float, ``||W_ft - W_base||_F**2`` of the layer (same layers as ``spectra``).
     dense_params : ``sum(m * n)`` over the layers of ``spectra`` (the budget's reference).
@@ -309,7 +312,8 @@ def extract_delta(
     ranks: dict[str, int] = {}
     if keep is not None or energy is not None:
         for module in layers:  # first pass: singular values only, to allocate before keeping factors
-            spectra[module] = torch.linalg.svdvals(delta_of(module))
+            D = delta_of(module)
+            spectra[module] = gram_singular_values(D).to(D.dtype)
         budget = None if keep is None else int(keep * sum(m * n for m, n in layers.values()))
         ranks = allocate_delta_ranks(spectra, layers, budget=budget, energy=energy)
     out = Delta(transposed=frozenset(transposed), dense_params=sum(m * n for m, n in layers.values()))

@@ -151,6 +151,29 @@ def gram_eigh(a: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(evals[-k:]).flip(0), torch.from_numpy(evecs[:, -k:]).flip(1)
 
 
+def gram_singular_values(a: Tensor) -> Tensor:
+    """Every singular value of ``a``, descending, float64, from the eigenvalues of the float64 Gram
+    matrix of its shorter side (no eigenvectors: a tridiagonal reduction and its eigenvalues).
+
+    1.4-1.8x faster than ``torch.linalg.svdvals`` on one CPU thread for the 576 x 576 to 1536 x 576
+    matrices of a small LLM. Exact to about ``1e-8 * S[0]`` in absolute terms (the Gram matrix's
+    resolution); smaller values come out near zero. Use it where the squares of the spectrum matter
+    (allocating ranks by kept energy), not where tiny singular values must be resolved.
+
+    a : Tensor, shape (m, n). Returns a Tensor of shape (min(m, n),).
+    """
+    G = gram(a if a.shape[0] <= a.shape[1] else a.T)
+    if G.device.type != "cpu":
+        evals = torch.linalg.eigvalsh(G)
+    else:
+        from scipy.linalg import eigh
+
+        with _numpy_blas():
+            evals = torch.from_numpy(eigh(G.numpy(), eigvals_only=True, overwrite_a=True, check_finite=False,
+                                          driver="evd"))
+    return evals.flip(0).clamp_min(0).sqrt()
+
+
 def leading_left_singular_vectors(m: Tensor, rank: int) -> Tensor:
     """First ``rank`` left singular vectors of ``m``, shape (rows, rank), in ``m``'s dtype.
 
