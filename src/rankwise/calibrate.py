@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .formats._ops import gram
+
 Tensor = torch.Tensor
 
 
@@ -27,9 +29,10 @@ class InputStats:
         return cls(torch.zeros(n, n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device))
 
     def add(self, x: Tensor) -> None:
-        """Accumulate a batch ``x`` of shape (..., n): float32 products per batch, float64 running sums."""
+        """Accumulate a batch ``x`` of shape (..., n): float32 products per batch (BLAS syrk on CPU),
+        float64 running sums."""
         rows = x.detach().reshape(-1, x.shape[-1]).float()
-        self.gram += (rows.T @ rows).double()
+        self.gram += gram(rows.T, torch.float32)
         self.abs_sum += rows.abs().sum(0).double()
         self.count += rows.shape[0]
 

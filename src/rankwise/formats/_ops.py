@@ -101,14 +101,15 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
         return torch.from_numpy(a.detach().numpy() @ b.detach().numpy())
 
 
-def gram(a: Tensor) -> Tensor:
-    """``a @ a.T`` in float64, shape (rows, rows), on ``a``'s device.
+def gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``a @ a.T`` computed in ``dtype``, shape (rows, rows), on ``a``'s device.
 
     On CPU the product goes through numpy, whose ``x @ x.T`` of one buffer calls BLAS ``syrk`` (the
     symmetric rank-k update: half the flops of the general product, which is all torch offers; 1.9x
-    faster for a 2048 x 4096 operand in ``benchmarks/decompositions.py``'s setting).
+    faster for a 2048 x 4096 operand in ``benchmarks/decompositions.py``'s setting, 1.8-2.0x for the
+    float32 ``X^T X`` of 2048 calibration tokens). ``a`` may be a transposed view (``gram(X.T)``).
     """
-    a = a.detach().to(torch.float64)
+    a = a.detach().to(dtype)
     if a.device.type != "cpu":
         return a @ a.T
     an = a.numpy()
