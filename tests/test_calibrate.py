@@ -15,8 +15,9 @@ def tiny_llama(seed=0):
     return LlamaForCausalLM(cfg).double().eval()
 
 
-def stored_inputs(model, targets, calib):
-    """Brute force: keep every target's input and every output gradient."""
+def stored_inputs(model, targets, calib, batches=((0, 4), (4, 6))):
+    """Brute force: keep every target's input and every output gradient of the per-sequence summed loss,
+    the batches given as (start, stop) spans."""
     xs, gs = {n: [] for n in targets}, {n: [] for n in targets}
     hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
              for n, m in targets.items()]
@@ -31,10 +32,12 @@ def stored_inputs(model, targets, calib):
     emb = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True))
     for p in model.parameters():
         p.requires_grad_(False)
-    for start in range(0, calib.shape[0], 4):
-        b = calib[start:start + 4]
+    for start, stop in batches:
+        b = calib[start:stop]
         out = model(input_ids=b, attention_mask=torch.ones_like(b))
-        torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), b[:, 1:].reshape(-1)).backward()
+        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(),
+                                                 b[:, 1:].reshape(-1))
+        (loss * len(b)).backward()
     for h in hooks + [emb]:
         h.remove()
     return {n: torch.cat(v) for n, v in xs.items()}, {n: torch.cat(v) for n, v in gs.items()}
@@ -60,6 +63,26 @@ def test_stats_equal_brute_force_and_inputs_are_shared():
     assert stats.inputs[layer + "self_attn.o_proj"] is not q
     assert len(stats.groups()) == 2 * 4  # per block: attention input, o_proj, MLP input, down_proj
     assert stats.loss is not None and stats.loss > 0
+
+
+def test_fisher_sequences_are_counted_exactly_not_by_batch():
+    """fisher_seqs=1 with batches of 4: gradients of the first sequence only, inputs of all six."""
+    model = tiny_llama()
+    targets = find_targets(model)
+    calib = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(2))
+    stats = collect_stats(model, targets, calib, fisher_seqs=1, progress=False)
+    _, gs = stored_inputs(model, targets, calib[:1], batches=((0, 1),))
+    xs, _ = stored_inputs(model, targets, calib)
+    for name in targets:
+        assert stats.inputs[name].count == 6 * 16
+        torch.testing.assert_close(stats.inputs[name].gram, xs[name].T @ xs[name], rtol=1e-5, atol=1e-5)
+        assert gs[name].shape[0] == 16
+        torch.testing.assert_close(stats.out_grad_sq[name], gs[name].pow(2).mean(0), rtol=1e-5, atol=1e-12)
+    # per-sequence summed loss: a token's gradient does not depend on the batch it ran in
+    one = collect_stats(model, targets, calib, fisher_seqs=6, batch_size=1, progress=False)
+    four = collect_stats(model, targets, calib, fisher_seqs=6, batch_size=4, progress=False)
+    for name in targets:
+        torch.testing.assert_close(one.out_grad_sq[name], four.out_grad_sq[name], rtol=1e-6, atol=0)  # float32 g^2
 
 
 def test_statistics_computed_once_per_distinct_input(monkeypatch):

@@ -107,8 +107,10 @@ def collect_stats(
     tensor object the previous target read (q/k/v, gate/up) shares that layer's :class:`InputStats`.
     Activations are never stored; memory is one (n, n) matrix per distinct input.
 
-    For the first ``fisher_seqs`` sequences the forward also runs with autograd and a backward pass
-    of :func:`calibration_loss` fills ``out_grad_sq`` (only activation gradients are computed).
+    For the first ``fisher_seqs`` sequences (batches end at that boundary) the forward also runs with
+    autograd and a backward pass of :func:`calibration_loss` times the batch's sequence count (the sum
+    of per-sequence losses, so a token's gradient does not depend on the batch size) fills
+    ``out_grad_sq`` (only activation gradients are computed).
 
     Parameters
     ----------
@@ -159,16 +161,18 @@ def collect_stats(
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        starts = range(0, calib.shape[0], batch_size)
-        for i, start in enumerate(_bar(starts, progress, "calibration")):
-            batch = calib[start : start + batch_size].to(device)
+        n, split = calib.shape[0], min(fisher_seqs, calib.shape[0])
+        spans = [(a, min(a + batch_size, split)) for a in range(0, split, batch_size)]
+        spans += [(a, min(a + batch_size, n)) for a in range(split, n, batch_size)]
+        for i, (start, stop) in enumerate(_bar(spans, progress, "calibration")):
+            batch = calib[start:stop].to(device)
             state["last"] = state["leader"] = None
             with_grad = start < fisher_seqs
             with torch.set_grad_enabled(with_grad):
                 out = model(**model_inputs(batch))
                 if with_grad:
                     loss = calibration_loss(model, batch, out, seed + i)
-                    loss.backward()
+                    (loss * batch.shape[0]).backward()
                     losses.append(float(loss.detach()))
                     grad_tokens["n"] += batch.numel()
             state["last"] = None
