@@ -123,6 +123,30 @@ def test_gram_singular_values_match_svdvals_to_the_gram_resolution(shape):
     assert torch.equal(got, got.sort(descending=True).values)
 
 
+def test_torch_route_on_several_threads_equals_the_numpy_route():
+    """On more than one torch thread the _ops helpers stay in torch (no OpenBLAS pool to fight with)."""
+    from rankwise.formats import _ops
+
+    a, b = torch.randn(40, 70, generator=_gen(21)), torch.randn(70, 30, generator=_gen(22))
+    s = torch.arange(1, 41, dtype=torch.float64) ** -1.0
+    W = _matrix_with_spectrum(40, 70, s, seed=23)
+    assert _ops._numpy_route(a)  # the suite runs on one thread
+    one = (_ops.matmul(a, b), _ops.gram(a), _ops.gram(a.T, torch.float32), gram_singular_values(W), gram_eigh(W, 5)[0],
+           truncated_svd(W, 10).S)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not _ops._numpy_route(a)
+        two = (_ops.matmul(a, b), _ops.gram(a), _ops.gram(a.T, torch.float32), gram_singular_values(W),
+               gram_eigh(W, 5)[0], truncated_svd(W, 10).S)
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(one, two):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        single = x.dtype == torch.float32  # entries of size ~8: float32 round-off ~1e-6
+        torch.testing.assert_close(x, y, rtol=1e-5 if single else 1e-12, atol=1e-5 if single else 1e-12)
+
+
 def test_half_precision_input_is_computed_in_float32():
     W = torch.randn(16, 8, generator=_gen(6)).to(torch.float16)
     f = truncated_svd(W, 8)

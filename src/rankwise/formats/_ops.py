@@ -88,14 +88,25 @@ def _numpy_blas():
     return _blas_pools().limit(limits=torch.get_num_threads())
 
 
+def _numpy_route(x: Tensor) -> bool:
+    """Whether the numpy/scipy BLAS and LAPACK routes below run for ``x``: on CPU with one torch thread.
+
+    With several torch threads, torch's OpenMP pool spin-waits between its parallel regions while
+    OpenBLAS's own pool runs, and the two fight for the cores: on 2 threads a float32 syrk of 2048 x 576
+    took 10 ms alone but 34 ms interleaved with torch GEMMs (torch's general product: 15 ms), and SmolLM2
+    calibration took 33 s instead of 23 s. So on more than one thread everything stays in torch.
+    """
+    return x.device.type == "cpu" and torch.get_num_threads() == 1
+
+
 def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` of two matrices; on CPU through numpy's BLAS.
+    """``a @ b`` of two matrices; on CPU with one torch thread through numpy's BLAS (:func:`_numpy_route`).
 
     torch's CPU wheels link MKL, which on our benchmark machine (AMD EPYC) ran the products of the
-    decompositions 1.06-1.34x slower than numpy's OpenBLAS (``benchmarks/decompositions.py --gemm``,
-    BENCHMARKS.md); both run on torch's thread count. Gradients do not flow through the CPU path.
+    decompositions 1.06-1.34x slower than numpy's OpenBLAS on one thread (``benchmarks/decompositions.py
+    --gemm``, BENCHMARKS.md). Gradients do not flow through the numpy path.
     """
-    if a.device.type != "cpu":
+    if not _numpy_route(a):
         return a @ b
     with _numpy_blas():
         return torch.from_numpy(a.detach().numpy() @ b.detach().numpy())
@@ -104,13 +115,14 @@ def matmul(a: Tensor, b: Tensor) -> Tensor:
 def gram(a: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
     """``a @ a.T`` computed in ``dtype``, shape (rows, rows), on ``a``'s device.
 
-    On CPU the product goes through numpy, whose ``x @ x.T`` of one buffer calls BLAS ``syrk`` (the
-    symmetric rank-k update: half the flops of the general product, which is all torch offers; 1.9x
-    faster for a 2048 x 4096 operand in ``benchmarks/decompositions.py``'s setting, 1.8-2.0x for the
-    float32 ``X^T X`` of 2048 calibration tokens). ``a`` may be a transposed view (``gram(X.T)``).
+    On the numpy route (:func:`_numpy_route`: CPU, one thread) the product goes through numpy, whose
+    ``x @ x.T`` of one buffer calls BLAS ``syrk`` (the symmetric rank-k update: half the flops of the
+    general product, which is all torch offers; 1.9x faster for a 2048 x 4096 operand in
+    ``benchmarks/decompositions.py``'s setting, 1.8-2.0x for the float32 ``X^T X`` of 2048 calibration
+    tokens). ``a`` may be a transposed view (``gram(X.T)``).
     """
     a = a.detach().to(dtype)
-    if a.device.type != "cpu":
+    if not _numpy_route(a):
         return a @ a.T
     an = a.numpy()
     with _numpy_blas():
@@ -122,7 +134,8 @@ def gram_eigh(a: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
 
     These are the squared leading singular values of ``a`` and its left singular vectors, at a fraction
     of the cost of an SVD of a wide ``a``. The Gram matrix resolves eigenvalues down to about
-    ``1e-16 * trace``: callers that need smaller singular values exactly use an SVD instead. On CPU, when
+    ``1e-16 * trace``: callers that need smaller singular values exactly use an SVD instead. On the
+    numpy route (:func:`_numpy_route`: CPU, one thread; elsewhere ``torch.linalg.eigh``), when
     ``8 * k <= rows``, LAPACK's ``dsyevr`` computes only the ``k`` wanted eigenvectors after the
     tridiagonal reduction (2-3x faster than a full ``eigh`` at that ratio, slower above it); otherwise
     scipy's ``dsyevd`` (numpy's OpenBLAS), 10-20% faster than torch's ``eigh`` from 256 rows up.
@@ -140,7 +153,7 @@ def gram_eigh(a: Tensor, k: int | None = None) -> tuple[Tensor, Tensor]:
     G = gram(a)
     n = G.shape[0]
     k = n if k is None else k
-    if G.device.type != "cpu":
+    if not _numpy_route(G):
         evals, evecs = torch.linalg.eigh(G)
         return evals[n - k :].flip(0), evecs[:, n - k :].flip(1)
     from scipy.linalg import eigh
@@ -164,7 +177,7 @@ def gram_singular_values(a: Tensor) -> Tensor:
     a : Tensor, shape (m, n). Returns a Tensor of shape (min(m, n),).
     """
     G = gram(a if a.shape[0] <= a.shape[1] else a.T)
-    if G.device.type != "cpu":
+    if not _numpy_route(G):
         evals = torch.linalg.eigvalsh(G)
     else:
         from scipy.linalg import eigh
