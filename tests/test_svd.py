@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from rankwise.formats._ops import gram_eigh, gram_singular_values
-from rankwise.formats.svd import randomized_svd, truncated_svd, whitened_svd, whitening_factor
+from rankwise.formats.svd import (
+    randomized_svd,
+    truncated_svd,
+    whitened_svd,
+    whitening_factor,
+)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
