@@ -29,7 +29,7 @@ class InputStats:
         return cls(torch.zeros(n, n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device))
 
     def add(self, x: Tensor) -> None:
-        """Accumulate a batch ``x`` of shape (..., n): float32 products per batch (BLAS syrk on CPU),
+        """Accumulate a batch ``x`` of shape (..., n): float32 products per batch (BLAS syrk on one CPU thread),
         float64 running sums."""
         rows = x.detach().reshape(-1, x.shape[-1]).float()
         self.gram += gram(rows.T, torch.float32)

@@ -80,12 +80,13 @@ def _blas_pools():
 
 
 def _numpy_blas():
-    """Context running numpy/scipy BLAS on torch's thread count.
+    """Context running numpy/scipy BLAS on one thread (the numpy routes run only when torch does, see
+    :func:`_numpy_route`).
 
     Their OpenBLAS pools default to every core; where other work holds the cores they spin-wait and
     crawl (a 2048 x 2048 ``dsyevr`` measured 1.1 s on one thread, 20.5 s on two busy cores).
     """
-    return _blas_pools().limit(limits=torch.get_num_threads())
+    return _blas_pools().limit(limits=1)
 
 
 def _numpy_route(x: Tensor) -> bool:
