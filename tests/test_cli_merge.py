@@ -70,6 +70,9 @@ def test_cli_mergekit_config_equals_method_flags(models, capsys):
         (["--method", "model_stock", "--base", "{base}", "{ft0}", "{ft1}"],
          "merge method 'model_stock' needs at least 3 fine-tuned models besides the base, got 2"),
         (["--method", "soup", "{ft0}"], "unknown merge method 'soup'; known: "),
+        (["--method", "rebasin", "{ft0}", "{ft1}"],
+         "merge method 'rebasin' works on nn.Modules (it reads the architecture or runs forward passes): "
+         "call rankwise.merge(...) from Python with modules, not paths or state dicts"),
         (["--method", "linear", "{ft0}", "--density", "0.5"],
          "unknown option(s) 'density' for merge method 'linear'; accepted: normalize, weights"),
         (["--method", "ties", "--base", "{base}", "{ft0}", "--density", "1.5"],

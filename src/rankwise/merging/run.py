@@ -101,6 +101,11 @@ class _Scratch:
         return any(ptr == b.untyped_storage().data_ptr() for b in self.buffers)
 
 
+def _needs_modules(method: str) -> str:
+    return (f"merge method {method!r} works on nn.Modules (it reads the architecture or runs forward passes): "
+            "call rankwise.merge(...) from Python with modules, not paths or state dicts")
+
+
 def merged_tensors(
     models: Sequence[object], method: str = "linear", base: object | None = None, *, dtype: torch.dtype | None = None,
     **options,
@@ -114,7 +119,7 @@ def merged_tensors(
     """
     entry = _entry(method)
     if entry.meta.get("scope") != "tensor":
-        raise ValueError(f"merge method {method!r} works on nn.Modules; call rankwise.merge(...) with modules")
+        raise ValueError(_needs_modules(method))
     opts = resolve_options(entry, options)
     sources, base_src = _open_inputs(entry, models, base)
     names = check_compatible(sources, base_src)
@@ -197,7 +202,7 @@ def merge(
         opts = resolve_options(entry, options)
         _open_inputs(entry, models, base)  # the same count / base checks
         if not all(isinstance(m, torch.nn.Module) for m in [*models, *([base] if base is not None else [])]):
-            raise ValueError(f"merge method {method!r} needs nn.Modules (it runs forward passes), not paths or state dicts")
+            raise ValueError(_needs_modules(method))
         return entry.fn(list(models), base, **opts)
     return dict(merged_tensors(models, method, base, dtype=dtype, **options))
 
