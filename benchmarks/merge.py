@@ -237,8 +237,8 @@ def main() -> None:
     suite = load_digits_suite(args.arch, tasks, width=args.width, ft_lr=args.ft_lr, ft_epochs=args.ft_epochs,
                               heads=args.heads, pretrain=args.pretrain, label_smoothing=args.label_smoothing,
                               base_epochs=args.base_epochs, seed=args.seed, feature_norm=args.feature_norm)
-    print(f"suite ({args.arch}, width {args.width}{', feature norm' if args.feature_norm else ''}, tasks {args.tasks}, "
-          f"heads {args.heads}, seed {args.seed}, "
+    norm = ", feature norm" if args.feature_norm else ""
+    print(f"suite ({args.arch}, width {args.width}{norm}, tasks {args.tasks}, heads {args.heads}, seed {args.seed}, "
           f"base: {args.pretrain} digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; fine-tunes: SGD lr "
           f"{args.ft_lr:g} for {args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s; scored on "
           f"{args.split}\n")

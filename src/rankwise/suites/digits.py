@@ -4,8 +4,8 @@ The base model (a backbone plus a linear head) is trained on the plain digits (w
 ``pretrain="augmented"``, under generic random jitter and label smoothing: a broader "pretraining"
 that is none of the tasks; with ``feature_norm=True`` the backbone ends in a parameter-free layer
 norm, so heads see normalised features as CLIP's do). Each task then fine-tunes the whole backbone
-together with its own linear head (started from the base head, or fresh for another label set); with ``heads="probe"`` or
-``"zeroshot"`` each task's head is instead a linear probe on the frozen base features or the base's
+together with its own linear head (started from the base head, or fresh for another label set); with
+``heads="probe"`` or ``"zeroshot"`` each task's head is instead a linear probe on the frozen base features or the base's
 own head, kept frozen while the backbone is fine-tuned (the fixed-head protocol of task arithmetic
 and AdaMerging on CLIP). Merges combine the backbones only; every task is scored with the merged
 backbone followed by its own head, as task arithmetic, TIES and TSV-M do (they keep task-specific
