@@ -50,10 +50,12 @@ def test_compress_matches_the_api_and_leaves_input_untouched(llama_dir, compress
     ids = token_ids(2, 20)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert sorted(p.name for p in compressed.iterdir()) == [
+    assert sorted(p.name for p in compressed.iterdir()) == [  # every input file it does not change is kept
         "config.json", "generation_config.json", "model.safetensors", "rankwise_report.json",
-        "tokenizer.json", "tokenizer_config.json",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
     ]
+    for name in ("generation_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        assert (compressed / name).read_bytes() == (llama_dir / name).read_bytes()
     assert tree_digest(llama_dir) == digest
 
 
@@ -61,7 +63,7 @@ def test_compress_prints_summary(llama_dir, tmp_path, capsys):
     assert main(["compress", str(llama_dir), "--keep", "0.9", "--method", "svd", "--allocate", "uniform",
                  "--out", str(tmp_path / "c"), *FAST]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"params 18,432 -> \d[\d,]* \(kept 0\.\d+, target 0\.9\); method=svd allocate=uniform update=False", out)
+    assert re.search(r"params 18,432 -> \d[\d,]* \(kept 0\.\d+, target 0\.9\); method=svd allocate=uniform update=False sequential=False", out)
     assert f"saved {tmp_path / 'c'}" in out
 
 
@@ -179,35 +181,58 @@ def test_nan_weight_is_named(tmp_path, capsys):
         model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
     src = save_model_dir(model, tmp_path / "nan")
     run_bad(["compress", str(src), "--out", str(tmp_path / "c"), *FAST], capsys,
-            r"'model.layers.0.self_attn.v_proj.weight' holds NaN or Inf values", after_loading=True)
-    assert no_output(tmp_path)
+            r"^rankwise compress: error: tensor 'model.layers.0.self_attn.v_proj.weight' of '.*/nan' holds 1 NaN/Inf values; "
+            r"only finite weights can be compressed$", after_loading=True)
+    assert no_output(tmp_path) and not (tmp_path / "c.rankwise-run").exists()
 
 
-def test_ctrl_c_during_compression_leaves_nothing(llama_dir, tmp_path, capsys, monkeypatch):
-    real = rankwise.compress.compress_
+def test_interrupted_run_resumes_to_the_same_output(llama_dir, tmp_path, capsys, monkeypatch):
+    from rankwise.pipeline import Pipeline
 
-    def compress_then_interrupt(*args, **kwargs):
-        real(*args, **kwargs)
-        raise KeyboardInterrupt
+    whole = tmp_path / "whole"
+    assert main(["compress", str(llama_dir), "--out", str(whole), *FAST]) == 0
+    real = Pipeline._factorize_block
 
-    monkeypatch.setattr(rankwise.compress, "compress_", compress_then_interrupt)
+    def interrupt_at_block_1(self, i, *args):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(self, i, *args)
+
+    monkeypatch.setattr(Pipeline, "_factorize_block", interrupt_at_block_1)
+    capsys.readouterr()
+    assert main(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    assert err == [f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
+                   f"'{tmp_path / 'c.rankwise-run'}': rerun with --resume to continue"]
+    assert no_output(tmp_path) and (tmp_path / "c.rankwise-run" / "factors-0.pt").is_file()
+    assert not (tmp_path / "c.rankwise-run" / "factors-1.pt").exists()
+    monkeypatch.setattr(Pipeline, "_factorize_block", real)
     run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys,
-            r"^rankwise compress: interrupted; no output was written$", after_loading=True)
-    assert no_output(tmp_path)
+            r"^rankwise compress: error: '.*/c.rankwise-run' holds an interrupted run: pass --resume to continue it or "
+            r"--force to start over$", after_loading=True)
+    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--keep", "0.7", "--resume", *FAST], capsys,
+            r"^rankwise compress: error: --resume: '.*/c.rankwise-run' is an interrupted run with a different "
+            r"config.keep: 0.8 there, 0.7 now$", after_loading=True)
+    factorized = []
+    monkeypatch.setattr(Pipeline, "_factorize_block", lambda self, i, *a: (factorized.append(i), real(self, i, *a)))
+    assert main(["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--resume", *FAST]) == 0
+    assert factorized == [1]  # block 0's factors came from the interrupted run
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert not (tmp_path / "c.rankwise-run").exists()
 
 
 def test_ctrl_c_while_writing_leaves_nothing(llama_dir, tmp_path, capsys, monkeypatch):
-    from transformers import LlamaForCausalLM
+    from rankwise.io.lazy import ShardedWriter
 
-    real = LlamaForCausalLM.save_pretrained
+    real = ShardedWriter.close
 
-    def write_then_interrupt(self, path, **kwargs):
-        real(self, path, **kwargs)
-        assert (Path(path) / "model.safetensors").is_file()  # interrupted with a partial output on disk
+    def write_then_interrupt(self):
+        real(self)
+        assert (self.dir / "model.safetensors").is_file()  # interrupted with a partial output on disk
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", write_then_interrupt)
-    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys, r"interrupted; no output was written$",
+    monkeypatch.setattr(ShardedWriter, "close", write_then_interrupt)
+    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys, r"interrupted; no output was written",
             after_loading=True)
     assert no_output(tmp_path)
 

@@ -62,7 +62,7 @@ def test_compress_meets_the_budget_and_reports_what_it_did(allocate, keep):
         assert 0.0 <= l.error < 1.0 and l.seconds >= 0
         if l.rank is None:
             assert isinstance(model.get_submodule(l.name), torch.nn.Linear) and l.params_after == l.params_before
-    assert set(report.timings) == {"calibration", "factorization", "allocation", "update"}
+    assert set(report.timings) == {"calibration", "factorization", "allocation", "write"}
     assert torch.isfinite(logits(model)).all()
     d = json.loads(json.dumps(report.to_dict()))
     assert d["params_after"] == report.params_after and d["config"] == report.config.to_dict()
@@ -184,9 +184,13 @@ def test_bad_compress_inputs_are_named_and_leave_the_model_untouched():
 
 def test_data_free_svd_needs_no_calibration():
     model = tiny_llama(dtype=torch.float32)
+    dense = {n: m.weight.detach().clone() for n, m in find_targets(model).items()}
     report = compress_(model, CompressConfig(keep=0.5, method="svd", allocate="uniform"), None, progress=False)
-    assert isinstance(report, CompressReport) and report.timings["calibration"] < 1.0
-    assert len(report.ranks) == 14
+    assert isinstance(report, CompressReport) and len(report.ranks) == 14
+    for name, rank in report.ranks.items():  # data-free: each layer is the plain truncated SVD of its weight
+        s = torch.linalg.svdvals(dense[name].double())
+        err = torch.linalg.matrix_norm(model.get_submodule(name).to_dense().weight.double() - dense[name].double())
+        torch.testing.assert_close(err, s[rank:].square().sum().sqrt(), rtol=1e-5, atol=1e-6)
 
 
 def test_update_minimises_each_layers_output_error_on_the_compressed_inputs():

@@ -68,7 +68,7 @@ def uniform(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> lis
     return ranks
 
 
-@ALLOCATORS.register("fisher", paper="https://arxiv.org/abs/2207.00112")
+@ALLOCATORS.register("fisher", paper="https://arxiv.org/abs/2207.00112", loss_gradients=True)
 def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> list[int | None]:
     """Minimise the summed estimated loss increase ``sum_l gains_l[r_l:].sum()`` under the budget.
 

@@ -91,6 +91,63 @@ def calibration_loss(model: nn.Module, batch: Tensor, output, seed: int) -> Tens
     return (hidden.float() * z).sum() / hidden.shape[0]
 
 
+class LayerHooks:
+    """Forward hooks on ``targets`` that stream :class:`InputStats` (and, when gradients flow, the squared
+    output gradients) of each layer, in a ``with`` block.
+
+    A layer whose input is the very tensor object the previous target read (q/k/v, gate/up) shares that
+    layer's :class:`InputStats`; call :meth:`new_forward` before each forward so that sharing is only
+    detected within one forward. Used on a whole model and on one block at a time alike.
+    """
+
+    def __init__(self, targets: dict[str, nn.Module], device: torch.device, *, inputs: bool = True):
+        self.targets, self.device, self.inputs = targets, device, inputs
+        self.stats: dict[str, InputStats] = {}
+        self.grad_sq: dict[str, Tensor] = {}
+        self._followers: set[str] = set()
+        self._last = self._leader = None
+        self._handles = []
+
+    def new_forward(self) -> None:
+        self._last = self._leader = None
+
+    def _pre_hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if name not in self.stats:
+                if self._last is not None and x is self._last:
+                    self.stats[name] = self.stats[self._leader]
+                    self._followers.add(name)
+                    return
+                self.stats[name] = InputStats.zeros(x.shape[-1], self.device)
+            elif name in self._followers:
+                return
+            self.stats[name].add(x)
+            self._last, self._leader = x, name
+
+        return hook
+
+    def _fwd_hook(self, name: str):
+        def hook(module, args, out):
+            if out.requires_grad:
+                out.register_hook(lambda g: _add_grad(self.grad_sq, name, g))
+
+        return hook
+
+    def __enter__(self) -> "LayerHooks":
+        for name, m in self.targets.items():
+            if self.inputs:
+                self._handles.append(m.register_forward_pre_hook(self._pre_hook(name)))
+            self._handles.append(m.register_forward_hook(self._fwd_hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = self._leader = None
+
+
 def collect_stats(
     model: nn.Module,
     targets: dict[str, nn.Module],
@@ -101,11 +158,11 @@ def collect_stats(
     seed: int = 0,
     progress: bool = True,
 ) -> CalibStats:
-    """Run ``calib`` through ``model`` and stream the statistics of every target layer.
+    """Run ``calib`` through the whole ``model`` at once and stream the statistics of every target layer.
 
-    Input statistics are computed once per distinct input tensor: a layer whose input is the very
-    tensor object the previous target read (q/k/v, gate/up) shares that layer's :class:`InputStats`.
-    Activations are never stored; memory is one (n, n) matrix per distinct input.
+    The reference for :mod:`rankwise.pipeline`, which computes the same statistics one block at a time
+    in bounded memory; use this one when the model and every statistic fit in memory (it holds one
+    (n, n) matrix per distinct input of the whole model).
 
     For the first ``fisher_seqs`` sequences (batches end at that boundary) the forward also runs with
     autograd and a backward pass of :func:`calibration_loss` times the batch's sequence count (the sum
@@ -117,77 +174,52 @@ def collect_stats(
     calib : LongTensor, shape (n_seqs, seq_len), token ids.
     """
     device = next(model.parameters()).device
-    state = {"last": None, "leader": None}
-    stats: dict[str, InputStats] = {}
-    followers: set[str] = set()
-    grad_sq: dict[str, Tensor] = {}
-    grad_tokens = {"n": 0}
-
-    def pre_hook(name):
-        def hook(module, args):
-            x = args[0]
-            if name not in stats:
-                if state["last"] is not None and x is state["last"]:
-                    stats[name] = stats[state["leader"]]
-                    followers.add(name)
-                    return
-                stats[name] = InputStats.zeros(x.shape[-1], device)
-            elif name in followers:
-                return
-            stats[name].add(x)
-            state["last"], state["leader"] = x, name
-
-        return hook
-
-    def fwd_hook(name):
-        def hook(module, args, out):
-            if out.requires_grad:
-                out.register_hook(lambda g: _add_grad(grad_sq, name, g))
-
-        return hook
 
     def embed_hook(module, args, out):
         return out.requires_grad_(True) if torch.is_grad_enabled() else out
 
-    handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in targets.items()]
-    handles += [m.register_forward_hook(fwd_hook(n)) for n, m in targets.items()]
+    handles = []
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if fisher_seqs and embed is not None:
         handles.append(embed.register_forward_hook(embed_hook))
     was_training = model.training
     requires = [p.requires_grad for p in model.parameters()]
     model.eval()
-    losses = []
+    losses, grad_tokens = [], 0
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        n, split = calib.shape[0], min(fisher_seqs, calib.shape[0])
-        spans = [(a, min(a + batch_size, split)) for a in range(0, split, batch_size)]
-        spans += [(a, min(a + batch_size, n)) for a in range(split, n, batch_size)]
-        for i, (start, stop) in enumerate(_bar(spans, progress, "calibration")):
-            batch = calib[start:stop].to(device)
-            state["last"] = state["leader"] = None
-            with_grad = start < fisher_seqs
-            with torch.set_grad_enabled(with_grad):
-                out = model(**model_inputs(batch))
-                if with_grad:
-                    loss = calibration_loss(model, batch, out, seed + i)
-                    (loss * batch.shape[0]).backward()
-                    losses.append(float(loss.detach()))
-                    grad_tokens["n"] += batch.numel()
-            state["last"] = None
-            del out
+        with LayerHooks(targets, device) as hooks:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for i, (start, stop) in enumerate(_bar(batch_spans(calib.shape[0], fisher_seqs, batch_size), progress, "calibration")):
+                batch = calib[start:stop].to(device)
+                hooks.new_forward()
+                with_grad = start < fisher_seqs
+                with torch.set_grad_enabled(with_grad):
+                    out = model(**model_inputs(batch))
+                    if with_grad:
+                        loss = calibration_loss(model, batch, out, seed + i)
+                        (loss * batch.shape[0]).backward()
+                        losses.append(float(loss.detach()))
+                        grad_tokens += batch.numel()
+                del out
     finally:
         for h in handles:
             h.remove()
         for p, r in zip(model.parameters(), requires):
             p.requires_grad_(r)
         model.train(was_training)
-    missing = [n for n in targets if n not in stats]
+    missing = [n for n in targets if n not in hooks.stats]
     if missing:
         raise ValueError(f"calibration never reached layer(s) {', '.join(missing[:3])}: they are not used by the model's forward")
-    out_grad = {n: g / grad_tokens["n"] for n, g in grad_sq.items()}
-    return CalibStats({n: stats[n] for n in targets}, out_grad, sum(losses) / len(losses) if losses else None)
+    out_grad = {n: g / grad_tokens for n, g in hooks.grad_sq.items()}
+    return CalibStats({n: hooks.stats[n] for n in targets}, out_grad, sum(losses) / len(losses) if losses else None)
+
+
+def batch_spans(n: int, fisher_seqs: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each calibration batch: batches of ``batch_size`` that end at ``fisher_seqs``."""
+    split = min(fisher_seqs, n)
+    spans = [(a, min(a + batch_size, split)) for a in range(0, split, batch_size)]
+    return spans + [(a, min(a + batch_size, n)) for a in range(split, n, batch_size)]
 
 
 def _add_grad(acc: dict[str, Tensor], name: str, g: Tensor) -> None:

@@ -1,20 +1,25 @@
-"""compress_(model, config, calib): walk -> calibrate -> factorize -> allocate -> refit -> swap, in place."""
+"""compress_(model, config, calib): walk -> calibrate block by block -> factorize -> allocate -> swap, in place."""
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .allocate import ALLOCATORS, LayerCost, allocate_ranks
-from .calibrate import CalibStats, _bar, collect_stats
+from .blocks import BlockSource, InMemorySource
+from .calibrate import CalibStats, _bar
 from .formats.svd import SVD, whitened_svd, whitening_factor
-from .layers.linear import LowRankLinear, dense_weight
-from .targets import check_finite_weights, find_targets, layer_shape, replace_module
+from .layers.linear import dense_weight
+from .pipeline import Pipeline, swap_in
+from .targets import block_stack, check_finite_weights, find_targets, layer_shape, replace_module
+from .workdir import WorkDir
 
 METHODS = ("svd", "asvd", "whiten")
 CONFIG_VERSION = 1
@@ -32,6 +37,8 @@ class CompressConfig:
     update : closed-form refit of each layer's up factor on the compressed model's own inputs.
     fisher_seqs : how many calibration sequences also run a backward pass for the Fisher weights.
     min_rank : smallest rank a factorized layer may get.
+    sequential : calibrate each block on the outputs of the blocks before it after their compression
+        (a second calibration pass once the ranks are allocated).
     """
 
     version: int = CONFIG_VERSION
@@ -47,6 +54,7 @@ class CompressConfig:
     fisher_seqs: int = 8
     min_rank: int = 8
     seed: int = 0
+    sequential: bool = False
 
     def __post_init__(self):
         if self.version != CONFIG_VERSION:
@@ -61,10 +69,13 @@ class CompressConfig:
             low = 0 if name in ("fisher_seqs", "seed") else (2 if name == "seq_len" else 1)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-        if self.allocate == "fisher" and self.fisher_seqs == 0:
-            raise ValueError("fisher_seqs must be >= 1 with allocate='fisher' (it needs loss gradients), got 0")
-        if not isinstance(self.update, bool):
-            raise ValueError(f"update must be True or False, got {self.update!r}")
+        if self.needs_loss_gradients and self.fisher_seqs == 0:
+            raise ValueError(f"fisher_seqs must be >= 1 with allocate={self.allocate!r} (it needs loss gradients), got 0")
+        for name in ("update", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.update and self.sequential:
+            raise ValueError("update and sequential are alternatives (both recalibrate on the compressed model); choose one")
         if isinstance(self.asvd_alpha, bool) or not isinstance(self.asvd_alpha, (int, float)) or not 0 <= self.asvd_alpha <= 1:
             raise ValueError(f"asvd_alpha must be a number in [0, 1], got {self.asvd_alpha!r}")
         for name in ("include", "exclude"):
@@ -76,6 +87,15 @@ class CompressConfig:
                     re.compile(v)
                 except re.error as err:
                     raise ValueError(f"{name}={v!r} is not a valid regular expression: {err}") from None
+
+    @property
+    def needs_loss_gradients(self) -> bool:
+        """Whether the allocator measures layers by loss gradients (its registry entry says so)."""
+        return bool(ALLOCATORS.get(self.allocate).meta.get("loss_gradients", False))
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "svd" or self.needs_loss_gradients or self.update or self.sequential
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -158,7 +178,7 @@ class CompressReport:
         lines.append("-" * len(head))
         lines.append(
             f"params {self.params_before:,} -> {self.params_after:,} (kept {self.params_after / self.params_before:.3f}, "
-            f"target {c.keep}); method={c.method} allocate={c.allocate} update={c.update}"
+            f"target {c.keep}); method={c.method} allocate={c.allocate} update={c.update} sequential={c.sequential}"
         )
         lines.append("time " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
         return "\n".join(lines)
@@ -171,19 +191,26 @@ def compress_(
     *,
     stats: CalibStats | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> CompressReport:
-    """Factorize the target layers of ``model`` in place under one parameter budget.
+    """Factorize the target layers of ``model`` in place under one parameter budget, one block at a time.
+
+    The passes of :mod:`rankwise.pipeline` run over the model's block stack: besides the model, memory
+    holds one block's statistics and the calibration activations at one block boundary; statistics,
+    gradients and factors of the other blocks wait in a temporary directory. To compress a checkpoint
+    that does not fit in memory, use :func:`rankwise.streamed.compress_checkpoint` (``rankwise compress``).
 
     Parameters
     ----------
     model : a transformers model (causal LM or encoder) or any nn.Module whose forward accepts
-        ``input_ids`` and ``attention_mask``.
+        ``input_ids`` and ``attention_mask`` and holds its layers in a stack of identical blocks.
     config : :class:`CompressConfig`.
     calib : LongTensor, shape (n_seqs, seq_len), calibration token ids; None only for method "svd"
         with the "uniform" allocator.
     stats : statistics from :func:`rankwise.calibrate.collect_stats` on this same (dense) model and
         ``calib``, to compress at several budgets without calibrating again (with ``fisher_seqs >= 1``
-        for allocate "fisher").
+        for an allocator that needs loss gradients).
+    device : where blocks are computed (default: where the model is); each block is moved there and back.
 
     Returns
     -------
@@ -196,52 +223,100 @@ def compress_(
     """
     if not isinstance(config, CompressConfig):
         raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
-    needs_data = config.method != "svd" or config.allocate == "fisher" or config.update
-    _check_calib(calib, needs_data and (stats is None or config.update), config)
+    _check_calib(calib, config.needs_data and (stats is None or config.update or config.sequential), config)
     targets = find_targets(model, config.include, config.exclude)
     check_finite_weights(targets)
     if stats is not None:
         missing = [n for n in targets if n not in stats.inputs]
         if missing:
             raise ValueError(f"stats has no statistics for layer {missing[0]} ({len(missing)} missing); collect them on this model's targets")
-    timings = {}
-    t0 = time.perf_counter()
-    if calib is not None and needs_data and stats is None:
-        fisher = config.fisher_seqs if config.allocate == "fisher" else 0
-        stats = collect_stats(model, targets, calib, fisher_seqs=min(fisher, calib.shape[0]), seed=config.seed, progress=progress)
-    timings["calibration"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    factors, costs, seconds, cache = {}, [], {}, {}
-    for name, layer in _bar(targets.items(), progress, "factorization"):
-        t1 = time.perf_counter()
-        factors[name] = factorize(dense_weight(layer).detach(), config, stats, name, cache)
-        costs.append(layer_cost(layer, factors[name], stats, name, config.allocate))
-        seconds[name] = time.perf_counter() - t1
-    timings["factorization"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    ranks = allocate_ranks(config.allocate, costs, float(config.keep), min_rank=config.min_rank)
-    timings["allocation"] = time.perf_counter() - t0
-
-    layers = []
-    for (name, layer), cost, rank in zip(targets.items(), costs, ranks):
-        f = factors[name]
-        err = f.tail_error(rank) / max(float(torch.linalg.vector_norm(f.spectrum.double())), 1e-300) if rank is not None else 0.0
-        layers.append(LayerReport(name, cost.shape, rank, cost.dense_params, cost.params(rank), err, seconds[name]))
-    t0 = time.perf_counter()
-    new = {}
-    for (name, layer), rank in zip(targets.items(), ranks):
-        if rank is not None:
-            W = dense_weight(layer)
-            new[name] = LowRankLinear.from_factors(factors[name].truncate(rank), getattr(layer, "bias", None), dtype=W.dtype).to(W.device)
-    if config.update and new:
+    stack = block_stack(model)
+    if stack is None:
+        raise ValueError(f"{type(model).__name__} has no block stack (an nn.ModuleList of identical blocks) to compress block by block")
+    param = next(model.parameters())
+    source = InMemorySource(model, stack[0], device or param.device)
+    dtypes = {n: dense_weight(m).dtype for n, m in targets.items()}
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    model.eval().requires_grad_(False)
+    try:
+        with tempfile.TemporaryDirectory(prefix="rankwise-") as tmp:
+            work = WorkDir(Path(tmp) / "work", {})
+            report = run_compression(
+                source, targets, config, calib, work, stats=stats, dtype=param.dtype, progress=progress,
+                emit=lambda i, factors: swap_in(model, factors, dtypes.get),
+            )
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+    if config.update:
+        t0 = time.perf_counter()
         from .update import refit_
 
-        refit_(model, targets, new, calib, progress=progress)
-    timings["update"] = time.perf_counter() - t0
-    for name, layer in new.items():
-        replace_module(model, name, layer)
+        new = {n: model.get_submodule(n) for n in report.ranks}
+        dense = {n: layer for n, layer in targets.items() if n in new}
+        for name, layer in dense.items():  # refit_ compares against the dense layers: put them back first
+            replace_module(model, name, layer)
+        refit_(model, dense, new, calib, progress=progress)
+        for name, layer in new.items():
+            replace_module(model, name, layer)
+        report.timings["update"] = time.perf_counter() - t0
+    return report
+
+
+def run_compression(
+    source: BlockSource,
+    targets: dict[str, nn.Module],
+    config: CompressConfig,
+    calib: torch.Tensor | None,
+    work: WorkDir,
+    *,
+    emit,
+    stats: CalibStats | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> CompressReport:
+    """The passes over ``source``'s blocks, the global allocation, then ``emit(i, {name: SVD or None})``
+    for every block in order, with block ``i`` loaded (factors truncated to their allocated ranks)."""
+    device = getattr(source, "device", torch.device("cpu"))
+    pipe = Pipeline(
+        source, targets, config,
+        lambda W, st, name, cache: factorize(W, config, st, name, cache),
+        lambda layer, f, st, name: layer_cost(layer, f, st, name, config.needs_loss_gradients),
+        work, device=device, dtype=dtype, progress=progress,
+    )
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    curves = pipe.calibrate(calib, stats)
+    spent = time.perf_counter() - t0
+    timings["factorization"] = sum(c.seconds for c in curves)
+    timings["calibration"] = spent - timings["factorization"]
+    t0 = time.perf_counter()
+    ranks = allocate_ranks(config.allocate, [c.cost for c in curves], float(config.keep), min_rank=config.min_rank)
+    timings["allocation"] = time.perf_counter() - t0
+    rank_of = {c.name: r for c, r in zip(curves, ranks)}
+    errors: dict[str, float] = {}
+
+    def emit_block(i: int, factors: dict[str, SVD | None]) -> None:
+        for name, f in factors.items():
+            errors[name] = 0.0 if f is None else f.tail_error(rank_of[name]) / max(float(torch.linalg.vector_norm(f.spectrum.double())), 1e-300)
+        emit(i, factors)
+
+    t0 = time.perf_counter()
+    if config.sequential:
+        pipe.sequential(calib, rank_of, emit_block)
+    else:
+        for i in _bar(range(source.num_blocks), progress, "write blocks"):
+            spilled = pipe.factors(i)
+            source.load_block(i)
+            emit_block(i, {n: None if rank_of[n] is None else f.truncate(rank_of[n]) for n, f in spilled.items()})
+            source.release_block(i)
+    timings["sequential" if config.sequential else "write"] = time.perf_counter() - t0
+    layers = [
+        LayerReport(c.name, c.cost.shape, rank_of[c.name], c.cost.dense_params, c.cost.params(rank_of[c.name]), errors[c.name], c.seconds)
+        for c in curves
+    ]
     return CompressReport(layers, config, timings)
 
 
@@ -260,7 +335,7 @@ def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None,
     Y.-C. Hsu et al., "Language model compression with weighted low-rank factorization", arXiv:2207.00112.
     X. Wang et al., "SVD-LLM: Truncation-aware SVD for LLM compression", arXiv:2403.07378.
     """
-    rows = output_weights(stats, name)[0] if config.allocate == "fisher" else None
+    rows = output_weights(stats, name)[0] if config.needs_loss_gradients else None
     if config.method == "svd":
         return whitened_svd(W, rows=rows)
     st = stats.inputs[name]
@@ -287,13 +362,13 @@ def output_weights(stats: CalibStats | None, name: str) -> tuple[torch.Tensor, f
     return torch.sqrt(g / mean), mean
 
 
-def layer_cost(layer: nn.Module, f: SVD, stats: CalibStats | None, name: str, allocate: str) -> LayerCost:
+def layer_cost(layer: nn.Module, f: SVD, stats: CalibStats | None, name: str, loss_weighted: bool) -> LayerCost:
     """Per-triplet loss increase ``S_i^2`` in the factorization's metric; for "fisher" scaled by the
     mean output-gradient second moment, so that it estimates the loss change (comparable across layers)."""
     m, n = layer_shape(layer)
     bias = getattr(layer, "bias", None)
     gains = f.spectrum.double() ** 2
-    if allocate == "fisher":
+    if loss_weighted:
         gains = gains * output_weights(stats, name)[1]
     return LayerCost((m, n), 0 if bias is None else int(bias.numel()), gains.cpu())
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 DEFAULT_EVAL_TOKENS = 8192
@@ -31,10 +32,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
     p.add_argument("--include", metavar="REGEX", help="compress every linear layer whose name matches (default: those in the blocks)")
     p.add_argument("--exclude", metavar="REGEX", help="then leave out the layers whose name matches")
-    p.add_argument("--update", action=argparse.BooleanOptionalAction, help=f"closed-form refit after truncation (default {d.update})")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
+                   help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})")
     p.add_argument("--seed", type=int, help=f"seed for every random step (default {d.seed})")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--device", default="auto", help="where blocks are computed: auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
+    p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
     p.set_defaults(func=run_compress)
 
     p = sub.add_parser("eval", help="perplexity of a causal LM, or embedding similarity of an encoder to --ref")
@@ -68,12 +71,12 @@ def _positive(value, option: str) -> None:
 
 
 def run_compress(args) -> int:
-    from ..compress import CompressConfig, compress_
+    from ..compress import CompressConfig
     from ..data import builtin_text, token_sequences
-    from ..io.checkpoint import save
-    from ..io.models import load_tokenizer, load_weights, model_dir
+    from ..io.models import load_tokenizer, model_dir
+    from ..streamed import compress_checkpoint, resolve_device, run_dir
 
-    given = {k: getattr(args, k) for k in ("keep", "method", "allocate", "include", "exclude", "update", "seed", "seq_len")}
+    given = {k: getattr(args, k) for k in ("keep", "method", "allocate", "include", "exclude", "sequential", "seed", "seq_len")}
     given = {k: v for k, v in given.items() if v is not None}
     if args.calib_tokens is not None:
         seq_len = given.get("seq_len", CompressConfig.seq_len)
@@ -81,6 +84,7 @@ def run_compress(args) -> int:
             raise ValueError(f"--calib-tokens must be at least --seq-len ({seq_len}), got {args.calib_tokens}")
         given["calib_seqs"] = args.calib_tokens // seq_len
     config = CompressConfig(**given)  # validates every option before the model is read
+    device = resolve_device(args.device)
     if Path(args.out).exists() and not args.force:
         raise FileExistsError(f"output directory {args.out!r} already exists; pass --force to overwrite it")
     text = _read_text(args.calib, "--calib") if args.calib else builtin_text("calib")
@@ -90,9 +94,13 @@ def run_compress(args) -> int:
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer files, so calibration text cannot be tokenized")
     calib = token_sequences(tokenizer, text, config.seq_len, config.calib_seqs, what="calibration")
-    model, _ = load_weights(hf_dir, device=args.device)
-    report = compress_(model, config, calib, progress=True)
-    out = save(model, args.out, report=report, tokenizer=tokenizer, force=args.force)
+    try:
+        report = compress_checkpoint(hf_dir, args.out, config, calib, device=device, resume=args.resume, force=args.force)
+    except KeyboardInterrupt:
+        print(f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
+              f"{str(run_dir(args.out))!r}: rerun with --resume to continue", file=sys.stderr)
+        return 2
+    out = Path(args.out)
     print(report.summary())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"saved {out} ({size / 2**20:.1f} MiB of weights); reload with rankwise.load({str(out)!r})")

@@ -238,6 +238,52 @@ class _ShardWriter:
         self.spill.unlink()
 
 
+class ShardedWriter:
+    """Push-style writer of a Hugging Face style safetensors checkpoint into an existing directory.
+
+    ``add(name, tensor)`` streams each tensor to disk at once (memory stays at one tensor); ``close()``
+    names the shards: one gives ``model.safetensors``, more give ``model-0000i-of-0000N.safetensors``
+    plus ``model.safetensors.index.json``. A new shard starts when adding a tensor would take the
+    current one past ``max_shard_bytes``. Write into a temporary directory (:func:`atomic_output_dir`).
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int = 5 * 2**30):
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes must be an int >= 1, got {max_shard_bytes!r}")
+        self.dir, self.max_shard_bytes = Path(directory), max_shard_bytes
+        self.shards: list[_ShardWriter] = []
+        self.seen: set[str] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.seen:
+            raise ValueError(f"tensor {name!r} is written twice")
+        self.seen.add(name)
+        size = tensor.numel() * tensor.element_size()
+        if not self.shards or (self.shards[-1].header and self.shards[-1].nbytes + size > self.max_shard_bytes):
+            if self.shards:
+                self.shards[-1].close()
+            self.shards.append(_ShardWriter(self.dir / f"shard-{len(self.shards):05d}.safetensors"))
+        self.shards[-1].add(name, tensor)
+
+    def close(self) -> int:
+        """Finish the last shard and name them all; returns the bytes of tensor data written."""
+        if not self.shards:
+            raise ValueError("write_checkpoint got no tensors to write")
+        self.shards[-1].close()
+        if len(self.shards) == 1:
+            os.replace(self.shards[0].final, self.dir / SINGLE_NAME)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(self.shards):
+                name = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+                os.replace(shard.final, self.dir / name)
+                weight_map.update(dict.fromkeys(shard.header, name))
+            total = sum(s.nbytes for s in self.shards)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return sum(s.nbytes for s in self.shards)
+
+
 def write_checkpoint(
     out_dir: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -249,9 +295,8 @@ def write_checkpoint(
 ) -> Path:
     """Write ``(name, tensor)`` pairs as a Hugging Face style safetensors checkpoint, atomically.
 
-    Tensors are streamed: memory stays at one tensor, whatever the checkpoint size. One shard gives
-    ``model.safetensors``; more give ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
-    A new shard starts when adding a tensor would take the current one past ``max_shard_bytes``.
+    Tensors are streamed through a :class:`ShardedWriter`: memory stays at one tensor, whatever the
+    checkpoint size.
 
     Parameters
     ----------
@@ -268,32 +313,10 @@ def write_checkpoint(
             raise FileNotFoundError(f"extra file {str(f)!r} does not exist")
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     with atomic_output_dir(out_dir, force=force) as tmp:
-        shards: list[_ShardWriter] = []
-        seen: set[str] = set()
+        writer = ShardedWriter(tmp, max_shard_bytes)
         for name, tensor in items:
-            if name in seen:
-                raise ValueError(f"tensor {name!r} is written twice")
-            seen.add(name)
-            size = tensor.numel() * tensor.element_size()
-            if not shards or (shards[-1].header and shards[-1].nbytes + size > max_shard_bytes):
-                if shards:
-                    shards[-1].close()
-                shards.append(_ShardWriter(tmp / f"shard-{len(shards):05d}.safetensors"))
-            shards[-1].add(name, tensor)
-        if not shards:
-            raise ValueError("write_checkpoint got no tensors to write")
-        shards[-1].close()
-        if len(shards) == 1:
-            os.replace(shards[0].final, tmp / SINGLE_NAME)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                os.replace(shard.final, tmp / name)
-                weight_map.update(dict.fromkeys(shard.header, name))
-            total = sum(s.nbytes for s in shards)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            writer.add(name, tensor)
+        writer.close()
         if config is not None:
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for f in extra:

@@ -1,0 +1,134 @@
+"""A transformers model built from its config with the block stack left unloaded; blocks are read from the checkpoint one at a time.
+
+Memory holds the modules outside the block stack (embeddings, final norm, head) and one block: the
+stack's parameters live on the meta device until :meth:`CheckpointSource.load_block` reads that block's
+tensors lazily (:mod:`rankwise.io.lazy`, one tensor at a time) and :meth:`release_block` returns
+them to the meta device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .lazy import open_checkpoint
+
+
+def _no_init_weights():
+    try:  # transformers >= 5
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def persistent_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict`` names -> tensors (parameters and persistent buffers); a tensor shared by several
+    names (tied embeddings) is listed once, under the first name."""
+    seen, out = set(), {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t
+    return out
+
+
+class CheckpointSource:
+    """A model read from a transformers directory one block at a time.
+
+    Parameters
+    ----------
+    hf_dir : transformers model directory with safetensors weights.
+    auto_class : the transformers auto class to build it with (``AutoModelForCausalLM`` / ``AutoModel``).
+    stack_name : qualified name of the block stack (``model.layers``), as :func:`rankwise.targets.block_stack` finds it.
+    device, dtype : where and in which dtype blocks are computed.
+
+    Raises ``ValueError`` naming a tensor the model needs that the checkpoint lacks.
+    """
+
+    def __init__(self, hf_dir: Path, auto_class, stack_name: str | None, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoConfig
+
+        from ..targets import block_stack
+
+        self.hf_dir, self.device, self.dtype = Path(hf_dir), torch.device(device), dtype
+        self.ckpt = open_checkpoint(self.hf_dir)
+        config = AutoConfig.from_pretrained(self.hf_dir)
+        with _no_init_weights():  # parameters are allocated but never written: no memory is touched
+            self.model = auto_class.from_config(config, dtype=dtype).eval()
+        self.model.tie_weights()  # from_config ties embeddings only when it initializes weights
+        if stack_name is None:
+            found = block_stack(self.model)
+            if found is None:
+                raise ValueError(f"model in {str(self.hf_dir)!r} has no block stack (a ModuleList of identical blocks) to stream")
+            stack_name = found[0]
+        self.stack_name = stack_name
+        self.stack = self.model.get_submodule(stack_name)
+        self.num_blocks = len(self.stack)
+        self._prefix = getattr(self.model, "base_model_prefix", "") or ""
+        names = persistent_tensors(self.model)
+        self.keys = {name: self._checkpoint_key(name) for name in names}
+        for i in range(self.num_blocks):
+            self.release_block(i)
+        # tied tensors: load once, then point every name that shared it at the loaded tensor
+        ties = {}
+        for name, t in self.model.state_dict(keep_vars=True).items():
+            ties.setdefault(id(t), []).append(name)
+        stack_prefix = stack_name + "."
+        for name in names:
+            if name.startswith(stack_prefix):
+                continue
+            value = self._read(name).to(device, dtype if names[name].is_floating_point() else None)
+            for alias in ties[id(names[name])]:
+                _set_tensor(self.model, alias, value)
+        self.model.requires_grad_(False)
+
+    def _checkpoint_key(self, name: str) -> str:
+        p = self._prefix
+        for key in (name, name.removeprefix(p + ".") if p else name, f"{p}.{name}" if p else name):
+            if key in self.ckpt:
+                return key
+        raise ValueError(f"checkpoint {str(self.hf_dir)!r} has no tensor for {name!r} (nor with/without the prefix {p!r})")
+
+    def block_names(self, i: int) -> dict[str, str]:
+        """``{name inside block i: checkpoint key}`` of the block's persistent tensors."""
+        prefix = f"{self.stack_name}.{i}."
+        return {n.removeprefix(prefix): k for n, k in self.keys.items() if n.startswith(prefix)}
+
+    def load_block(self, i: int, dtype: torch.dtype | None = None) -> nn.Module:
+        """Block ``i`` read from the checkpoint, on the compute device, in ``dtype`` (default the compute dtype)."""
+        block = self.stack[i]
+        for name in self.block_names(i):
+            t = self._read(f"{self.stack_name}.{i}.{name}")
+            _set_tensor(block, name, t.to(self.device, (dtype or self.dtype) if t.is_floating_point() else None))
+        return block
+
+    def _read(self, name: str) -> torch.Tensor:
+        t = self.ckpt.get(self.keys[name])
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"tensor {self.keys[name]!r} of {str(self.hf_dir)!r} holds {bad} NaN/Inf values; only finite weights can be compressed")
+        return t
+
+    def release_block(self, i: int) -> None:
+        block = self.stack[i]
+        for name, t in persistent_tensors(block).items():
+            _set_tensor(block, name, torch.empty_like(t, device="meta"))
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The checkpoint's dtype of the tensor the model calls ``name``."""
+        return self.ckpt.dtype(self.keys[name])
+
+    def close(self) -> None:
+        self.ckpt.close()

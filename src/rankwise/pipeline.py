@@ -1,0 +1,272 @@
+"""The block-by-block compression passes: calibrate, loss gradients, factorize, allocate, (re)calibrate sequentially.
+
+Memory is one block plus the calibration activations at one block boundary: statistics, gradients and
+factors of finished blocks are spilled to a :class:`~rankwise.workdir.WorkDir`. The passes:
+
+A. forward, block order, every calibration sequence: each block's input statistics (``X^T X``,
+   ``sum |x|``); the inputs of the loss-gradient sequences are kept. Without loss gradients the block is
+   factorized right away; with them its statistics are spilled until B is done.
+B. (loss gradients) the loss head on the last block's output, then backward in reverse block order,
+   recomputing each block's forward from its stored input (checkpointing across blocks): the squared
+   output gradient of every target layer, equal to a whole-model backward up to round-off.
+C. (loss gradients) block order: factorize each layer in its metric, spill the factors up to the
+   largest rank the layer can receive, keep its loss-per-triplet curve.
+D. (optional, ``sequential``) after the global allocation, block order: each block's statistics on the
+   outputs of the blocks before it *after* their compression, its layers factorized again at their
+   allocated ranks (SVD-LLM V2, llm-compressor's sequential pipeline).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .allocate import LayerCost
+from .blocks import BlockRunner, BlockSource
+from .calibrate import CalibStats, InputStats, LayerHooks, _bar, batch_spans
+from .formats.svd import SVD
+from .layers.linear import LowRankLinear, dense_weight
+from .targets import replace_module
+from .workdir import WorkDir
+
+BATCH_SIZE = 4
+
+
+@dataclass
+class LayerCurve:
+    """One target layer after pass A/C: its block, its allocator input, its spill file."""
+
+    name: str
+    block: int
+    cost: LayerCost
+    seconds: float  # factorization wall time
+
+
+def targets_by_block(targets: dict[str, nn.Module], stack_name: str, num_blocks: int) -> list[list[str]]:
+    """Target names grouped by the block holding them; a target outside the block stack is an error."""
+    groups: list[list[str]] = [[] for _ in range(num_blocks)]
+    pattern = re.compile(rf"^{re.escape(stack_name)}\.(\d+)\.")
+    for name in targets:
+        m = pattern.match(name)
+        if m is None:
+            raise ValueError(
+                f"layer {name!r} is outside the block stack {stack_name!r}; the block-by-block pipeline compresses "
+                f"layers inside {stack_name}.N only (adjust include= / exclude=)"
+            )
+        groups[int(m.group(1))].append(name)
+    return groups
+
+
+def _stats_state(stats: dict[str, InputStats]) -> dict:
+    """Spillable form of one block's statistics; shared objects stored once (``leader`` names)."""
+    out, leaders = {}, {}
+    for name, st in stats.items():
+        if id(st) in leaders:
+            out[name] = {"leader": leaders[id(st)]}
+        else:
+            leaders[id(st)] = name
+            out[name] = {"gram": st.gram.cpu(), "abs_sum": st.abs_sum.cpu(), "count": torch.tensor(st.count)}
+    return out
+
+
+def _stats_from_state(state: dict, device: torch.device) -> dict[str, InputStats]:
+    stats = {}
+    for name, d in state.items():
+        if "leader" not in d:
+            stats[name] = InputStats(d["gram"].to(device), d["abs_sum"].to(device), int(d["count"]))
+    for name, d in state.items():
+        if "leader" in d:
+            stats[name] = stats[d["leader"]]
+    return stats
+
+
+class Pipeline:
+    """The passes over the blocks of ``source`` for one compression run.
+
+    Parameters
+    ----------
+    source : where block weights come from.
+    targets : qualified name -> layer for every layer to factorize (inside the block stack).
+    config : :class:`rankwise.CompressConfig`.
+    factorize : ``(W, stats, name, cache) -> SVD`` in the method's metric (``rankwise.compress.factorize``).
+    cost : ``(layer, SVD, stats, name) -> LayerCost``.
+    work : the spill directory.
+    """
+
+    def __init__(self, source: BlockSource, targets, config, factorize, cost, work: WorkDir, *,
+                 device: torch.device, dtype: torch.dtype, progress: bool = True):
+        self.source, self.config, self.work, self.progress = source, config, work, progress
+        self.factorize, self.cost = factorize, cost
+        self.device = torch.device(device)
+        self.runner = BlockRunner(source, device, dtype)
+        self.groups = targets_by_block(targets, source.stack_name, source.num_blocks)
+        self.needs_grad = config.needs_loss_gradients
+        self.needs_inputs = config.method != "svd"
+        self.grad_sq: dict[str, torch.Tensor] = {}
+
+    def _targets(self, i: int) -> dict[str, nn.Module]:
+        return {n: self.source.model.get_submodule(n) for n in self.groups[i]}
+
+    def _bar(self, it, desc: str):
+        return _bar(it, self.progress, desc)
+
+    # -- pass A ------------------------------------------------------------------------------------------
+    def block_inputs(self, calib: torch.Tensor) -> tuple[list[tuple[int, int]], list[torch.Tensor], list]:
+        """Batches, the block stack's input for each, and each batch's per-block call arguments."""
+        spans = batch_spans(calib.shape[0], self.config.fisher_seqs if self.needs_grad else 0, BATCH_SIZE)
+        hidden, calls = [], []
+        for a, b in spans:
+            h, c = self.runner.calls(calib[a:b])
+            hidden.append(h)
+            calls.append(c)
+        return spans, hidden, calls
+
+    def calibrate(self, calib: torch.Tensor, given: CalibStats | None = None) -> list[LayerCurve]:
+        """Passes A to C; returns every layer's curve, in model order, with factors spilled per block."""
+        if given is not None or not (self.needs_inputs or self.needs_grad):
+            self.grad_sq = dict(given.out_grad_sq) if given is not None else {}
+            return self._factorize_all(given)
+        spans, hidden, calls = self.block_inputs(calib)
+        n_grad = sum(1 for a, _ in spans if a < self.config.fisher_seqs) if self.needs_grad else 0
+        start = 0
+        if self.work.has("forward.pt"):  # resume pass A after its last finished block
+            state = self.work.load("forward.pt")
+            start, hidden = state["next"], state["hidden"]
+        curves = []
+        for i in self._bar(range(start, self.source.num_blocks), "calibrate blocks"):
+            block = self.source.load_block(i)
+            targets = self._targets(i)
+            if n_grad:
+                self.work.save(f"grad-in-{i}.pt", hidden[:n_grad])
+            with torch.no_grad(), LayerHooks(targets, self.device) as hooks:
+                for j in range(len(spans)):
+                    hooks.new_forward()
+                    hidden[j] = self.runner.run(block, hidden[j], calls[j][i]).to("cpu")
+            if self.needs_grad:
+                self.work.save(f"stats-{i}.pt", _stats_state(hooks.stats))
+            else:
+                self._factorize_block(i, targets, CalibStats(hooks.stats))
+            self.source.release_block(i)
+            self.work.save("forward.pt", {"next": i + 1, "hidden": hidden})
+        if self.needs_grad:
+            grad_sq = self._backward(calib, spans[:n_grad], hidden[:n_grad], calls)
+            for i in self._bar(range(self.source.num_blocks), "factorize blocks"):
+                if not self.work.has(f"factors-{i}.pt"):
+                    block_stats = _stats_from_state(self.work.load(f"stats-{i}.pt"), self.device)
+                    self.source.load_block(i)
+                    self._factorize_block(i, self._targets(i), CalibStats(block_stats, grad_sq))
+                    self.source.release_block(i)
+        return self._curves()
+
+    # -- pass B ------------------------------------------------------------------------------------------
+    def _backward(self, calib, spans, last_hidden, calls) -> dict[str, torch.Tensor]:
+        """Squared output gradients of every target, mean over the gradient sequences' tokens."""
+        if self.work.has("backward.pt"):
+            state = self.work.load("backward.pt")
+        else:
+            grads = []
+            for k, (a, b) in enumerate(spans):
+                _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
+                grads.append(g)
+            state = {"next": self.source.num_blocks - 1, "grads": grads, "grad_sq": {}}
+        grads, grad_sq = state["grads"], state["grad_sq"]
+        for i in self._bar(range(state["next"], -1, -1), "loss gradients"):
+            block = self.source.load_block(i)
+            inputs = self.work.load(f"grad-in-{i}.pt")
+            with LayerHooks(self._targets(i), self.device, inputs=False) as hooks:
+                for k in range(len(spans)):
+                    x = inputs[k].to(self.device).requires_grad_(True)
+                    with torch.enable_grad():
+                        out = self.runner.run(block, x, calls[k][i])
+                        (gx,) = torch.autograd.grad(out, x, grads[k].to(out.device, out.dtype))
+                    grads[k] = gx.detach().to("cpu")
+            grad_sq.update({n: g.cpu() for n, g in hooks.grad_sq.items()})
+            self.source.release_block(i)
+            self.work.save("backward.pt", {"next": i - 1, "grads": grads, "grad_sq": grad_sq})
+        tokens = sum((b - a) * calib.shape[1] for a, b in spans)
+        self.grad_sq = {n: g / tokens for n, g in grad_sq.items()}
+        return self.grad_sq
+
+    # -- pass C ------------------------------------------------------------------------------------------
+    def _factorize_block(self, i: int, targets: dict[str, nn.Module], stats: CalibStats | None) -> None:
+        cache, out, curves = {}, {}, {}
+        for name, layer in targets.items():
+            t0 = time.perf_counter()
+            f = self.factorize(dense_weight(layer).detach(), stats, name, cache)
+            cost = self.cost(layer, f, stats, name)
+            keep = min(max(cost.max_rank, 1), f.rank)  # the largest rank the allocator can give
+            out[name] = {"U": f.U[:, :keep].contiguous().cpu(), "S": f.S[:keep].cpu(), "Vh": f.Vh[:keep].contiguous().cpu(),
+                         "spectrum": f.spectrum.cpu()}
+            curves[name] = {"shape": list(cost.shape), "bias": cost.bias, "gains": cost.gains.cpu(),
+                            "seconds": time.perf_counter() - t0}
+        self.work.save(f"factors-{i}.pt", out)
+        self.work.save(f"curves-{i}.pt", curves)
+
+    def _factorize_all(self, given: CalibStats | None) -> list[LayerCurve]:
+        for i in self._bar(range(self.source.num_blocks), "factorize blocks"):
+            if self.work.has(f"factors-{i}.pt"):
+                continue
+            self.source.load_block(i)
+            self._factorize_block(i, self._targets(i), given)
+            self.source.release_block(i)
+        return self._curves()
+
+    def _curves(self) -> list[LayerCurve]:
+        curves = []
+        for i, names in enumerate(self.groups):
+            if not names:
+                continue
+            data = self.work.load(f"curves-{i}.pt")
+            for name in names:
+                d = data[name]
+                curves.append(LayerCurve(name, i, LayerCost(tuple(d["shape"]), d["bias"], d["gains"]), d["seconds"]))
+        return curves
+
+    def factors(self, i: int) -> dict[str, SVD]:
+        """The spilled factors of block ``i`` (up to each layer's largest allocatable rank)."""
+        if not self.groups[i]:
+            return {}
+        return {n: SVD(d["U"], d["S"], d["Vh"], d["spectrum"]) for n, d in self.work.load(f"factors-{i}.pt").items()}
+
+    # -- pass D ------------------------------------------------------------------------------------------
+    def sequential(self, calib: torch.Tensor, ranks: dict[str, int | None], emit) -> None:
+        """Re-calibrate each block on the compressed blocks' outputs, refactorize at ``ranks``, ``emit(i, factors)``.
+
+        ``emit(i, {name: truncated SVD or None})`` is called with block ``i`` still loaded; it must
+        swap the layers in (the compressed block then computes the next block's inputs).
+        """
+        spans, hidden, calls = self.block_inputs(calib)
+        for i in self._bar(range(self.source.num_blocks), "sequential blocks"):
+            block = self.source.load_block(i)
+            targets = self._targets(i)
+            with torch.no_grad(), LayerHooks(targets, self.device) as hooks:
+                for j in range(len(spans)):
+                    hooks.new_forward()
+                    self.runner.run(block, hidden[j], calls[j][i])
+            stats, cache, new = CalibStats(hooks.stats, self.grad_sq), {}, {}
+            for name, layer in targets.items():
+                r = ranks[name]
+                new[name] = None if r is None else self.factorize(dense_weight(layer).detach(), stats, name, cache).truncate(r)
+            emit(i, new)
+            block = self.source.stack[i]
+            with torch.no_grad():
+                for j in range(len(spans)):
+                    hidden[j] = self.runner.run(block, hidden[j], calls[j][i]).to("cpu")
+            self.source.release_block(i)
+
+
+def swap_in(model: nn.Module, factors: dict[str, SVD | None], dtype_of) -> dict[str, LowRankLinear]:
+    """Replace each layer of ``factors`` (None: stays dense) by a ``LowRankLinear`` in ``dtype_of(name)``."""
+    new = {}
+    for name, f in factors.items():
+        if f is None:
+            continue
+        layer = model.get_submodule(name)
+        W = dense_weight(layer)
+        new[name] = LowRankLinear.from_factors(f, getattr(layer, "bias", None), dtype=dtype_of(name)).to(W.device)
+        replace_module(model, name, new[name])
+    return new

@@ -1,0 +1,155 @@
+"""compress_checkpoint(model_dir, out_dir, config, calib): a checkpoint compressed block by block, never whole in memory.
+
+Blocks are read from the input safetensors one at a time (:class:`rankwise.io.stream.CheckpointSource`),
+calibrated, factorized, and written to the output shards as soon as the global allocation has given
+their ranks. The output is a rankwise directory (``rankwise.load`` and stock ``from_pretrained`` after
+``import rankwise`` reload it), written under a temporary name and renamed when complete. The spill
+directory ``<out>.rankwise-run`` keeps what finished blocks computed until the run ends: an interrupted
+run continues from it with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .compress import CompressConfig, CompressReport, _check_calib, run_compression
+from .io.atomic import atomic_output_dir
+from .io.checkpoint import REPORT_FILE
+from .io.lazy import INDEX_NAME, ShardedWriter
+from .io.stream import CheckpointSource, persistent_tensors
+from .pipeline import swap_in
+from .targets import find_targets
+from .workdir import WorkDir, check_free_disk, fingerprint, model_fingerprint
+
+SKIPPED_FILES = {"config.json", INDEX_NAME, "rankwise_source.json", REPORT_FILE, "README.md"}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; anything else as torch reads it (``ValueError`` if it cannot)."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
+    return dev
+
+
+def run_dir(out_dir: str | Path) -> Path:
+    """The spill directory of a compression writing ``out_dir``."""
+    out = Path(out_dir)
+    return out.with_name(out.name + ".rankwise-run")
+
+
+def _spill_bytes(source: CheckpointSource, targets, config: CompressConfig, calib: torch.Tensor) -> int:
+    """Upper bound of what the run writes: statistics, stored activations, factors, the output."""
+    hidden = int(source.model.config.hidden_size) if hasattr(source.model.config, "hidden_size") else 4096
+    acts = calib.numel() * hidden * 4
+    grads = source.num_blocks * min(config.fisher_seqs, calib.shape[0]) * calib.shape[1] * hidden * 4
+    stats = sum(source.ckpt.shape(source.keys[f"{n}.weight"])[-1] ** 2 * 8 for n in targets)
+    factors = sum(4 * torch.Size(source.ckpt.shape(source.keys[f"{n}.weight"])).numel() for n in targets)
+    output = sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors"))
+    return 2 * acts + grads + stats + factors + output
+
+
+def compress_checkpoint(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    config: CompressConfig,
+    calib: torch.Tensor | None,
+    *,
+    device: str | torch.device = "auto",
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> CompressReport:
+    """Compress the transformers model in ``model_dir`` into the rankwise directory ``out_dir``.
+
+    Parameters
+    ----------
+    model_dir : transformers directory with safetensors weights (a GGUF file is converted first by
+        :func:`rankwise.io.models.model_dir`).
+    config, calib : as for :func:`rankwise.compress_`.
+    device : where each block is computed ("auto": CUDA when present); blocks are computed in float32
+        and the output keeps each tensor's stored dtype.
+    resume : continue the interrupted run whose spill directory is ``<out_dir>.rankwise-run``.
+    force : replace an existing ``out_dir`` (and an interrupted run's spill directory).
+
+    Raises
+    ------
+    ValueError for bad configuration or calibration data, a checkpoint the model cannot be read from
+    (the tensor is named), NaN/Inf weights (named), too little free disk (bytes named) and a
+    ``resume`` whose run differs (the field named). FileExistsError for an existing output.
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from .io.hf_quantizer import RankwiseConfig
+    from .io.models import dir_kind
+
+    if not isinstance(config, CompressConfig):
+        raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
+    _check_calib(calib, config.needs_data, config)
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it")
+    dev = resolve_device(device)
+    hf_dir = Path(model_dir)
+    auto = AutoModelForCausalLM if dir_kind(hf_dir) == "causal-lm" else AutoModel
+    source = CheckpointSource(hf_dir, auto, None, dev, torch.float32)
+    targets = find_targets(source.model, config.include, config.exclude)
+    manifest = {"model": model_fingerprint(hf_dir), "config": config.to_dict(),
+                "calib": None if calib is None else [list(calib.shape), fingerprint(calib)]}
+    check_free_disk(out.parent, _spill_bytes(source, targets, config, calib if calib is not None else torch.zeros(1, 1)),
+                    "the spilled statistics and the output")
+    work = WorkDir(run_dir(out), manifest, resume=resume, force=force)
+    stored = {name: source.stored_dtype(name) for name in source.keys}
+    try:
+        with atomic_output_dir(out, force=force) as tmp:
+            writer = ShardedWriter(tmp)
+
+            def write_block(i: int, factors) -> None:
+                prefix = f"{source.stack_name}.{i}."
+                swap_in(source.model, factors, lambda name: torch.float32)
+                block = source.stack[i]
+                for name, t in persistent_tensors(block).items():
+                    full = prefix + name
+                    layer = full.rsplit(".", 2)[0]  # <layer>.down.weight / <layer>.up.bias
+                    key = full if full in stored else (f"{layer}.weight" if name.endswith(("down.weight", "up.weight")) else f"{layer}.bias")
+                    writer.add(full, t.detach().to(stored[key]))
+
+            report = run_compression(source, targets, config, calib, work, emit=write_block, progress=progress)
+            prefix = source.stack_name + "."
+            for name, key in source.keys.items():
+                if not name.startswith(prefix):
+                    writer.add(name, source.ckpt.get(key))
+            writer.close()
+            cfg = AutoConfig.from_pretrained(hf_dir)  # the input's, stored dtype included
+            cfg.quantization_config = RankwiseConfig(report.ranks).to_dict()
+            cfg.save_pretrained(tmp)
+            _copy_model_files(hf_dir, tmp)
+            (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+    except (ValueError, FileNotFoundError, FileExistsError):
+        work.remove()  # bad input: nothing of this run is worth resuming
+        raise
+    finally:
+        source.close()
+    work.remove()
+    return report
+
+
+def _copy_model_files(src: Path, out: Path) -> None:
+    """Every file and folder of the input model that compression does not change (tokenizer, chat
+    template, generation config, sentence-transformers modules)."""
+    for item in sorted(src.iterdir()):
+        if item.name in SKIPPED_FILES or item.suffix == ".safetensors" or item.name.startswith("."):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, out / item.name)
+        else:
+            shutil.copy2(item, out / item.name)
