@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -243,3 +244,42 @@ def test_eval_and_info_bad_inputs(bert_dir, llama_dir, tmp_path, capsys):
     run_bad(["info", str(llama_dir)], capsys, r"^rankwise info: error: '.*' is not a rankwise directory")
     run_bad(["eval", str(llama_dir), "--tokens", "0"], capsys, r"--tokens must be an int >= 1, got 0$")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_missing_shard_and_full_disk_are_named(tmp_path, capsys, monkeypatch):
+    model = tiny_llama()
+    src = tmp_path / "sharded"
+    save_model_dir(model, src)  # with tokenizer files
+    (src / "model.safetensors").unlink()
+    model.save_pretrained(src, max_shard_size="60KB")  # the weights again, sharded
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    full_disk = tmp_path / "full"
+    shutil.copytree(src, full_disk)
+    shards[1].unlink()
+    run_bad(["compress", str(src), "--out", str(tmp_path / "c"), *FAST], capsys,
+            rf"^rankwise compress: error: shard '{re.escape(str(shards[1]))}' named by '.*model.safetensors.index.json' does not exist$",
+            after_loading=True)
+    assert no_output(tmp_path)
+    import rankwise.workdir
+
+    monkeypatch.setattr(rankwise.workdir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    run_bad(["compress", str(full_disk), "--out", str(tmp_path / "c"), *FAST], capsys,
+            r"^rankwise compress: error: not enough free disk under '.*' for the spilled statistics and the output: "
+            r"0\.\d\d GiB needed, 0\.00 GiB free$", after_loading=True)
+    assert no_output(tmp_path) and not (tmp_path / "c.rankwise-run").exists()
+
+
+def test_bfloat16_checkpoint_is_computed_in_float32_and_stored_in_bfloat16(tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_llama().to(torch.bfloat16)
+    bf16 = save_model_dir(model, tmp_path / "bf16")
+    fp32 = save_model_dir(model.float(), tmp_path / "fp32")  # the same (bfloat16-exact) weights in float32
+    for d in (bf16, fp32):
+        assert main(["compress", str(d), "--out", str(d) + "-c", *FAST]) == 0
+    a, b = load_file(str(bf16) + "-c/model.safetensors"), load_file(str(fp32) + "-c/model.safetensors")
+    assert set(a) == set(b) and any(k.endswith("down.weight") for k in a)
+    for k in a:
+        assert a[k].dtype == torch.bfloat16 and b[k].dtype == torch.float32
+        assert torch.equal(a[k], b[k].to(torch.bfloat16)), k
