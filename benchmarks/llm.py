@@ -35,6 +35,8 @@ VARIANTS = {
     "fisher": dict(method="whiten", allocate="fisher", update=False),
     "fisher+update": dict(method="whiten", allocate="fisher", update=True),
     "ours": {},  # CompressConfig defaults
+    "whiten+sequential": dict(method="whiten", allocate="uniform", sequential=True),
+    "ours+sequential": dict(sequential=True),  # each block calibrated on the compressed blocks' outputs
 }
 
 

@@ -19,6 +19,7 @@ _EXPORTS = {
     # compression
     "CompressConfig": "rankwise.compress",
     "compress_": "rankwise.compress",
+    "compress_checkpoint": "rankwise.streamed",
     "save": "rankwise.io.checkpoint",
     "load": "rankwise.io.checkpoint",
     # deltas

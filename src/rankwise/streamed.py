@@ -1,4 +1,4 @@
-"""compress_checkpoint(model_dir, out_dir, config, calib): a checkpoint compressed block by block, never whole in memory.
+"""compress_checkpoint(model, out_dir, config, calib): a checkpoint compressed block by block, never whole in memory.
 
 Blocks are read from the input safetensors one at a time (:class:`rankwise.io.stream.CheckpointSource`),
 calibrated, factorized, and written to the output shards as soon as the global allocation has given
@@ -59,7 +59,7 @@ def _spill_bytes(source: CheckpointSource, targets, config: CompressConfig, cali
 
 
 def compress_checkpoint(
-    model_dir: str | Path,
+    model: str | Path,
     out_dir: str | Path,
     config: CompressConfig,
     calib: torch.Tensor | None,
@@ -69,12 +69,12 @@ def compress_checkpoint(
     force: bool = False,
     progress: bool = True,
 ) -> CompressReport:
-    """Compress the transformers model in ``model_dir`` into the rankwise directory ``out_dir``.
+    """Compress the transformers model ``model`` names into the rankwise directory ``out_dir``.
 
     Parameters
     ----------
-    model_dir : transformers directory with safetensors weights (a GGUF file is converted first by
-        :func:`rankwise.io.models.model_dir`).
+    model : what :func:`rankwise.io.models.model_dir` accepts: a transformers directory with safetensors
+        weights, a ``.safetensors`` file in one, a ``.gguf`` file (converted once, cached) or an alias.
     config, calib : as for :func:`rankwise.compress_`.
     device : where each block is computed ("auto": CUDA when present); blocks are computed in float32
         and the output keeps each tensor's stored dtype.
@@ -90,7 +90,7 @@ def compress_checkpoint(
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     from .io.hf_quantizer import RankwiseConfig
-    from .io.models import dir_kind
+    from .io.models import dir_kind, model_dir
 
     if not isinstance(config, CompressConfig):
         raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
@@ -99,7 +99,7 @@ def compress_checkpoint(
     if out.exists() and not force:
         raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it")
     dev = resolve_device(device)
-    hf_dir = Path(model_dir)
+    hf_dir = model_dir(model, progress=progress)
     auto = AutoModelForCausalLM if dir_kind(hf_dir) == "causal-lm" else AutoModel
     source = CheckpointSource(hf_dir, auto, None, dev, torch.float32)
     targets = find_targets(source.model, config.include, config.exclude)
