@@ -124,6 +124,8 @@ class LayerReport:
     params_after: int
     error: float  # relative whitened (or scaled / plain, by method) Frobenius error of the truncation
     seconds: float
+    loss: float = 0.0  # the allocator's predicted loss increase of this layer at its rank
+    spectrum: list[float] = field(default_factory=list, repr=False)  # singular values in the truncated metric / the first
 
 
 @dataclass
@@ -147,12 +149,18 @@ class CompressReport:
     def params_after(self) -> int:
         return sum(l.params_after for l in self.layers)
 
+    @property
+    def predicted_loss(self) -> float:
+        """The allocator's objective at the chosen ranks: summed gains of the dropped triplets."""
+        return sum(l.loss for l in self.layers)
+
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(),
             "layers": [asdict(l) | {"shape": list(l.shape)} for l in self.layers],
             "params_before": self.params_before,
             "params_after": self.params_after,
+            "predicted_loss": self.predicted_loss,
             "timings": dict(self.timings),
         }
 
@@ -265,6 +273,49 @@ def compress_(
     return report
 
 
+def plan_compression(
+    source: BlockSource,
+    targets: dict[str, nn.Module],
+    config: CompressConfig,
+    calib: torch.Tensor | None,
+    work: WorkDir,
+    *,
+    stats: CalibStats | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[Pipeline, list, dict[str, float]]:
+    """Passes A-C over ``source``'s blocks: ``(pipeline, every layer's curve, timings)``; the factors wait
+    in ``work``. Any number of budgets can then be allocated (:func:`allocate_layers`) and written."""
+    pipe = Pipeline(
+        source, targets, config,
+        lambda W, st, name, cache: factorize(W, config, st, name, cache),
+        lambda layer, f, st, name: layer_cost(layer, f, st, name, config.needs_loss_gradients),
+        work, device=getattr(source, "device", torch.device("cpu")), dtype=dtype, progress=progress,
+    )
+    t0 = time.perf_counter()
+    curves = pipe.calibrate(calib, stats)
+    spent = time.perf_counter() - t0
+    timings = {"factorization": sum(c.seconds for c in curves)}
+    timings["calibration"] = spent - timings["factorization"]
+    return pipe, curves, timings
+
+
+def allocate_layers(config: CompressConfig, curves: list, keep: float) -> dict[str, int | None]:
+    """``{layer: rank or None (dense)}`` under the budget ``keep`` with the config's allocator."""
+    ranks = allocate_ranks(config.allocate, [c.cost for c in curves], float(keep), min_rank=config.min_rank)
+    return {c.name: r for c, r in zip(curves, ranks)}
+
+
+def emit_blocks(pipe: Pipeline, rank_of: dict[str, int | None], emit, progress: bool = True) -> None:
+    """``emit(i, {name: SVD truncated to its rank, or None})`` for every block, with block ``i`` loaded."""
+    source = pipe.source
+    for i in _bar(range(source.num_blocks), progress, "write blocks"):
+        spilled = pipe.factors(i)
+        source.load_block(i)
+        emit(i, {n: None if rank_of[n] is None else f.truncate(rank_of[n]) for n, f in spilled.items()})
+        source.release_block(i)
+
+
 def run_compression(
     source: BlockSource,
     targets: dict[str, nn.Module],
@@ -279,45 +330,38 @@ def run_compression(
 ) -> CompressReport:
     """The passes over ``source``'s blocks, the global allocation, then ``emit(i, {name: SVD or None})``
     for every block in order, with block ``i`` loaded (factors truncated to their allocated ranks)."""
-    device = getattr(source, "device", torch.device("cpu"))
-    pipe = Pipeline(
-        source, targets, config,
-        lambda W, st, name, cache: factorize(W, config, st, name, cache),
-        lambda layer, f, st, name: layer_cost(layer, f, st, name, config.needs_loss_gradients),
-        work, device=device, dtype=dtype, progress=progress,
-    )
-    timings: dict[str, float] = {}
+    pipe, curves, timings = plan_compression(source, targets, config, calib, work, stats=stats, dtype=dtype, progress=progress)
     t0 = time.perf_counter()
-    curves = pipe.calibrate(calib, stats)
-    spent = time.perf_counter() - t0
-    timings["factorization"] = sum(c.seconds for c in curves)
-    timings["calibration"] = spent - timings["factorization"]
-    t0 = time.perf_counter()
-    ranks = allocate_ranks(config.allocate, [c.cost for c in curves], float(config.keep), min_rank=config.min_rank)
+    rank_of = allocate_layers(config, curves, config.keep)
     timings["allocation"] = time.perf_counter() - t0
-    rank_of = {c.name: r for c, r in zip(curves, ranks)}
     errors: dict[str, float] = {}
-
-    def emit_block(i: int, factors: dict[str, SVD | None]) -> None:
-        for name, f in factors.items():
-            errors[name] = 0.0 if f is None else f.tail_error(rank_of[name]) / max(float(torch.linalg.vector_norm(f.spectrum.double())), 1e-300)
-        emit(i, factors)
-
     t0 = time.perf_counter()
     if config.sequential:
-        pipe.sequential(calib, rank_of, emit_block)
+        def emit_refit(i: int, factors: dict[str, SVD | None]) -> None:  # the refit factors' own errors
+            for name, f in factors.items():
+                if f is not None:
+                    errors[name] = f.tail_error(f.rank) / max(float(torch.linalg.vector_norm(f.spectrum.double())), 1e-300)
+            emit(i, factors)
+
+        pipe.sequential(calib, rank_of, emit_refit)
     else:
-        for i in _bar(range(source.num_blocks), progress, "write blocks"):
-            spilled = pipe.factors(i)
-            source.load_block(i)
-            emit_block(i, {n: None if rank_of[n] is None else f.truncate(rank_of[n]) for n, f in spilled.items()})
-            source.release_block(i)
+        emit_blocks(pipe, rank_of, emit, progress)
     timings["sequential" if config.sequential else "write"] = time.perf_counter() - t0
-    layers = [
-        LayerReport(c.name, c.cost.shape, rank_of[c.name], c.cost.dense_params, c.cost.params(rank_of[c.name]), errors[c.name], c.seconds)
-        for c in curves
-    ]
+    layers = [layer_report(c, rank_of[c.name], errors.get(c.name)) for c in curves]
     return CompressReport(layers, config, timings)
+
+
+def layer_report(curve, rank: int | None, error: float | None = None) -> LayerReport:
+    """A :class:`LayerReport` from a layer's allocator curve and its rank (None: left dense); the relative
+    error in the truncated metric is the curve's (``sqrt(tail / total)``) unless given."""
+    cost = curve.cost
+    gains = cost.gains.double().clamp_min(0)
+    loss = 0.0 if rank is None else float(gains[rank:].sum())
+    if error is None:
+        error = 0.0 if rank is None else (loss / max(float(gains.sum()), 1e-300)) ** 0.5
+    spectrum = (gains / max(float(gains[0]), 1e-300)).sqrt() if len(gains) else gains
+    return LayerReport(curve.name, cost.shape, rank, cost.dense_params, cost.params(rank), error, curve.seconds,
+                       loss, [float(f"{v:.5g}") for v in spectrum.tolist()])
 
 
 def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None, name: str, cache: dict | None = None) -> SVD:

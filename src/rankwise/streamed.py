@@ -58,6 +58,87 @@ def _spill_bytes(source: CheckpointSource, targets, config: CompressConfig, cali
     return 2 * acts + grads + stats + factors + output
 
 
+class StreamedRun:
+    """One model read block by block, its targets, its spill directory; writes rankwise directories.
+
+    Use as a context manager (the checkpoint is closed on exit). See :func:`compress_checkpoint` for the
+    parameters and errors.
+    """
+
+    def __init__(self, model, work_dir: Path, config: CompressConfig, calib: torch.Tensor | None, *,
+                 device="auto", resume: bool = False, force: bool = False, progress: bool = True, disk_for: Path | None = None):
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        from .io.models import dir_kind, model_dir
+
+        if not isinstance(config, CompressConfig):
+            raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
+        _check_calib(calib, config.needs_data, config)
+        self.config, self.calib, self.progress = config, calib, progress
+        dev = resolve_device(device)
+        self.hf_dir = model_dir(model, progress=progress)
+        auto = AutoModelForCausalLM if dir_kind(self.hf_dir) == "causal-lm" else AutoModel
+        self.source = CheckpointSource(self.hf_dir, auto, None, dev, torch.float32)
+        try:
+            self.targets = find_targets(self.source.model, config.include, config.exclude)
+            manifest = {"model": model_fingerprint(self.hf_dir), "config": config.to_dict(),
+                        "calib": None if calib is None else [list(calib.shape), fingerprint(calib)]}
+            check_free_disk(Path(disk_for or work_dir).parent,
+                            _spill_bytes(self.source, self.targets, config, calib if calib is not None else torch.zeros(1, 1)),
+                            "the spilled statistics and the output")
+            self.work = WorkDir(work_dir, manifest, resume=resume, force=force)
+        except BaseException:
+            self.source.close()
+            raise
+        self.stored = {name: self.source.stored_dtype(name) for name in self.source.keys}
+
+    def __enter__(self) -> "StreamedRun":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None and issubclass(kind, (ValueError, FileNotFoundError, FileExistsError)):
+            self.work.remove()  # bad input: nothing of this run is worth resuming
+        self.source.close()
+
+    def block_writer(self, writer: ShardedWriter):
+        """``emit(i, factors)`` for :func:`rankwise.compress.run_compression`: swaps the factorized layers
+        into block ``i`` and writes its tensors, each in the dtype the checkpoint stored it in."""
+        source, stored = self.source, self.stored
+
+        def write_block(i: int, factors) -> None:
+            prefix = f"{source.stack_name}.{i}."
+            swap_in(source.model, factors, lambda name: torch.float32)
+            for name, t in persistent_tensors(source.stack[i]).items():
+                full = prefix + name
+                layer = full.rsplit(".", 2)[0]  # <layer>.down.weight / <layer>.up.bias
+                key = full if full in stored else (f"{layer}.weight" if name.endswith(("down.weight", "up.weight")) else f"{layer}.bias")
+                writer.add(full, t.detach().to(stored[key]))
+
+        return write_block
+
+    def write(self, out: Path, force: bool, emit_all) -> CompressReport:
+        """Write a rankwise directory atomically: ``emit_all(block_writer) -> CompressReport`` writes the
+        blocks, then the tensors outside the stack, the config, the input's other files and the report."""
+        from transformers import AutoConfig
+
+        from .io.hf_quantizer import RankwiseConfig
+
+        with atomic_output_dir(out, force=force) as tmp:
+            writer = ShardedWriter(tmp)
+            report = emit_all(self.block_writer(writer))
+            prefix = self.source.stack_name + "."
+            for name, key in self.source.keys.items():
+                if not name.startswith(prefix):
+                    writer.add(name, self.source.ckpt.get(key))
+            writer.close()
+            cfg = AutoConfig.from_pretrained(self.hf_dir)  # the input's, stored dtype included
+            cfg.quantization_config = RankwiseConfig(report.ranks).to_dict()
+            cfg.save_pretrained(tmp)
+            _copy_model_files(self.hf_dir, tmp)
+            (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+        return report
+
+
 def compress_checkpoint(
     model: str | Path,
     out_dir: str | Path,
@@ -87,59 +168,13 @@ def compress_checkpoint(
     (the tensor is named), NaN/Inf weights (named), too little free disk (bytes named) and a
     ``resume`` whose run differs (the field named). FileExistsError for an existing output.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from .io.hf_quantizer import RankwiseConfig
-    from .io.models import dir_kind, model_dir
-
-    if not isinstance(config, CompressConfig):
-        raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
-    _check_calib(calib, config.needs_data, config)
     out = Path(out_dir)
     if out.exists() and not force:
         raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it")
-    dev = resolve_device(device)
-    hf_dir = model_dir(model, progress=progress)
-    auto = AutoModelForCausalLM if dir_kind(hf_dir) == "causal-lm" else AutoModel
-    source = CheckpointSource(hf_dir, auto, None, dev, torch.float32)
-    targets = find_targets(source.model, config.include, config.exclude)
-    manifest = {"model": model_fingerprint(hf_dir), "config": config.to_dict(),
-                "calib": None if calib is None else [list(calib.shape), fingerprint(calib)]}
-    check_free_disk(out.parent, _spill_bytes(source, targets, config, calib if calib is not None else torch.zeros(1, 1)),
-                    "the spilled statistics and the output")
-    work = WorkDir(run_dir(out), manifest, resume=resume, force=force)
-    stored = {name: source.stored_dtype(name) for name in source.keys}
-    try:
-        with atomic_output_dir(out, force=force) as tmp:
-            writer = ShardedWriter(tmp)
-
-            def write_block(i: int, factors) -> None:
-                prefix = f"{source.stack_name}.{i}."
-                swap_in(source.model, factors, lambda name: torch.float32)
-                block = source.stack[i]
-                for name, t in persistent_tensors(block).items():
-                    full = prefix + name
-                    layer = full.rsplit(".", 2)[0]  # <layer>.down.weight / <layer>.up.bias
-                    key = full if full in stored else (f"{layer}.weight" if name.endswith(("down.weight", "up.weight")) else f"{layer}.bias")
-                    writer.add(full, t.detach().to(stored[key]))
-
-            report = run_compression(source, targets, config, calib, work, emit=write_block, progress=progress)
-            prefix = source.stack_name + "."
-            for name, key in source.keys.items():
-                if not name.startswith(prefix):
-                    writer.add(name, source.ckpt.get(key))
-            writer.close()
-            cfg = AutoConfig.from_pretrained(hf_dir)  # the input's, stored dtype included
-            cfg.quantization_config = RankwiseConfig(report.ranks).to_dict()
-            cfg.save_pretrained(tmp)
-            _copy_model_files(hf_dir, tmp)
-            (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
-    except (ValueError, FileNotFoundError, FileExistsError):
-        work.remove()  # bad input: nothing of this run is worth resuming
-        raise
-    finally:
-        source.close()
-    work.remove()
+    with StreamedRun(model, run_dir(out), config, calib, device=device, resume=resume, force=force, progress=progress) as run:
+        report = run.write(out, force, lambda emit: run_compression(
+            run.source, run.targets, config, calib, run.work, emit=emit, progress=progress))
+    run.work.remove()
     return report
 
 
