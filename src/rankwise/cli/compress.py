@@ -11,10 +11,53 @@ DEFAULT_EVAL_TOKENS = 8192
 DEFAULT_SENTENCES = 256
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register this module's subcommands on sub; each sets func to a callable(args) -> int."""
+def add_calibration_options(p: argparse.ArgumentParser) -> None:
+    """The options shared by compress and sweep: method, allocator, calibration data, targets, device."""
     from ..allocate import ALLOCATORS
     from ..compress import METHODS, CompressConfig
+
+    d = CompressConfig()
+    p.add_argument("--method", help=f"{', '.join(METHODS)} (default {d.method})")
+    p.add_argument("--allocate", help=f"rank allocator: {', '.join(ALLOCATORS.names())} (default {d.allocate})")
+    p.add_argument("--calib", metavar="FILE", help="UTF-8 text file for calibration (default: built-in text, disjoint from eval's)")
+    p.add_argument("--calib-tokens", type=int, metavar="N",
+                   help=f"calibration tokens, cut into sequences of --seq-len (default {d.calib_seqs * d.seq_len})")
+    p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
+    p.add_argument("--include", metavar="REGEX", help="compress every linear layer whose name matches (default: those in the blocks)")
+    p.add_argument("--exclude", metavar="REGEX", help="then leave out the layers whose name matches")
+    p.add_argument("--seed", type=int, help=f"seed for every random step (default {d.seed})")
+    p.add_argument("--device", default="auto", help="where blocks are computed: auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
+
+
+def config_and_calibration(args, extra: tuple[str, ...] = ()):
+    """``(config, model directory, tokenizer, calibration ids)`` from the shared options; the config is
+    validated before the model is read."""
+    from ..compress import CompressConfig
+    from ..data import builtin_text, token_sequences
+    from ..io.models import load_tokenizer, model_dir
+
+    names = ("method", "allocate", "include", "exclude", "seed", "seq_len", *extra)
+    given = {k: getattr(args, k) for k in names}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.calib_tokens is not None:
+        seq_len = given.get("seq_len", CompressConfig.seq_len)
+        if args.calib_tokens < seq_len:
+            raise ValueError(f"--calib-tokens must be at least --seq-len ({seq_len}), got {args.calib_tokens}")
+        given["calib_seqs"] = args.calib_tokens // seq_len
+    config = CompressConfig(**given)
+    if Path(args.out).exists() and not args.force:
+        raise FileExistsError(f"output directory {args.out!r} already exists; pass --force to overwrite it")
+    text = _read_text(args.calib, "--calib") if args.calib else builtin_text("calib")
+    hf_dir = model_dir(args.model)
+    tokenizer = load_tokenizer(hf_dir)
+    if tokenizer is None:
+        raise ValueError(f"model {args.model!r} has no tokenizer files, so calibration text cannot be tokenized")
+    return config, hf_dir, tokenizer, token_sequences(tokenizer, text, config.seq_len, config.calib_seqs, what="calibration")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register this module's subcommands on sub; each sets func to a callable(args) -> int."""
+    from ..compress import CompressConfig
 
     d = CompressConfig()
     p = sub.add_parser("compress", help="factorize a model's layers under one parameter budget and save it",
@@ -24,18 +67,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", metavar="MODEL", help="transformers model dir, .gguf/.safetensors file, or alias (smollm2, minilm)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     p.add_argument("--keep", type=float, help=f"fraction in (0, 1] of the targeted layers' parameters to keep (default {d.keep})")
-    p.add_argument("--method", help=f"{', '.join(METHODS)} (default {d.method})")
-    p.add_argument("--allocate", help=f"rank allocator: {', '.join(ALLOCATORS.names())} (default {d.allocate})")
-    p.add_argument("--calib", metavar="FILE", help="UTF-8 text file for calibration (default: built-in text, disjoint from eval's)")
-    p.add_argument("--calib-tokens", type=int, metavar="N",
-                   help=f"calibration tokens, cut into sequences of --seq-len (default {d.calib_seqs * d.seq_len})")
-    p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
-    p.add_argument("--include", metavar="REGEX", help="compress every linear layer whose name matches (default: those in the blocks)")
-    p.add_argument("--exclude", metavar="REGEX", help="then leave out the layers whose name matches")
+    add_calibration_options(p)
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})")
-    p.add_argument("--seed", type=int, help=f"seed for every random step (default {d.seed})")
-    p.add_argument("--device", default="auto", help="where blocks are computed: auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
     p.set_defaults(func=run_compress)
@@ -71,31 +105,12 @@ def _positive(value, option: str) -> None:
 
 
 def run_compress(args) -> int:
-    from ..compress import CompressConfig
-    from ..data import builtin_text, token_sequences
-    from ..io.models import load_tokenizer, model_dir
     from ..streamed import compress_checkpoint, resolve_device, run_dir
 
-    given = {k: getattr(args, k) for k in ("keep", "method", "allocate", "include", "exclude", "sequential", "seed", "seq_len")}
-    given = {k: v for k, v in given.items() if v is not None}
-    if args.calib_tokens is not None:
-        seq_len = given.get("seq_len", CompressConfig.seq_len)
-        if args.calib_tokens < seq_len:
-            raise ValueError(f"--calib-tokens must be at least --seq-len ({seq_len}), got {args.calib_tokens}")
-        given["calib_seqs"] = args.calib_tokens // seq_len
-    config = CompressConfig(**given)  # validates every option before the model is read
-    device = resolve_device(args.device)
-    if Path(args.out).exists() and not args.force:
-        raise FileExistsError(f"output directory {args.out!r} already exists; pass --force to overwrite it")
-    text = _read_text(args.calib, "--calib") if args.calib else builtin_text("calib")
-
-    hf_dir = model_dir(args.model)
-    tokenizer = load_tokenizer(hf_dir)
-    if tokenizer is None:
-        raise ValueError(f"model {args.model!r} has no tokenizer files, so calibration text cannot be tokenized")
-    calib = token_sequences(tokenizer, text, config.seq_len, config.calib_seqs, what="calibration")
+    resolve_device(args.device)
+    config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential"))
     try:
-        report = compress_checkpoint(hf_dir, args.out, config, calib, device=device, resume=args.resume, force=args.force)
+        report = compress_checkpoint(hf_dir, args.out, config, calib, device=args.device, resume=args.resume, force=args.force)
     except KeyboardInterrupt:
         print(f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
               f"{str(run_dir(args.out))!r}: rerun with --resume to continue", file=sys.stderr)
