@@ -135,6 +135,7 @@ class CompressReport:
     layers: list[LayerReport]
     config: CompressConfig
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float | None = None  # the process's peak resident memory when the run ended, if measured
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -162,6 +163,7 @@ class CompressReport:
             "params_after": self.params_after,
             "predicted_loss": self.predicted_loss,
             "timings": dict(self.timings),
+            "peak_rss_mib": self.peak_rss_mib,
         }
 
     def to_json(self) -> str:

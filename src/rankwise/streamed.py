@@ -41,6 +41,13 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB (``getrusage``; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_dir(out_dir: str | Path) -> Path:
     """The spill directory of a compression writing ``out_dir``."""
     out = Path(out_dir)
@@ -126,6 +133,7 @@ class StreamedRun:
         with atomic_output_dir(out, force=force) as tmp:
             writer = ShardedWriter(tmp)
             report = emit_all(self.block_writer(writer))
+            report.peak_rss_mib = peak_rss_mib()
             prefix = self.source.stack_name + "."
             for name, key in self.source.keys.items():
                 if not name.startswith(prefix):
