@@ -201,7 +201,6 @@ def compress_(
     *,
     stats: CalibStats | None = None,
     progress: bool = True,
-    device: str | torch.device | None = None,
 ) -> CompressReport:
     """Factorize the target layers of ``model`` in place under one parameter budget, one block at a time.
 
@@ -220,7 +219,6 @@ def compress_(
     stats : statistics from :func:`rankwise.calibrate.collect_stats` on this same (dense) model and
         ``calib``, to compress at several budgets without calibrating again (with ``fisher_seqs >= 1``
         for an allocator that needs loss gradients).
-    device : where blocks are computed (default: where the model is); each block is moved there and back.
 
     Returns
     -------
@@ -244,7 +242,7 @@ def compress_(
     if stack is None:
         raise ValueError(f"{type(model).__name__} has no block stack (an nn.ModuleList of identical blocks) to compress block by block")
     param = next(model.parameters())
-    source = InMemorySource(model, stack[0], device or param.device)
+    source = InMemorySource(model, stack[0], param.device)  # computed where the model is
     dtypes = {n: dense_weight(m).dtype for n, m in targets.items()}
     requires = [p.requires_grad for p in model.parameters()]
     was_training = model.training
