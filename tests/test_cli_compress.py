@@ -283,3 +283,14 @@ def test_bfloat16_checkpoint_is_computed_in_float32_and_stored_in_bfloat16(tmp_p
     for k in a:
         assert a[k].dtype == torch.bfloat16 and b[k].dtype == torch.float32
         assert torch.equal(a[k], b[k].to(torch.bfloat16)), k
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu0", r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu0'"),
+    pytest.param("cuda", r"device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or auto",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
+])
+def test_bad_device_is_named(llama_dir, tmp_path, capsys, device, message):
+    run_bad(["compress", str(llama_dir), "--device", device, "--out", str(tmp_path / "c"), *FAST], capsys,
+            rf"^rankwise compress: error: {message}$")
+    assert no_output(tmp_path)
