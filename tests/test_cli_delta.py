@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from rankwise.cli import main  # noqa: E402
 from rankwise.peft_export import load_peft  # noqa: E402
@@ -67,9 +67,7 @@ def _assert_usage_error(code, err, message):
 
 def test_mismatched_models_name_the_tensor(pair, tmp_path, capsys):
     base, _, _, _ = pair
-    torch.manual_seed(1)
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).double()
+    other = tiny_llama(intermediate_size=40)
     other.save_pretrained(tmp_path / "other")
     code, _, err = run(["delta", "extract", base, tmp_path / "other", "--out", tmp_path / "a"], capsys)
     _assert_usage_error(code, err, "tensor 'model.layers.0.mlp.down_proj.weight' has shape (32, 48) in base, (32, 40) in finetuned")

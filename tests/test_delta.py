@@ -10,20 +10,21 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from rankwise import apply_delta_, extract_delta  # noqa: E402
 from rankwise.delta import allocate_delta_ranks  # noqa: E402
 from rankwise.peft_export import load_peft  # noqa: E402
 
+from _tiny_models import tiny_model  # noqa: E402
+
 K = 3  # rank of the known delta added to every Linear weight
 
 
-def tiny_llama(tied: bool = False, bias: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, attention_bias=bias)
-    return LlamaForCausalLM(cfg).double().eval()
+def tiny_llama(tied: bool = False, bias: bool = False, intermediate_size: int = 48) -> LlamaForCausalLM:
+    """The shared tiny Llama in float64 with a small vocabulary (the deltas cover every Linear, lm_head too)."""
+    return tiny_model("llama", vocab_size=61, intermediate_size=intermediate_size, tie_word_embeddings=tied,
+                      attention_bias=bias, dtype=torch.float64)
 
 
 def low_rank(m: int, n: int, k: int, seed: int) -> torch.Tensor:
@@ -185,8 +186,7 @@ def test_peft_keeps_a_tied_head_tied_to_a_changed_embedding(tmp_path):
 
 def test_conv1d_orientation_round_trips_through_peft(tmp_path):
     peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=4)).double().eval()
+    base = tiny_model("gpt2", vocab_size=61, n_positions=16, dtype=torch.float64)
     ft = copy.deepcopy(base)
     with torch.no_grad():
         w = ft.transformer.h[0].attn.c_attn.weight  # Conv1D: stored (in=32, out=96)
@@ -240,8 +240,7 @@ def test_bad_inputs_raise_one_line_errors():
         extract_delta(base, ft, keep=1.5)
     with pytest.raises(ValueError, match=r"^exact_other must be one of store, skip, got 'all'$"):
         extract_delta(base, ft, exact_other="all")
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).double()
+    other = tiny_llama(intermediate_size=40)
     with pytest.raises(ValueError, match=r"^models differ in architecture: tensor 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\) in base, \(32, 40\) in finetuned$"):
         extract_delta(base, other)
     before = copy.deepcopy(other.state_dict())

@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from rankwise.io import as_checkpoint, iter_tensors, open_checkpoint, write_checkpoint
 
+from _tiny_models import tiny_model
+
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -57,12 +59,8 @@ def test_sharded_round_trip_respects_shard_size(tmp_path):
 
 
 def test_reads_stock_safetensors_file_and_hf_model_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_model("llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
     model.save_pretrained(tmp_path / "hf", max_shard_size="4KB")
     ckpt = open_checkpoint(tmp_path / "hf")
     assert ckpt.config["hidden_size"] == 16

@@ -10,24 +10,21 @@ from rankwise.io import open_checkpoint
 from rankwise.merging import merge
 from rankwise.merging.mergekit_yaml import read_mergekit_config
 
+from _tiny_models import tiny_model
+
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     """A tiny random Llama base and three perturbed fine-tunes saved as HF safetensors dirs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("llamas")
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
+    base = tiny_model("llama", vocab_size=64, tie_word_embeddings=False)
     base.save_pretrained(root / "base")
     g = torch.Generator().manual_seed(1)
     # a shared direction plus independent noise, so task vectors are correlated (cos ~ 0.5) as real fine-tunes are
     shared = {k: torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()}
     for i in range(3):
         sd = {k: v + 0.02 * (shared[k] + torch.randn(v.shape, generator=g)) for k, v in base.state_dict().items()}
-        ft = LlamaForCausalLM(cfg)
+        ft = tiny_model("llama", vocab_size=64, tie_word_embeddings=False)
         ft.load_state_dict(sd)
         ft.save_pretrained(root / f"ft{i}")
     return root
