@@ -34,7 +34,7 @@ import rankwise
 from rankwise.merging import METHODS
 from rankwise.merging.adamerging import learn_coefficients
 from rankwise.merging.rebasin import align
-from rankwise.suites.digits import (
+from suites.digits import (
     DEFAULT_TASKS,
     HARD_TASKS,
     load_digits_suite,

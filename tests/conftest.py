@@ -1,7 +1,16 @@
-"""Suite-wide test settings."""
+"""Suite-wide test settings: one thread, and the benchmark suites (outside the package) on sys.path."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# benchmarks/suites (training code that needs scikit-learn) is not installed with rankwise; the merge tests
+# train their small models with it, imported as ``suites`` like the benchmark scripts do.
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from rankwise.suites.digits import (
+from suites.digits import (
     DEFAULT_TASKS,
     TASKS,
     augment,

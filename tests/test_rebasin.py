@@ -8,7 +8,7 @@ from torch import nn
 
 import rankwise
 from rankwise.merging.rebasin import align, apply_permutation, permutation_spec, weight_matching
-from rankwise.suites.digits import make_model
+from suites.digits import make_model
 
 
 def _permuted_copy(model: nn.Module, seed: int) -> tuple[nn.Module, list[torch.Tensor]]:
