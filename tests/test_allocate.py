@@ -76,8 +76,26 @@ def test_a_layer_whose_truncation_is_costly_stays_dense():
 
 def test_bad_allocator_and_budget_messages():
     layers = layers_with_spectra()
-    with pytest.raises(ValueError, match=r"^unknown allocator 'greedy'; known: fisher, uniform$"):
+    known = ALLOCATORS.names()
+    assert {"fisher", "uniform"} <= set(known) and known == sorted(known)
+    with pytest.raises(ValueError, match=r"^unknown allocator 'greedy'; known: .+$") as err:
         allocate_ranks("greedy", layers, 0.5)
+    assert str(err.value).split("known: ")[1].split(", ") == known  # every registered name, sorted
     with pytest.raises(ValueError, match=r"^keep is too small: even rank 16 for every layer exceeds the budget of \d+ parameters$"):
         allocate_ranks("fisher", layers, 0.05, min_rank=16)
-    assert ALLOCATORS.names() == ["fisher", "uniform"]
+
+
+@pytest.mark.parametrize("name", ALLOCATORS.names())
+def test_every_allocator_meets_the_budget_and_more_budget_never_loses_more(name):
+    layers = layers_with_spectra(seed=1)
+    dense = sum(l.dense_params for l in layers)
+    losses = []
+    for keep in (0.2, 0.4, 0.6, 0.8, 1.0):
+        ranks = allocate_ranks(name, layers, keep, min_rank=2)
+        assert len(ranks) == len(layers)
+        assert total(layers, ranks) <= keep * dense
+        assert all(r is None or (isinstance(r, int) and 2 <= r <= l.max_rank) for l, r in zip(layers, ranks))
+        assert allocate_ranks(name, layers, keep, min_rank=2) == ranks  # deterministic
+        losses.append(loss(layers, ranks))
+    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    assert losses[0] > 0.0  # keep 0.2 cannot leave every layer dense

@@ -87,12 +87,24 @@ def test_rebasin_merge_of_a_model_and_its_permuted_copy_is_the_model():
         assert torch.equal(merged[name], tensor), name
 
 
-def test_rebasin_merge_averages_the_aligned_models():
-    a, b, c = (make_model("mlp", seed=s, width=12) for s in range(3))
+def test_rebasin_merge_averages_the_models_after_undoing_their_permutations():
+    # b and c are small perturbations of a, then permuted: weight matching must undo each permutation,
+    # so the merge is the plain average of a and the unpermuted perturbed copies (built without align)
+    a = make_model("mlp", seed=0, width=12)
+    g = torch.Generator().manual_seed(6)
+    near = [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in a.state_dict().items()} for _ in range(2)]
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    spec = permutation_spec(a)
+    for model, sd, seed in ((b, near[0], 7), (c, near[1], 8)):
+        perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed)) for n in spec.sizes]
+        assert all(not torch.equal(p, torch.arange(len(p))) for p in perms)
+        model.load_state_dict(apply_permutation(sd, spec, perms))
     merged = rankwise.merge([a, b, c], method="rebasin", seed=1)
-    sb, sc = align(b, a, seed=1).state_dict(), align(c, a, seed=1).state_dict()
+    assert merged.keys() == a.state_dict().keys()
     for name, tensor in a.state_dict().items():
-        torch.testing.assert_close(merged[name], (tensor + sb[name] + sc[name]) / 3, rtol=0, atol=1e-7)
+        expected = (tensor + near[0][name] + near[1][name]) / 3
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-7, msg=name)
+        assert not torch.allclose(merged[name], tensor, rtol=0, atol=1e-5)  # the perturbations count
 
 
 def test_bad_input():
