@@ -58,7 +58,7 @@ ARCHITECTURES = tuple(_CLASSES)
 
 
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A random ``arch`` model (see :func:`tiny_config`) in eval mode, its weights drawn after ``torch.manual_seed(seed)``."""
+    """A random ``arch`` model (:func:`tiny_config`) in eval mode, weights drawn after ``torch.manual_seed(seed)``."""
     import transformers
 
     config = tiny_config(arch, **overrides)
@@ -103,7 +103,8 @@ def factorize_some(model, names_ranks: dict[str, int]):
 
 def tree_digest(path: Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (to check an input was left untouched)."""
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*")) if f.is_file()}
+    files = (f for f in sorted(path.rglob("*")) if f.is_file())
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
 
 def token_ids(n: int, seq_len: int, seed: int = 0) -> torch.Tensor:

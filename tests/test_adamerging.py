@@ -8,6 +8,7 @@ from torch import nn
 
 import rankwise
 from rankwise.merging.adamerging import learn_coefficients, ties_vectors
+
 from suites.digits import make_model
 
 K = 3

@@ -1,4 +1,4 @@
-"""Cross-check with mergekit: the same YAML config gives the same tensors; the YAML reader rejects what it cannot map."""
+"""Cross-check with mergekit: the same YAML config gives the same tensors; the reader rejects what it cannot map."""
 
 from __future__ import annotations
 
@@ -98,9 +98,13 @@ def test_reader_maps_mergekit_defaults_and_notes(llamas, tmp_path):
 @pytest.mark.parametrize(
     "patch, error, message",
     [
-        ({"merge_method": "slerp"}, ValueError, r"merge_method 'slerp' in '.*' is not supported; supported: linear, task_arithmetic, ties"),
-        ({"lora_rank": 8, "zz": 1}, ValueError, r"unknown key\(s\) 'lora_rank', 'zz' in '.*bad.yml'; accepted: base_model, chat_template"),
-        ({"parameters": {"densty": 0.5}}, ValueError, r"unknown parameter\(s\) 'densty' for merge_method 'ties'; accepted: density, int8_mask, lambda, normalize, weight"),
+        ({"merge_method": "slerp"}, ValueError,
+         r"merge_method 'slerp' in '.*' is not supported; supported: linear, task_arithmetic, ties"),
+        ({"lora_rank": 8, "zz": 1}, ValueError,
+         r"unknown key\(s\) 'lora_rank', 'zz' in '.*bad.yml'; accepted: base_model, chat_template"),
+        ({"parameters": {"densty": 0.5}}, ValueError,
+         r"unknown parameter\(s\) 'densty' for merge_method 'ties'; accepted: density, int8_mask, lambda, normalize, "
+         r"weight"),
         ({"parameters": {"density": [0.1, 0.9]}}, ValueError, r"parameters.density is a per-layer gradient or filter"),
         ({"slices": []}, ValueError, r"'slices' in '.*' is not supported; rankwise reads the 'models' form only"),
         ({"base_model": "no/such/model"}, FileNotFoundError, r"base_model 'no/such/model' does not exist"),

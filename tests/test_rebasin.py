@@ -8,6 +8,7 @@ from torch import nn
 
 import rankwise
 from rankwise.merging.rebasin import align, apply_permutation, permutation_spec, weight_matching
+
 from suites.digits import make_model
 
 
@@ -108,14 +109,16 @@ def test_rebasin_merge_averages_the_models_after_undoing_their_permutations():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"^cannot permute through module '1' \(LayerNorm\); supported: Linear, Conv1d"):
+    with pytest.raises(ValueError, match=r"^cannot permute through module '1' \(LayerNorm\); "
+                                         r"supported: Linear, Conv1d"):
         permutation_spec(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"^model must have at least 2 Linear/Conv layers to permute between, got 1$"):
         permutation_spec(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     with pytest.raises(ValueError, match=r"^model must be an nn.Sequential chain; 'the model' is a ModuleList$"):
         permutation_spec(nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
     a, b = make_model("mlp", seed=0, width=8), make_model("mlp", seed=0, width=9)
-    with pytest.raises(ValueError, match=r"^model_b differs from the reference model at tensor '1.bias': \(9,\) vs \(8,\)$"):
+    with pytest.raises(ValueError, match=r"^model_b differs from the reference model at tensor '1.bias': "
+                                         r"\(9,\) vs \(8,\)$"):
         align(b, a)
     with pytest.raises(ValueError, match=r"^merge method 'rebasin' needs at least 2 fine-tuned models, got 1$"):
         rankwise.merge([a], method="rebasin")
