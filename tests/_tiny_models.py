@@ -36,7 +36,7 @@ def tiny_config(arch: str, **overrides):
         "mistral": {**decoder, "head_dim": h // a},
         # Gemma2's default head_dim is 256 whatever the hidden size
         "gemma2": {**decoder, "head_dim": h // a, "query_pre_attn_scalar": h // a},
-        "phi3": {**decoder, "pad_token_id": 0},
+        "phi3": {**decoder, "pad_token_id": 0},  # its default pad id 32000 lies outside the tiny vocabulary
         "gpt2": {"vocab_size": VOCAB, "n_embd": h, "n_layer": n, "n_head": a, "n_positions": pos},
         "bert": {"vocab_size": VOCAB, "hidden_size": h, "intermediate_size": i, "num_hidden_layers": n,
                  "num_attention_heads": a, "max_position_embeddings": pos},
