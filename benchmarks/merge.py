@@ -34,7 +34,8 @@ import rankwise
 from rankwise.merging import METHODS
 from rankwise.merging.adamerging import learn_coefficients
 from rankwise.merging.rebasin import align
-from rankwise.suites.digits import (
+
+from suites.digits import (
     DEFAULT_TASKS,
     HARD_TASKS,
     load_digits_suite,
@@ -239,8 +240,9 @@ def main() -> None:
                               base_epochs=args.base_epochs, seed=args.seed, feature_norm=args.feature_norm)
     norm = ", feature norm" if args.feature_norm else ""
     print(f"suite ({args.arch}, width {args.width}{norm}, tasks {args.tasks}, heads {args.heads}, seed {args.seed}, "
-          f"base: {args.pretrain} digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; fine-tunes: SGD lr "
-          f"{args.ft_lr:g} for {args.ft_epochs} epochs) ready in {time.perf_counter() - t0:.1f} s; scored on "
+          f"base: {args.pretrain} digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; "
+          f"fine-tunes: SGD lr {args.ft_lr:g} for {args.ft_epochs} epochs) "
+          f"ready in {time.perf_counter() - t0:.1f} s; scored on "
           f"{args.split}\n")
     print_merges(suite, merge_all(suite, args.ada_steps, tuple(args.ada_lr), args.split,
                                       SMALL_GRIDS if args.small_sweep else GRIDS))

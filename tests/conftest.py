@@ -1,7 +1,16 @@
-"""Suite-wide test settings."""
+"""Suite-wide test settings: one thread, and the benchmark suites (outside the package) on sys.path."""
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# benchmarks/suites (training code that needs scikit-learn) is not installed with rankwise; the merge tests
+# train their small models with it, imported as ``suites`` like the benchmark scripts do.
+BENCHMARKS = str(Path(__file__).resolve().parents[1] / "benchmarks")
+if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -14,3 +23,14 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests marked ``cuda`` need a GPU: skipped (not failed) where torch sees none, so that the CPU CI
+    # collects them and benchmarks/gpu_check.sh runs exactly these with ``-m cuda`` on a GPU machine.
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

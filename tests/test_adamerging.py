@@ -8,7 +8,8 @@ from torch import nn
 
 import rankwise
 from rankwise.merging.adamerging import learn_coefficients, ties_vectors
-from rankwise.suites.digits import make_model
+
+from suites.digits import make_model
 
 K = 3
 

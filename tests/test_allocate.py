@@ -20,22 +20,22 @@ def layers_with_spectra(seed=0):
 
 
 def total(layers, ranks):
-    return sum(l.params(r) for l, r in zip(layers, ranks))
+    return sum(layer.params(r) for layer, r in zip(layers, ranks))
 
 
 def loss(layers, ranks):
-    return sum(0.0 if r is None else float(l.gains[r:].sum()) for l, r in zip(layers, ranks))
+    return sum(0.0 if r is None else float(layer.gains[r:].sum()) for layer, r in zip(layers, ranks))
 
 
 @pytest.mark.parametrize("keep", [0.2, 0.45, 0.6, 0.8, 0.95])
 def test_fisher_allocation_meets_the_budget_within_one_rank_step(keep):
     layers = layers_with_spectra()
-    dense = sum(l.dense_params for l in layers)
+    dense = sum(layer.dense_params for layer in layers)
     ranks = allocate_ranks("fisher", layers, keep, min_rank=2)
     spent = total(layers, ranks)
     assert spent <= keep * dense
-    assert spent > keep * dense - max(l.step for l in layers)
-    assert all(r is None or 2 <= r <= l.max_rank for l, r in zip(layers, ranks))
+    assert spent > keep * dense - max(layer.step for layer in layers)
+    assert all(r is None or 2 <= r <= layer.max_rank for layer, r in zip(layers, ranks))
     assert loss(layers, ranks) <= loss(layers, allocate_ranks("uniform", layers, keep))
 
 
@@ -43,23 +43,24 @@ def test_fisher_allocation_meets_the_budget_within_one_rank_step(keep):
 def test_uniform_keeps_the_same_fraction_of_every_layer(keep):
     layers = layers_with_spectra()
     ranks = allocate_ranks("uniform", layers, keep)
-    for l, r in zip(layers, ranks):
-        assert l.params(r) <= keep * l.dense_params
+    for layer, r in zip(layers, ranks):
+        assert layer.params(r) <= keep * layer.dense_params
         if r is not None:
-            assert l.params(r) > keep * l.dense_params - l.step
-            assert 1 <= r <= l.max_rank
+            assert layer.params(r) > keep * layer.dense_params - layer.step
+            assert 1 <= r <= layer.max_rank
         else:  # dense only when the rank that fits would store as many parameters as the dense layer
-            assert (keep * l.dense_params - l.bias) // l.step > l.max_rank
-    assert total(layers, ranks) <= keep * sum(l.dense_params for l in layers)
+            assert (keep * layer.dense_params - layer.bias) // layer.step > layer.max_rank
+    assert total(layers, ranks) <= keep * sum(layer.dense_params for layer in layers)
 
 
 def test_fisher_matches_brute_force_on_small_problem():
     gen = torch.Generator().manual_seed(3)
-    layers = [LayerCost((6, 5), 0, torch.sort(torch.rand(5, generator=gen, dtype=torch.float64) * s, descending=True).values)
-              for s in (1.0, 5.0, 0.2)]
+    spectra = [torch.sort(torch.rand(5, generator=gen, dtype=torch.float64) * s, descending=True)[0]
+               for s in (1.0, 5.0, 0.2)]
+    layers = [LayerCost((6, 5), 0, spectrum) for spectrum in spectra]
     for keep in (0.4, 0.6, 0.8):
-        budget = keep * sum(l.dense_params for l in layers)
-        options = [list(range(1, l.max_rank + 1)) + [None] for l in layers]
+        budget = keep * sum(layer.dense_params for layer in layers)
+        options = [list(range(1, layer.max_rank + 1)) + [None] for layer in layers]
         best = min(loss(layers, c) for c in itertools.product(*options) if total(layers, c) <= budget)
         ranks = allocate_ranks("fisher", layers, keep)
         assert total(layers, ranks) <= budget
@@ -76,8 +77,27 @@ def test_a_layer_whose_truncation_is_costly_stays_dense():
 
 def test_bad_allocator_and_budget_messages():
     layers = layers_with_spectra()
-    with pytest.raises(ValueError, match=r"^unknown allocator 'greedy'; known: fisher, uniform$"):
+    known = ALLOCATORS.names()
+    assert {"fisher", "uniform"} <= set(known) and known == sorted(known)
+    with pytest.raises(ValueError, match=r"^unknown allocator 'greedy'; known: .+$") as err:
         allocate_ranks("greedy", layers, 0.5)
-    with pytest.raises(ValueError, match=r"^keep is too small: even rank 16 for every layer exceeds the budget of \d+ parameters$"):
+    assert str(err.value).split("known: ")[1].split(", ") == known  # every registered name, sorted
+    with pytest.raises(ValueError, match=r"^keep is too small: even rank 16 for every layer exceeds the budget of "
+                                         r"\d+ parameters$"):
         allocate_ranks("fisher", layers, 0.05, min_rank=16)
-    assert ALLOCATORS.names() == ["fisher", "uniform"]
+
+
+@pytest.mark.parametrize("name", ALLOCATORS.names())
+def test_every_allocator_meets_the_budget_and_more_budget_never_loses_more(name):
+    layers = layers_with_spectra(seed=1)
+    dense = sum(layer.dense_params for layer in layers)
+    losses = []
+    for keep in (0.2, 0.4, 0.6, 0.8, 1.0):
+        ranks = allocate_ranks(name, layers, keep, min_rank=2)
+        assert len(ranks) == len(layers)
+        assert total(layers, ranks) <= keep * dense
+        assert all(r is None or (isinstance(r, int) and 2 <= r <= layer.max_rank) for layer, r in zip(layers, ranks))
+        assert allocate_ranks(name, layers, keep, min_rank=2) == ranks  # deterministic
+        losses.append(loss(layers, ranks))
+    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    assert losses[0] > 0.0  # keep 0.2 cannot leave every layer dense

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from rankwise.cli import main  # noqa: E402
 from rankwise.peft_export import load_peft  # noqa: E402
@@ -49,7 +49,8 @@ def test_extract_save_apply_round_trip(pair, tmp_path, capsys):
 
 def test_keep_budget_through_the_cli(pair, tmp_path, capsys):
     base, ft_dir, _, deltas = pair
-    code, _, _ = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--keep", "0.05", "--skip-other"], capsys)
+    argv = ["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--keep", "0.05", "--skip-other"]
+    code, _, _ = run(argv, capsys)
     assert code == 0
     delta = load_peft(tmp_path / "a")
     assert delta.exact == {}
@@ -67,19 +68,19 @@ def _assert_usage_error(code, err, message):
 
 def test_mismatched_models_name_the_tensor(pair, tmp_path, capsys):
     base, _, _, _ = pair
-    torch.manual_seed(1)
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).double()
+    other = tiny_llama(intermediate_size=40)
     other.save_pretrained(tmp_path / "other")
     code, _, err = run(["delta", "extract", base, tmp_path / "other", "--out", tmp_path / "a"], capsys)
-    _assert_usage_error(code, err, "tensor 'model.layers.0.mlp.down_proj.weight' has shape (32, 48) in base, (32, 40) in finetuned")
+    _assert_usage_error(code, err, "tensor 'model.layers.0.mlp.down_proj.weight' has shape (32, 48) in base, "
+                                   "(32, 40) in finetuned")
     assert not (tmp_path / "a").exists()
 
 
 def test_rank_too_large_names_the_layer(pair, tmp_path, capsys):
     base, ft_dir, _, _ = pair
     code, _, err = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--rank", "40"], capsys)
-    _assert_usage_error(code, err, "rank 40 is larger than layer 'model.layers.0.mlp.down_proj' allows (max 32 for its 32x48 delta)")
+    _assert_usage_error(code, err, "rank 40 is larger than layer 'model.layers.0.mlp.down_proj' allows "
+                                   "(max 32 for its 32x48 delta)")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -100,7 +101,8 @@ def test_existing_output_needs_force(pair, tmp_path, capsys):
     _assert_usage_error(code, err, f"output directory '{tmp_path / 'a'}' already exists; pass --force")
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["keep.txt"]
     code, _, _ = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--rank", "2", "--force"], capsys)
-    assert code == 0 and sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     code, _, err = run(["delta", "apply", base, tmp_path / "a", "--out", tmp_path / "a"], capsys)
     _assert_usage_error(code, err, "already exists; pass --force")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no partial directories left behind

@@ -10,25 +10,27 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from rankwise import apply_delta_, extract_delta  # noqa: E402
 from rankwise.delta import allocate_delta_ranks  # noqa: E402
 from rankwise.peft_export import load_peft  # noqa: E402
 
+from _tiny_models import tiny_model  # noqa: E402
+
 K = 3  # rank of the known delta added to every Linear weight
 
 
-def tiny_llama(tied: bool = False, bias: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied, attention_bias=bias)
-    return LlamaForCausalLM(cfg).double().eval()
+def tiny_llama(tied: bool = False, bias: bool = False, intermediate_size: int = 48) -> LlamaForCausalLM:
+    """The shared tiny Llama in float64 with a small vocabulary (the deltas cover every Linear, lm_head too)."""
+    return tiny_model("llama", vocab_size=61, intermediate_size=intermediate_size, tie_word_embeddings=tied,
+                      attention_bias=bias, dtype=torch.float64)
 
 
 def low_rank(m: int, n: int, k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return 0.05 * torch.randn(m, k, generator=g, dtype=torch.float64) @ torch.randn(k, n, generator=g, dtype=torch.float64)
+    left = torch.randn(m, k, generator=g, dtype=torch.float64)
+    return 0.05 * left @ torch.randn(k, n, generator=g, dtype=torch.float64)
 
 
 def finetune(base: torch.nn.Module, k: int = K) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -125,7 +127,8 @@ def test_keep_budget_is_respected_and_no_triplet_fits_after():
 
 def test_equal_costs_greedy_allocation_is_optimal():
     g = torch.Generator().manual_seed(3)
-    spectra = {f"l{i}": torch.sort(torch.rand(4, generator=g, dtype=torch.float64), descending=True).values for i in range(3)}
+    spectra = {f"l{i}": torch.sort(torch.rand(4, generator=g, dtype=torch.float64), descending=True)[0]
+               for i in range(3)}
     shapes = dict.fromkeys(spectra, (4, 6))
     ranks = allocate_delta_ranks(spectra, shapes, budget=5 * 10 + 9)  # room for 5 triplets of cost 10
     assert sum(ranks.values()) == 5
@@ -185,8 +188,7 @@ def test_peft_keeps_a_tied_head_tied_to_a_changed_embedding(tmp_path):
 
 def test_conv1d_orientation_round_trips_through_peft(tmp_path):
     peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_positions=16, n_embd=32, n_layer=2, n_head=4)).double().eval()
+    base = tiny_model("gpt2", vocab_size=61, n_positions=16, dtype=torch.float64)
     ft = copy.deepcopy(base)
     with torch.no_grad():
         w = ft.transformer.h[0].attn.c_attn.weight  # Conv1D: stored (in=32, out=96)
@@ -210,7 +212,8 @@ def test_skip_other_drops_norms_and_biases():
     assert delta.exact == {} and delta.bias == {}
     merged = apply_delta_(copy.deepcopy(base), delta)
     assert torch.equal(merged.model.norm.weight, base.model.norm.weight)
-    torch.testing.assert_close(merged.model.layers[0].mlp.up_proj.weight, ft.model.layers[0].mlp.up_proj.weight, rtol=0, atol=1e-13)
+    up = merged.model.layers[0].mlp.up_proj.weight
+    torch.testing.assert_close(up, ft.model.layers[0].mlp.up_proj.weight, rtol=0, atol=1e-13)
 
 
 def test_target_modules_limit_the_factorized_layers():
@@ -232,7 +235,8 @@ def test_unchanged_model_gives_an_empty_delta():
 def test_bad_inputs_raise_one_line_errors():
     base = tiny_llama()
     ft, _ = finetune(base)
-    with pytest.raises(ValueError, match=r"^rank 17 is larger than layer 'model.layers.0.self_attn.k_proj' allows \(max 16 for its 16x32 delta\)$"):
+    with pytest.raises(ValueError, match=r"^rank 17 is larger than layer 'model.layers.0.self_attn.k_proj' allows "
+                                         r"\(max 16 for its 16x32 delta\)$"):
         extract_delta(base, ft, rank=17)
     with pytest.raises(ValueError, match=r"^give at most one of rank, keep, energy; got rank and keep$"):
         extract_delta(base, ft, rank=2, keep=0.5)
@@ -240,11 +244,13 @@ def test_bad_inputs_raise_one_line_errors():
         extract_delta(base, ft, keep=1.5)
     with pytest.raises(ValueError, match=r"^exact_other must be one of store, skip, got 'all'$"):
         extract_delta(base, ft, exact_other="all")
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2)).double()
-    with pytest.raises(ValueError, match=r"^models differ in architecture: tensor 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\) in base, \(32, 40\) in finetuned$"):
+    other = tiny_llama(intermediate_size=40)
+    with pytest.raises(ValueError, match=r"^models differ in architecture: "
+                                         r"tensor 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\) in base, "
+                                         r"\(32, 40\) in finetuned$"):
         extract_delta(base, other)
     before = copy.deepcopy(other.state_dict())
-    with pytest.raises(ValueError, match=r"^delta for 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\), the model's tensor \(32, 40\)$"):
+    with pytest.raises(ValueError, match=r"^delta for 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\), "
+                                         r"the model's tensor \(32, 40\)$"):
         apply_delta_(other, extract_delta(base, ft, rank=1))
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # untouched on error

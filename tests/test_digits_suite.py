@@ -6,7 +6,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from rankwise.suites.digits import (
+from suites.digits import (
     DEFAULT_TASKS,
     TASKS,
     augment,
@@ -29,7 +29,8 @@ def small(tmp_path_factory):
 
 def test_splits_are_fixed_disjoint_and_cover_the_dataset():
     digits = load_digits()
-    index = {(img.tobytes(), int(t)): i for i, (img, t) in enumerate(zip((digits.images / 16).astype("float32"), digits.target))}
+    images = (digits.images / 16).astype("float32")
+    index = {(img.tobytes(), int(t)): i for i, (img, t) in enumerate(zip(images, digits.target))}
     assert len(index) == 1797
     seen = []
     for split, n in (("train", 1077), ("val", 270), ("test", 450)):
@@ -94,7 +95,8 @@ def test_probe_heads_are_linear_probes_kept_frozen(small, tmp_path):
     torch.manual_seed(1000)
     probe = torch.nn.Linear(32, 10)
     x, y = split_data("rot90", "train")
-    train_classifier(torch.nn.Sequential(copy.deepcopy(suite.base).requires_grad_(False), probe), x, y, epochs=8, lr=1e-3, seed=2000)
+    frozen = copy.deepcopy(suite.base).requires_grad_(False)
+    train_classifier(torch.nn.Sequential(frozen, probe), x, y, epochs=8, lr=1e-3, seed=2000)
     assert all(torch.equal(v, suite.heads[0].state_dict()[k]) for k, v in probe.state_dict().items())
     assert suite.heads[1].out_features == 2
     # through the frozen probes, the base beats chance and each fine-tuned backbone beats the base

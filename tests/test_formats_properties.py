@@ -22,6 +22,13 @@ def _err(f, x) -> float:
     return float((f.to_dense() - x).norm())
 
 
+def _tensorly_cp(weights, factors) -> torch.Tensor:
+    """``sum_r weights[r] * outer(factors[0][:, r], factors[1][:, r], ...)`` computed by TensorLy."""
+    tensorly = pytest.importorskip("tensorly")
+    dense = tensorly.cp_to_tensor((weights.numpy(), [f.numpy() for f in factors]))
+    return torch.from_numpy(dense)
+
+
 @FEW
 @given(m=st.integers(1, 12), n=st.integers(1, 12), data=st.data(), seed=st.integers(0, 2**16))
 def test_svd_shapes_params_and_error_non_increasing_in_rank(m, n, data, seed):
@@ -29,7 +36,9 @@ def test_svd_shapes_params_and_error_non_increasing_in_rank(m, n, data, seed):
     r = data.draw(st.integers(1, min(m, n)))
     f = truncated_svd(x, r)
     assert f.to_dense().shape == (m, n)
-    assert f.num_params == r * (m + n + 1)
+    assert f.num_params == sum(t.numel() for t in (f.U, f.S, f.Vh))  # every stored number, counted
+    # a rank-r matrix is a 2-way CP tensor: TensorLy's reconstruction is an independent reference
+    torch.testing.assert_close(f.to_dense(), _tensorly_cp(f.S, (f.U, f.Vh.T)), rtol=0, atol=1e-12)
     errors = [_err(truncated_svd(x, k), x) for k in range(1, min(m, n) + 1)]
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
     assert errors[-1] < 1e-10 * max(float(x.norm()), 1.0)
@@ -73,8 +82,9 @@ def test_cp_shapes_params_and_monotone_errors(shape, data, seed):
     r = data.draw(st.integers(1, min(5, math.prod(shape) // max(shape))))
     c = cp_als(x, r, init=data.draw(st.sampled_from(["svd", "random"])), n_iter_max=15, tol=0, seed=seed)
     assert c.to_dense().shape == tuple(shape) and c.rank == r
-    assert c.num_params == r * (1 + sum(shape))
     assert all(f.shape == (s, r) for f, s in zip(c.factors, shape))
+    assert c.num_params == c.weights.numel() + sum(f.numel() for f in c.factors)  # every stored number
+    torch.testing.assert_close(c.to_dense(), _tensorly_cp(c.weights, c.factors), rtol=0, atol=1e-10)
     # Only rounding may raise the error: exact fits of small tensors can have components ~40x ||X|| that
     # cancel, leaving ~1e-12 of noise in the measured relative error.
     assert all(b <= a + 1e-10 for a, b in zip(c.errors, c.errors[1:]))

@@ -10,6 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from rankwise.io import as_checkpoint, iter_tensors, open_checkpoint, write_checkpoint
 
+from _tiny_models import tiny_model
+
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -57,12 +59,8 @@ def test_sharded_round_trip_respects_shard_size(tmp_path):
 
 
 def test_reads_stock_safetensors_file_and_hf_model_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = tiny_model("llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1)
     model.save_pretrained(tmp_path / "hf", max_shard_size="4KB")
     ckpt = open_checkpoint(tmp_path / "hf")
     assert ckpt.config["hidden_size"] == 16
@@ -79,7 +77,8 @@ def test_module_and_state_dict_sources():
     src = as_checkpoint(lin)
     assert src.keys() == ["bias", "weight"] and src.shape("weight") == (2, 3)
     assert torch.equal(as_checkpoint({"w": torch.zeros(1)}).get("w"), torch.zeros(1))
-    with pytest.raises(ValueError, match=r"model must be a checkpoint path, an nn.Module or a state dict of tensors, got int"):
+    with pytest.raises(ValueError, match=r"model must be a checkpoint path, an nn.Module or a state dict of tensors, "
+                                         r"got int"):
         as_checkpoint(3)
     with pytest.raises(ValueError, match=r"tensor 'nope' is not in <Linear> \(2 tensors\)"):
         src.get("nope")
@@ -95,10 +94,12 @@ def test_missing_and_bad_inputs_are_named(tmp_path):
     save_file({"w": torch.randn(64, 64)}, tmp_path / "good.safetensors")
     blob = (tmp_path / "good.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(blob[:-100])
-    with pytest.raises(ValueError, match=r"'.*cut.safetensors' is truncated: its tensors need \d+ bytes, the file has \d+"):
+    with pytest.raises(ValueError, match=r"'.*cut.safetensors' is truncated: "
+                                         r"its tensors need \d+ bytes, the file has \d+"):
         open_checkpoint(tmp_path / "cut.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(ValueError, match=r"'.*junk.safetensors' is corrupted: its safetensors header is not valid JSON"):
+    with pytest.raises(ValueError, match=r"'.*junk.safetensors' is corrupted: "
+                                         r"its safetensors header is not valid JSON"):
         open_checkpoint(tmp_path / "junk.safetensors")
     (tmp_path / "tiny.safetensors").write_bytes(b"abc")
     with pytest.raises(ValueError, match=r"'.*tiny.safetensors' is not a safetensors file"):

@@ -1,4 +1,4 @@
-"""Cross-check with mergekit: the same YAML config gives the same tensors; the YAML reader rejects what it cannot map."""
+"""Cross-check with mergekit: the same YAML config gives the same tensors; the reader rejects what it cannot map."""
 
 from __future__ import annotations
 
@@ -10,24 +10,21 @@ from rankwise.io import open_checkpoint
 from rankwise.merging import merge
 from rankwise.merging.mergekit_yaml import read_mergekit_config
 
+from _tiny_models import tiny_model
+
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
     """A tiny random Llama base and three perturbed fine-tunes saved as HF safetensors dirs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("llamas")
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(cfg)
+    base = tiny_model("llama", vocab_size=64, tie_word_embeddings=False)
     base.save_pretrained(root / "base")
     g = torch.Generator().manual_seed(1)
     # a shared direction plus independent noise, so task vectors are correlated (cos ~ 0.5) as real fine-tunes are
     shared = {k: torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()}
     for i in range(3):
         sd = {k: v + 0.02 * (shared[k] + torch.randn(v.shape, generator=g)) for k, v in base.state_dict().items()}
-        ft = LlamaForCausalLM(cfg)
+        ft = tiny_model("llama", vocab_size=64, tie_word_embeddings=False)
         ft.load_state_dict(sd)
         ft.save_pretrained(root / f"ft{i}")
     return root
@@ -101,9 +98,13 @@ def test_reader_maps_mergekit_defaults_and_notes(llamas, tmp_path):
 @pytest.mark.parametrize(
     "patch, error, message",
     [
-        ({"merge_method": "slerp"}, ValueError, r"merge_method 'slerp' in '.*' is not supported; supported: linear, task_arithmetic, ties"),
-        ({"lora_rank": 8, "zz": 1}, ValueError, r"unknown key\(s\) 'lora_rank', 'zz' in '.*bad.yml'; accepted: base_model, chat_template"),
-        ({"parameters": {"densty": 0.5}}, ValueError, r"unknown parameter\(s\) 'densty' for merge_method 'ties'; accepted: density, int8_mask, lambda, normalize, weight"),
+        ({"merge_method": "slerp"}, ValueError,
+         r"merge_method 'slerp' in '.*' is not supported; supported: linear, task_arithmetic, ties"),
+        ({"lora_rank": 8, "zz": 1}, ValueError,
+         r"unknown key\(s\) 'lora_rank', 'zz' in '.*bad.yml'; accepted: base_model, chat_template"),
+        ({"parameters": {"densty": 0.5}}, ValueError,
+         r"unknown parameter\(s\) 'densty' for merge_method 'ties'; accepted: density, int8_mask, lambda, normalize, "
+         r"weight"),
         ({"parameters": {"density": [0.1, 0.9]}}, ValueError, r"parameters.density is a per-layer gradient or filter"),
         ({"slices": []}, ValueError, r"'slices' in '.*' is not supported; rankwise reads the 'models' form only"),
         ({"base_model": "no/such/model"}, FileNotFoundError, r"base_model 'no/such/model' does not exist"),

@@ -8,7 +8,8 @@ from torch import nn
 
 import rankwise
 from rankwise.merging.rebasin import align, apply_permutation, permutation_spec, weight_matching
-from rankwise.suites.digits import make_model
+
+from suites.digits import make_model
 
 
 def _permuted_copy(model: nn.Module, seed: int) -> tuple[nn.Module, list[torch.Tensor]]:
@@ -87,23 +88,37 @@ def test_rebasin_merge_of_a_model_and_its_permuted_copy_is_the_model():
         assert torch.equal(merged[name], tensor), name
 
 
-def test_rebasin_merge_averages_the_aligned_models():
-    a, b, c = (make_model("mlp", seed=s, width=12) for s in range(3))
+def test_rebasin_merge_averages_the_models_after_undoing_their_permutations():
+    # b and c are small perturbations of a, then permuted: weight matching must undo each permutation,
+    # so the merge is the plain average of a and the unpermuted perturbed copies (built without align)
+    a = make_model("mlp", seed=0, width=12)
+    g = torch.Generator().manual_seed(6)
+    near = [{k: v + 1e-3 * torch.randn(v.shape, generator=g) for k, v in a.state_dict().items()} for _ in range(2)]
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    spec = permutation_spec(a)
+    for model, sd, seed in ((b, near[0], 7), (c, near[1], 8)):
+        perms = [torch.randperm(n, generator=torch.Generator().manual_seed(seed)) for n in spec.sizes]
+        assert all(not torch.equal(p, torch.arange(len(p))) for p in perms)
+        model.load_state_dict(apply_permutation(sd, spec, perms))
     merged = rankwise.merge([a, b, c], method="rebasin", seed=1)
-    sb, sc = align(b, a, seed=1).state_dict(), align(c, a, seed=1).state_dict()
+    assert merged.keys() == a.state_dict().keys()
     for name, tensor in a.state_dict().items():
-        torch.testing.assert_close(merged[name], (tensor + sb[name] + sc[name]) / 3, rtol=0, atol=1e-7)
+        expected = (tensor + near[0][name] + near[1][name]) / 3
+        torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-7, msg=name)
+        assert not torch.allclose(merged[name], tensor, rtol=0, atol=1e-5)  # the perturbations count
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"^cannot permute through module '1' \(LayerNorm\); supported: Linear, Conv1d"):
+    with pytest.raises(ValueError, match=r"^cannot permute through module '1' \(LayerNorm\); "
+                                         r"supported: Linear, Conv1d"):
         permutation_spec(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"^model must have at least 2 Linear/Conv layers to permute between, got 1$"):
         permutation_spec(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     with pytest.raises(ValueError, match=r"^model must be an nn.Sequential chain; 'the model' is a ModuleList$"):
         permutation_spec(nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
     a, b = make_model("mlp", seed=0, width=8), make_model("mlp", seed=0, width=9)
-    with pytest.raises(ValueError, match=r"^model_b differs from the reference model at tensor '1.bias': \(9,\) vs \(8,\)$"):
+    with pytest.raises(ValueError, match=r"^model_b differs from the reference model at tensor '1.bias': "
+                                         r"\(9,\) vs \(8,\)$"):
         align(b, a)
     with pytest.raises(ValueError, match=r"^merge method 'rebasin' needs at least 2 fine-tuned models, got 1$"):
         rankwise.merge([a], method="rebasin")
