@@ -51,9 +51,9 @@ def test_compress_matches_the_api_and_leaves_input_untouched(llama_dir, compress
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert sorted(p.name for p in compressed.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "rankwise_report.json",
-        "tokenizer.json", "tokenizer_config.json",
-    ]
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "rankwise_report.json",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+    ]  # every file of the input but its weights, config.json rewritten, a model card added
     assert tree_digest(llama_dir) == digest
 
 

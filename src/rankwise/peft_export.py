@@ -164,8 +164,6 @@ def load_peft(path: str | os.PathLike) -> Delta:
     return delta
 
 
-_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
-
 
 def apply_delta_checkpoint(base: str | os.PathLike, delta: Delta | str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Write ``base + delta`` as a checkpoint directory, one tensor at a time (memory: one tensor).
@@ -174,18 +172,21 @@ def apply_delta_checkpoint(base: str | os.PathLike, delta: Delta | str | os.Path
     ----------
     base : HF model directory, ``.safetensors`` file, ``.gguf`` or model alias (read lazily).
     delta : a :class:`Delta` or a PEFT LoRA adapter directory (read with :func:`load_peft`).
-    out : output directory, written atomically with the base's config and tokenizer files;
+    out : output directory, written atomically with the base's config, every non-weight file of the base
+        directory (tokenizer, chat template, sentence-transformers modules, ...) and a model card;
         an existing one raises ``FileExistsError`` unless ``force``.
 
     Raises ``ValueError`` naming the first tensor the delta changes that the base lacks (or whose
     shape differs), before anything is written.
     """
+    from .io.checkpoint import source_name
     from .io.lazy import iter_tensors, open_checkpoint, write_checkpoint
     from .io.models import converted_gguf, resolve
 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it")
+    delta_name = "in memory" if isinstance(delta, Delta) else f"PEFT adapter {delta}"
     if not isinstance(delta, Delta):
         delta = load_peft(delta)
     path = resolve(base)
@@ -199,8 +200,15 @@ def apply_delta_checkpoint(base: str | os.PathLike, delta: Delta | str | os.Path
             want = (n, m) if module in delta.transposed else (m, n)
             if ckpt.shape(name) != want:
                 raise ValueError(f"delta for {name!r} has shape {want}, base {str(base)!r} has {ckpt.shape(name)}")
-    folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    extra = [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix not in _WEIGHT_FILES
-             and f.name not in ("config.json", "model.safetensors.index.json") and ckpt.path.is_dir()]
+    folder = ckpt.path if ckpt.path.is_dir() else None  # a lone .safetensors file: its neighbours are not its own
+    ranks = sorted(delta.ranks.values())
+    span = f"LoRA ranks {ranks[0]}-{ranks[-1]}, " if ranks else ""
+    card = {
+        "base_model": source_name(folder) if folder is not None else str(base),
+        "method": f"delta apply: base + low-rank delta ({delta_name})",
+        "budget": f"{span}{len(ranks)} low-rank layers, {delta.num_params:,} factor parameters, "
+                  f"{len(delta.exact)} tensors replaced exactly",
+        "quality": None,
+    }
     tensors = ((name, delta.apply_to(name, t)) for name, t in iter_tensors(ckpt))
-    return write_checkpoint(out, tensors, config=ckpt.config, force=force, extra_files=extra)
+    return write_checkpoint(out, tensors, config=ckpt.config, force=force, sidecars_from=folder, model_card=card)
