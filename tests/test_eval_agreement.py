@@ -150,7 +150,8 @@ def test_cli_prints_the_same_figures(chat_tokenizer, dirs, capsys):
     c = chat_agreement(*pair, chat_tokenizer, chat_prompts(3), max_new_tokens=MAX_NEW, progress=False)
     assert f"perplexity {ppl:.3f} on 96 tokens (3 x 32) of built-in held-out text" in out
     assert f"reference perplexity {ref_ppl:.3f}; ratio {ppl / ref_ppl:.3f}" in out
-    assert f"KL divergence to reference {kl:.5f} nats/token; next-token top-1 agreement {top1:.4f} (93 predicted tokens)" in out
+    assert (f"KL divergence to reference {kl:.5f} nats/token; next-token top-1 agreement {top1:.4f} "
+            "(93 predicted tokens)") in out
     assert (f"chat: top-1 agreement {c.top1:.4f} along the reference's greedy answers to 3 built-in prompts "
             f"({c.tokens} answer tokens, at most {MAX_NEW} each)") in out
 
@@ -164,7 +165,8 @@ def run_bad(argv, capsys, match):
 def test_cli_chat_bad_input(dirs, tmp_path, capsys):
     model_dir, ref_dir = dirs
     run_bad(["eval", str(ref_dir), "--ref", str(model_dir), "--chat", "2"], capsys,
-            r"^rankwise eval: error: --chat needs a chat template, and model '.*/ref' has none \(no chat_template in its "
+            r"^rankwise eval: error: --chat needs a chat template, and model '.*/ref' has none "
+            r"\(no chat_template in its "
             r"tokenizer files\)$")
     run_bad(["eval", str(model_dir), "--chat", "2"], capsys,
             r"^rankwise eval: error: --chat needs --ref MODEL: it measures agreement with the reference's answers$")

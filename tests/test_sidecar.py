@@ -1,4 +1,4 @@
-"""copy_model_files and write_model_card, and that save / delta apply / merge carry the input's files into their output."""
+"""copy_model_files and write_model_card; save / delta apply / merge carry the input's files into their output."""
 
 from __future__ import annotations
 
@@ -106,19 +106,22 @@ def test_copy_rejects_missing_directories(tmp_path):
 
 
 def test_model_card_states_base_method_budget_version_and_quality(tmp_path):
-    write_files(tmp_path, {"modules.json": "[]", "config.json": json.dumps({"quantization_config": {"quant_method": "rankwise"}})})
+    low_rank_config = json.dumps({"quantization_config": {"quant_method": "rankwise"}})
+    write_files(tmp_path, {"modules.json": "[]", "config.json": low_rank_config})
     card = write_model_card(tmp_path, base_model="org/model", method="compress: whiten factorization",
                             budget="keep 0.8", quality={"perplexity": 17.7881234, "top-1 agreement": 0.81})
     text = card.read_text()
     assert card == tmp_path / "README.md"
     assert text.startswith('---\nbase_model: "org/model"\nlibrary_name: sentence-transformers\ntags:\n- rankwise\n')
     for line in ("| base model | `org/model` |", "| method | compress: whiten factorization |", "| budget | keep 0.8 |",
-                 f"| rankwise version | {rankwise.__version__} |", "| perplexity | 17.7881 |", "| top-1 agreement | 0.81 |",
+                 f"| rankwise version | {rankwise.__version__} |", "| perplexity | 17.7881 |",
+                 "| top-1 agreement | 0.81 |",
                  "import rankwise  # registers the low-rank layers with transformers' from_pretrained"):
         assert line in text.splitlines()
     (tmp_path / "modules.json").unlink()
     (tmp_path / "config.json").write_text("{}")
-    text = write_model_card(tmp_path, base_model="b", method="merge: ties", budget="density=0.2", quality=None).read_text()
+    card = write_model_card(tmp_path, base_model="b", method="merge: ties", budget="density=0.2", quality=None)
+    text = card.read_text()
     assert "library_name: transformers" in text and "import rankwise" not in text
     assert "Not measured when written; `rankwise eval THIS_DIR --ref b` measures it." in text.splitlines()
 
@@ -155,7 +158,8 @@ def test_delta_apply_and_merge_keep_the_input_files_and_add_a_card(tmp_path):
     other = tiny_llama(seed=1)
     other.save_pretrained(tmp_path / "other")
     A, B = torch.randn(2, 32), torch.randn(32, 2)
-    delta = Delta(lora={"model.layers.0.self_attn.q_proj": (A, B)}, shapes={"model.layers.0.self_attn.q_proj": (32, 32)})
+    q = "model.layers.0.self_attn.q_proj"
+    delta = Delta(lora={q: (A, B)}, shapes={q: (32, 32)})
     apply_delta_checkpoint(base_dir, delta, tmp_path / "applied")
     merge_to_dir([tmp_path / "other", base_dir], tmp_path / "merged", "task_arithmetic", base=base_dir, scale=0.5)
     src = read_tree(base_dir)

@@ -3,6 +3,7 @@ text and chat answers), sentence-embedding similarity to a reference, prefill th
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import statistics
@@ -143,6 +144,8 @@ def greedy_answer(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: in
     Plain argmax decoding with the model's key/value cache, no generation config (temperature,
     repetition penalty, ...) applied: the continuation is a function of the weights alone.
     """
+    # transformers 5.2x renamed the cache argument and output field from past_key_values to cache
+    new_name = "cache" in inspect.signature(model.forward).parameters
     out = model(input_ids=prompt_ids[None].to(_device(model)), use_cache=True)
     answer = []
     for _ in range(max_new_tokens):
@@ -150,7 +153,8 @@ def greedy_answer(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: in
         answer.append(int(token))
         if answer[-1] in stop_ids:
             break
-        out = model(input_ids=token.view(1, 1), past_key_values=out.past_key_values, use_cache=True)
+        cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
+        out = model(input_ids=token.view(1, 1), use_cache=True, **cache)
     return torch.tensor(answer, dtype=torch.long)
 
 
