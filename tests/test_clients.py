@@ -13,11 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import rankwise
 from rankwise.cli import main
 from rankwise.data import builtin_text, token_sequences
-from rankwise.delta import Delta
+from rankwise.delta import Delta, apply_delta_checkpoint
 from rankwise.eval import split_sentences
 from rankwise.io.models import load_model, model_dir
 from rankwise.merging import merge_to_dir
-from rankwise.peft_export import apply_delta_checkpoint
 
 from _tiny_models import minilm_dir
 

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import rankwise
-from rankwise.delta import Delta
+from rankwise.delta import Delta, apply_delta_checkpoint
 from rankwise.io.models import load_model
 from rankwise.io.sidecar import SidecarWarning, copy_model_files, write_model_card
 from rankwise.merging import merge_to_dir
-from rankwise.peft_export import apply_delta_checkpoint
 
 from _tiny_models import factorize_some, minilm_dir, save_model_dir, tiny_bert, tiny_llama, tree_digest
 
