@@ -4,7 +4,7 @@ The fine-tuned model is made here (no second checkpoint ships offline): SmolLM2-
 Linear weight of the decoder layers trained with AdamW for a few dozen seeded steps on sequences of
 ``builtin_text("calib")``, cached under ``~/.cache/rankwise``. Each extractor runs in its own
 subprocess (wall time, peak RSS from ``ru_maxrss``); both adapters are then read back with
-``rankwise.peft_export.load_peft`` and judged the same way: relative Frobenius error of the delta over
+``rankwise.delta.load_peft`` and judged the same way: relative Frobenius error of the delta over
 the decoder Linear layers, and perplexity on ``builtin_text("eval")`` of base + LoRA, against the
 base's and the fine-tuned model's.
 
@@ -30,7 +30,7 @@ from rankwise.data import builtin_text, token_sequences
 from rankwise.delta import apply_delta_
 from rankwise.io import atomic_output_dir
 from rankwise.io.models import cache_dir, converted_gguf, resolve
-from rankwise.peft_export import load_peft
+from rankwise.delta import load_peft
 
 SEQ_LEN = 128
 MEASURE = (

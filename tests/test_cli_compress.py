@@ -51,10 +51,10 @@ def test_compress_matches_the_api_and_leaves_input_untouched(llama_dir, compress
     ids = token_ids(2, 20)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert sorted(p.name for p in compressed.iterdir()) == [  # every input file it does not change is kept
-        "config.json", "generation_config.json", "model.safetensors", "rankwise_report.json",
+    assert sorted(p.name for p in compressed.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "rankwise_report.json",
         "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-    ]
+    ]  # every file of the input but its weights, config.json rewritten, a model card added
     for name in ("generation_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         assert (compressed / name).read_bytes() == (llama_dir / name).read_bytes()
     assert tree_digest(llama_dir) == digest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -137,3 +138,53 @@ def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> 
         spent += float(params[best][idx[best] + 1] - params[best][idx[best]])
         idx[best] += 1
     return [opts[i] for opts, i in zip(options, idx)]
+
+
+# Deltas: the spectra are exact (the delta's own singular values), so the allocation is a greedy knapsack
+# on them with rank 0 (layer left out) allowed, and an energy target besides a parameter budget; it does not
+# share the compression allocators' signature (LayerCost curves, None = stay dense), hence no registry entry.
+def allocate_delta_ranks(
+    spectra: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    *,
+    budget: int | None = None,
+    energy: float | None = None,
+) -> dict[str, int]:
+    """Ranks per layer maximising the kept squared Frobenius norm of the deltas, greedily.
+
+    Each singular triplet ``i`` of a layer of shape (m, n) costs ``m + n`` parameters and removes
+    ``s_i**2`` from the total squared error (Eckart–Young); triplets are taken in decreasing order of
+    ``s_i**2 / (m + n)``, which within a layer is the order of the spectrum, so every layer keeps a
+    prefix. With ``budget`` a triplet is taken while it fits (``sum r * (m + n) <= budget``); with
+    ``energy`` the shortest such sequence keeping ``energy * sum ||D||_F**2`` is taken.
+
+    References
+    ----------
+    C. Eckart, G. Young, "The approximation of one matrix by another of lower rank", Psychometrika 1 (1936).
+    """
+    names = list(spectra)
+    ratios, owners = [], []
+    for i, name in enumerate(names):
+        m, n = shapes[name]
+        ratios.append(spectra[name].double() ** 2 / (m + n))
+        owners.append(torch.full((spectra[name].numel(),), i, dtype=torch.int64))
+    ranks = dict.fromkeys(names, 0)
+    if not names:
+        return ranks
+    ratio, owner = torch.cat(ratios), torch.cat(owners)
+    order = torch.sort(ratio, descending=True, stable=True).indices  # stable: ties keep spectrum order
+    if energy is not None:
+        costs = torch.tensor([sum(shapes[n]) for n in names], dtype=torch.float64)
+        gains = ratio[order] * costs[owner[order]]
+        cum = torch.cumsum(gains, 0)
+        take = min(int(torch.searchsorted(cum, energy * cum[-1])) + 1, len(order))
+        for i in owner[order[:take]].tolist():
+            ranks[names[i]] += 1
+        return ranks
+    left = budget
+    for i in owner[order].tolist():
+        cost = sum(shapes[names[i]])
+        if cost <= left:
+            ranks[names[i]] += 1
+            left -= cost
+    return ranks

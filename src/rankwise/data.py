@@ -1,10 +1,47 @@
-"""Built-in text (no download) and its cutting into token sequences for calibration and evaluation."""
+"""Built-in text (no download), its cutting into token sequences for calibration and evaluation; chat prompts."""
 
 from __future__ import annotations
 
 import torch
 
 SPLITS = ("calib", "eval")
+
+# One-turn chat prompts for `rankwise eval --chat`: code, arithmetic, facts, explanation, writing, rewriting,
+# lists, reasoning and advice, short enough that a 135M model's answer is a few dozen tokens. The order
+# mixes the kinds so that the first N prompts stay varied for any N.
+CHAT_PROMPTS = (
+    "Write a Python function that returns the square of a number.",
+    "What is the capital of France?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a haiku about autumn leaves.",
+    "What is 17 plus 25?",
+    "Give me three tips for getting better sleep.",
+    "Translate 'Good morning, how are you?' into Spanish.",
+    "Summarize the plot of Romeo and Juliet in one sentence.",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "What is the difference between a list and a tuple in Python?",
+    "Name the planets of the solar system in order from the sun.",
+    "Write a short, polite email declining a meeting invitation.",
+    "If a train travels 60 kilometers in one hour, how far does it travel in three hours?",
+    "What does HTTP stand for?",
+    "Rewrite this sentence to be more formal: 'gonna be late, sorry'.",
+    "Explain what a black hole is to a ten-year-old.",
+    "Write a SQL query that counts the rows of a table named orders.",
+    "What are the three primary colors?",
+    "Suggest a name for a coffee shop that also sells books.",
+    "Why do we have seasons on Earth?",
+    "Write a bash command that lists the files in the current directory, newest first.",
+    "What is photosynthesis?",
+    "Give one advantage and one disadvantage of working from home.",
+    "Complete the sequence: 2, 4, 8, 16, ...",
+)
+
+
+def chat_prompts(n: int) -> list[str]:
+    """The first ``n`` of the built-in chat prompts (``len(CHAT_PROMPTS)`` of them)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(CHAT_PROMPTS):
+        raise ValueError(f"the number of chat prompts must be an int from 1 to {len(CHAT_PROMPTS)}, got {n!r}")
+    return list(CHAT_PROMPTS[:n])
 
 
 def builtin_text(split: str) -> str:

@@ -11,22 +11,19 @@ run continues from it with ``resume=True``.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from .compress import CompressConfig, CompressReport, _check_calib, run_compression
 from .io.atomic import atomic_output_dir
-from .io.checkpoint import REPORT_FILE
-from .io.lazy import INDEX_NAME, ShardedWriter
+from .io.checkpoint import REPORT_FILE, card_text, source_name
+from .io.lazy import ShardedWriter
+from .io.sidecar import copy_model_files, write_model_card
 from .io.stream import CheckpointSource, persistent_tensors
 from .pipeline import swap_in
 from .targets import find_targets
 from .workdir import WorkDir, check_free_disk, fingerprint, model_fingerprint
-
-SKIPPED_FILES = {"config.json", INDEX_NAME, "rankwise_source.json", REPORT_FILE, "README.md"}
-
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"``: CUDA when available, else CPU; anything else as torch reads it (``ValueError`` if it cannot)."""
@@ -142,7 +139,8 @@ class StreamedRun:
             cfg = AutoConfig.from_pretrained(self.hf_dir)  # the input's, stored dtype included
             cfg.quantization_config = RankwiseConfig(report.ranks).to_dict()
             cfg.save_pretrained(tmp)
-            _copy_model_files(self.hf_dir, tmp)
+            copy_model_files(self.hf_dir, tmp)
+            write_model_card(tmp, base_model=source_name(self.hf_dir), **card_text(report, len(report.ranks)), quality=None)
             (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
         return report
 
@@ -184,15 +182,3 @@ def compress_checkpoint(
             run.source, run.targets, config, calib, run.work, emit=emit, progress=progress))
     run.work.remove()
     return report
-
-
-def _copy_model_files(src: Path, out: Path) -> None:
-    """Every file and folder of the input model that compression does not change (tokenizer, chat
-    template, generation config, sentence-transformers modules)."""
-    for item in sorted(src.iterdir()):
-        if item.name in SKIPPED_FILES or item.suffix == ".safetensors" or item.name.startswith("."):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, out / item.name)
-        else:
-            shutil.copy2(item, out / item.name)

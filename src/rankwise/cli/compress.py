@@ -9,6 +9,7 @@ from pathlib import Path
 
 DEFAULT_EVAL_TOKENS = 8192
 DEFAULT_SENTENCES = 256
+DEFAULT_CHAT_TOKENS = 64
 
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
@@ -74,13 +75,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
     p.set_defaults(func=run_compress)
 
-    p = sub.add_parser("eval", help="perplexity of a causal LM, or embedding similarity of an encoder to --ref")
+    from ..data import CHAT_PROMPTS
+
+    p = sub.add_parser("eval", help="perplexity of a causal LM (and its agreement with --ref), or embedding similarity "
+                       "of an encoder to --ref")
     p.add_argument("model", metavar="MODEL_OR_DIR", help="model dir (rankwise or transformers), .gguf file or alias")
     p.add_argument("--text", metavar="FILE", help="UTF-8 text to evaluate on (default: built-in held-out text)")
-    p.add_argument("--ref", metavar="MODEL", help="reference model (required for encoders; for LMs its perplexity is shown too)")
-    p.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N", help=f"causal LMs: tokens scored (default {DEFAULT_EVAL_TOKENS})")
+    p.add_argument("--ref", metavar="MODEL", help="reference model (required for encoders; for LMs: its perplexity, "
+                   "the mean KL divergence to it and the next-token top-1 agreement with it)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
+                   help=f"causal LMs: tokens scored (default {DEFAULT_EVAL_TOKENS})")
     p.add_argument("--seq-len", type=int, default=512, help="causal LMs: sequence length (default 512)")
-    p.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES, metavar="N", help=f"encoders: sentences compared (default {DEFAULT_SENTENCES})")
+    p.add_argument("--chat", type=int, metavar="N", help=f"causal LMs with --ref: also the top-1 agreement along the "
+                   f"reference's greedy answers to the first N of {len(CHAT_PROMPTS)} built-in chat prompts")
+    p.add_argument("--chat-tokens", type=int, default=DEFAULT_CHAT_TOKENS, metavar="N",
+                   help=f"--chat: longest answer, in tokens (default {DEFAULT_CHAT_TOKENS})")
+    p.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES, metavar="N",
+                   help=f"encoders: sentences compared (default {DEFAULT_SENTENCES})")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run_eval)
 
@@ -123,37 +134,75 @@ def run_compress(args) -> int:
 
 
 def run_eval(args) -> int:
-    from ..data import builtin_text, token_sequences
-    from ..eval import embedding_similarity, perplexity, split_sentences
-    from ..io.models import dir_kind, load_model, load_tokenizer, load_weights, model_dir
+    from ..data import CHAT_PROMPTS, builtin_text, chat_prompts, token_sequences
+    from ..eval import (
+        chat_agreement,
+        embedding_similarity,
+        next_token_agreement,
+        perplexity,
+        pipeline_similarity,
+        sentence_transformer,
+        split_sentences,
+    )
+    from ..io.models import dir_kind, load_tokenizer, load_weights, model_dir
 
     _positive(args.tokens, "--tokens")
     _positive(args.sentences, "--sentences")
+    _positive(args.chat_tokens, "--chat-tokens")
+    if args.chat is not None and not 1 <= args.chat <= len(CHAT_PROMPTS):
+        raise ValueError(f"--chat must be an int from 1 to {len(CHAT_PROMPTS)} (built-in prompts), got {args.chat}")
     text = _read_text(args.text, "--text") if args.text else builtin_text("eval")
     source = args.text or "built-in held-out text"
     hf_dir = model_dir(args.model)
     tokenizer = load_tokenizer(hf_dir)
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer files, so the text cannot be tokenized")
-    if dir_kind(hf_dir) == "encoder" and args.ref is None:
+    kind = dir_kind(hf_dir)
+    if kind == "encoder" and args.ref is None:
         raise ValueError(f"model {args.model!r} is an encoder: pass --ref MODEL to compare its sentence embeddings against")
-    model, kind = load_weights(hf_dir, device=args.device)
-    ref = load_model(args.ref, device=args.device)[0] if args.ref else None
+    if args.chat is not None:
+        if kind == "encoder":
+            raise ValueError(f"--chat applies to causal LMs; model {args.model!r} is an encoder")
+        if args.ref is None:
+            raise ValueError("--chat needs --ref MODEL: it measures agreement with the reference's answers")
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"--chat needs a chat template, and model {args.model!r} has none (no chat_template "
+                             "in its tokenizer files)")
+    ref_dir = model_dir(args.ref) if args.ref else None
     if kind == "causal-lm":
         if args.tokens < args.seq_len:
             raise ValueError(f"--tokens must be at least --seq-len ({args.seq_len}), got {args.tokens}")
         ids = token_sequences(tokenizer, text, args.seq_len, args.tokens // args.seq_len, what="evaluation")
-        ppl = perplexity(model, ids)
-        print(f"perplexity {ppl:.3f} on {ids.numel()} tokens ({ids.shape[0]} x {ids.shape[1]}) of {source}")
-        if ref is not None:
-            ref_ppl = perplexity(ref, ids)
-            print(f"reference perplexity {ref_ppl:.3f}; ratio {ppl / ref_ppl:.3f}")
+        model, _ = load_weights(hf_dir, device=args.device)
+        shape = f"{ids.numel()} tokens ({ids.shape[0]} x {ids.shape[1]}) of {source}"
+        if ref_dir is None:
+            print(f"perplexity {perplexity(model, ids):.3f} on {shape}")
+            return 0
+        ref, _ = load_weights(ref_dir, device=args.device)
+        a = next_token_agreement(model, ref, ids)
+        print(f"perplexity {a.perplexity:.3f} on {shape}")
+        print(f"reference perplexity {a.ref_perplexity:.3f}; ratio {a.perplexity / a.ref_perplexity:.3f}")
+        print(f"KL divergence to reference {a.kl:.5f} nats/token; next-token top-1 agreement {a.top1:.4f} "
+              f"({a.tokens} predicted tokens)")
+        if args.chat is not None:
+            c = chat_agreement(model, ref, tokenizer, chat_prompts(args.chat), max_new_tokens=args.chat_tokens)
+            print(f"chat: top-1 agreement {c.top1:.4f} along the reference's greedy answers to {c.prompts} built-in "
+                  f"prompts ({c.tokens} answer tokens, at most {args.chat_tokens} each)")
         return 0
     sentences = split_sentences(text)[: args.sentences]
     if not sentences:
         raise ValueError(f"--text file {args.text!r} holds no sentence of 20 to 400 characters")
-    sim = embedding_similarity(model, ref, tokenizer, sentences)
-    print(f"mean cosine similarity to {args.ref} {sim:.5f} over {len(sentences)} sentences of {source}")
+    pipelines = [sentence_transformer(d, device=args.device) for d in (hf_dir, ref_dir)]
+    if all(p is not None for p in pipelines):
+        sim = pipeline_similarity(*pipelines, sentences)
+        modules = " -> ".join(type(m).__name__ for m in pipelines[0])
+        how = f"through the model's sentence-transformers pipeline ({modules})"
+    else:
+        model, _ = load_weights(hf_dir, device=args.device)
+        ref, _ = load_weights(ref_dir, device=args.device)
+        sim = embedding_similarity(model, ref, tokenizer, sentences)
+        how = "mean-pooled last hidden states (no sentence-transformers pipeline in both)"
+    print(f"mean cosine similarity to {args.ref} {sim:.5f} over {len(sentences)} sentences of {source}; {how}")
     return 0
 
 

@@ -25,7 +25,7 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
-    from ..peft_export import apply_delta_checkpoint
+    from ..delta import apply_delta_checkpoint
 
     apply_delta_checkpoint(args.base, args.delta, args.out, force=args.force)
     print(f"wrote {args.out}")

@@ -6,7 +6,9 @@ Layout of a rankwise directory::
                              "version": 1, "ranks": {module name: rank}}
     model.safetensors        every tensor once (tied embeddings stored once); factorized layers as
                              <name>.down.weight (rank, in), <name>.up.weight (out, rank), <name>.up.bias
-    tokenizer files          when the tokenizer is known
+    every other file of the input directory (tokenizer, chat template, generation config,
+                             sentence-transformers modules ...), see io/sidecar.py
+    README.md                a model card (io/sidecar.write_model_card)
     rankwise_report.json     the compression report, when given
 """
 
@@ -16,7 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 
 from torch import nn
@@ -25,10 +26,6 @@ from ..layers.linear import LowRankLinear
 from .atomic import atomic_output_dir
 
 REPORT_FILE = "rankwise_report.json"
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-)
 
 
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:
@@ -36,17 +33,27 @@ def low_rank_ranks(model: nn.Module) -> dict[str, int]:
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
 
 
-def _copy_tokenizer_files(model: nn.Module, out: Path) -> None:
-    """Copy the tokenizer files of the directory the model was loaded from, if it was loaded from one."""
+def source_dir(model: nn.Module) -> Path | None:
+    """The directory ``model`` was loaded from (``model.name_or_path``), or ``None`` when it was not loaded from one."""
     source = Path(str(getattr(model, "name_or_path", "") or ""))
-    if source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, out / name)
+    return source if str(source) and source.is_dir() else None
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer=None, force: bool = False) -> Path:
-    """Write ``model`` (with its ``LowRankLinear`` layers) to ``out_dir``, atomically.
+def source_name(directory: Path) -> str:
+    """How a model card names the input: the GGUF file a rankwise cache dir was converted from, else the path."""
+    try:
+        return str(json.loads((directory / "rankwise_source.json").read_text())["gguf"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(directory)
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer=None, quality: dict | None = None,
+         force: bool = False) -> Path:
+    """Write ``model`` (with its ``LowRankLinear`` layers) to ``out_dir``, atomically, with a model card.
+
+    Every file of the directory the model was loaded from that the compression does not change is copied
+    (tokenizer, chat template, generation config, sentence-transformers modules, ...; see
+    :func:`rankwise.io.sidecar.copy_model_files`), so the output works in the same clients as the input.
 
     Parameters
     ----------
@@ -55,10 +62,11 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer
     out_dir : path
         Output directory; must not exist unless ``force``.
     report : CompressReport, optional
-        Stored as ``rankwise_report.json`` (read by ``rankwise info``).
+        Stored as ``rankwise_report.json`` (read by ``rankwise info``); the card's method and budget.
     tokenizer : optional
-        Saved alongside; when ``None``, tokenizer files found in the directory the model was loaded
-        from are copied.
+        Saved alongside, over the input directory's tokenizer files.
+    quality : dict, optional
+        ``{measure: value}`` measured on the compressed model, written into the model card.
     force : bool
         Replace an existing ``out_dir``.
 
@@ -67,12 +75,15 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer
     Path of the written directory.
     """
     from .hf_quantizer import RankwiseConfig
+    from .sidecar import copy_model_files, write_model_card
 
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise ValueError(f"save expects a transformers PreTrainedModel, got {type(model).__name__}")
-    config = RankwiseConfig(low_rank_ranks(model))
+    ranks = low_rank_ranks(model)
+    config = RankwiseConfig(ranks)
     had = hasattr(model.config, "quantization_config")
     previous = getattr(model.config, "quantization_config", None)
+    source = source_dir(model)
     with atomic_output_dir(out_dir, force=force) as tmp:
         model.config.quantization_config = config.to_dict()
         try:
@@ -82,13 +93,26 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer
                 model.config.quantization_config = previous
             else:
                 del model.config.quantization_config
+        if source is not None:
+            copy_model_files(source, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        else:
-            _copy_tokenizer_files(model, tmp)
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+        named = str(getattr(model, "name_or_path", "") or type(model).__name__)
+        base = source_name(source) if source is not None else named
+        write_model_card(tmp, base_model=base, **card_text(report, len(ranks)), quality=quality)
     return Path(out_dir)
+
+
+def card_text(report, n_factorized: int) -> dict[str, str]:
+    """The model card's ``method`` and ``budget`` lines for a compression (``report`` may be None)."""
+    if report is None:
+        return {"method": "compress: low-rank factorization", "budget": f"{n_factorized} layers factorized"}
+    c = report.config
+    return {"method": f"compress: {c.method} factorization, {c.allocate} rank allocation" + (", sequential" if c.sequential else ""),
+            "budget": f"keep {c.keep} of the targeted layers' parameters "
+                      f"({report.params_after:,} of {report.params_before:,}; {n_factorized} layers factorized)"}
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict:

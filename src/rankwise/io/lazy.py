@@ -292,6 +292,8 @@ def write_checkpoint(
     force: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     extra_files: Iterable[str | os.PathLike] = (),
+    sidecars_from: str | os.PathLike | None = None,
+    model_card: dict | None = None,
 ) -> Path:
     """Write ``(name, tensor)`` pairs as a Hugging Face style safetensors checkpoint, atomically.
 
@@ -304,13 +306,21 @@ def write_checkpoint(
     tensors : a state dict, or an iterable of ``(name, tensor)`` (e.g. a generator computing them).
     config : written as ``config.json`` when given.
     extra_files : files copied into the output as they are (tokenizer files, ...).
+    sidecars_from : a model directory whose non-weight files (tokenizer, chat template, sentence-transformers
+        modules, ...) are copied into the output, see :func:`rankwise.io.sidecar.copy_model_files`.
+    model_card : keyword arguments of :func:`rankwise.io.sidecar.write_model_card` (``base_model``, ``method``,
+        ``budget``, ``quality``); the card is written last, into the temporary directory like everything else.
     """
+    from .sidecar import copy_model_files, write_model_card
+
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be an int >= 1, got {max_shard_bytes!r}")
     extra = [Path(f) for f in extra_files]
     for f in extra:
         if not f.is_file():
             raise FileNotFoundError(f"extra file {str(f)!r} does not exist")
+    if sidecars_from is not None and not Path(sidecars_from).is_dir():  # checked before any tensor is computed
+        raise FileNotFoundError(f"sidecars_from {str(sidecars_from)!r} is not a directory")
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
@@ -321,6 +331,10 @@ def write_checkpoint(
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for f in extra:
             shutil.copyfile(f, tmp / f.name)
+        if sidecars_from is not None:
+            copy_model_files(sidecars_from, tmp)
+        if model_card is not None:
+            write_model_card(tmp, **model_card)
     return Path(out_dir)
 
 

@@ -15,19 +15,6 @@ from ..registry import Entry
 
 Source = LazyCheckpoint | StateDictCheckpoint
 
-# files of a Hugging Face model dir that travel with the merged weights (taken from the base, else models[0])
-_SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "generation_config.json",
-)
-
-
 def _entry(method: str) -> Entry:
     from . import METHODS
 
@@ -213,8 +200,9 @@ def merge_to_dir(
 ) -> Path:
     """Merge like :func:`merge` and write a safetensors model dir to ``out`` atomically, streaming tensors.
 
-    ``config.json`` and tokenizer files are taken from the base (else ``models[0]``) when it is a model
-    dir. An existing ``out`` raises FileExistsError unless ``force``; on any error nothing is left behind.
+    ``config.json`` and every non-weight file (tokenizer, chat template, sentence-transformers modules, ...)
+    are taken from the base (else ``models[0]``) when it is a model dir; a model card is added. An existing
+    ``out`` raises FileExistsError unless ``force``; on any error nothing is left behind.
     """
     entry = _entry(method)
     if entry.meta.get("scope") == "model":
@@ -225,10 +213,24 @@ def merge_to_dir(
         pairs = merged_tensors(models, method, base, dtype=dtype, **options)
         ref = base if base is not None and entry.meta.get("needs_base") else models[0]
         config = as_checkpoint(ref).config
-    side = []
-    if isinstance(ref, (str, os.PathLike)) and Path(ref).is_dir():
-        side = [Path(ref) / f for f in _SIDE_FILES if (Path(ref) / f).is_file()]
-    return write_checkpoint(out, pairs, config=config, force=force, max_shard_bytes=max_shard_bytes, extra_files=side)
+    folder = Path(ref) if isinstance(ref, (str, os.PathLike)) and Path(ref).is_dir() else None
+    shown = {k: v for k, v in resolve_options(entry, options).items() if k != "seed" or "seed" in options}
+    card = {
+        "base_model": _model_name(ref),
+        "method": f"merge: {method} of {len(models)} model(s) ({', '.join(_model_name(m) for m in models)})",
+        "budget": ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or f"{method} has no options",
+        "quality": None,
+    }
+    return write_checkpoint(out, pairs, config=config, force=force, max_shard_bytes=max_shard_bytes,
+                            sidecars_from=folder, model_card=card)
+
+
+def _model_name(model: object) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        from ..io.checkpoint import source_name
+
+        return source_name(Path(model)) if Path(model).is_dir() else str(model)
+    return f"<{type(model).__name__}>"
 
 
 __all__ = ["check_compatible", "merge", "merge_to_dir", "merged_tensors", "resolve_options"]

@@ -1,0 +1,167 @@
+"""Extracting a fine-tune as a low-rank delta: factorize ``W_ft - W_base`` per layer under one budget."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..allocate import allocate_delta_ranks
+from ..formats._ops import gram_singular_values
+from ..formats.svd import truncated_svd
+from ..io.reader import ModelReader
+from .core import Delta
+
+EXACT_OTHER = ("store", "skip")
+
+
+def _check_fraction(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_same_architecture(base: ModelReader, ft: ModelReader) -> list[str]:
+    names_b, names_f = base.ckpt.keys(), ft.ckpt.keys()
+    for name in sorted(set(names_b) ^ set(names_f)):
+        where = "base" if name in names_b else "finetuned"
+        raise ValueError(f"models differ in architecture: tensor {name!r} is only in the {where} model")
+    for name in names_b:
+        sb, sf = base.ckpt.shape(name), ft.ckpt.shape(name)
+        if sb != sf:
+            raise ValueError(f"models differ in architecture: tensor {name!r} has shape {sb} in base, {sf} in finetuned")
+    return names_b
+
+
+def _targeted(module: str, target_modules: Sequence[str] | None) -> bool:
+    if target_modules is None:
+        return True
+    return any(module == t or module.endswith("." + t) for t in target_modules)
+
+
+def extract_delta(
+    base: object,
+    finetuned: object,
+    *,
+    rank: int | None = None,
+    keep: float | None = None,
+    energy: float | None = None,
+    target_modules: Sequence[str] | None = None,
+    exact_other: str = "store",
+) -> Delta:
+    """Low-rank factorization of ``W_ft - W_base`` for every Linear-style weight, ranks under one budget.
+
+    Parameters
+    ----------
+    base, finetuned : path (HF model directory, sharded directory, ``.safetensors`` file, ``.gguf``
+        or a model alias, read one tensor at a time), nn.Module or state dict; same architecture.
+    rank : int, the same rank for every changed layer (must be <= min(m, n) of each).
+    keep : float in (0, 1], LoRA factors may take ``keep * sum(m * n)`` parameters over the changed
+        targeted layers; ranks are allocated greedily by ``s_i**2 / (m + n)``.
+    energy : float in (0, 1], keep this fraction of ``sum ||W_ft - W_base||_F**2`` with the fewest
+        factor parameters (same greedy order). None of the three: full rank (exact).
+    target_modules : module names (or dotted suffixes, as PEFT matches them) to factorize; default
+        every 2-D Linear / Conv1D weight that is not an embedding.
+    exact_other : ``"store"`` keeps the fine-tuned value of every other changed tensor (embeddings,
+        norms, biases), ``"skip"`` drops them.
+
+    Returns
+    -------
+    Delta with ``A`` (r, n), ``B`` (m, r) per layer, ``B = U sqrt(S)``, ``A = sqrt(S) Vh``.
+
+    Raises
+    ------
+    ValueError for mismatched architectures (the first differing tensor is named), a rank larger than
+    a layer allows, bad rank/keep/energy values, or target modules that match nothing.
+
+    References
+    ----------
+    E. J. Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv:2106.09685.
+    C. Eckart, G. Young, "The approximation of one matrix by another of lower rank", Psychometrika 1 (1936).
+    """
+    given = [k for k, v in (("rank", rank), ("keep", keep), ("energy", energy)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give at most one of rank, keep, energy; got {' and '.join(given)}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if keep is not None:
+        keep = _check_fraction(keep, "keep")
+    if energy is not None:
+        energy = _check_fraction(energy, "energy")
+    if exact_other not in EXACT_OTHER:
+        raise ValueError(f"exact_other must be one of {', '.join(EXACT_OTHER)}, got {exact_other!r}")
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    b, f = ModelReader(base, "base"), ModelReader(finetuned, "finetuned")
+    names = _check_same_architecture(b, f)
+
+    layers: dict[str, tuple[int, int]] = {}  # changed targeted layers -> (out, in)
+    transposed: set[str] = set()
+    matched: dict[str, str] = {}  # targeted Linear-style module -> kind
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        shape = b.ckpt.shape(name)
+        kind = b.kind(module, shape)
+        if kind in ("linear", "conv1d") and leaf == "weight" and len(shape) == 2 and _targeted(module, target_modules):
+            matched[module] = kind
+    other_modules: set[str] = set()
+    bias_modules: set[str] = set()
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        if not b.ckpt.dtype(name).is_floating_point or torch.equal(b.ckpt.get(name), f.ckpt.get(name)):
+            continue
+        if module in matched and leaf == "weight":
+            shape = b.ckpt.shape(name)
+            layers[module] = (shape[1], shape[0]) if matched[module] == "conv1d" else shape
+            if matched[module] == "conv1d":
+                transposed.add(module)
+        elif module in matched and leaf == "bias":
+            bias_modules.add(module)
+        else:
+            other_modules.add(module)
+    if target_modules is not None and not matched:
+        raise ValueError(f"target_modules {list(target_modules)!r} match no Linear weight of the base model")
+    if rank is not None:
+        for module, (m, n) in layers.items():
+            if rank > min(m, n):
+                raise ValueError(f"rank {rank} is larger than layer {module!r} allows (max {min(m, n)} for its {m}x{n} delta)")
+
+    def delta_of(module: str) -> torch.Tensor:
+        wb, wf = b.ckpt.get(f"{module}.weight"), f.ckpt.get(f"{module}.weight")
+        dt = torch.float64 if wb.dtype == torch.float64 else torch.float32
+        D = wf.to(dt) - wb.to(dt)
+        return D.T if module in transposed else D
+
+    spectra: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    if keep is not None or energy is not None:
+        for module in layers:  # first pass: singular values only, to allocate before keeping factors
+            D = delta_of(module)
+            spectra[module] = gram_singular_values(D).to(D.dtype)
+        budget = None if keep is None else int(keep * sum(m * n for m, n in layers.values()))
+        ranks = allocate_delta_ranks(spectra, layers, budget=budget, energy=energy)
+    out = Delta(transposed=frozenset(transposed), dense_params=sum(m * n for m, n in layers.values()))
+    out.shapes = dict(layers)
+    for module, (m, n) in layers.items():
+        r = rank if rank is not None else ranks[module] if ranks else min(m, n)
+        D = delta_of(module)
+        out.energy[module] = float(D.double().norm()) ** 2
+        if r == 0:
+            continue
+        svd = truncated_svd(D, r)  # the leading triplets only (a Gram-matrix route for small ranks)
+        if module not in spectra:  # keep/energy computed every singular value in the first pass
+            spectra[module] = svd.spectrum
+        root = torch.sqrt(svd.S[:r])
+        out.lora[module] = ((svd.Vh[:r] * root[:, None]).contiguous(), (svd.U[:, :r] * root).contiguous())
+    out.spectra = spectra
+    if exact_other == "store":
+        for module in sorted(bias_modules):
+            out.bias[module] = f.ckpt.get(f"{module}.bias").double() - b.ckpt.get(f"{module}.bias").double()
+            out.bias[module] = out.bias[module].to(f.ckpt.dtype(f"{module}.bias"))
+            shape = b.ckpt.shape(f"{module}.weight")
+            out.shapes[module] = (shape[1], shape[0]) if matched[module] == "conv1d" else shape
+        for name in names:
+            if name.rpartition(".")[0] in other_modules:
+                out.exact[name] = f.ckpt.get(name).clone()
+        out.tied = {alias: name for alias, name in b.tied.items() if name in out.exact}
+    return out
