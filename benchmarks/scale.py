@@ -12,8 +12,9 @@ measures it from the outside:
 
 Then the growth of peak RSS per added block, as a multiple of the float32 bytes of one block
 (issue 9's target: at most 0.15x from 12 to 48 blocks at hidden 1024), between consecutive depths
-and between the first and last depth, and the wall time per block relative to the shallowest run
-(target: constant within +-15 %).
+and between the first and last depth, the wall time per block relative to the shallowest run
+(target: constant within +-15 %), and the seconds each added block costs (free of the fixed start-up,
+which dominates the per-block figure at small sizes).
 
     python benchmarks/scale.py                                  # hidden 1024, 12 / 24 / 48 blocks (needs ~16 GB today)
     python benchmarks/scale.py --hidden 256 --intermediate 704 --heads 4 --depths 2 4   # seconds, for a check
@@ -209,6 +210,10 @@ def report_growth(rows: list[tuple[int, int, int, float]], block_bytes: int) -> 
     verdict = "within" if max(abs(s - 1) for s in spread) <= TARGET_TIME_SPREAD else "outside"
     print(f"wall time per block relative to {rows[0][0]} blocks: " + ", ".join(f"{s:.2f}" for s in spread)
           + f"  ({verdict} +-{TARGET_TIME_SPREAD:.0%}; includes start-up, embedding and head, which do not grow)")
+    # the seconds each added block costs, free of the fixed start-up: constant if the per-block work is
+    marginal = [(w1 - w0) / (d1 - d0) for (d0, _, _, w0), (d1, _, _, w1) in itertools.pairwise(rows)]
+    print("seconds per added block: " + ", ".join(
+        f"{d0}->{d1} {m:.2f}" for ((d0, *_), (d1, *_)), m in zip(itertools.pairwise(rows), marginal)))
 
 
 if __name__ == "__main__":
