@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..formats.svd import SVD, svd_rank, truncated_svd, whitened_svd

@@ -61,7 +61,7 @@ def tt_matrix_apply(cores, x: torch.Tensor, col_dims: tuple[int, ...]) -> torch.
     batch = x.shape[0]
     state = x.reshape(batch, 1, 1, col_dims[0], -1)  # (B, M_done=1, r_0=1, n_1, N_rest)
     for k, core in enumerate(cores):
-        r0, m, n, r1 = core.shape
+        r1 = core.shape[3]
         rest = state.shape[-1] // (col_dims[k + 1] if k + 1 < len(col_dims) else 1)
         out = torch.einsum("barnc,rmns->bamsc", state, core)
         if k + 1 < len(col_dims):
