@@ -175,9 +175,11 @@ def _add_input(layer: nn.Module, x: torch.Tensor, st: ModuleStats) -> None:
         return
     if isinstance(layer, nn.Conv2d):
         x = x if x.ndim == 4 else x[None]
-        for one in x:  # one example at a time bounds the patch matrix's memory
-            p = conv_patches(layer, one[None])[0, 0].double()  # (positions, n); targets have groups=1
-            g = p.T @ p
+        rows = conv_patches(layer, x)[:, 0].reshape(-1, layer.weight[0].numel())  # targets have groups=1
+        # products in the input's precision (at least float32) over chunks of positions, float64 running sums
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        for chunk in torch.split(rows, max(1, (1 << 24) // rows.shape[1])):
+            g = (chunk.T.to(dtype) @ chunk.to(dtype)).double()
             st.gram = g if st.gram is None else st.gram + g
         st.examples += x.shape[0]
         return

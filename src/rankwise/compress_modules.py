@@ -5,8 +5,8 @@ Per layer, every candidate (format, rank) gets a predicted loss increase in one 
 :mod:`rankwise.calibrate_modules`): ``s * ||D (W - W') L||_F^2`` with ``D`` the output-channel loss-gradient
 weights, ``L`` the input whitening factor and ``s`` the mean output-gradient second moment. For the SVD of the
 (out, in*kh*kw) kernel ``L`` whitens the full patch covariance and the prediction is exact (the truncated SVD of
-``D W L``); for Tucker-2 and CP ``L`` whitens the input-channel mode by the covariance of the channels summed over
-kernel offsets (exact for 1x1 kernels). One allocator (:func:`rankwise.allocate.allocate_options`) then picks the
+``D W L``); for Tucker-2 and CP ``L`` whitens the input-channel mode by the channel covariance averaged over the
+kernel offsets (the patch metric without cross-offset correlations; exact for 1x1 kernels). One allocator (:func:`rankwise.allocate.allocate_options`) then picks the
 option of every layer minimising the summed prediction within ``keep`` of the targets' dense parameters.
 
 References
@@ -182,7 +182,9 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
         L_in = None
         if metric.whitening is not None:
             gram = stats.gram.reshape(cin, kh * kw, cin, kh * kw)
-            L_in = whitening_factor(torch.einsum("akbk->ab", gram), damping=config.damping)
+            # the mean of the per-offset channel covariances: ||(W - W') x_1 L_in^T||^2 is then the patch metric
+            # with the cross-offset correlations dropped (exact for 1x1 kernels), in the same units as the SVD's
+            L_in = whitening_factor(torch.einsum("akbk->ab", gram) / (kh * kw), damping=config.damping)
         Wp = W if L_in is None else torch.einsum("oihw,ij->ojhw", W, L_in)
         Wp = Wp if metric.rows is None else Wp * metric.rows[:, None, None, None]
         fits["weighted"], fits["L_in"] = Wp, L_in
@@ -236,7 +238,8 @@ def _matrix_candidates(W: torch.Tensor, bias: int, metric: _Metric, scale_cols=N
     return [Option(None, None, m * n + bias, 0.0)] + _pareto([o for o in opts if o.params < m * n + bias]), f
 
 
-def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=None) -> list[dict]:
+def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=None, *,
+                      stats: dict[str, ModuleStats] | None = None) -> list[dict]:
     """Factorize ``model``'s target layers in place under ``config.keep`` of their parameters.
 
     Parameters
@@ -244,7 +247,9 @@ def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=Non
     model : any nn.Module.
     config : :class:`ModuleCompressConfig`.
     inputs : calibration inputs, see :func:`rankwise.calibrate_modules.collect_module_stats` (a tensor of
-        examples, or a callable ``run(model, i)``); None only with ``method="svd"``.
+        examples, or a callable ``run(model, i)``); None only with ``method="svd"`` or with ``stats``.
+    stats : statistics from :func:`rankwise.calibrate_modules.collect_module_stats` on this same dense model
+        (with ``fisher`` as in ``config``), to compress at several budgets while calibrating once.
 
     Returns
     -------
@@ -254,8 +259,14 @@ def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=Non
     if not isinstance(config, ModuleCompressConfig):
         raise ValueError(f"config must be a rankwise.compress_modules.ModuleCompressConfig, got {type(config).__name__}")
     targets = find_module_targets(model, config)
-    stats: dict[str, ModuleStats | None] = dict.fromkeys(targets)
-    if config.method == "whiten":
+    if stats is not None and config.method == "whiten":
+        missing = [n for n in targets if n not in stats]
+        if missing:
+            raise ValueError(f"stats has no statistics for target {missing[0]!r}; collect them on this model's targets")
+        stats = {n: stats[n] for n in targets}
+    elif config.method == "svd":
+        stats = dict.fromkeys(targets)
+    else:
         if inputs is None:
             raise ValueError("inputs are required for method='whiten'; accepted: a tensor of examples, a callable "
                              "run(model, i), or method='svd' (data-free)")
