@@ -16,10 +16,14 @@ _EXPORTS = {
     # decompositions
     "formats": "rankwise.formats",
     "LowRankLinear": "rankwise.layers",
+    "LAYERS": "rankwise.layers",
+    "conv_from_dense": "rankwise.layers",
     # compression
     "CompressConfig": "rankwise.compress",
     "compress_": "rankwise.compress",
     "compress_checkpoint": "rankwise.streamed",
+    "ModuleCompressConfig": "rankwise.compress_modules",
+    "compress_modules_": "rankwise.compress_modules",
     "save": "rankwise.io.checkpoint",
     "load": "rankwise.io.checkpoint",
     # deltas

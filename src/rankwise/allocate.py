@@ -188,3 +188,69 @@ def allocate_delta_ranks(
             ranks[names[i]] += 1
             left -= cost
     return ranks
+
+
+def allocate_options(options: list[list[tuple[int, float]]], budget: float) -> list[int]:
+    """Pick one option per layer, each a ``(parameters, estimated loss increase)`` pair, minimising the summed
+    loss with the summed parameters within ``budget``: a multiple-choice knapsack, for choosing format and rank
+    together (``format="auto"`` in :func:`rankwise.compress_modules.compress_modules_`).
+
+    A Lagrange multiplier ``lam`` (the price of a parameter) is bisected so that every layer's
+    ``argmin loss + lam * params`` fits (optimal on the lower convex hull of each layer's options); the
+    budget left over then buys, greedily by loss decrease per parameter, each layer's next cheaper-loss
+    option that fits. Returns the chosen index per layer; ``ValueError`` if even the cheapest options
+    exceed the budget.
+
+    References
+    ----------
+    H. Everett, "Generalized Lagrange multiplier method for solving problems of optimum allocation of
+    resources", Operations Research 11 (1963).
+    """
+    if any(not opts for opts in options):
+        raise ValueError("allocate_options needs at least one option per layer")
+    params = [torch.tensor([float(p) for p, _ in opts], dtype=torch.float64) for opts in options]
+    losses = [torch.tensor([float(v) for _, v in opts], dtype=torch.float64) for opts in options]
+    cheapest = sum(float(p.min()) for p in params)
+    if cheapest > budget:
+        raise ValueError(f"the budget of {int(budget)} parameters is below the {int(cheapest)} that the smallest "
+                         "factorization of every layer needs; accepted: a larger keep")
+
+    def choose(lam: float) -> list[int]:
+        # ties broken towards fewer parameters, so that a huge lam gives the cheapest options
+        return [int(torch.argmin(v + lam * p + 1e-12 * p / max(float(p.max()), 1.0))) for v, p in zip(losses, params)]
+
+    def total(idx: list[int]) -> float:
+        return sum(float(p[i]) for p, i in zip(params, idx))
+
+    hi = 1.0
+    while total(choose(hi)) > budget:
+        hi *= 2
+        if hi > 1e300:
+            idx = [int(torch.argmin(p)) for p in params]
+            break
+    else:
+        lo = 0.0
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if total(choose(mid)) > budget:
+                lo = mid
+            else:
+                hi = mid
+        idx = choose(hi)
+    spent = total(idx)
+    while True:
+        best, best_rate = None, 0.0
+        for k, (v, p) in enumerate(zip(losses, params)):
+            now_v, now_p = float(v[idx[k]]), float(p[idx[k]])
+            for j in range(len(p)):
+                extra, gain = float(p[j]) - now_p, now_v - float(v[j])
+                if gain <= 0 or spent + extra > budget:
+                    continue
+                rate = gain / max(extra, 1e-300) if extra > 0 else float("inf")
+                if best is None or rate > best_rate:
+                    best, best_rate = (k, j), rate
+        if best is None:
+            return idx
+        k, j = best
+        spent += float(params[k][j]) - float(params[k][idx[k]])
+        idx[k] = j

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -18,6 +19,7 @@ from ._ops import (
     leading_left_singular_vectors,
     matmul,
 )
+from .protocol import FORMATS
 
 _LETTERS = "abcdefghijklmnopqrstuvwxy"  # one per mode; "z" is the rank index
 
@@ -31,6 +33,7 @@ class CP:
     errors : tuple of float, relative error ``||X - X̂|| / ||X||`` after every ALS sweep.
     """
 
+    name: ClassVar[str] = "cp"
     weights: Tensor
     factors: tuple[Tensor, ...]
     errors: tuple[float, ...] = ()
@@ -226,3 +229,7 @@ def cp_als(
     order = torch.argsort(weights, descending=True)
     dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     return CP(weights[order].to(dt), tuple(f[:, order].to(dt) for f in factors), tuple(errors))
+
+
+# No truncate(): CP components are not nested (the best rank-r CP is not a subset of the rank-R one).
+FORMATS.register(CP.name, paper="https://doi.org/10.1137/07070111X", decompose=cp_als)(CP)

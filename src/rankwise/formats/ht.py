@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,7 @@ from ._ops import (
     largest_within_budget,
     unfold,
 )
+from .protocol import FORMATS
 from .tt import truncated_left_basis
 
 
@@ -55,6 +57,7 @@ class HT:
     ``nodes[0]`` is the root, spanning every mode, with rank 1.
     """
 
+    name: ClassVar[str] = "ht"
     shape: tuple[int, ...]
     nodes: tuple[HTNode, ...]
 
@@ -236,3 +239,7 @@ def ht_svd(x: Tensor, rank: RankSpec | None = None, *, eps: float | None = None)
     factors[0] = C.reshape(*C.shape, 1)
     nodes = tuple(HTNode(dims, kids, factors[i]) for i, (dims, kids) in enumerate(tree))
     return HT(shape, nodes)
+
+
+# No truncate(): cutting an HT's ranks needs it re-orthogonalized first; decompose again with ht_svd.
+FORMATS.register(HT.name, paper="https://doi.org/10.1137/090764189", decompose=ht_svd)(HT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -17,6 +18,7 @@ from ._ops import (
     largest_within_budget,
     rank_for_tolerance,
 )
+from .protocol import FORMATS
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Kronecker:
     ``||W - to_dense()||_F = ||spectrum[r:]||``.
     """
 
+    name: ClassVar[str] = "kronecker"
     A: Tensor
     B: Tensor
     spectrum: Tensor | None = None
@@ -53,6 +56,12 @@ class Kronecker:
     def to_dense(self) -> Tensor:
         """The matrix sum_i kron(A[i], B[i]), shape (m1 m2, n1 n2)."""
         return torch.einsum("rij,rkl->ikjl", self.A, self.B).reshape(self.shape)
+
+    def truncate(self, rank: int) -> Kronecker:
+        """The leading ``rank`` terms. For a :func:`kron_decompose` result the terms are orthogonal
+        (the rearranged SVD's), so the error is exactly ``||spectrum[rank:current rank]||``."""
+        check_int_rank(rank, "rank", self.rank)
+        return Kronecker(self.A[:rank], self.B[:rank], self.spectrum)
 
 
 def _check_factor_shape(value: object, name: str) -> tuple[int, int]:
@@ -123,3 +132,6 @@ def kron_decompose(
     A = (U[:, :r] * root).T.reshape(r, m1, n1)
     B = (root[:, None] * Vh[:r]).reshape(r, m2, n2)
     return Kronecker(A, B, S)
+
+
+FORMATS.register(Kronecker.name, paper="https://doi.org/10.1007/978-94-015-8196-7_17", decompose=kron_decompose)(Kronecker)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -17,6 +18,7 @@ from ._ops import (
     largest_within_budget,
     rank_for_tolerance,
 )
+from .protocol import FORMATS
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class SVD:
     the squared Frobenius norm of the factorized matrix, when the leading values are exact.
     """
 
+    name: ClassVar[str] = "svd"
     U: Tensor
     S: Tensor
     Vh: Tensor
@@ -327,3 +330,6 @@ def whitening_factor(gram: Tensor, *, damping: float = 1e-6) -> Tensor:
     evals, evecs = torch.linalg.eigh(G)
     floor = max(float(evals.max()), mean_diag) * max(damping, 1e-12)
     return evecs * torch.sqrt(evals.clamp_min(floor))
+
+
+FORMATS.register(SVD.name, paper="https://doi.org/10.1007/BF02288367", decompose=truncated_svd)(SVD)

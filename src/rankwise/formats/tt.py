@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -19,6 +20,7 @@ from ._ops import (
     gram_eigh,
     largest_within_budget,
 )
+from .protocol import FORMATS
 
 # A Gram matrix in float64 resolves eigenvalues down to about 1e-16 * trace; when a tolerance asks for
 # tails finer than this floor (times the number of eigenvalues summed), the SVD of the matrix is used.
@@ -33,11 +35,16 @@ class TT:
     ``X[i_1, ..., i_d] = G_1[:, i_1, :] @ ... @ G_d[:, i_d, :]``.
     """
 
+    name: ClassVar[str] = "tt"
     cores: tuple[Tensor, ...]
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(int(c.shape[1]) for c in self.cores)
+
+    def truncate(self, rank: RankSpec) -> TT:
+        """TT-rounding to at most ``rank`` (see :func:`tt_round`); ranks never grow."""
+        return tt_round(self, rank)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -65,7 +72,15 @@ class TTMatrix:
     column multi-indices in row-major order.
     """
 
+    name: ClassVar[str] = "tt_matrix"
     cores: tuple[Tensor, ...]
+
+    def truncate(self, rank: RankSpec) -> TTMatrix:
+        """TT-rounding of the paired (m_k n_k) train to at most ``rank`` (see :func:`tt_round`)."""
+        flat = TT(tuple(c.reshape(c.shape[0], c.shape[1] * c.shape[2], c.shape[3]) for c in self.cores))
+        rounded = tt_round(flat, rank)
+        return TTMatrix(tuple(c.reshape(c.shape[0], m, n, c.shape[2])
+                              for c, m, n in zip(rounded.cores, self.row_dims, self.col_dims)))
 
     @property
     def row_dims(self) -> tuple[int, ...]:
@@ -337,3 +352,7 @@ def tt_matrix(
     tt = tt_svd(paired.reshape([m * n for m, n in zip(rows, cols)]), rank, eps=eps)
     cores = tuple(c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(tt.cores, rows, cols))
     return TTMatrix(cores)
+
+
+FORMATS.register(TT.name, paper="https://doi.org/10.1137/090752286", decompose=tt_svd)(TT)
+FORMATS.register(TTMatrix.name, paper="https://arxiv.org/abs/1509.06569", decompose=tt_matrix)(TTMatrix)

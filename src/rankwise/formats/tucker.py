@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,7 @@ from ._ops import (
     per_mode_ranks,
     unfold,
 )
+from .protocol import FORMATS
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Tucker:
     errors : tuple of float, relative error ``||X - X̂|| / ||X||`` after HOSVD and after every HOOI sweep.
     """
 
+    name: ClassVar[str] = "tucker"
     core: Tensor
     factors: tuple[Tensor, ...]
     modes: tuple[int, ...]
@@ -55,6 +58,20 @@ class Tucker:
 
     def to_dense(self) -> Tensor:
         return multi_mode_dot(self.core, self.factors, self.modes)
+
+    def truncate(self, rank: RankSpec) -> Tucker:
+        """The leading ``rank`` columns of every factor and the matching block of the core.
+
+        ``rank`` is an int (every decomposed mode) or one int per decomposed mode, at most the current
+        ranks. The factors being orthonormal, the discarded part is orthogonal to the kept one and
+        ``||to_dense() - truncate(r).to_dense()||_F^2 = ||core||_F^2 - ||kept block||_F^2`` exactly.
+        """
+        ranks = per_mode_ranks(rank, "rank", self.ranks)
+        index = [slice(None)] * self.core.ndim
+        for r, mode in zip(ranks, self.modes):
+            index[mode] = slice(0, r)
+        factors = tuple(f[:, :r] for f, r in zip(self.factors, ranks))
+        return Tucker(self.core[tuple(index)], factors, self.modes)
 
 
 def _check_modes(modes: Sequence[int] | None, ndim: int) -> tuple[int, ...]:
@@ -208,3 +225,6 @@ def tucker_hooi(
         if tol > 0 and errors[-2] - errors[-1] < tol:
             break
     return _finish(x, core, factors, modes, errors)
+
+
+FORMATS.register(Tucker.name, paper="https://doi.org/10.1137/S0895479896305696", decompose=tucker_hooi)(Tucker)

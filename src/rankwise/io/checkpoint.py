@@ -3,7 +3,8 @@
 Layout of a rankwise directory::
 
     config.json              the model's config + "quantization_config": {"quant_method": "rankwise",
-                             "version": 1, "ranks": {module name: rank}}
+                             "version": 1, "ranks": {module name: rank}}, plus "modules": {module name:
+                             spec} for factorized layers of other types (conv, TT, Kronecker, embeddings)
     model.safetensors        every tensor once (tied embeddings stored once); factorized layers as
                              <name>.down.weight (rank, in), <name>.up.weight (out, rank), <name>.up.bias
     every other file of the input directory (tokenizer, chat template, generation config,
@@ -31,6 +32,12 @@ REPORT_FILE = "rankwise_report.json"
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:
     """``{qualified name: rank}`` of every ``LowRankLinear`` in ``model``."""
     return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def factorized_specs(model: nn.Module) -> dict[str, dict]:
+    """``{qualified name: spec()}`` of every factorized layer with a ``spec()`` that is not a LowRankLinear."""
+    return {name: m.spec() for name, m in model.named_modules()
+            if callable(getattr(m, "spec", None)) and not isinstance(m, LowRankLinear)}
 
 
 def source_dir(model: nn.Module) -> Path | None:
@@ -80,7 +87,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer
     if not hasattr(model, "save_pretrained") or not hasattr(model, "config"):
         raise ValueError(f"save expects a transformers PreTrainedModel, got {type(model).__name__}")
     ranks = low_rank_ranks(model)
-    config = RankwiseConfig(ranks)
+    config = RankwiseConfig(ranks, modules=factorized_specs(model))
     had = hasattr(model.config, "quantization_config")
     previous = getattr(model.config, "quantization_config", None)
     source = source_dir(model)
@@ -145,7 +152,8 @@ def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
     from .models import check_safetensors
 
     path = Path(path)
-    ranks = read_quantization_config(path)["ranks"]
+    qc = read_quantization_config(path)
+    ranks, modules = qc["ranks"], qc.get("modules", {})
     shapes: dict[str, tuple[int, ...]] = {}
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -166,10 +174,30 @@ def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
         (r, n), (m, _) = shapes[key], shapes[f"{stem}.up.weight"]
         bias = shapes.get(f"{stem}.up.bias", (0,))[0]
         rows.append((name, (m, n), rank, r * (m + n) + bias, m * n + bias))
+    for name, spec in sorted(modules.items(), key=lambda item: natural(item[0])):
+        inside = lambda key, name=name: key.startswith(f"{name}.") or f".{name}." in key
+        after = sum(math.prod(s) for k, s in shapes.items() if inside(k))
+        rank = spec.get("rank", spec.get("ranks"))  # a tuple of ranks prints as "3x2" in `rankwise info`
+        rows.append((name, _dense_shape(spec), rank if isinstance(rank, int) else "x".join(map(str, rank)), after,
+                     _dense_params(spec)))
     stored = sum(math.prod(s) for s in shapes.values())
     after, before = sum(r[3] for r in rows), sum(r[4] for r in rows)
     totals = {"layers_before": before, "layers_after": after, "model_before": stored - after + before, "model_after": stored}
     return rows, totals
+
+
+def _dense_shape(spec: dict) -> tuple[int, int]:
+    """The dense weight a factorized layer's spec replaces, as a matrix (a kernel as (out, in/groups*kh*kw))."""
+    if "kernel_size" in spec:
+        return (spec["out_channels"], spec["in_channels"] // spec["groups"] * math.prod(spec["kernel_size"]))
+    if "num_embeddings" in spec:
+        return (spec["num_embeddings"], spec["embedding_dim"])
+    return (spec["out_features"], spec["in_features"])
+
+
+def _dense_params(spec: dict) -> int:
+    bias = spec.get("out_channels", spec.get("out_features", 0)) if spec.get("bias") else 0
+    return math.prod(_dense_shape(spec)) + bias
 
 
 def load(path: str | os.PathLike, *, device: str = "cpu") -> nn.Module:

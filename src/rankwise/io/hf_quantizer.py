@@ -6,7 +6,10 @@ carries ``"quantization_config": {"quant_method": "rankwise", "version": 1, "ran
 before the weights are read, the quantizer swaps each listed ``nn.Linear`` (or transformers
 ``Conv1D``) of the freshly built, empty model for a :class:`~rankwise.layers.LowRankLinear` of that
 rank, so the stored ``down.weight`` / ``up.weight`` / ``up.bias`` tensors load as they are: no
-conversion, no ``trust_remote_code``. Importing this module registers both classes (once).
+conversion, no ``trust_remote_code``. Other factorized layer types (Tucker/CP/SVD convolutions, TT and
+Kronecker linears, low-rank and TT embeddings) are listed under an optional ``"modules": {name: spec}``
+and rebuilt empty with ``LAYERS.get(spec["layer"]).fn.empty(old, spec)``. Importing this module
+registers both classes (once).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..layers.linear import LowRankLinear
+from ..layers.registry import LAYERS
 
 QUANT_METHOD = "rankwise"
 FORMAT_VERSION = 1
@@ -36,9 +40,13 @@ class RankwiseConfig(QuantizationConfigMixin):
         Qualified module name (as in ``model.named_modules()`` of the saved model) -> rank.
     version : int
         Format version; only 1 exists.
+    modules : dict[str, dict], optional
+        Qualified module name -> the ``spec()`` of a factorized layer of another type than LowRankLinear
+        (its ``"layer"`` names a type registered in :data:`rankwise.layers.registry.LAYERS`).
     """
 
-    def __init__(self, ranks: dict[str, int] | None = None, version: int = FORMAT_VERSION, **kwargs):
+    def __init__(self, ranks: dict[str, int] | None = None, version: int = FORMAT_VERSION,
+                 modules: dict[str, dict] | None = None, **kwargs):
         if version != FORMAT_VERSION:
             raise ValueError(f"rankwise checkpoint format version must be {FORMAT_VERSION}, got {version!r}")
         bad = {k: v for k, v in (ranks or {}).items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
@@ -48,6 +56,13 @@ class RankwiseConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.version = version
         self.ranks = dict(ranks or {})
+        for name, spec in (modules or {}).items():
+            if not isinstance(spec, dict) or spec.get("layer") not in LAYERS:
+                layer = spec.get("layer") if isinstance(spec, dict) else spec
+                raise ValueError(f"rankwise quantization_config modules[{name!r}] names layer type {layer!r}; "
+                                 f"known: {', '.join(LAYERS.names())}")
+        if modules:  # absent, not empty, in checkpoints without other layer types (older readers see no change)
+            self.modules = {name: dict(spec) for name, spec in modules.items()}
 
 
 def _resolve(model: nn.Module, name: str) -> str | None:
@@ -90,6 +105,25 @@ def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     return model
 
 
+def replace_with_factorized(model: nn.Module, modules: dict[str, dict]) -> nn.Module:
+    """Swap each module named in ``modules`` for an empty factorized layer of its spec, in place."""
+    for name, spec in modules.items():
+        resolved = _resolve(model, name)
+        if resolved is None:
+            raise ValueError(f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have")
+        old = model.get_submodule(resolved)
+        if callable(getattr(old, "spec", None)) and old.spec() == spec:
+            continue
+        new = LAYERS.get(spec["layer"]).fn.empty(old, spec)
+        parent_name, _, child = resolved.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+        # Every tensor of the new layer is stored; the parent is left to its _init_weights, which may set up
+        # non-persistent buffers (BERT's position_ids) that loading does not restore.
+        new._is_hf_initialized = True
+    return model
+
+
 class RankwiseHfQuantizer(HfQuantizer):
     """Loads a rankwise checkpoint: factorized layers are built before loading; weights load unchanged."""
 
@@ -97,6 +131,7 @@ class RankwiseHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         replace_with_low_rank(model, self.quantization_config.ranks)
+        replace_with_factorized(model, getattr(self.quantization_config, "modules", {}))
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

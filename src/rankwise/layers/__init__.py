@@ -1,5 +1,21 @@
 """nn.Modules that replace dense layers with factorized ones: from_dense(), forward, to_dense()."""
 
+from .conv import CPConv2d, SVDConv2d, TuckerConv2d, conv_from_dense
+from .embedding import LowRankEmbedding, TTEmbedding
+from .kron import KronLinear
 from .linear import LowRankLinear
+from .registry import LAYERS
+from .tt import TTLinear
 
-__all__ = ["LowRankLinear"]
+__all__ = [
+    "LAYERS",
+    "CPConv2d",
+    "KronLinear",
+    "LowRankEmbedding",
+    "LowRankLinear",
+    "SVDConv2d",
+    "TTEmbedding",
+    "TTLinear",
+    "TuckerConv2d",
+    "conv_from_dense",
+]

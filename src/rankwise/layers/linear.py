@@ -40,7 +40,7 @@ class LowRankLinear(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_factors(cls, factors: SVD, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> "LowRankLinear":
+    def from_factors(cls, factors: SVD, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> LowRankLinear:
         """Build from ``W ≈ U diag(S) Vh``, splitting ``sqrt(S)`` onto both sides to balance their scales."""
         m, n = factors.shape
         dtype = dtype or factors.U.dtype
@@ -54,7 +54,7 @@ class LowRankLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_dense(cls, layer: nn.Module, rank: int | float | None = None) -> "LowRankLinear":
+    def from_dense(cls, layer: nn.Module, rank: float | None = None) -> LowRankLinear:
         """Data-free truncated SVD of ``layer``'s weight (nn.Linear or Conv1D); full rank reproduces it."""
         W = dense_weight(layer).detach()
         return cls.from_factors(truncated_svd(W, rank), getattr(layer, "bias", None), dtype=W.dtype)

@@ -1,0 +1,169 @@
+"""Benchmark: compressing a real pretrained CNN (EasyOCR's CRNN recognizer) - rankwise vs TensorLy-Torch.
+
+Targets: every Conv2d with more than one input channel (6 of the 7), at ``--keeps`` fractions of their parameters,
+no fine-tuning. Methods:
+
+- ``rankwise-auto``: :func:`rankwise.compress_modules.compress_modules_`, data-aware (patch-whitened inputs,
+  CTC-loss gradient weights on the output channels, from ``--calib`` rendered words disjoint from the evaluation
+  words), format and rank per layer chosen under the one budget among SVD and Tucker-2;
+- ``rankwise-tucker`` / ``rankwise-svd``: the same with one format;
+- ``tltorch-cp`` / ``tltorch-tucker`` / ``tltorch-tucker2``: TensorLy-Torch ``FactorizedConv.from_conv`` (data-free)
+  with ``rank=keep`` on every target (CP; Tucker; Tucker with ``fixed_rank_modes='spatial'``), implementation
+  ``factorized`` (its contraction path, not the rebuilt kernel).
+
+rankwise calibrates once (timed separately) and compresses at every budget from the same statistics.
+
+Reported: word accuracy and CER on ``--words`` rendered words, the targets' parameters, conv MACs per word (from
+forward hooks on every nn.Conv2d; TensorLy-Torch's functional convolutions are not seen, so n/a), and CPU latency
+of a batch of 32 words (median of ``--repeats``); "x dense" divides it by the dense model's median timed
+interleaved with it, call by call (the shared machine's load drifts).
+
+    PYTHONPATH=src python benchmarks/cnn.py [--words 400] [--keeps 0.3 0.2] [--methods ...] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/crnn.py, the model definition
+from crnn import CHARACTERS, evaluate, load_crnn, make_batches, word_lists
+
+from rankwise.calibrate_modules import collect_module_stats
+from rankwise.compress_modules import (
+    ModuleCompressConfig,
+    compress_modules_,
+    find_module_targets,
+)
+
+METHODS = ("rankwise-auto", "rankwise-tucker", "rankwise-svd", "tltorch-cp", "tltorch-tucker", "tltorch-tucker2")
+
+
+def ctc_runner(batches):
+    """A calibration callable: CTC loss of the model on rendered calibration words (their true labels)."""
+    index = {c: i + 1 for i, c in enumerate(CHARACTERS)}
+
+    def run(model: nn.Module, i: int) -> torch.Tensor:
+        images, words = batches[i % len(batches)]
+        logp = F.log_softmax(model(images), -1).transpose(0, 1)  # (T, B, C)
+        targets = torch.tensor([index[c] for w in words for c in w])
+        lengths = torch.tensor([len(w) for w in words])
+        return F.ctc_loss(logp, targets, torch.full((len(words),), logp.shape[0]), lengths, zero_infinity=True)
+
+    return run
+
+
+def conv_macs(model: nn.Module, images: torch.Tensor) -> int:
+    total = 0
+
+    def hook(m, args, out):
+        nonlocal total
+        total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(images)
+    for h in handles:
+        h.remove()
+    return total // images.shape[0]
+
+
+def latency(model: nn.Module, images: torch.Tensor, repeats: int, dense: nn.Module | None = None) -> tuple[float, float]:
+    """Median seconds of ``model(images)`` and, interleaved call by call, of ``dense(images)`` (the shared
+    machine's load drifts; interleaving keeps the ratio fair). Without ``dense`` the second value is 0."""
+    times, anchor = [], []
+    with torch.no_grad():
+        model(images)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - t)
+            if dense is not None:
+                t = time.perf_counter()
+                dense(images)
+                anchor.append(time.perf_counter() - t)
+    return statistics.median(times), statistics.median(anchor) if anchor else 0.0
+
+
+def tltorch_compress(model: nn.Module, targets: dict, factorization: str, keep: float, spatial: bool) -> nn.Module:
+    import tltorch
+
+    for name, conv in targets.items():
+        kwargs = {"fixed_rank_modes": "spatial"} if spatial else {}
+        new = tltorch.FactorizedConv.from_conv(conv, rank=keep, factorization=factorization,
+                                               implementation="factorized", **kwargs)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--words", type=int, default=400)
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.3, 0.2])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dense = load_crnn()
+    calib_words, eval_words = word_lists(args.calib, args.words)
+    calib = make_batches(calib_words, offset=0)
+    evals = make_batches(eval_words, offset=10_000)
+    timing_batch = max((b for b, w in evals if len(w) == 32), key=lambda b: b.shape[-1])
+    config = ModuleCompressConfig(kinds=("conv2d",), min_in_channels=2)
+    targets = find_module_targets(dense, config)
+    target_params = sum(sum(p.numel() for p in m.parameters()) for m in targets.values())
+    print(f"CRNN english_g2: {len(targets)} target convs, {target_params:,} params; {len(eval_words)} eval words, "
+          f"{len(calib_words)} calibration words; timing batch {tuple(timing_batch.shape)}; threads {args.threads}")
+    stats = None
+    if any(m.startswith("rankwise") for m in args.methods):
+        t0 = time.perf_counter()
+        stats = collect_module_stats(dense, targets, ctc_runner(calib), fisher=True, batches=len(calib))
+        print(f"rankwise calibration (patch second moments + CTC-loss gradients, {len(calib_words)} words): "
+              f"{time.perf_counter() - t0:.1f}s, shared by every rankwise row (fit s excludes it)")
+    acc, cer = evaluate(dense, evals)
+    t_dense = latency(dense, timing_batch, args.repeats)[0]
+    head = f"{'method':<17} {'keep':>5} {'params':>10} {'word acc':>8} {'CER':>6} {'MMAC/word':>10} {'ms/batch':>9} " \
+           f"{'x dense':>7} {'fit s':>6}  formats"
+    print(head)
+    print("-" * len(head))
+    print(f"{'dense':<17} {1.0:>5.2f} {target_params:>10,} {acc:>8.3f} {cer:>6.3f} "
+          f"{conv_macs(dense, timing_batch) / 1e6:>10.1f} {t_dense * 1e3:>9.1f} {1.0:>7.2f} {0:>6.1f}")
+    for keep in args.keeps:
+        for method in args.methods:
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            formats = ""
+            if method.startswith("rankwise"):
+                fmt = method.split("-")[1]
+                report = compress_modules_(model, ModuleCompressConfig(keep=keep, format=fmt, kinds=("conv2d",)),
+                                           stats=stats)
+                formats = " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
+                params = sum(r["params_after"] for r in report)
+                macs = f"{conv_macs(model, timing_batch) / 1e6:>10.1f}"
+            else:
+                fact = {"tltorch-cp": ("cp", False), "tltorch-tucker": ("tucker", False),
+                        "tltorch-tucker2": ("tucker", True)}[method]
+                tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact[0], keep, fact[1])
+                params = sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in targets)
+                macs = f"{'n/a':>10}"
+            fit = time.perf_counter() - t0
+            model.eval()
+            acc, cer = evaluate(model, evals)
+            t, t_anchor = latency(model, timing_batch, args.repeats, dense)
+            print(f"{method:<17} {keep:>5.2f} {params:>10,} {acc:>8.3f} {cer:>6.3f} {macs} {t * 1e3:>9.1f} "
+                  f"{t / t_anchor:>7.2f} {fit:>6.1f}  {formats}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

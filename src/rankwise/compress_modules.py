@@ -1,0 +1,315 @@
+"""compress_modules_(model, config, inputs): factorize the Conv2d / Linear / Embedding layers of any nn.Module
+under one parameter budget, data-aware, choosing each layer's format (SVD, Tucker-2, CP) and rank together.
+
+Per layer, every candidate (format, rank) gets a predicted loss increase in one unit (see
+:mod:`rankwise.calibrate_modules`): ``s * ||D (W - W') L||_F^2`` with ``D`` the output-channel loss-gradient
+weights, ``L`` the input whitening factor and ``s`` the mean output-gradient second moment. For the SVD of the
+(out, in*kh*kw) kernel ``L`` whitens the full patch covariance and the prediction is exact (the truncated SVD of
+``D W L``); for Tucker-2 and CP ``L`` whitens the input-channel mode by the channel covariance averaged over the
+kernel offsets (the patch metric without cross-offset correlations; exact for 1x1 kernels). One allocator (:func:`rankwise.allocate.allocate_options`) then picks the
+option of every layer minimising the summed prediction within ``keep`` of the targets' dense parameters.
+
+References
+----------
+X. Wang et al., "SVD-LLM: Truncation-aware SVD for LLM compression", arXiv:2403.07378 (whitening).
+Y.-C. Hsu et al., "Language model compression with weighted low-rank factorization", arXiv:2207.00112.
+Y.-D. Kim et al., "Compression of deep convolutional neural networks ...", arXiv:1511.06530 (Tucker-2).
+V. Lebedev et al., "Speeding-up convolutional neural networks using fine-tuned CP-decomposition",
+arXiv:1412.6553.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .allocate import allocate_options
+from .calibrate_modules import ModuleStats, collect_module_stats
+from .formats.cp import CP, cp_als
+from .formats.svd import whitened_svd, whitening_factor
+from .formats.tucker import Tucker, tucker_hooi, tucker_hosvd
+from .layers.conv import CPConv2d, SVDConv2d, TuckerConv2d
+from .layers.embedding import LowRankEmbedding
+from .layers.linear import LowRankLinear
+from .targets import replace_module
+
+CONV_FORMATS = ("svd", "tucker", "cp")
+KINDS = {"conv2d": nn.Conv2d, "linear": nn.Linear, "embedding": nn.Embedding}
+_MAX_OPTIONS = 160  # per format and layer: enough resolution for the allocator, cheap for its greedy top-up
+
+
+@dataclass(frozen=True)
+class ModuleCompressConfig:
+    """How :func:`compress_modules_` compresses; frozen, JSON-serializable with ``asdict``.
+
+    keep : fraction in (0, 1] of the targets' dense parameters kept (one global budget).
+    format : conv format, "auto" (the allocator chooses among ``auto_formats``), "svd", "tucker" or "cp".
+    auto_formats : formats "auto" compares (CP costs an ALS per candidate rank, so it is opt-in).
+    method : "whiten" (data-aware) or "svd" (data-free; no calibration inputs needed).
+    fisher : weight output channels by loss-gradient second moments (needs backward passes).
+    kinds : which layer types are targets, among "conv2d", "linear", "embedding".
+    include, exclude : regexes over qualified module names.
+    min_in_channels : convolutions with fewer input channels (e.g. the first, on images) stay dense.
+    batch_size, batches : calibration batching (tensor inputs / callable inputs).
+    cp_fractions : the parameter fractions at which CP candidates are fitted.
+    damping : relative ridge of the input whitening (see :func:`rankwise.formats.whitening_factor`).
+    """
+
+    keep: float = 0.3
+    format: str = "auto"
+    auto_formats: tuple[str, ...] = ("svd", "tucker")
+    method: str = "whiten"
+    fisher: bool = True
+    kinds: tuple[str, ...] = ("conv2d",)
+    include: str | None = None
+    exclude: str | None = None
+    min_in_channels: int = 2
+    batch_size: int = 32
+    batches: int = 8
+    cp_fractions: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.45)
+    cp_iters: int = 30
+    damping: float = 1e-6
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
+        if self.format not in ("auto", *CONV_FORMATS):
+            raise ValueError(f"format must be one of auto, {', '.join(CONV_FORMATS)}, got {self.format!r}")
+        bad = [f for f in self.auto_formats if f not in CONV_FORMATS]
+        if not self.auto_formats or bad:
+            raise ValueError(f"auto_formats must be a non-empty subset of {', '.join(CONV_FORMATS)}, got {self.auto_formats!r}")
+        if self.method not in ("whiten", "svd"):
+            raise ValueError(f"method must be 'whiten' or 'svd', got {self.method!r}")
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {', '.join(KINDS)}, got {self.kinds!r}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    re.compile(value)
+                except (re.error, TypeError) as err:
+                    raise ValueError(f"{name}={value!r} is not a valid regular expression: {err}") from None
+        for name in ("min_in_channels", "batch_size", "batches", "cp_iters"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return self.auto_formats if self.format == "auto" else (self.format,)
+
+
+@dataclass
+class Option:
+    """One way to store a layer: ``format`` None is the dense layer."""
+
+    format: str | None
+    rank: int | tuple[int, ...] | None
+    params: int
+    loss: float
+
+
+def find_module_targets(model: nn.Module, config: ModuleCompressConfig) -> dict[str, nn.Module]:
+    """Qualified name -> layer for every Conv2d (groups=1, >= min_in_channels inputs) / Linear / Embedding
+    of the chosen kinds, in module order, filtered by ``include`` / ``exclude``."""
+    kinds = tuple(KINDS[k] for k in config.kinds)
+    targets = {}
+    for name, module in model.named_modules():
+        if type(module) not in kinds:
+            continue
+        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.in_channels < config.min_in_channels):
+            continue
+        if config.include and not re.search(config.include, name):
+            continue
+        if config.exclude and re.search(config.exclude, name):
+            continue
+        targets[name] = module
+    if not targets:
+        raise ValueError(f"no target layer of kinds {', '.join(config.kinds)} in this {type(model).__name__} "
+                         f"(include={config.include!r}, exclude={config.exclude!r})")
+    return targets
+
+
+def _pareto(options: list[Option]) -> list[Option]:
+    """The options no cheaper option beats, thinned to at most ``_MAX_OPTIONS`` spread over the parameters."""
+    front, best = [], math.inf
+    for opt in sorted(options, key=lambda o: (o.params, o.loss)):
+        if opt.loss < best:
+            front.append(opt)
+            best = opt.loss
+    if len(front) > _MAX_OPTIONS:
+        step = len(front) / _MAX_OPTIONS
+        front = [front[int(i * step)] for i in range(_MAX_OPTIONS)] + [front[-1]]
+    return front
+
+
+class _Metric:
+    """The loss metric of one layer: output weights ``rows`` (D), input factor ``whitening`` (L), scale s."""
+
+    def __init__(self, stats: ModuleStats | None, config: ModuleCompressConfig, n_out: int):
+        self.rows, self.scale, self.whitening = None, 1.0, None
+        if stats is None:
+            return
+        if config.fisher and stats.grad_sq is not None:
+            g = stats.grad_sq.double()
+            g = g.clamp_min(max(float(g.mean()), 1e-300) * 1e-4)
+            self.scale = float(g.mean())
+            self.rows = torch.sqrt(g / self.scale)
+        if stats.gram is not None:
+            self.whitening = whitening_factor(stats.gram, damping=config.damping)
+
+
+def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleCompressConfig):
+    W = conv.weight.detach().double()
+    out, cin, kh, kw = W.shape
+    bias = 0 if conv.bias is None else out
+    dense = W.numel() + bias
+    metric = _Metric(stats, config, out)
+    options, fits = [Option(None, None, dense, 0.0)], {}
+    if "svd" in config.formats:
+        f = whitened_svd(W.reshape(out, -1), whitening=metric.whitening, rows=metric.rows)
+        fits["svd"] = f
+        tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
+        rmax = min(out, cin * kh * kw)
+        svd_opts = [Option("svd", r, r * (cin * kh * kw + out) + bias,
+                           metric.scale * (float(tail[r]) if r < len(tail) else 0.0)) for r in range(1, rmax + 1)]
+        options += _pareto([o for o in svd_opts if o.params < dense])
+    if "tucker" in config.formats or "cp" in config.formats:
+        L_in = None
+        if metric.whitening is not None:
+            gram = stats.gram.reshape(cin, kh * kw, cin, kh * kw)
+            # the mean of the per-offset channel covariances: ||(W - W') x_1 L_in^T||^2 is then the patch metric
+            # with the cross-offset correlations dropped (exact for 1x1 kernels), in the same units as the SVD's
+            L_in = whitening_factor(torch.einsum("akbk->ab", gram) / (kh * kw), damping=config.damping)
+        Wp = W if L_in is None else torch.einsum("oihw,ij->ojhw", W, L_in)
+        Wp = Wp if metric.rows is None else Wp * metric.rows[:, None, None, None]
+        fits["weighted"], fits["L_in"] = Wp, L_in
+        energy = float(Wp.norm()) ** 2
+    if "tucker" in config.formats:
+        full = tucker_hosvd(Wp, (min(out, cin * kh * kw), min(cin, out * kh * kw)), modes=(0, 1))
+        kept = torch.cumsum(torch.cumsum((full.core.double() ** 2).sum((2, 3)), 0), 1)
+        r0s, r1s = torch.meshgrid(torch.arange(1, kept.shape[0] + 1), torch.arange(1, kept.shape[1] + 1), indexing="ij")
+        params = out * r0s + r0s * r1s * kh * kw + r1s * cin + bias
+        loss = metric.scale * (energy - kept).clamp_min(0)
+        cand = [Option("tucker", (int(a), int(b)), int(p), float(v))
+                for a, b, p, v in zip(r0s.flatten(), r1s.flatten(), params.flatten(), loss.flatten()) if p < dense]
+        options += _pareto(cand)
+    if "cp" in config.formats:
+        cp_opts = []
+        for frac in config.cp_fractions:
+            rank = max(1, int(frac * W.numel() // (out + cin + kh + kw)))
+            cp = cp_als(Wp, rank, n_iter_max=config.cp_iters, seed=config.seed)
+            fits[("cp", rank)] = cp
+            cp_opts.append(Option("cp", rank, rank * (out + cin + kh + kw) + bias, metric.scale * energy * cp.errors[-1] ** 2))
+        options += _pareto([o for o in cp_opts if o.params < dense])
+    return options, fits, metric
+
+
+def _build_conv(conv: nn.Conv2d, opt: Option, fits: dict, metric: _Metric, config: ModuleCompressConfig) -> nn.Module:
+    if opt.format == "svd":
+        return SVDConv2d.from_factors(conv, [fits["svd"].truncate(opt.rank)])
+    Wp, L_in = fits["weighted"], fits["L_in"]
+
+    def unweight(out_factor: torch.Tensor, in_factor: torch.Tensor):
+        out_f = out_factor if metric.rows is None else out_factor / metric.rows[:, None]
+        in_f = in_factor if L_in is None else torch.linalg.solve_triangular(L_in.T, in_factor, upper=True) \
+            if bool(torch.equal(L_in, torch.tril(L_in))) else torch.linalg.solve(L_in.T, in_factor)
+        return out_f, in_f
+
+    if opt.format == "tucker":
+        t = tucker_hooi(Wp, opt.rank, modes=(0, 1), n_iter_max=10)
+        u_out, u_in = unweight(*t.factors)
+        return TuckerConv2d.from_factors(conv, Tucker(t.core, (u_out, u_in), (0, 1)))
+    cp = fits[("cp", opt.rank)]
+    a_out, a_in = unweight(cp.factors[0], cp.factors[1])
+    return CPConv2d.from_factors(conv, CP(cp.weights, (a_out, a_in, *cp.factors[2:])))
+
+
+def _matrix_candidates(W: torch.Tensor, bias: int, metric: _Metric, scale_cols=None):
+    m, n = W.shape
+    f = whitened_svd(W, whitening=metric.whitening if scale_cols is None else None, scale=scale_cols, rows=metric.rows)
+    tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
+    opts = [Option("svd", r, r * (m + n) + bias, metric.scale * (float(tail[r]) if r < len(tail) else 0.0))
+            for r in range(1, min(m, n) + 1)]
+    return [Option(None, None, m * n + bias, 0.0)] + _pareto([o for o in opts if o.params < m * n + bias]), f
+
+
+def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=None, *,
+                      stats: dict[str, ModuleStats] | None = None) -> list[dict]:
+    """Factorize ``model``'s target layers in place under ``config.keep`` of their parameters.
+
+    Parameters
+    ----------
+    model : any nn.Module.
+    config : :class:`ModuleCompressConfig`.
+    inputs : calibration inputs, see :func:`rankwise.calibrate_modules.collect_module_stats` (a tensor of
+        examples, or a callable ``run(model, i)``); None only with ``method="svd"`` or with ``stats``.
+    stats : statistics from :func:`rankwise.calibrate_modules.collect_module_stats` on this same dense model
+        (with ``fisher`` as in ``config``), to compress at several budgets while calibrating once.
+
+    Returns
+    -------
+    One dict per target: name, kind, format (None: left dense), rank, params_before, params_after,
+    predicted_loss (in the units of the module docstring).
+    """
+    if not isinstance(config, ModuleCompressConfig):
+        raise ValueError(f"config must be a rankwise.compress_modules.ModuleCompressConfig, got {type(config).__name__}")
+    targets = find_module_targets(model, config)
+    if stats is not None and config.method == "whiten":
+        missing = [n for n in targets if n not in stats]
+        if missing:
+            raise ValueError(f"stats has no statistics for target {missing[0]!r}; collect them on this model's targets")
+        stats = {n: stats[n] for n in targets}
+    elif config.method == "svd":
+        stats = dict.fromkeys(targets)
+    else:
+        if inputs is None:
+            raise ValueError("inputs are required for method='whiten'; accepted: a tensor of examples, a callable "
+                             "run(model, i), or method='svd' (data-free)")
+        stats = collect_module_stats(model, targets, inputs, fisher=config.fisher, batch_size=config.batch_size,
+                                     batches=config.batches, seed=config.seed)
+    all_options, builders = [], []
+    for name, layer in targets.items():
+        st = stats[name]
+        with torch.no_grad():
+            if isinstance(layer, nn.Conv2d):
+                opts, fits, metric = _conv_candidates(layer, st, config)
+                builders.append(lambda o, layer=layer, fits=fits, metric=metric: _build_conv(layer, o, fits, metric, config))
+            elif isinstance(layer, nn.Linear):
+                metric = _Metric(st, config, layer.out_features)
+                opts, f = _matrix_candidates(layer.weight.detach().double(), 0 if layer.bias is None else layer.out_features,
+                                             metric)
+                builders.append(lambda o, layer=layer, f=f: LowRankLinear.from_factors(
+                    f.truncate(o.rank), layer.bias, dtype=layer.weight.dtype))
+            else:
+                metric = _Metric(None, config, layer.embedding_dim)
+                cols = None
+                if st is not None:
+                    counts = st.counts.clamp_min(max(float(st.counts.max()), 1e-300) * 1e-4)
+                    metric.rows = counts.sqrt()
+                    if config.fisher and st.grad_sq is not None:
+                        g = st.grad_sq.double().clamp_min(max(float(st.grad_sq.mean()), 1e-300) * 1e-4)
+                        cols, metric.scale = torch.sqrt(g / g.mean()), float(g.mean())
+                opts, f = _matrix_candidates(layer.weight.detach().double(), 0, metric, cols)
+                builders.append(lambda o, layer=layer, f=f: LowRankEmbedding.from_factors(layer, f.truncate(o.rank)))
+        all_options.append(opts)
+    budget = config.keep * sum(opts[0].params for opts in all_options)
+    chosen = allocate_options([[(o.params, o.loss) for o in opts] for opts in all_options], budget)
+    report = []
+    for (name, layer), opts, build, i in zip(targets.items(), all_options, builders, chosen):
+        opt = opts[i]
+        if opt.format is not None:
+            with torch.no_grad():
+                new = build(opt).to(next(layer.parameters()).device)
+            replace_module(model, name, new)
+            params = sum(p.numel() for p in new.parameters())
+        else:
+            params = opt.params
+        kind = next(k for k, cls in KINDS.items() if type(layer) is cls)
+        report.append({"name": name, "kind": kind, "format": opt.format, "rank": opt.rank,
+                       "params_before": opts[0].params, "params_after": params, "predicted_loss": opt.loss})
+    return report

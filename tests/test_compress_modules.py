@@ -1,0 +1,143 @@
+"""compress_modules_ on a small CNN: predicted losses are exact where the metric is, one budget, clear errors."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from rankwise.allocate import allocate_options
+from rankwise.compress_modules import (
+    ModuleCompressConfig,
+    compress_modules_,
+    find_module_targets,
+)
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(True), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(True), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 1), nn.ReLU(True), nn.Conv2d(16, 24, 3, stride=2, padding_mode="reflect", padding=1),
+        nn.Flatten(), nn.Linear(24 * 4 * 4, 10)).double()
+
+
+IMAGES = torch.randn(48, 1, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _layer_inputs(model, names):
+    seen = {}
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.__setitem__(n, a[0].detach())) for n in names]
+    with torch.no_grad():
+        model(IMAGES)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("fmt", ["svd", "tucker"])
+def test_predicted_loss_is_the_output_error_on_the_calibration_inputs(fmt):
+    # without Fisher weights the metric is the per-example squared output error of each layer on its own inputs:
+    # exact for the SVD of the reshaped kernel (full patch whitening) and for Tucker-2 of a 1x1 kernel
+    dense = _cnn()
+    model = copy.deepcopy(dense)
+    include = r"^5$" if fmt == "tucker" else None  # Tucker's prediction is exact for the 1x1 conv only
+    config = ModuleCompressConfig(keep=0.5, format=fmt, fisher=False, damping=0.0, kinds=("conv2d",), include=include)
+    report = compress_modules_(model, config, IMAGES)
+    inputs = _layer_inputs(dense, [r["name"] for r in report])
+    checked = 0
+    for r in report:
+        if r["format"] is None or (fmt == "tucker" and dense.get_submodule(r["name"]).kernel_size != (1, 1)):
+            continue
+        x = inputs[r["name"]]
+        with torch.no_grad():
+            measured = float((model.get_submodule(r["name"])(x) - dense.get_submodule(r["name"])(x)).norm() ** 2)
+        if fmt == "svd":
+            assert measured / len(x) == pytest.approx(r["predicted_loss"], rel=1e-7)
+        else:  # the prediction is the truncated HOSVD's; the layer is its HOOI refinement, never worse
+            assert measured / len(x) <= r["predicted_loss"] * (1 + 1e-9)
+            assert measured / len(x) >= 0.5 * r["predicted_loss"]
+        checked += 1
+    assert checked >= 1
+
+
+@pytest.mark.parametrize("fmt", ["auto", "svd", "tucker", "cp"])
+@pytest.mark.parametrize("keep", [0.3, 0.6])
+def test_one_budget_over_all_targets(fmt, keep):
+    model = _cnn()
+    config = ModuleCompressConfig(keep=keep, format=fmt, kinds=("conv2d", "linear"), cp_iters=5)
+    report = compress_modules_(model, config, IMAGES)
+    assert [r["name"] for r in report] == ["2", "5", "7", "9"]  # the 1-channel first conv stays out
+    before = sum(r["params_before"] for r in report)
+    assert sum(r["params_after"] for r in report) <= keep * before
+    for r in report:
+        layer = model.get_submodule(r["name"])
+        assert r["params_after"] == sum(p.numel() for p in layer.parameters())
+        if r["format"] is not None and r["kind"] == "conv2d":
+            allowed = {"svd", "tucker"} if fmt == "auto" else {fmt}
+            assert r["format"] in allowed and type(layer).__name__.lower().startswith(r["format"])
+    assert torch.isfinite(model(IMAGES)).all()
+
+
+def test_keep_one_leaves_the_model_dense_and_data_free_needs_no_inputs():
+    model = _cnn()
+    report = compress_modules_(model, ModuleCompressConfig(keep=1.0, kinds=("conv2d", "linear")), IMAGES)
+    assert all(r["format"] is None for r in report)
+    assert all(type(m) in (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten) for m in model)
+    report = compress_modules_(model, ModuleCompressConfig(keep=0.5, method="svd", format="svd"))
+    assert sum(r["params_after"] for r in report) <= 0.5 * sum(r["params_before"] for r in report)
+
+
+def test_embedding_targets_weight_rows_by_token_counts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 8)).double()
+    # every token appears, frequent ones far more often (Zipf-like): rows are weighted by their counts
+    ids = torch.cat([torch.arange(50), torch.randint(0, 5, (250,), generator=torch.Generator().manual_seed(3))])
+    ids = ids.reshape(30, 10)
+    dense = copy.deepcopy(model)
+    report = compress_modules_(model, ModuleCompressConfig(keep=0.5, kinds=("embedding",), fisher=False), ids)
+    assert report[0]["format"] == "svd" and report[0]["rank"] == 6  # 6 * (50 + 16) <= 400 < 7 * 66
+    counts = torch.bincount(ids.reshape(-1), minlength=50).double() / 30  # per example, as the metric counts
+    row_err = ((model[0].dense_weight() - dense[0].weight.detach()) ** 2).sum(1)
+    assert float((counts * row_err).sum()) == pytest.approx(report[0]["predicted_loss"], rel=1e-9)
+    from rankwise.layers.embedding import LowRankEmbedding
+
+    plain = ((LowRankEmbedding.from_dense(dense[0], 6).dense_weight() - dense[0].weight.detach()) ** 2).sum(1)
+    assert float((counts * row_err).sum()) < float((counts * plain).sum())
+
+
+def test_bad_inputs_name_the_failing_layer_and_the_accepted_values():
+    model = _cnn()
+    with pytest.raises(ValueError, match=r"^calibration batch 0 could not run through the model: layer '0' \(Conv2d\) "
+                                         r"failed: .*expected input\[32, 3, 16, 16\] to have 1 channels"):
+        compress_modules_(model, ModuleCompressConfig(), torch.randn(48, 3, 16, 16, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"^inputs are required for method='whiten'"):
+        compress_modules_(model, ModuleCompressConfig())
+    with pytest.raises(ValueError, match=r"^format must be one of auto, svd, tucker, cp, got 'tt'$"):
+        ModuleCompressConfig(format="tt")
+    with pytest.raises(ValueError, match=r"^no target layer of kinds embedding in this Sequential"):
+        find_module_targets(model, ModuleCompressConfig(kinds=("embedding",)))
+    assert isinstance(model[2], nn.Conv2d) and model[1].inplace  # nothing replaced, in-place ReLUs restored
+
+
+def test_allocate_options_matches_brute_force_and_rejects_too_small_budgets():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        options = []
+        for _ in range(4):
+            params = sorted(torch.randint(1, 50, (4,), generator=g).tolist())
+            losses = sorted(torch.rand(4, generator=g).tolist(), reverse=True)
+            options.append(list(zip(params, losses)))
+        budget = float(torch.randint(10, 150, (1,), generator=g))
+        if sum(o[0][0] for o in options) > budget:
+            continue
+        idx = allocate_options(options, budget)
+        assert sum(o[i][0] for o, i in zip(options, idx)) <= budget
+        best = min(sum(o[i][1] for o, i in zip(options, c)) for c in itertools.product(range(4), repeat=4)
+                   if sum(o[i][0] for o, i in zip(options, c)) <= budget)
+        got = sum(o[i][1] for o, i in zip(options, idx))
+        assert got <= best + max(o[0][1] - o[-1][1] for o in options)  # within one layer's range of the optimum
+    with pytest.raises(ValueError, match=r"^the budget of 5 parameters is below the 8 that the smallest"):
+        allocate_options([[(4, 1.0), (9, 0.0)], [(4, 1.0)]], 5)
