@@ -71,6 +71,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_calibration_options(p)
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})")
+    p.add_argument("--heal-steps", type=int, metavar="N", help="then heal: N steps of distillation towards MODEL on "
+                   "the calibration text (see `rankwise heal`) before --out is written (default: no healing)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
     p.set_defaults(func=run_compress)
@@ -119,7 +121,12 @@ def run_compress(args) -> int:
     from ..streamed import compress_checkpoint, resolve_device, run_dir
 
     resolve_device(args.device)
+    _positive(args.heal_steps, "--heal-steps")
+    if args.heal_steps is not None and args.resume:
+        raise ValueError("--resume cannot be combined with --heal-steps (the unhealed model is not kept)")
     config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential"))
+    if args.heal_steps is not None:
+        return compress_and_heal(args, config, hf_dir, calib)
     try:
         report = compress_checkpoint(hf_dir, args.out, config, calib, device=args.device, resume=args.resume, force=args.force)
     except KeyboardInterrupt:
@@ -130,6 +137,32 @@ def run_compress(args) -> int:
     print(report.summary())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"saved {out} ({size / 2**20:.1f} MiB of weights); reload with rankwise.load({str(out)!r})")
+    return 0
+
+
+def compress_and_heal(args, config, hf_dir: Path, calib) -> int:
+    """``compress --heal-steps N``: compress into a temporary directory next to --out, heal it into --out on the
+    calibration text, remove the temporary directory (also on error or interrupt)."""
+    import shutil
+    import tempfile
+
+    from ..heal import HealConfig
+    from ..heal_checkpoint import heal_checkpoint
+    from ..streamed import compress_checkpoint
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.unhealed-", dir=out.parent))
+    try:
+        report = compress_checkpoint(hf_dir, scratch / "compressed", config, calib, device=args.device)
+        print(report.summary())
+        text = _read_text(args.calib, "--calib") if args.calib else None
+        healed = heal_checkpoint(scratch / "compressed", out, HealConfig(steps=args.heal_steps, seed=config.seed),
+                                 ref=hf_dir, text=text, seq_len=config.seq_len, force=args.force)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print(healed.summary())
+    print(f"saved {out}; reload with rankwise.load({str(out)!r})")
     return 0
 
 

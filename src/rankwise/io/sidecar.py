@@ -208,3 +208,24 @@ def write_model_card(
     card = out / CARD_NAME
     card.write_text("\n".join(lines), encoding="utf-8")
     return card
+
+
+def card_base_model(model_dir: str | os.PathLike) -> str | None:
+    """The ``base_model`` a rankwise model card (:func:`write_model_card`) names, or ``None`` when the
+    directory has no card or its front matter names none."""
+    try:
+        lines = (Path(model_dir) / CARD_NAME).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or lines[0] != "---":
+        return None
+    for line in lines[1:]:
+        if line == "---":
+            return None
+        if line.startswith("base_model: "):
+            try:
+                value = json.loads(line.removeprefix("base_model: "))
+            except json.JSONDecodeError:
+                return None
+            return value if isinstance(value, str) and value else None
+    return None

@@ -1,0 +1,102 @@
+"""Healing benchmark: SmolLM2-135M compressed at several keeps, then distilled towards the dense model.
+
+Prints, for every keep: perplexity dense / compressed / healed on held-out text, the fraction of the
+compressed model's perplexity gap to dense that healing closes, KL(dense || model) and next-token top-1
+agreement with the dense model before and after, and the heal's wall time. Compression uses the same
+calibration as ``benchmarks/llm.py`` (default 8 x 512 tokens of ``builtin_text("calib")``, CompressConfig
+defaults); healing reads ``builtin_text("calib")`` too; evaluation reads the disjoint ``builtin_text("eval")``.
+
+    python benchmarks/heal.py --keeps 0.8 0.6 0.4 --tokens 61440 --seq-len 512
+    python benchmarks/heal.py --keeps 0.6 --steps 24 --lr 1e-4 3e-4 1e-3     # a short learning-rate sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import rankwise
+from rankwise.calibrate import collect_stats
+from rankwise.compress import CompressConfig, compress_
+from rankwise.data import builtin_text, token_sequences
+from rankwise.eval import next_token_agreement
+from rankwise.heal import HealConfig, heal_
+from rankwise.io.models import load_model
+from rankwise.targets import find_targets
+
+
+def compressed_models(args, tokenizer, load_dense) -> dict[float, Path]:
+    """``{keep: rankwise directory}``, compressed once and kept under ``--work`` for later runs."""
+    work = Path(args.work)
+    todo = [k for k in args.keeps if not (work / f"keep{k}" / "config.json").is_file()]
+    if todo:
+        dense = load_dense()
+        calib = token_sequences(tokenizer, builtin_text("calib"), 512, args.calib_seqs)
+        t0 = time.perf_counter()
+        stats = collect_stats(dense, find_targets(dense), calib, fisher_seqs=args.calib_seqs, progress=False)
+        print(f"calibration statistics on {calib.shape[0]} x {calib.shape[1]} tokens: {time.perf_counter() - t0:.1f} s")
+        for keep in todo:
+            model = load_dense()
+            t0 = time.perf_counter()
+            config = CompressConfig(keep=keep, calib_seqs=calib.shape[0], seq_len=512)
+            compress_(model, config, calib, stats=stats, progress=False)
+            print(f"compressed at keep {keep}: {time.perf_counter() - t0:.1f} s")
+            rankwise.save(model, work / f"keep{keep}", force=True)
+    return {k: work / f"keep{k}" for k in args.keeps}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.4])
+    p.add_argument("--calib-seqs", type=int, default=8, help="compression calibration sequences of 512 tokens")
+    p.add_argument("--tokens", type=int, default=61440, help="healing tokens (distinct), cut into --seq-len sequences")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, help="optimizer steps (default: one pass over the healing tokens)")
+    p.add_argument("--lr", type=float, nargs="+", default=[HealConfig.lr])
+    p.add_argument("--train-norms", action="store_true")
+    p.add_argument("--orthogonal", type=int, nargs="+", default=[0], help="0 free factors, 1 orthonormal (both: 0 1)")
+    p.add_argument("--top-k", type=int, nargs="+", default=[0], help="0 = full-vocabulary KL, k = cached top-k")
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", default="/tmp/rankwise-heal-bench", help="where the compressed models are kept")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dense, tokenizer, _ = load_model("smollm2", progress=False)
+    dense.float()
+    paths = compressed_models(args, tokenizer, lambda: load_model("smollm2", progress=False)[0].float())
+    heal_ids = token_sequences(tokenizer, builtin_text("calib"), args.seq_len, args.tokens // args.seq_len,
+                               what="healing")
+    eval_ids = token_sequences(tokenizer, builtin_text("eval"), 512, args.eval_tokens // 512, what="evaluation")
+    print(f"healing text {heal_ids.shape[0]} x {heal_ids.shape[1]} tokens (calib split); evaluation "
+          f"{eval_ids.shape[0]} x {eval_ids.shape[1]} tokens (eval split); torch threads {args.threads}")
+    head = (f"{'keep':>4} {'lr':>7} {'orth':>4} {'top-k':>5} {'norms':>5} {'steps':>5} {'ppl dense':>9} "
+            f"{'ppl comp':>9} {'ppl healed':>10} {'gap closed':>10} {'KL comp':>8} {'KL healed':>9} {'top1 comp':>9} "
+            f"{'top1 heal':>9} {'heal s':>7}")
+    rows = []
+    for keep, path in paths.items():
+        before = next_token_agreement(rankwise.load(path), dense, eval_ids, progress=False)
+        for lr in args.lr:
+            for orth in args.orthogonal:
+                for k in args.top_k:
+                    model = rankwise.load(path)
+                    config = HealConfig(steps=args.steps, batch_size=args.batch, lr=lr, train_norms=args.train_norms,
+                                        orthogonal=bool(orth), top_k=k, checkpointing=args.checkpointing)
+                    report = heal_(model, dense, heal_ids, config, progress=False)
+                    after = next_token_agreement(model, dense, eval_ids, progress=False)
+                    closed = (before.perplexity - after.perplexity) / (before.perplexity - before.ref_perplexity)
+                    rows.append(f"{keep:>4} {lr:>7.0e} {orth:>4} {k:>5} {int(args.train_norms):>5} "
+                                f"{len(report.losses):>5} {before.ref_perplexity:>9.3f} {before.perplexity:>9.3f} "
+                                f"{after.perplexity:>10.3f} {closed:>10.3f} {before.kl:>8.4f} {after.kl:>9.4f} "
+                                f"{before.top1:>9.4f} {after.top1:>9.4f} {report.seconds:>7.1f}")
+                    print(rows[-1], flush=True)
+    print(head)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

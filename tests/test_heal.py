@@ -1,0 +1,248 @@
+"""Healing: the distillation loss falls, runs are bit-identical, orthonormal factors stay orthonormal, the
+healed directory reloads with identical logits, and bad input is refused with one line and no output."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import rankwise
+from rankwise.cli import main
+from rankwise.eval import next_token_agreement
+from rankwise.heal import HealConfig, heal_, kl_full, kl_top_k, lr_factor, teacher_top_k
+from rankwise.heal_checkpoint import heal_checkpoint
+from rankwise.heal_orthogonal import OrthonormalLowRank, orthonormal_factors
+from rankwise.layers import LowRankLinear
+
+from _tiny_models import factorize_some, save_model_dir, tiny_llama, token_ids, tree_digest
+from test_cli_compress import FAST, no_output, run_bad
+
+HEAL = ["--seq-len", "32", "--tokens", "256"]  # 8 healing sequences of 32 tokens, one step each
+
+
+def teacher_and_student(rank: int = 4):
+    """A tiny Llama with peaked next-token distributions (init std 0.2) and a copy whose block linears are
+    truncated to ``rank``."""
+    teacher = tiny_llama(initializer_range=0.2)
+    names = {n: rank for n, m in teacher.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    return teacher, factorize_some(copy.deepcopy(teacher), names)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_model_dir(tiny_llama(), tmp_path_factory.mktemp("m") / "llama")
+
+
+@pytest.fixture(scope="module")
+def compressed(llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "c"
+    assert main(["compress", str(llama_dir), "--keep", "0.6", "--out", str(out), *FAST]) == 0
+    return out
+
+
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_loss_falls_and_held_out_kl_drops(orthogonal):
+    teacher, student = teacher_and_student()
+    held_out = token_ids(4, 32, seed=5)
+    before = next_token_agreement(student, teacher, held_out, progress=False).kl
+    config = HealConfig(steps=30, batch_size=2, lr=1e-2, orthogonal=orthogonal)
+    report = heal_(student, teacher, token_ids(16, 32), config, progress=False)
+    after = next_token_agreement(student, teacher, held_out, progress=False).kl
+    assert len(report.losses) == 30 and report.tokens == 30 * 2 * 32
+    first, last = sum(report.losses[:5]) / 5, sum(report.losses[-5:]) / 5
+    assert last < 0.85 * first  # measured 0.76 (free) and 0.81 (orthonormal)
+    assert after < 0.99 * before  # measured 0.935 and 0.985 on random held-out tokens
+    assert not student.training and all(not p.requires_grad for p in student.parameters())
+    assert all(isinstance(m, LowRankLinear) for n, m in student.named_modules() if n.endswith("_proj"))
+
+
+@pytest.mark.parametrize("config", [HealConfig(steps=6, batch_size=2, lr=1e-2),
+                                    HealConfig(steps=6, lr=1e-2, orthogonal=True),
+                                    HealConfig(steps=6, lr=1e-2, train_norms=True, top_k=16)])
+def test_two_runs_are_bitwise_equal(config):
+    teacher, student = teacher_and_student()
+    ids = token_ids(5, 32)
+    states = []
+    for _ in range(2):
+        s = copy.deepcopy(student)
+        heal_(s, teacher, ids, config, progress=False)
+        states.append(s.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    changed = [k for k in states[0] if not torch.equal(states[0][k], student.state_dict()[k])]
+    assert changed and all((".up." in k or ".down." in k or "norm" in k) for k in changed)
+    assert any("norm" in k for k in changed) == config.train_norms
+
+
+def test_orthonormal_factors_keep_the_layer_and_stay_orthonormal():
+    torch.manual_seed(0)
+    layer = LowRankLinear.from_dense(torch.nn.Linear(24, 16), 6)
+    x = torch.randn(5, 24)
+    wrapper = OrthonormalLowRank(layer)
+    torch.testing.assert_close(wrapper(x), layer(x), atol=1e-6, rtol=0)
+    opt = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    for _ in range(5):
+        opt.zero_grad()
+        (wrapper(x) ** 2).sum().backward()
+        opt.step()
+    eye = torch.eye(6)
+    torch.testing.assert_close(wrapper.u.weight.T @ wrapper.u.weight, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(wrapper.vh.weight @ wrapper.vh.weight.T, eye, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        y = wrapper(x)
+        wrapper.fold_into(layer)
+        torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=0)
+
+
+def test_orthonormal_context_restores_the_layers_after_an_error():
+    _, student = teacher_and_student()
+    ids = token_ids(2, 16)
+    with torch.no_grad():
+        expected = student(input_ids=ids).logits
+        with pytest.raises(RuntimeError, match="stop"):
+            with orthonormal_factors(student):
+                torch.testing.assert_close(student(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+                raise RuntimeError("stop")
+        assert torch.equal(student(input_ids=ids).logits, expected)
+
+
+def test_top_k_kl_is_a_lower_bound_and_exact_on_the_whole_vocabulary():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 7, 50), torch.randn(3, 7, 50) * 3
+    logp = F.log_softmax(teacher, dim=-1)
+    full = float(kl_full(student, teacher))
+    by_hand = float((logp.exp() * (logp - F.log_softmax(student, dim=-1))).sum(-1).mean())
+    assert full == pytest.approx(by_hand, rel=1e-6)
+    v, i = logp.topk(50, dim=-1)
+    assert float(kl_top_k(student, v, i)) == pytest.approx(full, rel=1e-5)
+    bounds = [float(kl_top_k(student, *logp.topk(k, dim=-1))) for k in (1, 5, 20)]
+    assert all(b < full for b in bounds) and bounds == sorted(bounds)
+
+
+def test_teacher_top_k_matches_the_full_log_softmax():
+    teacher, _ = teacher_and_student()
+    ids = token_ids(2, 16)
+    v, i = teacher_top_k(teacher, ids, 8, progress=False)
+    with torch.no_grad():
+        ref = F.log_softmax(teacher(input_ids=ids).logits, dim=-1).topk(8, dim=-1)
+    assert torch.equal(i, ref.indices) and torch.allclose(v, ref.values, atol=1e-6, rtol=0)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(s, 10, 0.2) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
+    assert all(a > b for a, b in zip(factors[2:], factors[3:]))
+    assert lr_factor(10, 10, 0.2) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cli_heal_matches_the_api_and_round_trips(compressed, llama_dir, tmp_path, capsys):
+    digest = tree_digest(compressed)
+    assert main(["heal", str(compressed), "--out", str(tmp_path / "h"), *HEAL, "--lr", "1e-2"]) == 0
+    out = capsys.readouterr().out
+    assert "healed 8 steps on 256 tokens" in out and f"saved {tmp_path / 'h'}" in out
+    assert tree_digest(compressed) == digest
+    healed = rankwise.load(tmp_path / "h")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "h").eval()
+    ids = token_ids(2, 20)
+    with torch.no_grad():
+        logits = healed(input_ids=ids).logits
+        assert torch.equal(stock(input_ids=ids).logits, logits)
+        assert not torch.equal(rankwise.load(compressed)(input_ids=ids).logits, logits)
+    # the same heal through the API, in memory: the saved weights are exactly the trained ones
+    from rankwise.data import builtin_text, token_sequences
+    from rankwise.io.models import load_model
+
+    student = rankwise.load(compressed)
+    teacher, tokenizer, _ = load_model(llama_dir)
+    ids8 = token_sequences(tokenizer, builtin_text("calib"), 32, 8)
+    heal_(student, teacher, ids8, HealConfig(lr=1e-2), progress=False)
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=ids).logits, logits)
+    names = sorted(p.name for p in (tmp_path / "h").iterdir())
+    assert {"rankwise_heal.json", "rankwise_report.json", "README.md", "tokenizer.json"} <= set(names)
+    assert (tmp_path / "h" / "rankwise_report.json").read_bytes() == (compressed / "rankwise_report.json").read_bytes()
+
+
+def test_compress_with_heal_steps(llama_dir, tmp_path, capsys):
+    args = ["compress", str(llama_dir), "--keep", "0.6", *FAST]
+    assert main([*args, "--out", str(tmp_path / "c"), "--heal-steps", "3"]) == 0
+    assert "healed 3 steps on 96 tokens" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the unhealed scratch directory is gone
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    heal_checkpoint(tmp_path / "plain", tmp_path / "api", HealConfig(steps=3), ref=llama_dir, seq_len=32,
+                    progress=False)
+    ids = token_ids(2, 20)
+    with torch.no_grad():
+        healed, api = (rankwise.load(tmp_path / name)(input_ids=ids).logits for name in ("c", "api"))
+        assert torch.equal(healed, api)
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(compressed, llama_dir, tmp_path, capsys):
+    out = ["--out", str(tmp_path / "c")]
+    run_bad(["heal", str(llama_dir), *out], capsys,
+            r"^rankwise heal: error: '.*llama' is not a rankwise directory: config.json has no "
+            r"quantization_config with quant_method 'rankwise'$")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_bad(["heal", str(empty), *out], capsys,
+            r"^rankwise heal: error: '.*empty' is not a rankwise directory: it has no config.json$")
+    run_bad(["heal", str(tmp_path / "nothing"), *out], capsys,
+            r"^rankwise heal: error: rankwise directory '.*nothing' not found$")
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to fill one sequence.")
+    run_bad(["heal", str(compressed), *out, "--text", str(short)], capsys,
+            r"^rankwise heal: error: healing text too short: need 512 tokens \(1 x 512\), got 7$")
+    run_bad(["heal", str(compressed), *out, "--seq-len", "32", "--tokens", "16"], capsys,
+            r"^rankwise heal: error: --tokens must be at least --seq-len \(32\), got 16$")
+    run_bad(["heal", str(compressed), *out, "--lr", "0"], capsys,
+            r"^rankwise heal: error: lr must be a number in \(0, 1\], got 0.0$")
+    run_bad(["heal", str(compressed), *out, "--top-k", "-1"], capsys,
+            r"^rankwise heal: error: top_k must be an int >= 0, got -1$")
+    no_card = tmp_path / "no_card"
+    shutil.copytree(compressed, no_card)
+    (no_card / "README.md").unlink()
+    run_bad(["heal", str(no_card), *out], capsys,
+            r"^rankwise heal: error: '.*no_card' names no base model \(no base_model in its README.md model card\): "
+            r"pass --ref MODEL, the dense model it was compressed from$")
+    run_bad(["compress", str(llama_dir), *out, "--heal-steps", "0"], capsys,
+            r"^rankwise compress: error: --heal-steps must be an int >= 1, got 0$")
+    assert no_output(tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "mine.txt").write_text("keep me")
+    run_bad(["heal", str(compressed), *out], capsys,
+            r"^rankwise heal: error: output directory '.*c' already exists; pass --force \(force=True\) to "
+            r"overwrite it$")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["mine.txt"]
+
+
+def test_interrupted_heal_leaves_no_output(compressed, tmp_path, capsys, monkeypatch):
+    digest = tree_digest(compressed)
+    real, calls = torch.optim.AdamW.step, []
+
+    def step_then_interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
+    run_bad(["heal", str(compressed), "--out", str(tmp_path / "c"), *HEAL], capsys,
+            r"^rankwise heal: interrupted; no output was written$", after_loading=True)
+    assert len(calls) == 3 and no_output(tmp_path)
+    assert tree_digest(compressed) == digest
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"^steps must be an int >= 1 or None, got 0$"):
+        HealConfig(steps=0)
+    with pytest.raises(ValueError, match=r"^warmup must be a number in \[0, 1\], got 1.5$"):
+        HealConfig(warmup=1.5)
+    with pytest.raises(ValueError, match=r"^max_grad_norm must be a number > 0, got 0$"):
+        HealConfig(max_grad_norm=0)
+    teacher, student = teacher_and_student()
+    with pytest.raises(ValueError, match=r"^healing needs at least batch_size=4 sequences, got 3$"):
+        heal_(student, teacher, token_ids(3, 8), HealConfig(batch_size=4), progress=False)
