@@ -78,6 +78,17 @@ def test_two_runs_are_bitwise_equal(config):
     assert any("norm" in k for k in changed) == config.train_norms
 
 
+def test_gradient_checkpointing_gives_the_same_factors():
+    teacher, student = teacher_and_student()
+    ids = token_ids(4, 32)
+    states = []
+    for checkpointing in (False, True):
+        s = copy.deepcopy(student)
+        heal_(s, teacher, ids, HealConfig(steps=4, lr=1e-2, checkpointing=checkpointing), progress=False)
+        states.append(s.state_dict())
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6, rtol=0) for k in states[0])
+
+
 def test_orthonormal_factors_keep_the_layer_and_stay_orthonormal():
     torch.manual_seed(0)
     layer = LowRankLinear.from_dense(torch.nn.Linear(24, 16), 6)

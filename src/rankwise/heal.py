@@ -49,7 +49,9 @@ class HealConfig:
     orthogonal : keep each LowRankLinear's factors orthonormal (singular values free) while training.
     top_k : 0 = KL on the whole vocabulary with the teacher run on the fly; k > 0 = KL on the teacher's k most
         likely tokens plus one bucket for the rest, cached before training.
-    checkpointing : gradient checkpointing of the student's blocks (transformers models that support it).
+    checkpointing : gradient checkpointing of the student's blocks (transformers models that support it): each
+        block's activations are recomputed in the backward pass instead of kept (SmolLM2, 512 tokens: measured
+        +4% step time on a loaded machine).
     """
 
     steps: int | None = None
@@ -61,7 +63,7 @@ class HealConfig:
     train_norms: bool = False
     orthogonal: bool = False
     top_k: int = 0
-    checkpointing: bool = False
+    checkpointing: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -242,14 +244,15 @@ def heal_(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, conf
             report.trained_params = sum(p.numel() for p in params)
             opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, config.warmup))
-            if checkpointing:
-                student.gradient_checkpointing_enable()
+            if checkpointing:  # transformers 5 renamed gradient_checkpointing_enable (deprecated, removed in 6)
+                enable = getattr(student, "activation_checkpointing_enable", None)
+                (enable or student.gradient_checkpointing_enable)()
             student.train()
             order = data_order(ids.shape[0], steps * config.batch_size, config.seed).view(steps, config.batch_size)
             bar = _bar(order, progress, "heal")
             for rows in bar:
                 batch = ids[rows].to(device)
-                logits = student(input_ids=batch).logits
+                logits = student(input_ids=batch, use_cache=False).logits
                 if top is None:
                     with torch.no_grad():
                         target = teacher(input_ids=batch.to(next(teacher.parameters()).device)).logits.to(device)
@@ -267,7 +270,8 @@ def heal_(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, conf
                     bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
     finally:
         if checkpointing:
-            student.gradient_checkpointing_disable()
+            disable = getattr(student, "activation_checkpointing_disable", None)
+            (disable or student.gradient_checkpointing_disable)()
         for p in student.parameters():
             p.requires_grad_(False)
         nn.Module.to(student, dtype).eval()

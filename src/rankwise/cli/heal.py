@@ -10,7 +10,7 @@ def heal_config(args):
     from ..heal import HealConfig
 
     given = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch, "orthogonal": args.orthogonal,
-             "top_k": args.top_k, "seed": args.seed}
+             "top_k": args.top_k, "seed": args.seed, "checkpointing": args.checkpointing}
     return HealConfig(train_norms=args.train_norms, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -35,6 +35,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-norms", action="store_true", help="also train the normalization layers")
     p.add_argument("--orthogonal", action=argparse.BooleanOptionalAction,
                    help=f"keep each factor pair orthonormal, singular values free (default {d.orthogonal})")
+    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
+                   help=f"recompute each block's activations in the backward pass (default {d.checkpointing})")
     p.add_argument("--top-k", type=int, help="KL on the teacher's top-k tokens, cached before training so the "
                    f"teacher is freed (default {d.top_k}: the whole vocabulary, teacher run on the fly)")
     p.add_argument("--seed", type=int, help="seed of the data order (default 0)")
