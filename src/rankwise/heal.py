@@ -267,7 +267,7 @@ def heal_(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, conf
                 report.losses.append(float(loss.detach()))
                 report.tokens += batch.numel()
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
+                    bar.set_postfix(loss=f"{report.losses[-1]:.4g}")
     finally:
         if checkpointing:
             disable = getattr(student, "activation_checkpointing_disable", None)
