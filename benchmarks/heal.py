@@ -8,6 +8,7 @@ defaults); healing reads ``builtin_text("calib")`` too; evaluation reads the dis
 
     python benchmarks/heal.py --keeps 0.8 0.6 0.4 --tokens 61440 --seq-len 512
     python benchmarks/heal.py --keeps 0.6 --steps 24 --lr 1e-4 3e-4 1e-3     # a short learning-rate sweep
+    python benchmarks/heal.py --tiny          # free vs orthonormal factors on tiny random Llamas (seconds)
 """
 
 from __future__ import annotations
@@ -48,6 +49,39 @@ def compressed_models(args, tokenizer, load_dense) -> dict[float, Path]:
     return {k: work / f"keep{k}" for k in args.keeps}
 
 
+def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
+    """Free vs orthonormal factors at the same steps on random tiny Llamas (init std 0.2, so that their
+    next-token distributions are peaked): block linears truncated to rank 4, random token ids; prints the
+    held-out KL to the teacher after healing as a fraction of before, mean over ``seeds`` models."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankwise.layers import LowRankLinear
+    from rankwise.targets import replace_module
+
+    print(f"tiny Llamas (hidden 32, 2 blocks, vocab 2000), rank 4, {steps} steps of 2 x 32 random tokens, "
+          f"held-out KL after / before, mean of {seeds} seeds")
+    for lr in (1e-3, 3e-3, 1e-2):
+        ratios = {False: [], True: []}
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            config = LlamaConfig(vocab_size=2000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+            teacher = LlamaForCausalLM(config).eval()
+            gen = torch.Generator().manual_seed(seed)
+            ids, held_out = (torch.randint(0, 2000, (n, 32), generator=gen) for n in (32, 8))
+            for orth in (False, True):
+                student = LlamaForCausalLM(config).eval()
+                student.load_state_dict(teacher.state_dict())
+                for name, m in list(student.named_modules()):
+                    if isinstance(m, torch.nn.Linear) and ".layers." in name:
+                        replace_module(student, name, LowRankLinear.from_dense(m, 4))
+                before = next_token_agreement(student, teacher, held_out, progress=False).kl
+                config = HealConfig(steps=steps, batch_size=2, lr=lr, orthogonal=orth)
+                heal_(student, teacher, ids, config, progress=False)
+                ratios[orth].append(next_token_agreement(student, teacher, held_out, progress=False).kl / before)
+        print(f"lr {lr:.0e}: free {sum(ratios[False]) / seeds:.3f}  orthonormal {sum(ratios[True]) / seeds:.3f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.4])
@@ -64,8 +98,11 @@ def main(argv=None):
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/rankwise-heal-bench", help="where the compressed models are kept")
+    p.add_argument("--tiny", action="store_true", help="only the free vs orthonormal comparison on tiny Llamas")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.tiny:
+        return tiny_comparison()
     dense, tokenizer, _ = load_model("smollm2", progress=False)
     dense.float()
     paths = compressed_models(args, tokenizer, lambda: load_model("smollm2", progress=False)[0].float())
