@@ -221,6 +221,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(compressed, llama_dir, tmp_pa
             r"pass --ref MODEL, the dense model it was compressed from$")
     run_bad(["compress", str(llama_dir), *out, "--heal-steps", "0"], capsys,
             r"^rankwise compress: error: --heal-steps must be an int >= 1, got 0$")
+    run_bad(["compress", str(llama_dir), *out, "--heal-steps", "2", "--resume"], capsys,
+            r"^rankwise compress: error: --resume cannot be combined with --heal-steps "
+            r"\(the unhealed model is not kept\)$")
     assert no_output(tmp_path)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "mine.txt").write_text("keep me")

@@ -198,7 +198,8 @@ def heal_(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, conf
     Parameters
     ----------
     student : causal LM with factorized layers, returning ``.logits`` (batch, seq_len, vocab). Trained in
-        float32 whatever its dtype, cast back afterwards; left in eval mode.
+        float32 whatever its dtype, cast back afterwards; in train mode while healing (dropout as its config
+        sets it: SmolLM2 and other Llamas have none), left in eval mode.
     teacher : the dense model, same vocabulary; not modified. With ``config.top_k`` it is only read before
         training (:func:`teacher_top_k`), and may be ``None`` when ``cached`` holds what it gives: the
         caller can then free the teacher before the student trains.
