@@ -50,9 +50,10 @@ def compressed_models(args, tokenizer, load_dense) -> dict[float, Path]:
 
 
 def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
-    """Free vs orthonormal factors at the same steps on random tiny Llamas (init std 0.2, so that their
-    next-token distributions are peaked): block linears truncated to rank 4, random token ids; prints the
-    held-out KL to the teacher after healing as a fraction of before, mean over ``seeds`` models."""
+    """Free vs orthonormal factors, and full-vocabulary vs top-32 KL (free factors), at the same steps on random
+    tiny Llamas (init std 0.2, so that their next-token distributions are peaked): block linears truncated to
+    rank 4, random token ids; prints the held-out full-vocabulary KL to the teacher after healing as a
+    fraction of before, mean over ``seeds`` models."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rankwise.layers import LowRankLinear
@@ -61,7 +62,7 @@ def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
     print(f"tiny Llamas (hidden 32, 2 blocks, vocab 2000), rank 4, {steps} steps of 2 x 32 random tokens, "
           f"held-out KL after / before, mean of {seeds} seeds")
     for lr in (1e-3, 3e-3, 1e-2):
-        ratios = {False: [], True: []}
+        ratios = {"free": [], "orthonormal": [], "top-32": []}
         for seed in range(seeds):
             torch.manual_seed(seed)
             config = LlamaConfig(vocab_size=2000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -69,17 +70,18 @@ def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
             teacher = LlamaForCausalLM(config).eval()
             gen = torch.Generator().manual_seed(seed)
             ids, held_out = (torch.randint(0, 2000, (n, 32), generator=gen) for n in (32, 8))
-            for orth in (False, True):
+            for variant in ratios:
                 student = LlamaForCausalLM(config).eval()
                 student.load_state_dict(teacher.state_dict())
                 for name, m in list(student.named_modules()):
                     if isinstance(m, torch.nn.Linear) and ".layers." in name:
                         replace_module(student, name, LowRankLinear.from_dense(m, 4))
                 before = next_token_agreement(student, teacher, held_out, progress=False).kl
-                config = HealConfig(steps=steps, batch_size=2, lr=lr, orthogonal=orth)
-                heal_(student, teacher, ids, config, progress=False)
-                ratios[orth].append(next_token_agreement(student, teacher, held_out, progress=False).kl / before)
-        print(f"lr {lr:.0e}: free {sum(ratios[False]) / seeds:.3f}  orthonormal {sum(ratios[True]) / seeds:.3f}")
+                how = HealConfig(steps=steps, batch_size=2, lr=lr, orthogonal=variant == "orthonormal",
+                                 top_k=32 if variant == "top-32" else 0)
+                heal_(student, teacher, ids, how, progress=False)
+                ratios[variant].append(next_token_agreement(student, teacher, held_out, progress=False).kl / before)
+        print(f"lr {lr:.0e}: " + "  ".join(f"{k} {sum(v) / seeds:.3f}" for k, v in ratios.items()))
 
 
 def main(argv=None):
