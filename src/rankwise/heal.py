@@ -4,9 +4,11 @@ Only the factorized layers' parameters train (``LowRankLinear`` factors and bias
 the other factorized layer types; ``train_norms`` adds the normalization layers); everything else is
 frozen. The loss is the mean over predicted positions of KL(teacher || student) between the next-token
 distributions at temperature 1, on the whole vocabulary (teacher run on the fly) or on the teacher's
-top-k tokens plus one bucket for the rest of its mass (teacher run once before training, its top-k
-cached and the teacher freed, so it never sits beside the student). AdamW, linear warm-up then cosine
-decay to zero, gradient-norm clipping; the data order is a seeded permutation per epoch, so the same
+top-k tokens plus one bucket for the rest of its mass (teacher run once before training and its top-k
+cached, so that the caller can free it before the student trains, as
+:func:`rankwise.heal_checkpoint.heal_checkpoint` does). On tiny Llamas the whole vocabulary healed slightly
+better, so it is the default. AdamW, linear warm-up then cosine decay to zero, gradient-norm clipping; the
+data order is a seeded permutation per epoch, so the same
 inputs and seed give bit-identical factors.
 
 ``orthogonal=True`` trains every ``LowRankLinear`` as ``U diag(s) Vh`` with ``U`` and ``Vh`` kept
