@@ -48,7 +48,9 @@ class HealConfig:
     lr : peak AdamW learning rate, reached after ``warmup`` (a fraction of the steps), then cosine decay to 0.
     weight_decay, max_grad_norm : AdamW's decoupled weight decay; the clipping threshold of the gradient norm.
     train_norms : also train the normalization layers (weights and biases of every module named ``*Norm*``).
-    orthogonal : keep each LowRankLinear's factors orthonormal (singular values free) while training.
+    orthogonal : keep each LowRankLinear's factors orthonormal (singular values free) while training. Off by
+        default: on tiny Llamas it healed as well as free factors at the best learning rate, not better, and
+        its parametrization is rebuilt at every step (BENCHMARKS.md).
     top_k : 0 = KL on the whole vocabulary with the teacher run on the fly; k > 0 = KL on the teacher's k most
         likely tokens plus one bucket for the rest, cached before training.
     checkpointing : gradient checkpointing of the student's blocks (transformers models that support it): each
