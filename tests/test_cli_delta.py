@@ -102,7 +102,8 @@ def test_existing_output_needs_force(pair, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["keep.txt"]
     code, _, _ = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--rank", "2", "--force"], capsys)
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  "rankwise_delta.json"]
     code, _, err = run(["delta", "apply", base, tmp_path / "a", "--out", tmp_path / "a"], capsys)
     _assert_usage_error(code, err, "already exists; pass --force")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no partial directories left behind

@@ -30,6 +30,28 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="where blocks are computed: auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
 
 
+def add_report_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", action="store_true", help="also write OUT/report.html (plots of ranks, spectra, predicted "
+                   "loss, timings; see `rankwise report`); needs matplotlib (the report extra)")
+
+
+def check_report_option(args) -> None:
+    """With ``--report``: fail on a missing matplotlib before the run, not after it."""
+    if args.report:
+        from ..report_figures import check_matplotlib
+
+        check_matplotlib()
+
+
+def write_run_report(args) -> None:
+    """With ``--report``: ``OUT/report.html`` and its figures beside it, in OUT."""
+    if args.report:
+        from ..report import write_report
+
+        paths = write_report(args.out, Path(args.out) / "report.html")
+        print(f"report: {paths[0]}")
+
+
 def config_and_calibration(args, extra: tuple[str, ...] = ()):
     """``(config, model directory, tokenizer, calibration ids)`` from the shared options; the config is
     validated before the model is read."""
@@ -72,6 +94,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
+    add_report_option(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
     p.set_defaults(func=run_compress)
 
@@ -119,6 +142,7 @@ def run_compress(args) -> int:
     from ..streamed import compress_checkpoint, resolve_device, run_dir
 
     resolve_device(args.device)
+    check_report_option(args)
     config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential"))
     try:
         report = compress_checkpoint(hf_dir, args.out, config, calib, device=args.device, resume=args.resume, force=args.force)
@@ -130,6 +154,7 @@ def run_compress(args) -> int:
     print(report.summary())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"saved {out} ({size / 2**20:.1f} MiB of weights); reload with rankwise.load({str(out)!r})")
+    write_run_report(args)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -134,6 +135,7 @@ def extract_delta(
 
     spectra: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    t0 = time.perf_counter()
     if keep is not None or energy is not None:
         for module in layers:  # first pass: singular values only, to allocate before keeping factors
             D = delta_of(module)
@@ -141,6 +143,8 @@ def extract_delta(
         budget = None if keep is None else int(keep * sum(m * n for m, n in layers.values()))
         ranks = allocate_delta_ranks(spectra, layers, budget=budget, energy=energy)
     out = Delta(transposed=frozenset(transposed), dense_params=sum(m * n for m, n in layers.values()))
+    out.timings["allocation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     out.shapes = dict(layers)
     for module, (m, n) in layers.items():
         r = rank if rank is not None else ranks[module] if ranks else min(m, n)
@@ -154,6 +158,7 @@ def extract_delta(
         root = torch.sqrt(svd.S[:r])
         out.lora[module] = ((svd.Vh[:r] * root[:, None]).contiguous(), (svd.U[:, :r] * root).contiguous())
     out.spectra = spectra
+    out.timings["factorization"] = time.perf_counter() - t0
     if exact_other == "store":
         for module in sorted(bias_modules):
             out.bias[module] = f.ckpt.get(f"{module}.bias").double() - b.ckpt.get(f"{module}.bias").double()
