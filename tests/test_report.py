@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import sys
 
 import pytest
@@ -149,3 +150,16 @@ def test_missing_matplotlib_is_one_line_before_any_work(runs, tmp_path, capsys, 
     code, _, err = run_cli(["compress", runs / "llama", "--report", "--out", tmp_path / "c", *FAST], capsys)
     assert code == 2 and err == "rankwise compress: error: " + message
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (Debian package chromium)")
+def test_chromium_shows_every_figure_offline(runs, tmp_path):
+    from report_screenshot import check
+
+    assert check(runs / "c" / "report.html") == []
+    page = (runs / "c" / "report.html").read_text()
+    start = page.index("base64,") + len("base64,")
+    (tmp_path / "broken.html").write_text(page[:start] + "AAAA" + page[start + 4:])  # the first figure, corrupted
+    for name in ("ranks", "spectra", "budget", "timings"):
+        shutil.copy(runs / "c" / f"report-{name}.png", tmp_path / f"broken-{name}.png")
+    assert "figure ranks: the browser did not decode it" in check(tmp_path / "broken.html")
