@@ -43,8 +43,8 @@ def find_targets(model: nn.Module, include: str | None = None, exclude: str | No
     Raises ``ValueError`` for an invalid regex, an ``include`` that matches no linear layer, or an
     empty selection.
     """
-    inc = _compile(include, "include")
-    exc = _compile(exclude, "exclude")
+    inc = compile_regex(include, "include")
+    exc = compile_regex(exclude, "exclude")
     linears = {n: m for n, m in model.named_modules() if is_linear(m) and not _inside_lowrank(model, n)}
     if inc is not None:
         chosen = {n: m for n, m in linears.items() if inc.search(n)}
@@ -96,7 +96,8 @@ def _inside_lowrank(model: nn.Module, name: str) -> bool:
     return any(isinstance(model.get_submodule(".".join(parts[:i])), LowRankLinear) for i in range(1, len(parts)))
 
 
-def _compile(pattern: str | None, field: str) -> re.Pattern | None:
+def compile_regex(pattern: str | None, field: str) -> re.Pattern | None:
+    """``pattern`` compiled (None stays None); a non-string or invalid one raises ``ValueError`` naming ``field``."""
     if pattern is None:
         return None
     if not isinstance(pattern, str):
