@@ -114,7 +114,8 @@ def draw_spectra(run: RunView) -> bytes:
     for ax in axes[len(groups):]:
         ax.set_visible(False)
     axes[0].set_ylabel("s_i / s_1")
-    fig.suptitle(f"singular values of the {run.metric} (colour: block, light = deep; red: kept rank)", fontsize=10)
+    legend = "colour: block, light = deep" + ("; red: kept rank" if mark else "")
+    fig.suptitle(f"singular values of the {run.metric} ({legend})", fontsize=10)
     return _png(fig)
 
 
