@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     llama = save_model_dir(tiny_llama(), root / "llama")
     assert main(["compress", str(llama), "--keep", "0.6", "--report", "--out", str(root / "c"), *FAST]) == 0
-    assert main(["sweep", str(llama), "--keep", "0.9", "0.6", "--eval", "--eval-tokens", "512",
+    assert main(["sweep", str(llama), "--keep", "0.9", "0.6", "--eval", "--eval-tokens", "512", "--report",
                  "--out", str(root / "s"), *FAST]) == 0
     base = tiny_llama64()
     ft, _ = finetune(base)
@@ -80,6 +80,7 @@ def test_sweep_report_shows_quality_and_the_same_curve_as_compress(runs, tmp_pat
     out = tmp_path / "sweep.html"
     assert main(["report", str(runs / "s"), "--out", str(out)]) == 0
     check_page(out, {"ranks", "spectra", "budget", "quality", "timings"})
+    check_page(runs / "s" / "report.html", {"ranks", "spectra", "budget", "quality", "timings"})  # sweep --report
     doc = json.loads((runs / "s" / "sweep.json").read_text())
     assert doc["quality_measure"] == "perplexity"
     compress_curve = json.loads((runs / "c" / REPORT_FILE).read_text())["curve"]
