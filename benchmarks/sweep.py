@@ -6,7 +6,11 @@ Printed: the sweep's table (keep, parameters, predicted loss increase, perplexit
 runs' perplexities, the Spearman correlation of predicted loss and measured perplexity over the sweep,
 whether the predicted loss is monotone in the budget, and the wall times with their ratio.
 
-    python benchmarks/sweep.py [--model smollm2] [--keeps 0.9 0.8 0.7 0.6 0.5] [--threads 1] [--json out.json]
+    python benchmarks/sweep.py [--model smollm2] [--keeps 0.9 0.8 0.7 0.6 0.5] [--separate 0.7] [--threads 1]
+                               [--report DIR] [--json out.json]
+
+``--separate`` runs compress + eval for those keeps only (default: every keep); ``--report DIR`` keeps the
+sweep's directory there, with its HTML report.
 """
 
 from __future__ import annotations
@@ -49,39 +53,53 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--separate", type=float, nargs="+", help="keeps run as compress + eval (default: all)")
+    ap.add_argument("--report", type=Path, help="keep the sweep directory here, with --report")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     keeps = [str(k) for k in args.keeps]
     with tempfile.TemporaryDirectory(prefix="rankwise-sweep-bench-") as tmp:
         tmp = Path(tmp)
         print("sweep:", flush=True)
-        sweep = measure(["sweep", args.model, "--keep", *keeps, "--eval", "--out", str(tmp / "sweep")], args.threads)
-        doc = json.loads((tmp / "sweep" / "sweep.json").read_text())
+        where = args.report or tmp / "sweep"
+        sweep = measure(["sweep", args.model, "--keep", *keeps, "--eval", "--out", str(where)]
+                        + (["--report"] if args.report else []), args.threads)
+        doc = json.loads((where / "sweep.json").read_text())
+        phases = next(iter(doc["reports"].values()))["timings"]
+        evals = sum(r["timings"].get("evaluation", 0.0) for r in doc["reports"].values())
+        print("  sweep phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "evaluation")
+              + (f", evaluation of every keep {evals:.1f} s" if evals else ""), flush=True)
         print("separate compress + eval:", flush=True)
         separate = {}
-        for k in keeps:
+        for k in [str(k) for k in args.separate] if args.separate else keeps:
             out = str(tmp / f"keep-{k}")
             c = measure(["compress", args.model, "--keep", k, "--out", out], args.threads)
+            print("  " + c["out"].strip().splitlines()[-2], flush=True)  # the compress timings line
             e = measure(["eval", out], args.threads)
             ppl = float(re.search(r"perplexity ([0-9.]+)", e["out"]).group(1))
             separate[k] = {"compress_s": c["wall_s"], "eval_s": e["wall_s"], "peak_mib": c["peak_mib"],
-                           "perplexity": ppl}
+                           "perplexity": ppl, "timings": c["out"].strip().splitlines()[-2]}
     rows = doc["rows"]
+    n_eval = len(rows)
     pred, ppl = [r["predicted_loss"] for r in rows], [r["quality"] for r in rows]
     monotone = all(a["predicted_loss"] <= b["predicted_loss"] for a, b in zip(rows, rows[1:]))  # keeps decrease
     total_sep = sum(s["compress_s"] + s["eval_s"] for s in separate.values())
     one = [s["compress_s"] + s["eval_s"] for s in separate.values()]
+    mean_c = sum(s["compress_s"] for s in separate.values()) / len(separate)
+    mean_e = sum(s["eval_s"] for s in separate.values()) / len(separate)
     print("\n| keep | kept params | predicted loss increase | perplexity (sweep) | perplexity (compress + eval) |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
-        s = separate[str(r["keep"])]
-        print(f"| {r['keep']} | {r['params_after']:,} | {r['predicted_loss']:.4f} | {r['quality']:.3f} "
+        s = separate.get(str(r["keep"]), {"perplexity": float("nan")})
+        print(f"| {r['keep']} | {r['params_after']:,} | {r['predicted_loss']:.4g} | {r['quality']:.3f} "
               f"| {s['perplexity']:.3f} |")
     print(f"\nSpearman(predicted loss, sweep perplexity) = {spearman(pred, ppl):.3f}; "
           f"predicted loss monotone in the budget: {monotone}")
-    print(f"sweep wall {sweep['wall_s']:.1f} s (peak {sweep['peak_mib']:.0f} MiB); five compress + eval "
-          f"{total_sep:.1f} s (each {', '.join(f'{t:.0f}' for t in one)} s); ratio {total_sep / sweep['wall_s']:.2f}x; "
-          f"sweep / mean(one compress + eval) {sweep['wall_s'] / (total_sep / len(one)):.2f}")
+    print(f"sweep wall {sweep['wall_s']:.1f} s (peak {sweep['peak_mib']:.0f} MiB); {len(one)} compress + eval "
+          f"{total_sep:.1f} s (each {', '.join(f'{t:.0f}' for t in one)} s)")
+    print(f"sweep / (mean compress {mean_c:.0f} s + {n_eval} x mean eval {mean_e:.0f} s) = "
+          f"{sweep['wall_s'] / (mean_c + n_eval * mean_e):.2f}; {n_eval} separate runs would take "
+          f"{n_eval * (mean_c + mean_e) / sweep['wall_s']:.2f}x the sweep")
     if args.json:
         Path(args.json).write_text(json.dumps({"sweep": {k: sweep[k] for k in ("wall_s", "peak_mib", "out")},
                                                "rows": rows, "separate": separate, "monotone": monotone,
