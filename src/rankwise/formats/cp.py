@@ -227,7 +227,7 @@ def cp_als(
             break
 
     order = torch.argsort(weights, descending=True)
-    dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    dt = compute_dtype(x)
     return CP(weights[order].to(dt), tuple(f[:, order].to(dt) for f in factors), tuple(errors))
 
 

@@ -14,8 +14,8 @@ from ._ops import (
     check_tensor,
     check_tolerance,
     compute_dtype,
-    gram_eigh,
     largest_within_budget,
+    leading_svd,
     rank_for_tolerance,
 )
 from .protocol import FORMATS
@@ -98,9 +98,9 @@ def _check_matrix(W: Tensor) -> None:
 
 
 def _finish(U: Tensor, S: Tensor, Vh: Tensor, spectrum: Tensor, like: Tensor, energy: float | None = None) -> SVD:
-    dt = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    # factors of a half-precision matrix are returned in float32: casting U, S, Vh to float16 loses more
-    # than the truncation itself; layers cast them to the model dtype when they build.
+    dt = compute_dtype(like)
+    # factors of a half-precision matrix are returned in float32 (the formats' one output-dtype rule):
+    # casting U, S, Vh to float16 loses more than the truncation itself; layers cast them when they build.
     return SVD(U.to(dt), S.to(dt), Vh.to(dt), spectrum.to(dt), energy)
 
 
@@ -130,35 +130,20 @@ def truncated_svd(W: Tensor, rank: int | float | None = None, *, eps: float | No
     exact SVD of ``W`` projected on that subspace, which makes both factors orthonormal to round-off:
     on one CPU thread 3.6x faster than a full SVD at 4096 x 2048 rank 256 and 3.0x at rank 682, 1.1x
     for a square 576 x 576 at rank 192 (at half the shorter side the two are even for square
-    matrices). The Gram matrix resolves singular values down to about
-    ``1e-8 * S[0]``; when the ``rank``-th one is below ``1e-3 * S[0]`` a full SVD is taken instead.
+    matrices). Below the Gram matrix's resolution
+    (:data:`~rankwise.formats._ops.GRAM_FLOOR`) :func:`~rankwise.formats._ops.leading_svd` takes a full SVD.
     """
     _check_matrix(W)
     r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
     A = W.to(compute_dtype(W))
-    if eps is None and rank is not None and 3 * r <= min(A.shape):
-        leading = _leading_svd(A, r)
-        if leading is not None:
-            return _finish(*leading, leading[1], W, energy=float(A.double().norm()) ** 2)
+    if eps is None and rank is not None and 3 * r <= min(A.shape):  # the Gram route's speed range
+        U, S, Vh = leading_svd(A, r)
+        partial = len(S) < min(A.shape)  # the Gram route; the SVD fallback gives the whole spectrum
+        return _finish(U, S[:r].to(A.dtype), Vh, S.to(A.dtype), W, energy=float(A.double().norm()) ** 2 if partial else None)
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     if eps is not None:
         r = min(r, rank_for_tolerance(S, check_tolerance(eps)))
     return _finish(U[:, :r], S[:r], Vh[:r], S, W)
-
-
-def _leading_svd(A: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Leading ``r`` singular triplets of ``A`` via the Gram matrix of its shorter side and a
-    Rayleigh–Ritz step; None when the ``r``-th singular value is below ``1e-3 * S[0]``."""
-    wide = A.shape[0] < A.shape[1]
-    B = A if wide else A.T  # (short, long): its left singular vectors are A's short-side ones
-    evals, Q = gram_eigh(B, r)
-    if not float(evals[-1]) >= 1e-6 * float(evals[0]) or not float(evals[0]) > 0:
-        return None
-    Q = Q.to(B.dtype)
-    # Rayleigh–Ritz: the SVD of the projection B^T Q (long, r), tall so that gesdd is fast
-    W, S, UcT = torch.linalg.svd(B.T @ Q, full_matrices=False)
-    short = Q @ UcT.T
-    return (short, S, W.T) if wide else (W, S, short.T)
 
 
 def randomized_svd(
@@ -265,7 +250,7 @@ def whitened_svd(
             raise ValueError(f"whitening must have shape ({n}, {n}) to match W's {n} columns, got {tuple(whitening.shape)}")
         M = whitening.to(A)
         A = A @ M
-    U, S, Vh = _gram_svd(A)
+    U, S, Vh = leading_svd(A)  # every triplet: the spectrum is the allocator's input
     U, Vh = U[:, :r], Vh[:r]
     if rows is not None:
         U = U / d[:, None]
@@ -285,18 +270,6 @@ def _check_weights(w: Tensor, name: str, size: int, side: str) -> None:
         raise ValueError(f"{name} must have shape ({size},) to match W's {size} {side}, got {tuple(w.shape)}")
     if not bool((w > 0).all()):
         raise ValueError(f"{name} must be strictly positive (it is inverted); got entries <= 0")
-
-
-def _gram_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of ``A`` (float64, shape (m, n)) from ``eigh`` of its smaller Gram matrix."""
-    tiny = lambda S: S.clamp_min(float(S[0]) * 1e-150 + 1e-300)  # noqa: E731 - never divide by zero
-    if A.shape[0] <= A.shape[1]:
-        evals, U = gram_eigh(A)
-        S = evals.clamp_min(0).sqrt()
-        return U, S, (U.T @ A) / tiny(S)[:, None]
-    evals, V = gram_eigh(A.T)
-    S = evals.clamp_min(0).sqrt()
-    return (A @ V) / tiny(S), S, V.T
 
 
 def whitening_factor(gram: Tensor, *, damping: float = 1e-6) -> Tensor:

@@ -17,14 +17,10 @@ from ._ops import (
     check_tensor,
     check_tolerance,
     compute_dtype,
-    gram_eigh,
     largest_within_budget,
+    leading_svd,
 )
 from .protocol import FORMATS
-
-# A Gram matrix in float64 resolves eigenvalues down to about 1e-16 * trace; when a tolerance asks for
-# tails finer than this floor (times the number of eigenvalues summed), the SVD of the matrix is used.
-_GRAM_FLOOR = 1e-14
 
 
 @dataclass(frozen=True)
@@ -111,13 +107,11 @@ class TTMatrix:
 
 
 def truncated_left_basis(M: Tensor, max_rank: int, tol_sq: float | None) -> tuple[Tensor, Tensor]:
-    """Orthonormal ``U`` (rows, k) and ``rest = U^T M`` (k, cols) with ``M ≈ U @ rest``.
+    """Orthonormal ``U`` (rows, k) and ``rest = diag(S) Vh`` (k, cols) with ``M ≈ U @ rest``.
 
     ``k`` is ``max_rank``, or, when ``tol_sq`` is given, the smallest rank whose discarded squared
-    singular values sum to at most ``tol_sq`` (capped at ``max_rank``). ``||M - U rest||_F`` is that
-    discarded tail (Eckart–Young). Wide matrices go through the eigendecomposition of the float64
-    Gram matrix ``M M^T`` (rows x rows), much cheaper than an SVD of a short, wide matrix; tall ones,
-    and tolerances below the Gram matrix's resolution, through the SVD.
+    singular values sum to at most ``tol_sq`` (capped at ``max_rank``); ``||M - U rest||_F^2`` is that
+    discarded tail (Eckart–Young). :func:`~rankwise.formats._ops.leading_svd` computes it.
 
     Parameters
     ----------
@@ -125,29 +119,9 @@ def truncated_left_basis(M: Tensor, max_rank: int, tol_sq: float | None) -> tupl
     max_rank : int in [1, min(rows, cols)]
     tol_sq : float or None, absolute bound on the squared Frobenius norm of the discarded part.
     """
-    rows, cols = M.shape
-    if rows <= cols:
-        if tol_sq is None:
-            U = gram_eigh(M, max_rank)[1].to(M.dtype)
-            return U, U.T @ M
-        if tol_sq >= _GRAM_FLOOR * rows * float(M.double().norm()) ** 2:  # the floor is relative to trace(M M^T)
-            sq, evecs = gram_eigh(M)
-            k = _rank_from_tail(sq.clamp_min(0.0), max_rank, tol_sq)
-            U = evecs[:, :k].to(M.dtype)
-            return U, U.T @ M
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    k = _rank_from_tail(S.to(torch.float64) ** 2, max_rank, tol_sq)
-    return U[:, :k], S[:k, None] * Vh[:k]
-
-
-def _rank_from_tail(sq: Tensor, max_rank: int, tol_sq: float | None) -> int:
-    """Smallest k >= 1 with sum(sq[k:]) <= tol_sq, capped at max_rank (max_rank when tol_sq is None)."""
-    if tol_sq is None:
-        return max_rank
-    tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
-    ok = torch.nonzero(tail <= tol_sq)
-    k = int(ok[0]) if len(ok) else len(sq)
-    return min(max(k, 1), max_rank)
+    U, S, Vh = leading_svd(M, max_rank, tol_sq)
+    k = U.shape[1]
+    return U, S[:k, None].to(M.dtype) * Vh
 
 
 def bond_bounds(shape: Sequence[int]) -> tuple[int, ...]:

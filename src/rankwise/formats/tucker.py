@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from ._ops import (
     RankSpec,
     Tensor,
@@ -132,7 +130,7 @@ def _hosvd_factors(x: Tensor, ranks: Sequence[int], modes: Sequence[int]) -> lis
 
 
 def _finish(x: Tensor, core: Tensor, factors: Sequence[Tensor], modes: tuple[int, ...], errors: list[float]) -> Tucker:
-    dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    dt = compute_dtype(x)
     return Tucker(core.to(dt), tuple(f.to(dt) for f in factors), modes, tuple(errors))
 
 
