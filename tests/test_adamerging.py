@@ -139,5 +139,5 @@ def test_adamerging_plus_plus_merges_the_ties_processed_vectors():
     assert not torch.equal(plain.state["1.weight"], plus.state["1.weight"])
     for n in plus.names:  # at init every coefficient is 0.3: TIES without the disjoint mean, scale 0.3
         torch.testing.assert_close(plus.state[n], ties[n], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"^density must be a number in \(0, 1\] or None, got 0$"):
+    with pytest.raises(ValueError, match=r"^density must be a fraction in \(0, 1\] or None, got 0$"):
         learn_coefficients(models, base, inputs, density=0)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._validate import int_at_least
+
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -173,8 +175,7 @@ def chat_agreement(model: nn.Module, ref: nn.Module, tokenizer, prompts: list[st
     -------
     ChatAgreement, the top-1 fraction pooled over all answer tokens.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    int_at_least(max_new_tokens, "max_new_tokens", 1)
     if not prompts:
         raise ValueError("prompts must be a non-empty list of strings, got an empty list")
     stops = _stop_ids(ref, tokenizer)
@@ -263,10 +264,8 @@ def prefill_throughput(model: nn.Module, seq_len: int = 512, repeats: int = 3, *
     One untimed warm-up pass, then the median of ``repeats`` timed passes (robust to other jobs on
     a shared machine). Token ids are drawn from ``model.config.vocab_size`` with ``seed``.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    int_at_least(seq_len, "seq_len", 1)
+    int_at_least(repeats, "repeats", 1)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen).to(_device(model))
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)

@@ -136,7 +136,6 @@ class Pipeline:
         if self.work.has("forward.pt"):  # resume pass A after its last finished block
             state = self.work.load("forward.pt")
             start, hidden = state["next"], state["hidden"]
-        curves = []
         for i in self._bar(range(start, self.source.num_blocks), "calibrate blocks"):
             block = self.source.load_block(i)
             targets = self._targets(i)

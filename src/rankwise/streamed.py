@@ -25,6 +25,7 @@ from .pipeline import swap_in
 from .targets import find_targets
 from .workdir import WorkDir, check_free_disk, fingerprint, model_fingerprint
 
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"auto"``: CUDA when available, else CPU; anything else as torch reads it (``ValueError`` if it cannot)."""
     if str(device) == "auto":

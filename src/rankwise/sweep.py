@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io.atomic import atomic_output_dir
 from .compress import CompressConfig, CompressReport, allocate_layers, emit_blocks, layer_report, plan_compression
+from .io.atomic import atomic_output_dir
 from .pipeline import swap_in
 from .streamed import StreamedRun
 from .targets import replace_module

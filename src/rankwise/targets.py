@@ -7,6 +7,7 @@ import re
 import torch
 from torch import nn
 
+from ._validate import regex
 from .layers.linear import LowRankLinear, dense_weight
 
 
@@ -97,11 +98,4 @@ def _inside_lowrank(model: nn.Module, name: str) -> bool:
 
 
 def _compile(pattern: str | None, field: str) -> re.Pattern | None:
-    if pattern is None:
-        return None
-    if not isinstance(pattern, str):
-        raise ValueError(f"{field} must be a regex string or None, got {type(pattern).__name__}")
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{field}={pattern!r} is not a valid regular expression: {err}") from None
+    return regex(pattern, field)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 
 import torch
+
+from .._validate import is_int, is_number
 
 Tensor = torch.Tensor
 RankSpec = int | Sequence[int] | float
@@ -287,7 +288,7 @@ def leading_left_singular_vectors(m: Tensor, rank: int) -> Tensor:
 
 def check_int_rank(rank: object, name: str, max_rank: int) -> int:
     """A single integer rank in [1, max_rank]."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if not is_int(rank):
         raise ValueError(f"{name} must be an int in [1, {max_rank}], got {rank!r}")
     if not 1 <= rank <= max_rank:
         raise ValueError(f"{name}={rank} is out of range; accepted: 1 <= {name} <= {max_rank} for this shape")
@@ -296,13 +297,13 @@ def check_int_rank(rank: object, name: str, max_rank: int) -> int:
 
 def check_fraction(value: object, name: str) -> float:
     """A float in (0, 1]: the fraction of the dense parameter count to keep."""
-    if isinstance(value, bool) or not isinstance(value, float) or not (0.0 < value <= 1.0) or math.isnan(value):
+    if not isinstance(value, float) or not (0.0 < value <= 1.0):  # an int is a rank here, not a fraction
         raise ValueError(f"{name} as a float must be a fraction of the dense parameter count in (0, 1], got {value!r}")
     return value
 
 
 def check_tolerance(value: object, name: str = "eps") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
+    if not is_number(value) or not (0.0 <= float(value) < 1.0):
         raise ValueError(f"{name} must be a relative tolerance in [0, 1), got {value!r}")
     return float(value)
 
@@ -314,7 +315,7 @@ def per_mode_ranks(rank: RankSpec, name: str, max_ranks: Sequence[int]) -> tuple
         if len(rank) != n:
             raise ValueError(f"{name} must have {n} entries (one per mode), got {len(rank)}: {tuple(rank)!r}")
         return tuple(check_int_rank(r, f"{name}[{i}]", m) for i, (r, m) in enumerate(zip(rank, max_ranks)))
-    if isinstance(rank, int) and not isinstance(rank, bool):
+    if is_int(rank):
         return tuple(check_int_rank(rank, name, m) for m in max_ranks)
     raise ValueError(f"{name} must be an int, a tuple of {n} ints or a float in (0, 1], got {rank!r}")
 

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import is_int
 from ._ops import (
     RankSpec,
     Tensor,
@@ -140,7 +141,7 @@ def ht_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
     if isinstance(rank, float):
         keep = check_fraction(rank, "rank")
         return clamp(largest_within_budget(keep * math.prod(shape), lambda R: ht_num_params(shape, clamp(R)), top))
-    if isinstance(rank, int) and not isinstance(rank, bool):
+    if is_int(rank):
         return clamp(check_int_rank(rank, "rank", top))
     if isinstance(rank, (list, tuple)):
         if len(rank) != len(tree):

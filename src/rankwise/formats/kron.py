@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import is_int
 from ._ops import (
     Tensor,
     check_fraction,
@@ -68,7 +69,7 @@ def _check_factor_shape(value: object, name: str) -> tuple[int, int]:
     if (
         not isinstance(value, (list, tuple))
         or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+        or any(not is_int(v) or v < 1 for v in value)
     ):
         raise ValueError(f"{name} must be a pair of positive ints (rows, cols), got {value!r}")
     return (value[0], value[1])

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import int_at_least
 from ._ops import (
     Tensor,
     check_fraction,
@@ -162,10 +163,8 @@ def randomized_svd(
     """
     _check_matrix(W)
     r = svd_rank(tuple(W.shape), rank)
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    int_at_least(oversample, "oversample", 0)
+    int_at_least(n_iter, "n_iter", 0)
     A = W.to(compute_dtype(W))
     m, n = A.shape
     transpose = m < n  # sketch the longer side so the QR factors stay tall and thin

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import is_int, positive_ints
 from ._ops import (
     RankSpec,
     Tensor,
@@ -153,7 +154,7 @@ def tt_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
         keep = check_fraction(rank, "rank")
         R = largest_within_budget(keep * math.prod(shape), lambda R: tt_num_params(shape, clamp(R)), max(bounds))
         return clamp(R)
-    if isinstance(rank, int) and not isinstance(rank, bool):
+    if is_int(rank):
         return clamp(check_int_rank(rank, "rank", max(bounds)))
     if isinstance(rank, (list, tuple)):
         if len(rank) != len(bounds):
@@ -278,9 +279,7 @@ def tt_round(tt: TT, rank: RankSpec | None = None, *, eps: float | None = None) 
 def _check_dims(dims: object, name: str) -> tuple[int, ...]:
     if not isinstance(dims, (list, tuple)) or len(dims) < 2:
         raise ValueError(f"{name} must be a tuple of at least 2 positive ints, got {dims!r}")
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in dims):
-        raise ValueError(f"{name} must contain positive ints only, got {tuple(dims)!r}")
-    return tuple(dims)
+    return positive_ints(tuple(dims), name)
 
 
 def tt_matrix(

@@ -24,6 +24,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .._validate import is_int
 from ..layers.linear import LowRankLinear
 from ..layers.registry import LAYERS
 
@@ -49,7 +50,7 @@ class RankwiseConfig(QuantizationConfigMixin):
                  modules: dict[str, dict] | None = None, **kwargs):
         if version != FORMAT_VERSION:
             raise ValueError(f"rankwise checkpoint format version must be {FORMAT_VERSION}, got {version!r}")
-        bad = {k: v for k, v in (ranks or {}).items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        bad = {k: v for k, v in (ranks or {}).items() if not is_int(v) or v < 1}
         if bad:
             name, value = next(iter(bad.items()))
             raise ValueError(f"rankwise quantization_config ranks must be ints >= 1, got {value!r} for {name!r}")

@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import torch
 
+from .._validate import int_at_least
 from .atomic import atomic_output_dir
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -248,8 +249,7 @@ class ShardedWriter:
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int = 5 * 2**30):
-        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes must be an int >= 1, got {max_shard_bytes!r}")
+        int_at_least(max_shard_bytes, "max_shard_bytes", 1)
         self.dir, self.max_shard_bytes = Path(directory), max_shard_bytes
         self.shards: list[_ShardWriter] = []
         self.seen: set[str] = set()
@@ -313,8 +313,7 @@ def write_checkpoint(
     """
     from .sidecar import copy_model_files, write_model_card
 
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes must be an int >= 1, got {max_shard_bytes!r}")
+    int_at_least(max_shard_bytes, "max_shard_bytes", 1)
     extra = [Path(f) for f in extra_files]
     for f in extra:
         if not f.is_file():

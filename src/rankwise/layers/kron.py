@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._validate import is_int
 from ..formats.kron import Kronecker, kron_decompose
 from .registry import LAYERS
 from .tt import balanced_factors
@@ -22,8 +23,7 @@ def kron_shapes(layer: str, out_features: int, in_features: int, a_shape=None, b
     if a_shape is None and b_shape is None:
         (m1, m2), (n1, n2) = balanced_factors(out_features, 2), balanced_factors(in_features, 2)
         return (m1, n1), (m2, n2)
-    ok = lambda s: isinstance(s, (list, tuple)) and len(s) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in s)
+    ok = lambda s: isinstance(s, (list, tuple)) and len(s) == 2 and all(is_int(v) and v >= 1 for v in s)  # noqa: E731
     if ok(a_shape) and b_shape is None:
         b_shape = (out_features // a_shape[0], in_features // a_shape[1])
     if not (ok(a_shape) and ok(b_shape) and a_shape[0] * b_shape[0] == out_features

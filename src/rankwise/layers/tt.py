@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .._validate import is_int
 from ..formats.tt import TTMatrix, tt_matrix
 from .registry import LAYERS
 
@@ -23,7 +24,7 @@ def balanced_factors(n: int, d: int) -> tuple[int, ...]:
     >>> balanced_factors(768, 3)
     (12, 8, 8)
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"balanced_factors needs an int n >= 1, got {n!r}")
     primes, rest, p = [], n, 2
     while p * p <= rest:
@@ -44,7 +45,7 @@ def check_tt_dims(layer: str, name: str, dims, size: int, d: int | None = None) 
     if dims is None:
         return balanced_factors(size, d or 3)
     if (not isinstance(dims, (list, tuple)) or len(dims) < 2
-            or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in dims)
+            or any(not is_int(m) or m < 1 for m in dims)
             or math.prod(dims) != size):
         raise ValueError(f"{layer}: format 'tt' needs {name} of at least 2 positive ints multiplying to {size}, "
                          f"got {dims!r}; accepted e.g. {balanced_factors(size, 3)}")

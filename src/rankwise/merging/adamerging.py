@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._validate import fraction, int_at_least
 from . import METHODS
 from .ties import trim_to_density
 
@@ -113,14 +114,10 @@ def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Seq
         raise ValueError(f"inputs must hold one tensor per model ({k}), got {len(inputs)}")
     if heads is not None and len(heads) != k:
         raise ValueError(f"heads must hold one module per model ({k}) or be None, got {len(heads)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    int_at_least(steps, "steps", 0)
+    int_at_least(batch_size, "batch_size", 1, none_ok=True)
 
-    if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
-                                or not 0 < density <= 1):
-        raise ValueError(f"density must be a number in (0, 1] or None, got {density!r}")
+    fraction(density, "density", none_ok=True)
 
     template = copy.deepcopy(base).eval().requires_grad_(False)
     frozen_heads = [copy.deepcopy(h).eval().requires_grad_(False) for h in heads] if heads is not None else None

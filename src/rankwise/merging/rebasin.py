@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._validate import int_at_least
 from . import METHODS
 
 PAPER = "https://arxiv.org/abs/2209.04836"
@@ -116,8 +117,7 @@ def weight_matching(state_a: dict[str, Tensor], state_b: dict[str, Tensor], spec
     """
     from scipy.optimize import linear_sum_assignment
 
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    int_at_least(max_iter, "max_iter", 1)
     perms = [torch.arange(n) for n in spec.sizes]
     g = torch.Generator().manual_seed(seed)
     a64 = {k: state_a[k].detach().cpu().double() for k in spec.axes}
