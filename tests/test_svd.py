@@ -279,3 +279,13 @@ def test_input_is_not_modified():
     randomized_svd(W, 3)
     whitened_svd(W, 3, scale=torch.ones(8))
     assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("shape, keep", [((40, 30), 0.5), ((17, 64), 0.3), ((8, 8), 0.99)])
+def test_fraction_rank_counts_what_num_params_counts(shape, keep):
+    """A float rank keeps at most that fraction of m*n stored numbers (U, S, Vh), and the next rank would not."""
+    W = torch.randn(*shape, dtype=torch.float64, generator=_gen(11))
+    f = truncated_svd(W, keep)
+    m, n = shape
+    assert f.num_params == sum(t.numel() for t in (f.U, f.S, f.Vh)) <= keep * m * n
+    assert (f.rank + 1) * (m + n + 1) > keep * m * n or f.rank == min(shape)

@@ -85,12 +85,15 @@ class SVD:
 
 
 def svd_rank(shape: tuple[int, int], rank: int | float) -> int:
-    """Resolve an int rank, or a float fraction of ``m*n`` parameters, into an int rank for ``shape``."""
+    """Resolve an int rank, or a float fraction of ``m*n`` parameters, into an int rank for ``shape``.
+
+    The fraction counts what :attr:`SVD.num_params` counts, ``r (m + n + 1)`` (U, S and Vh). A layer
+    folds S into a factor and stores ``r (m + n)``: the layer allocators count that instead."""
     m, n = shape
     full = min(m, n)
     if isinstance(rank, float):
         keep = check_fraction(rank, "rank")
-        return largest_within_budget(keep * m * n, lambda r: r * (m + n), full)
+        return largest_within_budget(keep * m * n, lambda r: r * (m + n + 1), full)
     return check_int_rank(rank, "rank", full)
 
 
