@@ -112,12 +112,10 @@ def test_bad_input():
 
 
 def test_ties_vectors_hand_example():
-    v = torch.tensor([[3.0, -1.0, 0.5, -4.0],
-                      [-2.0, 2.0, 1.0, -0.1]])
+    v = torch.tensor([[3.0, -1.0, 0.5, -4.0], [-2.0, 2.0, 1.0, -0.1]])
     # density 0.5 keeps the 2 largest magnitudes per task: [3, 0, 0, -4] and [-2, 2, 0, 0];
     # elected signs of the sum [1, 2, 0, -4]: +, +, + (tie), -; disagreeing entries are dropped
-    want = torch.tensor([[3.0, 0.0, 0.0, -4.0],
-                         [0.0, 2.0, 0.0, 0.0]])
+    want = torch.tensor([[3.0, 0.0, 0.0, -4.0], [0.0, 2.0, 0.0, 0.0]])
     before = v.clone()
     assert torch.equal(ties_vectors(v, 0.5), want)
     assert torch.equal(v, before)

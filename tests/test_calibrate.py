@@ -10,16 +10,26 @@ from _tiny_models import tiny_model
 
 
 def tiny_llama(seed=0):
-    return tiny_model("llama", seed, vocab_size=96, hidden_size=64, intermediate_size=112, num_attention_heads=4,
-                      num_key_value_heads=2, dtype=torch.float64)
+    return tiny_model(
+        "llama",
+        seed,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        dtype=torch.float64,
+    )
 
 
 def stored_inputs(model, targets, calib, batches=((0, 4), (4, 6))):
     """Brute force: keep every target's input and every output gradient of the per-sequence summed loss,
     the batches given as (start, stop) spans."""
     xs, gs = {n: [] for n in targets}, {n: [] for n in targets}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
-             for n, m in targets.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        for n, m in targets.items()
+    ]
 
     def grad_hook(name):
         def hook(mod, args, out):
@@ -34,8 +44,9 @@ def stored_inputs(model, targets, calib, batches=((0, 4), (4, 6))):
     for start, stop in batches:
         b = calib[start:stop]
         out = model(input_ids=b, attention_mask=torch.ones_like(b))
-        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(),
-                                                 b[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), b[:, 1:].reshape(-1)
+        )
         (loss * len(b)).backward()
     for h in hooks + [emb]:
         h.remove()
@@ -103,8 +114,10 @@ def test_encoder_stats_and_gauss_newton_gradients_equal_brute_force():
     assert all(n.startswith("encoder.layer.") for n in targets) and len(targets) == 12
     calib = torch.randint(0, 80, (4, 10), generator=torch.Generator().manual_seed(3))
     stats = collect_stats(model, targets, calib, fisher_seqs=4, batch_size=4, progress=False)
-    assert {stats.inputs[f"encoder.layer.0.attention.self.{p}"] is stats.inputs["encoder.layer.0.attention.self.query"]
-            for p in ("key", "value")} == {True}
+    assert {
+        stats.inputs[f"encoder.layer.0.attention.self.{p}"] is stats.inputs["encoder.layer.0.attention.self.query"]
+        for p in ("key", "value")
+    } == {True}
 
     grads = {}
 

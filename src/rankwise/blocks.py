@@ -62,7 +62,7 @@ class _StandIn(nn.Module):
     ``decoder_layer.attention_type`` to pick a mask), which may be on the meta device.
     """
 
-    def __init__(self, block: nn.Module, index: int, runner: "BlockRunner"):
+    def __init__(self, block: nn.Module, index: int, runner: BlockRunner):
         super().__init__()
         object.__setattr__(self, "_block", block)  # not a child: the stack's parameters stay the real ones
         object.__setattr__(self, "_index", index)

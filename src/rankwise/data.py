@@ -59,7 +59,9 @@ def builtin_text(split: str) -> str:
     return "\n\n".join(topics[k] for k in keys)
 
 
-def token_sequences(tokenizer, text: str, seq_len: int, n_seqs: int | None = None, *, what: str = "calibration") -> torch.Tensor:
+def token_sequences(
+    tokenizer, text: str, seq_len: int, n_seqs: int | None = None, *, what: str = "calibration"
+) -> torch.Tensor:
     """Tokenize ``text`` and cut it into ``n_seqs`` consecutive sequences of ``seq_len`` tokens.
 
     Returns
@@ -76,8 +78,6 @@ def token_sequences(tokenizer, text: str, seq_len: int, n_seqs: int | None = Non
     fit = ids.numel() // seq_len
     need = (n_seqs or 1) * seq_len
     if fit == 0 or (n_seqs is not None and fit < n_seqs):
-        raise ValueError(
-            f"{what} text too short: need {need} tokens ({n_seqs or 1} x {seq_len}), got {ids.numel()}"
-        )
+        raise ValueError(f"{what} text too short: need {need} tokens ({n_seqs or 1} x {seq_len}), got {ids.numel()}")
     n = fit if n_seqs is None else n_seqs
     return ids[: n * seq_len].reshape(n, seq_len).clone()

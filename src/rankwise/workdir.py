@@ -27,7 +27,10 @@ def fingerprint(tensor: torch.Tensor) -> str:
 def model_fingerprint(hf_dir: Path) -> dict:
     """The model directory and the size and modification time of its weight files."""
     files = sorted(Path(hf_dir).glob("*.safetensors"))
-    return {"dir": str(Path(hf_dir).resolve()), "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+    return {
+        "dir": str(Path(hf_dir).resolve()),
+        "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
+    }
 
 
 class WorkDir:

@@ -187,8 +187,9 @@ def gram_singular_values(a: Tensor) -> Tensor:
         from scipy.linalg import eigh
 
         with _numpy_blas():
-            evals = torch.from_numpy(eigh(G.numpy(), eigvals_only=True, overwrite_a=True, check_finite=False,
-                                          driver="evd"))
+            evals = torch.from_numpy(
+                eigh(G.numpy(), eigvals_only=True, overwrite_a=True, check_finite=False, driver="evd")
+            )
     return evals.flip(0).clamp_min(0).sqrt()
 
 

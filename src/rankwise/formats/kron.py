@@ -66,11 +66,7 @@ class Kronecker:
 
 
 def _check_factor_shape(value: object, name: str) -> tuple[int, int]:
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or any(not is_int(v) or v < 1 for v in value)
-    ):
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or any(not is_int(v) or v < 1 for v in value):
         raise ValueError(f"{name} must be a pair of positive ints (rows, cols), got {value!r}")
     return (value[0], value[1])
 
@@ -135,4 +131,6 @@ def kron_decompose(
     return Kronecker(A, B, S)
 
 
-FORMATS.register(Kronecker.name, paper="https://doi.org/10.1007/978-94-015-8196-7_17", decompose=kron_decompose)(Kronecker)
+FORMATS.register(Kronecker.name, paper="https://doi.org/10.1007/978-94-015-8196-7_17", decompose=kron_decompose)(
+    Kronecker
+)

@@ -60,7 +60,7 @@ class SVD:
     def to_dense(self) -> Tensor:
         return (self.U * self.S) @ self.Vh
 
-    def truncate(self, rank: int) -> "SVD":
+    def truncate(self, rank: int) -> SVD:
         """The leading ``rank`` triplets (Eckart–Young optimal when this is an exact SVD)."""
         check_int_rank(rank, "rank", self.rank)
         return SVD(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.spectrum, self.energy)
@@ -143,16 +143,16 @@ def truncated_svd(W: Tensor, rank: int | float | None = None, *, eps: float | No
     if eps is None and rank is not None and 3 * r <= min(A.shape):  # the Gram route's speed range
         U, S, Vh = leading_svd(A, r)
         partial = len(S) < min(A.shape)  # the Gram route; the SVD fallback gives the whole spectrum
-        return _finish(U, S[:r].to(A.dtype), Vh, S.to(A.dtype), W, energy=float(A.double().norm()) ** 2 if partial else None)
+        return _finish(
+            U, S[:r].to(A.dtype), Vh, S.to(A.dtype), W, energy=float(A.double().norm()) ** 2 if partial else None
+        )
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     if eps is not None:
         r = min(r, rank_for_tolerance(S, check_tolerance(eps)))
     return _finish(U[:, :r], S[:r], Vh[:r], S, W)
 
 
-def randomized_svd(
-    W: Tensor, rank: int | float, *, oversample: int = 10, n_iter: int = 4, seed: int = 0
-) -> SVD:
+def randomized_svd(W: Tensor, rank: int | float, *, oversample: int = 10, n_iter: int = 4, seed: int = 0) -> SVD:
     """Randomized rank-``r`` SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 with QR re-orthonormalisation).
 
     A Gaussian sketch of ``r + oversample`` columns, ``n_iter`` power iterations (each followed by a QR
@@ -233,7 +233,9 @@ def whitened_svd(
     """
     _check_matrix(W)
     if scale is not None and whitening is not None:
-        raise ValueError("whitened_svd takes at most one input-side factor: scale= (shape (n,)) or whitening= (shape (n, n)), not both")
+        raise ValueError(
+            "whitened_svd takes at most one input-side factor: scale= (shape (n,)) or whitening= (shape (n, n)), not both"
+        )
     m, n = W.shape
     r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
     # float64: the whitening factor can be ill-conditioned and its inverse multiplies the error back.
@@ -249,7 +251,9 @@ def whitened_svd(
     elif whitening is not None:
         check_tensor(whitening, "whitening", ndim=2)
         if tuple(whitening.shape) != (n, n):
-            raise ValueError(f"whitening must have shape ({n}, {n}) to match W's {n} columns, got {tuple(whitening.shape)}")
+            raise ValueError(
+                f"whitening must have shape ({n}, {n}) to match W's {n} columns, got {tuple(whitening.shape)}"
+            )
         M = whitening.to(A)
         A = A @ M
     U, S, Vh = leading_svd(A)  # every triplet: the spectrum is the allocator's input

@@ -76,8 +76,11 @@ class TTMatrix:
         """TT-rounding of the paired (m_k n_k) train to at most ``rank`` (see :func:`tt_round`)."""
         flat = TT(tuple(c.reshape(c.shape[0], c.shape[1] * c.shape[2], c.shape[3]) for c in self.cores))
         rounded = tt_round(flat, rank)
-        return TTMatrix(tuple(c.reshape(c.shape[0], m, n, c.shape[2])
-                              for c, m, n in zip(rounded.cores, self.row_dims, self.col_dims)))
+        return TTMatrix(
+            tuple(
+                c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(rounded.cores, self.row_dims, self.col_dims)
+            )
+        )
 
     @property
     def row_dims(self) -> tuple[int, ...]:

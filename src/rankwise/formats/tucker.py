@@ -164,7 +164,9 @@ def tucker_hosvd(x: Tensor, rank: RankSpec, modes: Sequence[int] | None = None) 
 
 def _contract_all_but(x: Tensor, factors: Sequence[Tensor], modes: Sequence[int], skip: set[int]) -> Tensor:
     """``x ×_m factors[m]^T`` for every decomposed mode not in ``skip``, largest size reduction first."""
-    order = sorted((i for i in range(len(modes)) if modes[i] not in skip), key=lambda i: factors[i].shape[1] / factors[i].shape[0])
+    order = sorted(
+        (i for i in range(len(modes)) if modes[i] not in skip), key=lambda i: factors[i].shape[1] / factors[i].shape[0]
+    )
     for i in order:
         x = multi_mode_dot(x, [factors[i]], [modes[i]], transpose=True)
     return x

@@ -46,8 +46,13 @@ class RankwiseConfig(QuantizationConfigMixin):
         (its ``"layer"`` names a type registered in :data:`rankwise.layers.registry.LAYERS`).
     """
 
-    def __init__(self, ranks: dict[str, int] | None = None, version: int = FORMAT_VERSION,
-                 modules: dict[str, dict] | None = None, **kwargs):
+    def __init__(
+        self,
+        ranks: dict[str, int] | None = None,
+        version: int = FORMAT_VERSION,
+        modules: dict[str, dict] | None = None,
+        **kwargs,
+    ):
         if version != FORMAT_VERSION:
             raise ValueError(f"rankwise checkpoint format version must be {FORMAT_VERSION}, got {version!r}")
         bad = {k: v for k, v in (ranks or {}).items() if not is_int(v) or v < 1}
@@ -60,8 +65,10 @@ class RankwiseConfig(QuantizationConfigMixin):
         for name, spec in (modules or {}).items():
             if not isinstance(spec, dict) or spec.get("layer") not in LAYERS:
                 layer = spec.get("layer") if isinstance(spec, dict) else spec
-                raise ValueError(f"rankwise quantization_config modules[{name!r}] names layer type {layer!r}; "
-                                 f"known: {', '.join(LAYERS.names())}")
+                raise ValueError(
+                    f"rankwise quantization_config modules[{name!r}] names layer type {layer!r}; "
+                    f"known: {', '.join(LAYERS.names())}"
+                )
         if modules:  # absent, not empty, in checkpoints without other layer types (older readers see no change)
             self.modules = {name: dict(spec) for name, spec in modules.items()}
 
@@ -86,7 +93,9 @@ def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     for name, rank in ranks.items():
         resolved = _resolve(model, name)
         if resolved is None:
-            raise ValueError(f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have")
+            raise ValueError(
+                f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have"
+            )
         old = model.get_submodule(resolved)
         if isinstance(old, nn.Linear):
             n_in, n_out = old.in_features, old.out_features
@@ -95,8 +104,12 @@ def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
         elif isinstance(old, LowRankLinear) and old.rank == rank:
             continue
         else:
-            raise ValueError(f"rankwise checkpoint lists module {name!r} as factorized, but it is a {type(old).__name__}, not nn.Linear or Conv1D")
-        new = LowRankLinear(n_in, n_out, rank, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
+            raise ValueError(
+                f"rankwise checkpoint lists module {name!r} as factorized, but it is a {type(old).__name__}, not nn.Linear or Conv1D"
+            )
+        new = LowRankLinear(
+            n_in, n_out, rank, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+        )
         parent_name, _, child = resolved.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
@@ -111,7 +124,9 @@ def replace_with_factorized(model: nn.Module, modules: dict[str, dict]) -> nn.Mo
     for name, spec in modules.items():
         resolved = _resolve(model, name)
         if resolved is None:
-            raise ValueError(f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have")
+            raise ValueError(
+                f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have"
+            )
         old = model.get_submodule(resolved)
         if callable(getattr(old, "spec", None)) and old.spec() == spec:
             continue

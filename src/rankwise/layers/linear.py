@@ -27,7 +27,9 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} layer, got {rank}")
+            raise ValueError(
+                f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} layer, got {rank}"
+            )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
@@ -40,7 +42,9 @@ class LowRankLinear(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_factors(cls, factors: SVD, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> LowRankLinear:
+    def from_factors(
+        cls, factors: SVD, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> LowRankLinear:
         """Build from ``W ≈ U diag(S) Vh``, splitting ``sqrt(S)`` onto both sides to balance their scales."""
         m, n = factors.shape
         dtype = dtype or factors.U.dtype
@@ -61,8 +65,13 @@ class LowRankLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """The equivalent nn.Linear (product of the factors, computed in float64)."""
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.up.bias is not None,
-                          device=self.up.weight.device, dtype=self.up.weight.dtype)
+        dense = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.up.bias is not None,
+            device=self.up.weight.device,
+            dtype=self.up.weight.dtype,
+        )
         with torch.no_grad():
             W = self.up.weight.to(torch.float64) @ self.down.weight.to(torch.float64)
             dense.weight.copy_(W.to(dense.weight.dtype))

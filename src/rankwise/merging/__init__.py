@@ -22,4 +22,3 @@ from . import adamerging, dare, iso_c, linear, model_stock, rebasin, task_arithm
 from .run import merge, merge_to_dir, merged_tensors  # noqa: E402
 
 __all__ = ["METHODS", "merge", "merge_to_dir", "merged_tensors"]
-
