@@ -11,7 +11,8 @@ from torch import nn
 
 from ..io.checkpoint import source_name
 from ..io.lazy import iter_tensors, write_checkpoint
-from ..io.reader import ModelReader, is_conv1d
+from ..io.reader import ModelReader
+from ..layers.linear import is_conv1d
 from .core import Delta, load_peft
 
 

@@ -25,8 +25,9 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._validate import is_int
-from ..layers.linear import LowRankLinear
+from ..layers.linear import LowRankLinear, is_conv1d
 from ..layers.registry import LAYERS
+from ..targets import replace_module
 
 QUANT_METHOD = "rankwise"
 FORMAT_VERSION = 1
@@ -99,7 +100,7 @@ def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
         old = model.get_submodule(resolved)
         if isinstance(old, nn.Linear):
             n_in, n_out = old.in_features, old.out_features
-        elif type(old).__name__ == "Conv1D" and hasattr(old, "nf"):
+        elif is_conv1d(old):
             n_in, n_out = old.weight.shape[0], old.nf
         elif isinstance(old, LowRankLinear) and old.rank == rank:
             continue
@@ -110,9 +111,7 @@ def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
         new = LowRankLinear(
             n_in, n_out, rank, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
         )
-        parent_name, _, child = resolved.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        parent = replace_module(model, resolved, new)
         # Some models' _init_weights reach into a child's .weight (GPT-2 scales c_proj.weight); every
         # tensor of a rankwise checkpoint is stored, so the parent needs no init and must skip it.
         parent._is_hf_initialized = True
@@ -131,9 +130,7 @@ def replace_with_factorized(model: nn.Module, modules: dict[str, dict]) -> nn.Mo
         if callable(getattr(old, "spec", None)) and old.spec() == spec:
             continue
         new = LAYERS.get(spec["layer"]).fn.empty(old, spec)
-        parent_name, _, child = resolved.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        replace_module(model, resolved, new)
         # Every tensor of the new layer is stored; the parent is left to its _init_weights, which may set up
         # non-persistent buffers (BERT's position_ids) that loading does not restore.
         new._is_hf_initialized = True

@@ -8,11 +8,17 @@ from torch import nn
 from ..formats.svd import SVD, truncated_svd
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: a Linear whose weight is stored (in, out). Matched by name, as
+    importing transformers here only for ``isinstance`` would make it a dependency of every layer."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The weight of ``layer`` as (out_features, in_features), for nn.Linear and transformers' Conv1D."""
     if isinstance(layer, nn.Linear):
         return layer.weight
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):  # GPT-2 style, weight is (in, out)
+    if is_conv1d(layer):  # weight is (in, out)
         return layer.weight.T
     raise ValueError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
 
