@@ -63,7 +63,10 @@ class BiLSTM(nn.Module):
 class FeatureExtraction(nn.Module):
     def __init__(self, c: tuple[int, int, int, int] = (32, 64, 128, 256)):
         super().__init__()
-        relu = lambda: nn.ReLU(True)
+
+        def relu() -> nn.Module:
+            return nn.ReLU(True)
+
         self.ConvNet = nn.Sequential(
             nn.Conv2d(1, c[0], 3, 1, 1),
             relu(),

@@ -210,7 +210,8 @@ def gemm_table(repeats: int) -> None:
     a = torch.randn(2048, 4096, dtype=torch.float64, generator=g)
     t = _best_times({"torch": lambda: a @ a.T, "ours": lambda: gram(a)}, repeats)
     print(
-        f"| Gram (2048 x 4096) @ its transpose | {t['torch'][0] * 1e3:.2f} | {t['ours'][0] * 1e3:.2f} | {t['torch'][0] / t['ours'][0]:.2f}x |"
+        f"| Gram (2048 x 4096) @ its transpose | {t['torch'][0] * 1e3:.2f} | {t['ours'][0] * 1e3:.2f} | "
+        f"{t['torch'][0] / t['ours'][0]:.2f}x |"
     )
 
 

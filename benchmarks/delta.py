@@ -189,22 +189,25 @@ def main() -> None:
                     )
                 )
                 print(
-                    f"  {label}: {stats['wall_s']:.1f} s, {stats['peak_mib']:.0f} MiB, err {rows[-1]['err']:.4f}, ppl {ppl:.3f}",
+                    f"  {label}: {stats['wall_s']:.1f} s, {stats['peak_mib']:.0f} MiB, "
+                    f"err {rows[-1]['err']:.4f}, ppl {ppl:.3f}",
                     flush=True,
                 )
 
     print(
-        "\n| method | LoRA params | adapter MiB | rel. Frobenius error | ppl (base+LoRA) | ppl gain recovered | wall s | peak RSS MiB |"
+        "\n| method | LoRA params | adapter MiB | rel. Frobenius error | ppl (base+LoRA) | "
+        "ppl gain recovered | wall s | peak RSS MiB |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['label']} | {row['params'] / 1e6:.2f}M | {row['size']:.0f} | {row['err']:.4f} | {row['ppl']:.3f} | "
-            f"{100 * row['recovered']:.1f}% | {row['wall']:.1f} | {row['peak']:.0f} |"
+            f"| {row['label']} | {row['params'] / 1e6:.2f}M | {row['size']:.0f} | {row['err']:.4f} | "
+            f"{row['ppl']:.3f} | {100 * row['recovered']:.1f}% | {row['wall']:.1f} | {row['peak']:.0f} |"
         )
     print(f"\nreference: ppl base {ppl_base:.3f}, fine-tuned {ppl_ft:.3f}\n")
     print(
-        "| rank | rankwise/mergekit error | rankwise/mergekit wall | rankwise/mergekit peak RSS | keep-budget/mergekit error |"
+        "| rank | rankwise/mergekit error | rankwise/mergekit wall | rankwise/mergekit peak RSS | "
+        "keep-budget/mergekit error |"
     )
     print("|---|---|---|---|---|")
     for r in args.ranks:
@@ -213,8 +216,8 @@ def main() -> None:
             for p in ("mergekit", "rankwise r", "rankwise keep")
         )
         print(
-            f"| {r} | {rw_row['err'] / mk['err']:.4f} | {rw_row['wall'] / mk['wall']:.2f} | {rw_row['peak'] / mk['peak']:.2f} | "
-            f"{rk['err'] / mk['err']:.4f} |"
+            f"| {r} | {rw_row['err'] / mk['err']:.4f} | {rw_row['wall'] / mk['wall']:.2f} | "
+            f"{rw_row['peak'] / mk['peak']:.2f} | {rk['err'] / mk['err']:.4f} |"
         )
 
 

@@ -149,7 +149,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     ppl_dense = perplexity(dense, evals, progress=False)
     print(
-        f"SmolLM2-135M dense perplexity {ppl_dense:.2f} on {evals.numel()} held-out tokens ({time.perf_counter() - t0:.0f}s); "
+        f"SmolLM2-135M dense perplexity {ppl_dense:.2f} on {evals.numel()} held-out tokens "
+        f"({time.perf_counter() - t0:.0f}s); "
         f"calibration {calib.shape[0]}x{calib.shape[1]} tokens; torch threads {args.threads}",
         flush=True,
     )
@@ -188,7 +189,7 @@ def main(argv=None):
     )
     print("|---|---|---|---|---|---|---|---|")
     print(f"| 1.0 | dense | {ppl_dense:.2f} | | 1.000 | | | |")
-    for keep, name, ppl, kept, secs, peak, report in rows:
+    for keep, name, ppl, kept, secs, peak, _ in rows:
         ref = results.get((keep, "whiten"))
         gap = f"{(ppl - ppl_dense) / (ref[1] - ppl_dense):.3f}" if ref else ""
         print(f"| {keep} | {name} | {ppl:.2f} | {gap} | {kept:.3f} | {secs:.0f} | {secs / base:.2f} | {peak:.2f} |")
@@ -198,7 +199,8 @@ def main(argv=None):
         model = results[(low, "ours")][0]
         tp_dense, tp_ours = prefill_throughput(dense, 512, 5), prefill_throughput(model, 512, 5)
         print(
-            f"\nprefill 512 tokens: dense {tp_dense:.0f} tok/s, ours@{low} {tp_ours:.0f} tok/s, ratio {tp_ours / tp_dense:.2f}x"
+            f"\nprefill 512 tokens: dense {tp_dense:.0f} tok/s, ours@{low} {tp_ours:.0f} tok/s, "
+            f"ratio {tp_ours / tp_dense:.2f}x"
         )
     if not args.no_minilm:
         minilm(args)
@@ -217,7 +219,8 @@ def minilm(args, keep=0.8):
     )
     calib = token_sequences(tok, builtin_text("calib"), 128, args.calib_seqs)
     print(
-        f"\nMiniLM-L6 keep {keep}: mean embedding cosine to dense on {len(sentences)} held-out sentences, calibration {calib.shape[0]}x128 tokens"
+        f"\nMiniLM-L6 keep {keep}: mean embedding cosine to dense on {len(sentences)} held-out sentences, "
+        f"calibration {calib.shape[0]}x128 tokens"
     )
     for name in args.minilm_methods:
         model = AutoModel.from_pretrained(d, dtype=torch.float32).eval()

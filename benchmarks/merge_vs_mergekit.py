@@ -105,15 +105,19 @@ def worker(tool: str, config: Path, out: Path) -> None:
 
         cfg = MergeConfiguration.model_validate(yaml.safe_load(config.read_text()))
         opts = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
-        run = lambda: run_merge(cfg, str(out), opts)  # noqa: E731
+
+        def run() -> None:
+            run_merge(cfg, str(out), opts)
+
     else:
         from rankwise.merging import merge_to_dir
         from rankwise.merging.mergekit_yaml import read_mergekit_config
 
         spec = read_mergekit_config(config)
-        run = lambda: merge_to_dir(
-            spec.models, out, spec.method, spec.base, dtype=spec.dtype, force=True, **spec.options
-        )  # noqa: E731
+
+        def run() -> None:
+            merge_to_dir(spec.models, out, spec.method, spec.base, dtype=spec.dtype, force=True, **spec.options)
+
     base_rss = _rss_mib()
     t0 = time.perf_counter()
     run()

@@ -1,4 +1,7 @@
-"""`rankwise compress / eval / info` on tiny models: same result as the API, and every bad input gives one line and exit 2."""
+"""`rankwise compress / eval / info` on tiny models.
+
+Same result as the API, and every bad input gives one line and exit 2.
+"""
 
 from __future__ import annotations
 
@@ -94,7 +97,8 @@ def test_compress_prints_summary(llama_dir, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert re.search(
-        r"params 18,432 -> \d[\d,]* \(kept 0\.\d+, target 0\.9\); method=svd allocate=uniform update=False sequential=False",
+        r"params 18,432 -> \d[\d,]* \(kept 0\.\d+, target 0\.9\); "
+        r"method=svd allocate=uniform update=False sequential=False",
         out,
     )
     assert f"saved {tmp_path / 'c'}" in out
@@ -239,8 +243,8 @@ def test_nan_weight_is_named(tmp_path, capsys):
     run_bad(
         ["compress", str(src), "--out", str(tmp_path / "c"), *FAST],
         capsys,
-        r"^rankwise compress: error: tensor 'model.layers.0.self_attn.v_proj.weight' of '.*/nan' holds 1 NaN/Inf values; "
-        r"only finite weights can be compressed$",
+        r"^rankwise compress: error: tensor 'model.layers.0.self_attn.v_proj.weight' of '.*/nan' "
+        r"holds 1 NaN/Inf values; only finite weights can be compressed$",
         after_loading=True,
     )
     assert no_output(tmp_path) and not (tmp_path / "c.rankwise-run").exists()
@@ -335,7 +339,8 @@ def test_missing_shard_and_full_disk_are_named(tmp_path, capsys, monkeypatch):
     run_bad(
         ["compress", str(src), "--out", str(tmp_path / "c"), *FAST],
         capsys,
-        rf"^rankwise compress: error: shard '{re.escape(str(shards[1]))}' named by '.*model.safetensors.index.json' does not exist$",
+        rf"^rankwise compress: error: shard '{re.escape(str(shards[1]))}' "
+        r"named by '.*model.safetensors.index.json' does not exist$",
         after_loading=True,
     )
     assert no_output(tmp_path)

@@ -1,4 +1,7 @@
-"""`rankwise merge`: results on disk equal the library's formulas; bad input exits 2 with one line and writes nothing."""
+"""`rankwise merge`: results on disk equal the library's formulas.
+
+Bad input exits 2 with one line and writes nothing.
+"""
 
 from __future__ import annotations
 

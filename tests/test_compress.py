@@ -67,16 +67,16 @@ def test_compress_meets_the_budget_and_reports_what_it_did(allocate, keep):
     )
     assert before - count(model) == report.params_before - report.params_after
     if allocate == "fisher":
-        assert report.params_after > keep * report.params_before - max(sum(l.shape) for l in report.layers)
+        assert report.params_after > keep * report.params_before - max(sum(row.shape) for row in report.layers)
     for name, rank in report.ranks.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, LowRankLinear) and layer.rank == rank >= 4
-    for l in report.layers:
-        assert 0.0 <= l.error < 1.0
-        if l.rank is None:
-            assert isinstance(model.get_submodule(l.name), torch.nn.Linear) and l.params_after == l.params_before
+    for row in report.layers:
+        assert 0.0 <= row.error < 1.0
+        if row.rank is None:
+            assert isinstance(model.get_submodule(row.name), torch.nn.Linear) and row.params_after == row.params_before
     assert set(report.timings) == {"calibration", "factorization", "allocation", "write"}
-    assert sum(l.seconds for l in report.layers) <= report.timings["factorization"]  # layers are timed inside it
+    assert sum(row.seconds for row in report.layers) <= report.timings["factorization"]  # layers are timed inside it
     assert torch.isfinite(logits(model)).all()
     d = json.loads(json.dumps(report.to_dict()))
     assert d["params_after"] == report.params_after and d["config"] == report.config.to_dict()
@@ -143,7 +143,7 @@ def test_encoder_and_gpt2_conv1d_are_compressed():
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=80, n_embd=64, n_layer=2, n_head=4, n_positions=32)).double().eval()
     dense = logits(gpt2, ids)
     report = compress_(gpt2, CompressConfig(keep=0.999, allocate="uniform"), ids, progress=False)
-    assert [l.name for l in report.layers] == [
+    assert [row.name for row in report.layers] == [
         f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     ]
     assert isinstance(gpt2.transformer.h[0].attn.c_attn, LowRankLinear)
@@ -158,7 +158,7 @@ def test_include_and_exclude_select_by_name():
         CALIB,
         progress=False,
     )
-    assert [l.name for l in report.layers] == [
+    assert [row.name for row in report.layers] == [
         f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj")
     ]
 
@@ -210,7 +210,8 @@ def test_bad_compress_inputs_are_named_and_leave_the_model_untouched():
         compress_(model, CompressConfig(allocate="uniform"), None, progress=False)
     with pytest.raises(
         ValueError,
-        match=r"^calib must be a LongTensor of token ids, shape \(n_seqs, seq_len\), got torch\.float32 tensor of shape \(2, 3\)$",
+        match=r"^calib must be a LongTensor of token ids, shape \(n_seqs, seq_len\), "
+        r"got torch\.float32 tensor of shape \(2, 3\)$",
     ):
         compress_(model, CompressConfig(), torch.zeros(2, 3), progress=False)
     with pytest.raises(ValueError, match=r"^config must be a rankwise\.CompressConfig, got dict$"):

@@ -137,7 +137,7 @@ def test_bad_inputs_name_the_failing_layer_and_the_accepted_values():
 
 def test_allocate_options_matches_brute_force_and_rejects_too_small_budgets():
     g = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         options = []
         for _ in range(4):
             params = sorted(torch.randint(1, 50, (4,), generator=g).tolist())

@@ -210,7 +210,8 @@ X = torch.ones(2, 3, 4, dtype=torch.float64)  # tree: root, (0, 1), (0,), (1,), 
         # leaf (3,) cannot have rank 2 once its sibling and the root's children have rank 1
         (
             lambda: ht_svd(torch.ones(2, 2, 2, 2), (1, 1, 2, 2, 1, 1, 2)),
-            "rank[6]=2 for the node over modes (3,) exceeds 1, the most its matricization allows given the other ranks in rank=(1, 1, 2, 2, 1, 1, 2)",
+            "rank[6]=2 for the node over modes (3,) exceeds 1, the most its matricization allows "
+            "given the other ranks in rank=(1, 1, 2, 2, 1, 1, 2)",
         ),
     ],
 )

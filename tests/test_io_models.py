@@ -39,7 +39,8 @@ def test_encoder_kind(tmp_path):
 def test_missing_path_and_unknown_alias():
     with pytest.raises(
         FileNotFoundError,
-        match=r"model '/no/such/dir' not found: expected a transformers model directory, a \.gguf or \.safetensors file$",
+        match=r"model '/no/such/dir' not found: expected a transformers model directory, "
+        r"a \.gguf or \.safetensors file$",
     ):
         load_model("/no/such/dir")
     with pytest.raises(FileNotFoundError, match=r"model 'smollm3' not found: .*; built-in aliases: minilm, smollm2$"):

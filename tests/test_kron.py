@@ -103,7 +103,8 @@ W0 = torch.ones(6, 8, dtype=torch.float64)
     [
         (
             lambda: kron_decompose(W0, (2, 4), (3, 3)),
-            "a_shape=(2, 4) and b_shape=(3, 3) give a (6, 12) Kronecker product; accepted: shapes with a_shape[0]*b_shape[0] = 6 and a_shape[1]*b_shape[1] = 8 (W's shape)",
+            "a_shape=(2, 4) and b_shape=(3, 3) give a (6, 12) Kronecker product; "
+            "accepted: shapes with a_shape[0]*b_shape[0] = 6 and a_shape[1]*b_shape[1] = 8 (W's shape)",
         ),
         (
             lambda: kron_decompose(W0, (2, 4, 1), (3, 2)),

@@ -104,7 +104,10 @@ def test_embedding_lower_rank_errors():
     # frequency weights: the weighted error is the whitened SVD's tail, below the plain SVD's weighted error
     weights = torch.linspace(0.1, 3.0, 60, dtype=torch.float64)
     weighted = LowRankEmbedding.from_dense(emb, 5, row_weights=weights)
-    werr = lambda layer: float((weights[:, None] * (layer.dense_weight() - E)).norm())
+
+    def werr(layer: LowRankEmbedding) -> float:
+        return float((weights[:, None] * (layer.dense_weight() - E)).norm())
+
     assert werr(weighted) < werr(low)
     assert math.isclose(werr(weighted), truncated_svd(weights[:, None] * E).tail_error(5), rel_tol=1e-9)
 

@@ -134,8 +134,8 @@ def test_reader_maps_mergekit_defaults_and_notes(llamas, tmp_path):
         (
             {"parameters": {"densty": 0.5}},
             ValueError,
-            r"unknown parameter\(s\) 'densty' for merge_method 'ties'; accepted: density, int8_mask, lambda, normalize, "
-            r"weight",
+            r"unknown parameter\(s\) 'densty' for merge_method 'ties'; "
+            r"accepted: density, int8_mask, lambda, normalize, weight",
         ),
         ({"parameters": {"density": [0.1, 0.9]}}, ValueError, r"parameters.density is a per-layer gradient or filter"),
         ({"slices": []}, ValueError, r"'slices' in '.*' is not supported; rankwise reads the 'models' form only"),

@@ -75,7 +75,7 @@ def test_streamed_checkpoint_equals_in_memory_compression(arch, tmp_path):
     memory = auto.from_pretrained(src).eval()
     ref = compress_(memory, config, calib, progress=False)
     assert report.ranks == ref.ranks and len(report.ranks) > 0
-    assert [dataclass_row(l) for l in report.layers] == [dataclass_row(l) for l in ref.layers]
+    assert [dataclass_row(row) for row in report.layers] == [dataclass_row(row) for row in ref.layers]
     reloaded = auto.from_pretrained(tmp_path / "out").eval()  # stock transformers, after `import rankwise`
     assert isinstance(reloaded.get_submodule(next(iter(report.ranks))), rankwise.LowRankLinear)
     ids = token_ids(2, 10, seed=3)

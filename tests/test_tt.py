@@ -268,7 +268,8 @@ X = torch.ones(2, 3, 4, dtype=torch.float64)
         (lambda: tt_svd(X, (3, 4)), "rank[0]=3 is out of range; accepted: 1 <= rank[0] <= 2 for this shape"),
         (
             lambda: tt_svd(X, (1, 4)),
-            "rank[1]=4 is not a valid TT rank next to its neighbours; accepted: rank[1] <= min(r_prev * n_2, n_3 * r_next) = min(3, 4) in rank=(1, 4)",
+            "rank[1]=4 is not a valid TT rank next to its neighbours; "
+            "accepted: rank[1] <= min(r_prev * n_2, n_3 * r_next) = min(3, 4) in rank=(1, 4)",
         ),
         (lambda: tt_svd(X, 1.5), "rank as a float must be a fraction of the dense parameter count in (0, 1], got 1.5"),
         (lambda: tt_svd(X, "2"), "rank must be an int, a tuple of 2 ints, a float in (0, 1] or None, got '2'"),

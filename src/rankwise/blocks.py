@@ -1,4 +1,6 @@
-"""Run a transformers model one block at a time: each block's call arguments, its forward on stored inputs, the loss head.
+"""Run a transformers model one block at a time.
+
+Each block's call arguments, its forward on stored inputs, the loss head.
 
 The model's own ``forward`` computes everything outside the block stack (embeddings, rotary tables,
 attention masks, final norm, head): every block is replaced by a stand-in that records the arguments

@@ -129,7 +129,10 @@ def collect_module_stats(
         if inputs.ndim < 1 or inputs.shape[0] == 0:
             raise ValueError(f"inputs must be a non-empty tensor of examples (N, ...), got shape {tuple(inputs.shape)}")
         chunks = list(torch.split(inputs, batch_size))
-        run = lambda m, i: m(chunks[i])
+
+        def run(m: nn.Module, i: int) -> torch.Tensor:
+            return m(chunks[i])
+
         n_batches = len(chunks)
     elif callable(inputs):
         run, n_batches = inputs, batches

@@ -6,8 +6,9 @@ Per layer, every candidate (format, rank) gets a predicted loss increase in one 
 weights, ``L`` the input whitening factor and ``s`` the mean output-gradient second moment. For the SVD of the
 (out, in*kh*kw) kernel ``L`` whitens the full patch covariance and the prediction is exact (the truncated SVD of
 ``D W L``); for Tucker-2 and CP ``L`` whitens the input-channel mode by the channel covariance averaged over the
-kernel offsets (the patch metric without cross-offset correlations; exact for 1x1 kernels). One allocator (:func:`rankwise.allocate.allocate_options`) then picks the
-option of every layer minimising the summed prediction within ``keep`` of the targets' dense parameters.
+kernel offsets (the patch metric without cross-offset correlations; exact for 1x1 kernels). One allocator
+(:func:`rankwise.allocate.allocate_options`) then picks the option of every layer minimising the summed
+prediction within ``keep`` of the targets' dense parameters.
 
 References
 ----------

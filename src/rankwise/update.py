@@ -1,4 +1,7 @@
-"""Closed-form refit of the up factor of each factorized layer to the dense outputs, on the compressed model's inputs."""
+"""Closed-form refit of the up factor of each factorized layer to the dense outputs.
+
+The refit uses the compressed model's inputs.
+"""
 
 from __future__ import annotations
 

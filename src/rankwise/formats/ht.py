@@ -146,13 +146,15 @@ def ht_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
     if isinstance(rank, (list, tuple)):
         if len(rank) != len(tree):
             raise ValueError(
-                f"rank must have 2d-1 = {len(tree)} entries (one per tree node, root first), got {len(rank)}: {tuple(rank)!r}"
+                f"rank must have 2d-1 = {len(tree)} entries (one per tree node, root first), "
+                f"got {len(rank)}: {tuple(rank)!r}"
             )
         ranks = tuple(check_int_rank(r, f"rank[{i}]", b) for i, (r, b) in enumerate(zip(rank, bounds)))
         for i, (_, kids) in enumerate(tree):
             if kids and ranks[i] > ranks[kids[0]] * ranks[kids[1]]:
                 raise ValueError(
-                    f"rank[{i}]={ranks[i]} exceeds rank[{kids[0]}] * rank[{kids[1]}] = {ranks[kids[0]] * ranks[kids[1]]}; "
+                    f"rank[{i}]={ranks[i]} exceeds rank[{kids[0]}] * rank[{kids[1]}] = "
+                    f"{ranks[kids[0]] * ranks[kids[1]]}; "
                     f"accepted: a node's rank <= the product of its children's ranks"
                 )
         a, b = tree[0][1]

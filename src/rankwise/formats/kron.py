@@ -111,7 +111,8 @@ def kron_decompose(
     if (m1 * m2, n1 * n2) != tuple(W.shape):
         raise ValueError(
             f"a_shape=({m1}, {n1}) and b_shape=({m2}, {n2}) give a ({m1 * m2}, {n1 * n2}) Kronecker product; "
-            f"accepted: shapes with a_shape[0]*b_shape[0] = {W.shape[0]} and a_shape[1]*b_shape[1] = {W.shape[1]} (W's shape)"
+            f"accepted: shapes with a_shape[0]*b_shape[0] = {W.shape[0]} and "
+            f"a_shape[1]*b_shape[1] = {W.shape[1]} (W's shape)"
         )
     full = min(m1 * n1, m2 * n2)
     if rank is None:

@@ -234,7 +234,8 @@ def whitened_svd(
     _check_matrix(W)
     if scale is not None and whitening is not None:
         raise ValueError(
-            "whitened_svd takes at most one input-side factor: scale= (shape (n,)) or whitening= (shape (n, n)), not both"
+            "whitened_svd takes at most one input-side factor: "
+            "scale= (shape (n,)) or whitening= (shape (n, n)), not both"
         )
     m, n = W.shape
     r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)

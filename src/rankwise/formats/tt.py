@@ -162,7 +162,8 @@ def tt_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
     if isinstance(rank, (list, tuple)):
         if len(rank) != len(bounds):
             raise ValueError(
-                f"rank must have d-1 = {len(bounds)} bond ranks for shape {tuple(shape)}, got {len(rank)}: {tuple(rank)!r}"
+                f"rank must have d-1 = {len(bounds)} bond ranks for shape {tuple(shape)}, "
+                f"got {len(rank)}: {tuple(rank)!r}"
             )
         ranks = tuple(check_int_rank(r, f"rank[{k}]", b) for k, (r, b) in enumerate(zip(rank, bounds)))
         full = (1, *ranks, 1)
@@ -171,7 +172,8 @@ def tt_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
             if full[k] > min(lo, hi):
                 raise ValueError(
                     f"rank[{k - 1}]={full[k]} is not a valid TT rank next to its neighbours; accepted: "
-                    f"rank[{k - 1}] <= min(r_prev * n_{k}, n_{k + 1} * r_next) = min({lo}, {hi}) in rank={tuple(rank)!r}"
+                    f"rank[{k - 1}] <= min(r_prev * n_{k}, n_{k + 1} * r_next) = min({lo}, {hi}) "
+                    f"in rank={tuple(rank)!r}"
                 )
         return ranks
     raise ValueError(f"rank must be an int, a tuple of {len(bounds)} ints, a float in (0, 1] or None, got {rank!r}")

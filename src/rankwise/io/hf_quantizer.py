@@ -106,7 +106,8 @@ def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
             continue
         else:
             raise ValueError(
-                f"rankwise checkpoint lists module {name!r} as factorized, but it is a {type(old).__name__}, not nn.Linear or Conv1D"
+                f"rankwise checkpoint lists module {name!r} as factorized, "
+                f"but it is a {type(old).__name__}, not nn.Linear or Conv1D"
             )
         new = LowRankLinear(
             n_in, n_out, rank, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype

@@ -184,7 +184,8 @@ def open_checkpoint(path: str | os.PathLike) -> LazyCheckpoint:
         else:
             found = sorted(p.name for p in path.iterdir())[:8]
             raise ValueError(
-                f"checkpoint directory {str(path)!r} has no {SINGLE_NAME} or {INDEX_NAME}; found: {', '.join(found) or 'nothing'}"
+                f"checkpoint directory {str(path)!r} has no {SINGLE_NAME} or {INDEX_NAME}; "
+                f"found: {', '.join(found) or 'nothing'}"
             )
         if (path / CONFIG_NAME).is_file():
             try:

@@ -1,9 +1,10 @@
-"""A transformers model built from its config with the block stack left unloaded; blocks are read from the checkpoint one at a time.
+"""A transformers model built from its config with the block stack left unloaded.
 
-Memory holds the modules outside the block stack (embeddings, final norm, head) and one block: the
-model is built with its parameters on the meta device; the stack's stay there until :meth:`CheckpointSource.load_block` reads that block's
-tensors lazily (:mod:`rankwise.io.lazy`, one tensor at a time) and :meth:`release_block` returns
-them to the meta device.
+Blocks are read from the checkpoint one at a time. Memory holds the modules outside the block stack
+(embeddings, final norm, head) and one block: the model is built with its parameters on the meta
+device; the stack's stay there until :meth:`CheckpointSource.load_block` reads that block's tensors
+lazily (:mod:`rankwise.io.lazy`, one tensor at a time) and :meth:`release_block` returns them to the
+meta device.
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ class CheckpointSource:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise ValueError(
-                f"tensor {self.keys[name]!r} of {str(self.hf_dir)!r} holds {bad} NaN/Inf values; only finite weights can be compressed"
+                f"tensor {self.keys[name]!r} of {str(self.hf_dir)!r} holds {bad} NaN/Inf values; "
+                "only finite weights can be compressed"
             )
         return t
 

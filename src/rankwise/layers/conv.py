@@ -295,7 +295,9 @@ class CPConv2d(_FactorizedConv2d):
         return cls.from_factors(conv, cp)
 
     def dense_weight(self) -> torch.Tensor:
-        f = lambda conv: conv.weight.to(torch.float64)
+        def f(conv: nn.Conv2d) -> torch.Tensor:
+            return conv.weight.to(torch.float64)
+
         return torch.einsum(
             "or,ri,rh,rw->oihw",
             f(self.last)[:, :, 0, 0],

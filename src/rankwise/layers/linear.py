@@ -34,7 +34,8 @@ class LowRankLinear(nn.Module):
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
             raise ValueError(
-                f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} layer, got {rank}"
+                f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} layer, "
+                f"got {rank}"
             )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
@@ -86,4 +87,7 @@ class LowRankLinear(nn.Module):
         return dense
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.up.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.up.bias is not None}"
+        )

@@ -48,7 +48,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass
 class MergeSpec:
-    """A mergekit config translated to a rankwise call: ``merge_to_dir(models, out, method, base, dtype=..., **options)``."""
+    """A mergekit config translated to a rankwise call.
+
+    The call is ``merge_to_dir(models, out, method, base, dtype=..., **options)``.
+    """
 
     method: str
     models: list[Path]
@@ -139,7 +142,8 @@ def read_mergekit_config(path: str | os.PathLike) -> MergeSpec:
     bad = sorted(set(glob) - accepted)
     if bad:
         raise ValueError(
-            f"unknown parameter(s) {', '.join(map(repr, bad))} for merge_method {mk!r}; accepted: {', '.join(sorted(accepted))}"
+            f"unknown parameter(s) {', '.join(map(repr, bad))} for merge_method {mk!r}; "
+            f"accepted: {', '.join(sorted(accepted))}"
         )
     glob = {k: _scalar(v, f"parameters.{k}") for k, v in glob.items()}
 

@@ -1,4 +1,7 @@
-"""Model Stock: interpolate between the base and the fine-tunes' average by a ratio set by the angle between fine-tunes."""
+"""Model Stock: interpolate between the base and the fine-tunes' average.
+
+The interpolation ratio is set by the angle between fine-tunes.
+"""
 
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ def weight_matching(
             n = spec.sizes[group]
             cost = torch.zeros(n, n, dtype=torch.float64)
             for k, axes in spec.axes.items():
-                for axis, (gg, block) in axes.items():
+                for axis, (gg, _) in axes.items():
                     if gg != group:
                         continue
                     wb = _permute(b64[k], axes, perms, skip=group)
