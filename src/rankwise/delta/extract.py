@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 import torch
 
+from .._validate import regex
 from ..allocate import allocate_delta_ranks
 from ..calibrate import _bar
 from ..formats._ops import gram_singular_values
 from ..formats.svd import truncated_svd
 from ..io.reader import ModelReader
-from ..targets import compile_regex
 from .core import Delta
 
 EXACT_OTHER = ("store", "skip")
@@ -126,7 +126,7 @@ def extract_delta(
         raise ValueError(f"exact_other must be one of {', '.join(EXACT_OTHER)}, got {exact_other!r}")
     if isinstance(target_modules, str):
         target_modules = [target_modules]
-    inc, exc = compile_regex(include, "include"), compile_regex(exclude, "exclude")
+    inc, exc = regex(include, "include"), regex(exclude, "exclude")
     b, f = ModelReader(base, "base"), ModelReader(finetuned, "finetuned")
     names = _check_same_architecture(b, f)
     saved = _saved_modules(b, names, save_modules)
