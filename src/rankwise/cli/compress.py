@@ -30,6 +30,28 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="where blocks are computed: auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
 
 
+def add_report_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", action="store_true", help="also write OUT/report.html (plots of ranks, spectra, predicted "
+                   "loss, timings; see `rankwise report`); needs matplotlib (the report extra)")
+
+
+def check_report_option(args) -> None:
+    """With ``--report``: fail on a missing matplotlib before the run, not after it."""
+    if args.report:
+        from ..report_figures import check_matplotlib
+
+        check_matplotlib()
+
+
+def write_run_report(args) -> None:
+    """With ``--report``: ``OUT/report.html`` and its figures beside it, in OUT."""
+    if args.report:
+        from ..report import write_report
+
+        paths = write_report(args.out, Path(args.out) / "report.html")
+        print(f"report: {paths[0]}")
+
+
 def config_and_calibration(args, extra: tuple[str, ...] = ()):
     """``(config, model directory, tokenizer, calibration ids)`` from the shared options; the config is
     validated before the model is read."""
@@ -74,6 +96,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heal-steps", type=int, metavar="N", help="then heal: N steps of distillation towards MODEL on "
                    "the calibration text (see `rankwise heal`) before --out is written (default: no healing)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
+    add_report_option(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
     p.set_defaults(func=run_compress)
 
@@ -121,6 +144,7 @@ def run_compress(args) -> int:
     from ..streamed import compress_checkpoint, resolve_device, run_dir
 
     resolve_device(args.device)
+    check_report_option(args)
     _positive(args.heal_steps, "--heal-steps")
     if args.heal_steps is not None and args.resume:
         raise ValueError("--resume cannot be combined with --heal-steps (the unhealed model is not kept)")
@@ -137,6 +161,7 @@ def run_compress(args) -> int:
     print(report.summary())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"saved {out} ({size / 2**20:.1f} MiB of weights); reload with rankwise.load({str(out)!r})")
+    write_run_report(args)
     return 0
 
 
@@ -163,6 +188,7 @@ def compress_and_heal(args, config, hf_dir: Path, calib) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     print(healed.summary())
     print(f"saved {out}; reload with rankwise.load({str(out)!r})")
+    write_run_report(args)
     return 0
 
 
