@@ -250,6 +250,11 @@ def test_interrupted_heal_leaves_no_output(compressed, tmp_path, capsys, monkeyp
     assert tree_digest(compressed) == digest
 
 
+def test_public_names():
+    assert rankwise.heal_ is heal_ and rankwise.HealConfig is HealConfig
+    assert {"HealConfig", "heal_"} <= set(rankwise.__all__)
+
+
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"^steps must be an int >= 1 or None, got 0$"):
         HealConfig(steps=0)

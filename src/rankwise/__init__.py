@@ -26,6 +26,9 @@ _EXPORTS = {
     "compress_modules_": "rankwise.compress_modules",
     "save": "rankwise.io.checkpoint",
     "load": "rankwise.io.checkpoint",
+    # healing
+    "HealConfig": "rankwise.heal",
+    "heal_": "rankwise.heal",
     # deltas
     "extract_delta": "rankwise.delta",
     "apply_delta_": "rankwise.delta",
