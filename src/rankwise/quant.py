@@ -234,3 +234,35 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     stream = ((packed[..., None] >> shifts) & 1).reshape(rows, -1)[:, :cols * bits].reshape(rows, cols, bits)
     weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
     return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def quantize_with_correction(W: Tensor, H: Tensor, bits: int, group_size: int, rank: int, *, symmetric: bool = False,
+                             refits: int = 2, damp: float = 0.01) -> tuple[QuantizedMatrix, Tensor, Tensor, float]:
+    """``W ≈ Q + L R``: a GPTQ-quantized ``Q`` and a rank-``rank`` correction fitted to its error in the
+    metric of ``H`` (the whitened SVD of ``W - Q``), alternated ``refits`` times: ``Q`` is re-quantized from
+    ``W - L R`` and the correction refitted. Returns ``(Q, L (rows, rank), R (rank, cols), error)`` of the
+    iterate with the smallest :func:`hessian_error`, so extra refits never make it worse.
+
+    References
+    ----------
+    C. Zhang et al., "LQER: Low-rank quantization error reconstruction for LLMs", ICML 2024, arXiv:2402.02446.
+    R. Saha et al., "Compressing large language models using low rank and low precision decomposition"
+    (CALDERA), NeurIPS 2024, arXiv:2405.18886.
+    """
+    from .formats.svd import whitened_svd, whitening_factor
+
+    W64 = W.detach().to(torch.float64)
+    M = whitening_factor(H)
+    LR = torch.zeros_like(W64)
+    best = None
+    for _ in range(max(refits, 1)):
+        q = gptq(W64 - LR, H, bits, group_size, symmetric=symmetric, damp=damp)
+        Q = q.dequantize(torch.float64)
+        f = whitened_svd(W64 - Q, rank, whitening=M)
+        root = f.S.to(torch.float64).sqrt()
+        L, R = (f.U * root).to(torch.float16), (root[:, None] * f.Vh).to(torch.float16)
+        LR = L.double() @ R.double()  # the correction as stored: float16 factors
+        err = hessian_error(W64, Q + LR, H)
+        if best is None or err < best[3]:
+            best = (q, L, R, err)
+    return best

@@ -29,15 +29,28 @@ from .atomic import atomic_output_dir
 REPORT_FILE = "rankwise_report.json"
 
 
+def _outer_factorized(model: nn.Module):
+    """``(name, module)`` of every factorized layer (a LowRankLinear or a module with ``spec()``) not inside
+    another one: a layer built of factorized children is rebuilt whole from its own spec."""
+    outer: list[str] = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, LowRankLinear) or callable(getattr(m, "spec", None))):
+            continue
+        if any(name.startswith(prefix + ".") for prefix in outer):
+            continue
+        outer.append(name)
+        yield name, m
+
+
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:
-    """``{qualified name: rank}`` of every ``LowRankLinear`` in ``model``."""
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    """``{qualified name: rank}`` of every ``LowRankLinear`` in ``model`` (not inside another factorized layer)."""
+    return {name: m.rank for name, m in _outer_factorized(model) if isinstance(m, LowRankLinear)}
 
 
 def factorized_specs(model: nn.Module) -> dict[str, dict]:
-    """``{qualified name: spec()}`` of every factorized layer with a ``spec()`` that is not a LowRankLinear."""
-    return {name: m.spec() for name, m in model.named_modules()
-            if callable(getattr(m, "spec", None)) and not isinstance(m, LowRankLinear)}
+    """``{qualified name: spec()}`` of every factorized layer with a ``spec()`` that is not a LowRankLinear
+    (nor inside another factorized layer)."""
+    return {name: m.spec() for name, m in _outer_factorized(model) if not isinstance(m, LowRankLinear)}
 
 
 def source_dir(model: nn.Module) -> Path | None:
