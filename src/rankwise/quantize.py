@@ -128,6 +128,7 @@ def layer_weight(layer: nn.Module) -> torch.Tensor:
     return dense_weight(layer).detach().double()
 
 
+@torch.no_grad()
 def quantize_(model: nn.Module, plan: dict[str, QuantizeConfig], stats: CalibStats, *, progress: bool = True
               ) -> list[QuantLayerReport]:
     """Quantize every layer named in ``plan`` in place (dense: ``QuantLinear``, low-rank: ``QuantLowRankLinear``).

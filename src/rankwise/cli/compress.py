@@ -10,6 +10,7 @@ from pathlib import Path
 DEFAULT_EVAL_TOKENS = 8192
 DEFAULT_SENTENCES = 256
 DEFAULT_CHAT_TOKENS = 64
+QUANT_OPTIONS = ("bits", "rank", "group_size", "bits_per_weight", "size")
 
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
@@ -71,6 +72,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_calibration_options(p)
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})")
+    q = p.add_argument_group("quantization (in memory; GPTQ with the calibration statistics)")
+    q.add_argument("--bits", type=int, help="quantize the factors of every factorized layer to this many bits (2, 3, "
+                   "4, 8); with --method qlr every target layer, plus a rank --rank correction")
+    q.add_argument("--rank", type=int, help="--method qlr: rank of the low-rank correction of the quantization error")
+    q.add_argument("--group-size", type=int, help="input columns per quantization scale: 32, 64, 128 (default 128)")
+    q.add_argument("--bits-per-weight", type=float, metavar="X", help="a byte budget over the target layers' weights "
+                   "(codes, scales, zero points, factors counted): bit widths and Q+LR corrections chosen per layer")
+    q.add_argument("--size", metavar="SIZE", help="a byte budget for the whole model's weights, e.g. 60MB")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
     p.set_defaults(func=run_compress)
@@ -119,6 +128,10 @@ def run_compress(args) -> int:
     from ..streamed import compress_checkpoint, resolve_device, run_dir
 
     resolve_device(args.device)
+    if any(getattr(args, k) is not None for k in QUANT_OPTIONS) or args.method == "qlr":
+        from .quant import run_quantized_compress
+
+        return run_quantized_compress(args)
     config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential"))
     try:
         report = compress_checkpoint(hf_dir, args.out, config, calib, device=args.device, resume=args.resume, force=args.force)

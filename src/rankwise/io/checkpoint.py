@@ -68,7 +68,7 @@ def source_name(directory: Path) -> str:
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer=None, quality: dict | None = None,
-         force: bool = False) -> Path:
+         force: bool = False, card: dict[str, str] | None = None) -> Path:
     """Write ``model`` (with its ``LowRankLinear`` layers) to ``out_dir``, atomically, with a model card.
 
     Every file of the directory the model was loaded from that the compression does not change is copied
@@ -89,6 +89,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer
         ``{measure: value}`` measured on the compressed model, written into the model card.
     force : bool
         Replace an existing ``out_dir``.
+    card : dict, optional
+        The model card's ``method`` and ``budget`` lines, instead of those derived from ``report``.
 
     Returns
     -------
@@ -121,7 +123,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer
             (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
         named = str(getattr(model, "name_or_path", "") or type(model).__name__)
         base = source_name(source) if source is not None else named
-        write_model_card(tmp, base_model=base, **card_text(report, len(ranks)), quality=quality)
+        write_model_card(tmp, base_model=base, **(card or card_text(report, len(ranks))), quality=quality)
     return Path(out_dir)
 
 
