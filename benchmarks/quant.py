@@ -24,7 +24,7 @@ from rankwise.compress import CompressConfig, compress_
 from rankwise.data import builtin_text, token_sequences
 from rankwise.eval import next_token_agreement, perplexity
 from rankwise.io.models import load_model
-from rankwise.quant_budget import quantize_to_budget_
+from rankwise.quant_budget import layer_candidates, quantize_to_budget_
 from rankwise.quantize import QuantizeConfig, layer_weight, quantize_
 from rankwise.targets import find_targets
 
@@ -40,15 +40,19 @@ def row_names() -> list[str]:
     return names + [f"budget-{t}" for t in TARGETS] + [f"lowrank-q{LOWRANK_BITS}-{t}" for t in TARGETS]
 
 
-def build(name: str, dense, targets: list[str], stats, calib):
-    """A quantized copy of ``dense`` for row ``name`` and its per-layer reports."""
+def build(name: str, dense, targets: list[str], stats, calib, candidates: dict):
+    """A quantized copy of ``dense`` for row ``name`` and its per-layer reports; ``candidates`` caches the
+    budget rows' per-layer candidates (built once, for every budget)."""
     model = copy.deepcopy(dense)
     kind, *rest = name.split("-")
     if kind in ("rtn", "gptq"):
         cfg = QuantizeConfig(int(rest[0]), int(rest[1]), symmetric=len(rest) > 2, algorithm=kind)
         return model, quantize_(model, {n: cfg for n in targets}, stats, progress=False)
     if kind == "budget":
-        return model, quantize_to_budget_(model, targets, stats, bits_per_weight=float(rest[0]), progress=False)
+        if not candidates:
+            candidates.update(layer_candidates(dense, targets, stats, progress=False))
+        return model, quantize_to_budget_(model, targets, stats, bits_per_weight=float(rest[0]), built=candidates,
+                                          progress=False)
     target = float(rest[1])
     per_weight = LOWRANK_BITS + 24 / 128  # 4-bit codes + float16 scale + uint8 zero per 128 weights
     compress_(model, CompressConfig(keep=target / per_weight), calib, stats=stats, progress=False)
@@ -82,10 +86,10 @@ def main() -> None:
     print(f"dense perplexity {dense_ppl:.3f} (float32: 32 bits per weight)")
     head = f"{'row':<22} {'bpw':>6} {'MB':>7} {'ppl':>8} {'KL':>8} {'top1':>6} {'time s':>7}"
     print(head + "\n" + "-" * len(head))
-    results = {}
+    results, candidates = {}, {}
     for name in args.rows:
         t0 = time.perf_counter()
-        model, reports = build(name, dense, targets, stats, calib)
+        model, reports = build(name, dense, targets, stats, calib, candidates)
         spent = time.perf_counter() - t0
         nbytes = sum(r.bytes for r in reports) + sum(
             layer_weight(model.get_submodule(n)).numel() * 4 for n in targets if n not in {r.name for r in reports})

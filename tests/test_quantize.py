@@ -142,3 +142,23 @@ def test_low_rank_layer_takes_no_correction(calibrated):
     factorize_some(model, {name: 8})
     with pytest.raises(ValueError, match="is low-rank already; correction_rank applies to dense layers only"):
         quantize_(model, {name: QuantizeConfig(3, 32, correction_rank=2)}, stats, progress=False)
+
+
+def test_budget_spends_within_budget_and_more_bytes_lose_less(calibrated):
+    import copy
+
+    from rankwise.quant_budget import layer_candidates, quantize_to_budget_
+
+    dense, stats = calibrated
+    names = list(find_targets(dense))
+    built = layer_candidates(dense, names, stats, progress=False)
+    weights = sum(layer_weight(dense.get_submodule(n)).numel() for n in names)
+    losses = []
+    for bpw in (2.8, 3.4, 4.2):
+        model = copy.deepcopy(dense)
+        reports = quantize_to_budget_(model, names, stats, bits_per_weight=bpw, built=built, progress=False)
+        assert 8 * sum(module_bytes(model.get_submodule(n)) for n in names) / weights <= bpw
+        chosen = [next(c for c in built[r.name] if c.config.to_dict() == r.config) for r in reports]
+        assert [c.bytes for c in chosen] == [r.bytes for r in reports]
+        losses.append(sum(c.loss for c in chosen))
+    assert losses[0] > losses[1] > losses[2]

@@ -237,11 +237,13 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
 
 
 def quantize_with_correction(W: Tensor, H: Tensor, bits: int, group_size: int, rank: int, *, symmetric: bool = False,
-                             refits: int = 2, damp: float = 0.01) -> tuple[QuantizedMatrix, Tensor, Tensor, float]:
+                             refits: int = 2, damp: float = 0.01, whitening: Tensor | None = None
+                             ) -> tuple[QuantizedMatrix, Tensor, Tensor, float]:
     """``W ≈ Q + L R``: a GPTQ-quantized ``Q`` and a rank-``rank`` correction fitted to its error in the
     metric of ``H`` (the whitened SVD of ``W - Q``), alternated ``refits`` times: ``Q`` is re-quantized from
     ``W - L R`` and the correction refitted. Returns ``(Q, L (rows, rank), R (rank, cols), error)`` of the
-    iterate with the smallest :func:`hessian_error`, so extra refits never make it worse.
+    iterate with the smallest :func:`hessian_error`, so extra refits never make it worse. ``whitening``:
+    :func:`rankwise.formats.svd.whitening_factor` of ``H`` when the caller has it already.
 
     References
     ----------
@@ -252,7 +254,7 @@ def quantize_with_correction(W: Tensor, H: Tensor, bits: int, group_size: int, r
     from .formats.svd import whitened_svd, whitening_factor
 
     W64 = W.detach().to(torch.float64)
-    M = whitening_factor(H)
+    M = whitening_factor(H) if whitening is None else whitening
     LR = torch.zeros_like(W64)
     best = None
     for _ in range(max(refits, 1)):

@@ -16,12 +16,14 @@ every tensor the model stores, the untouched ones (embeddings, norms, layers lef
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .allocate import allocate_options
 from .calibrate import CalibStats, _bar
+from .formats.svd import whitening_factor
 from .quantize import QuantizeConfig, QuantLayerReport, layer_weight, module_bytes, quantize_dense
 from .targets import replace_module
 
@@ -66,15 +68,50 @@ def candidate_loss(W: torch.Tensor, What: torch.Tensor, cov: torch.Tensor, grad_
     return float(per_row.sum() if grad_sq is None else per_row @ grad_sq.to(per_row))
 
 
+@dataclass
+class Candidate:
+    """One way to quantize one layer: the layer it builds, its stored bytes, its estimated loss increase and
+    relative output error (``sqrt(tr(D C D^T) / tr(W C W^T))``)."""
+
+    config: QuantizeConfig
+    layer: nn.Module
+    bytes: int
+    loss: float
+    error: float
+
+
+@torch.no_grad()
+def layer_candidates(model: nn.Module, names: list[str], stats: CalibStats, candidates=DEFAULT_CANDIDATES, *,
+                     progress: bool = True) -> dict[str, list[Candidate]]:
+    """Every layer of ``names`` quantized by every config of ``candidates`` (``model`` is not modified)."""
+    built: dict[str, list[Candidate]] = {}
+    for name in _bar(names, progress, "quantize candidates"):
+        layer = model.get_submodule(name)
+        W = layer_weight(layer)
+        cov = stats.inputs[name].covariance.to(torch.float64)
+        g = stats.out_grad_sq.get(name)
+        M = whitening_factor(cov) if any(c.correction_rank for c in candidates) else None
+        total = max(candidate_loss(W, 0 * W, cov, None), 1e-300)
+        built[name] = []
+        for config in candidates:
+            new = quantize_dense(layer, cov, config, M)
+            What = new.dense_weight()
+            built[name].append(Candidate(config, new, module_bytes(new), candidate_loss(W, What, cov, g),
+                                         (candidate_loss(W, What, cov, None) / total) ** 0.5))
+    return built
+
+
 @torch.no_grad()
 def quantize_to_budget_(model: nn.Module, names: list[str], stats: CalibStats, *, bits_per_weight: float | None = None,
-                        size: int | None = None, candidates=DEFAULT_CANDIDATES, progress: bool = True
+                        size: int | None = None, candidates=DEFAULT_CANDIDATES, built=None, progress: bool = True
                         ) -> list[QuantLayerReport]:
     """Quantize the dense layers ``names`` of ``model`` in place within ``bits_per_weight`` (over those
     layers' dense weights) or ``size`` (bytes of the whole model); exactly one of the two.
 
-    Raises ``ValueError`` naming the minimum when the budget is below what the cheapest candidates (and, for
-    ``size``, the untouched tensors) need.
+    ``built``: :func:`layer_candidates` of this model (or of an identical copy), to try several budgets
+    without quantizing again; its layers are swapped into ``model``. Raises ``ValueError`` naming the
+    minimum when the budget is below what the cheapest candidates (and, for ``size``, the untouched
+    tensors) need.
     """
     if (bits_per_weight is None) == (size is None):
         raise ValueError("give exactly one budget: bits_per_weight (over the quantized layers) or size (bytes)")
@@ -85,32 +122,18 @@ def quantize_to_budget_(model: nn.Module, names: list[str], stats: CalibStats, *
         budget = bits_per_weight * dense_weights / 8
     else:
         budget = size - check_size(model, names, size)
-    built: dict[str, list[tuple[nn.Module, int, float]]] = {}
-    for name in _bar(names, progress, "quantize candidates"):
-        layer = model.get_submodule(name)
-        W = layer_weight(layer)
-        cov = stats.inputs[name].covariance.to(torch.float64)
-        g = stats.out_grad_sq.get(name)
-        built[name] = []
-        for config in candidates:
-            new = quantize_dense(layer, cov, config)
-            built[name].append((new, module_bytes(new), candidate_loss(W, new.dense_weight(), cov, g)))
-    options = [[(b, loss) for _, b, loss in built[n]] for n in names]
+    built = built if built is not None else layer_candidates(model, names, stats, candidates, progress=progress)
+    options = [[(c.bytes, c.loss) for c in built[n]] for n in names]
     cheapest = sum(min(b for b, _ in opts) for opts in options)
     if cheapest > budget:
         need = (f"{cheapest * 8 / dense_weights:.3f} bits per weight" if size is None
                 else f"{cheapest + untouched_bytes(model, names):,} bytes")
         raise ValueError(f"the budget is below the smallest quantization of every layer; the minimum is {need}")
-    chosen = allocate_options(options, budget)
     reports = []
-    for name, k in zip(names, chosen):
-        new, nbytes, loss = built[name][k]
-        W = layer_weight(model.get_submodule(name))
-        cov = stats.inputs[name].covariance.to(torch.float64)
-        total = max(candidate_loss(W, 0 * W, cov, None), 1e-300)
-        error = (candidate_loss(W, new.dense_weight(), cov, None) / total) ** 0.5
-        config = candidates[k]
-        replace_module(model, name, new)
-        kind = "quant+lr" if config.correction_rank else "quant"
-        reports.append(QuantLayerReport(name, kind, config.to_dict(), nbytes, W.numel(), error, 0.0))
+    for name, k in zip(names, allocate_options(options, budget)):
+        c = built[name][k]
+        dense_weights = layer_weight(model.get_submodule(name)).numel()
+        replace_module(model, name, c.layer)
+        kind = "quant+lr" if c.config.correction_rank else "quant"
+        reports.append(QuantLayerReport(name, kind, c.config.to_dict(), c.bytes, dense_weights, c.error, 0.0))
     return reports

@@ -88,15 +88,17 @@ def quantize_matrix(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig):
     return gptq(W, H, config.bits, config.group_size, symmetric=config.symmetric, damp=config.damp)
 
 
-def quantize_dense(layer: nn.Module, H: torch.Tensor, config: QuantizeConfig) -> QuantLinear:
-    """A :class:`QuantLinear` for ``layer`` (nn.Linear or Conv1D) whose inputs have second moment ``H``."""
+def quantize_dense(layer: nn.Module, H: torch.Tensor, config: QuantizeConfig, whitening: torch.Tensor | None = None
+                   ) -> QuantLinear:
+    """A :class:`QuantLinear` for ``layer`` (nn.Linear or Conv1D) whose inputs have second moment ``H``
+    (``whitening``: its whitening factor, if known, for a Q + LR correction)."""
     W = dense_weight(layer).detach()
     bias = getattr(layer, "bias", None)
     dtype = W.dtype
     if config.correction_rank:
         rank = min(config.correction_rank, *W.shape)
         q, L, R, _ = quantize_with_correction(W, H, config.bits, config.group_size, rank, symmetric=config.symmetric,
-                                              refits=config.refits, damp=config.damp)
+                                              refits=config.refits, damp=config.damp, whitening=whitening)
         return QuantLinear.from_quantized(q, bias, (L, R), dtype=dtype)
     return QuantLinear.from_quantized(quantize_matrix(W, H, config), bias, dtype=dtype)
 
