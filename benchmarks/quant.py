@@ -102,6 +102,8 @@ def main() -> None:
             for r in reports:
                 c = r.config
                 key = f"{c['bits']}b/g{c['group_size']}" + (f"+r{c['correction_rank']}" if c["correction_rank"] else "")
+                if "rank" in c:
+                    key = f"lowrank+{key} factors"
                 mix[key] = mix.get(key, 0) + 1
             print("    layers by choice: " + ", ".join(f"{k} x{v}" for k, v in sorted(mix.items())))
         del model

@@ -94,10 +94,6 @@ def test_size_budget_is_met(llama_dir, tmp_path, capsys):
     (["--size", "1MB", "--bits-per-weight", "3"], "give one byte budget: --bits-per-weight or --size, not both"),
     (["--size", "1MB"], "size 1,000,000 bytes is below the 3,907,456 bytes the model's untouched tensors "
                         "(embeddings, norms, layers not quantized) need; the minimum is more than 3,907,456"),
-    # 2-bit, one group per row: 8 + 3 bytes per 32-column row (224 rows a block), 16 + 3 per 64-column row (32):
-    # (224 * 11 + 32 * 19) * 8 / 9216 weights = 2.667
-    (["--bits-per-weight", "1.0"], "the budget is below the smallest quantization of every layer; the minimum is "
-                                   "2.667 bits per weight"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(llama_dir, tmp_path, capsys, argv, message):
     out = tmp_path / "bad"
@@ -105,3 +101,15 @@ def test_bad_input_one_line_exit_2_nothing_written(llama_dir, tmp_path, capsys, 
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
     assert err == [f"rankwise compress: error: {message}"]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_bits_per_weight_below_minimum_names_it_and_the_minimum_works(llama_dir, tmp_path, capsys):
+    assert main(["compress", str(llama_dir), "--out", str(tmp_path / "bad"), *FAST, "--bits-per-weight", "1.0"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    m = re.fullmatch(r"rankwise compress: error: the budget is below the smallest quantization of every layer; "
+                     r"the minimum is (\d\.\d{3}) bits per weight", err[0])
+    assert len(err) == 1 and m and not (tmp_path / "bad").exists()
+    minimum = float(m.group(1))
+    assert 1.0 < minimum < 3.0
+    assert main(["compress", str(llama_dir), "--out", str(tmp_path / "min"), *FAST, "--bits-per-weight",
+                 str(minimum + 0.001)]) == 0

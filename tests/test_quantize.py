@@ -158,7 +158,9 @@ def test_budget_spends_within_budget_and_more_bytes_lose_less(calibrated):
         model = copy.deepcopy(dense)
         reports = quantize_to_budget_(model, names, stats, bits_per_weight=bpw, built=built, progress=False)
         assert 8 * sum(module_bytes(model.get_submodule(n)) for n in names) / weights <= bpw
-        chosen = [next(c for c in built[r.name] if c.config.to_dict() == r.config) for r in reports]
+        chosen = [next(c for c in built[r.name] if c.describe() == r.config) for r in reports]
         assert [c.bytes for c in chosen] == [r.bytes for r in reports]
         losses.append(sum(c.loss for c in chosen))
     assert losses[0] > losses[1] > losses[2]
+    kinds = {c.kind for cands in built.values() for c in cands}
+    assert kinds == {"quant", "quant+lr", "lowrank+quant"}

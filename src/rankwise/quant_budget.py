@@ -1,7 +1,9 @@
-"""Quantize a model to a byte budget: per layer, the bit width and low-rank correction that buy the most.
+"""Quantize a model to a byte budget: per layer, the bit width, correction or factorization that buys the most.
 
 Every target layer is quantized once per candidate :class:`~rankwise.quantize.QuantizeConfig` (bit
-widths, Q + LR corrections); each candidate's stored bytes are counted from the layer it builds and its
+widths, Q + LR corrections) and factorized at a few ranks with quantized factors (the whitened,
+Fisher-weighted SVD of :func:`rankwise.compress.factorize`, then
+:func:`rankwise.quantize.quantize_factors`); each candidate's stored bytes are counted from the layer it builds and its
 loss increase estimated from its output error on the calibration inputs, weighted per output channel
 by the loss-gradient second moment when calibration collected one (``tr(diag(g) D C D^T)`` for the
 weight error ``D``, the input second moment ``C`` and ``g = E[(dL/dy)^2]``; plain ``tr(D C D^T)`` without
@@ -24,7 +26,8 @@ from torch import nn
 from .allocate import allocate_options
 from .calibrate import CalibStats, _bar
 from .formats.svd import whitening_factor
-from .quantize import QuantizeConfig, QuantLayerReport, layer_weight, module_bytes, quantize_dense
+from .layers.linear import LowRankLinear, dense_weight
+from .quantize import QuantizeConfig, QuantLayerReport, layer_weight, module_bytes, quantize_dense, quantize_factors
 from .targets import replace_module
 
 # bit widths 2/3/4 at group 128 and Q + LR at 2 and 3 bits: a ladder from ~2.2 to ~4.3 bits per weight
@@ -33,6 +36,9 @@ DEFAULT_CANDIDATES = (
     QuantizeConfig(2, 128, correction_rank=16), QuantizeConfig(2, 128, correction_rank=32),
     QuantizeConfig(3, 128, correction_rank=16),
 )
+# low-rank + quantized factors: ranks keeping these fractions of the dense parameters, factors at 4 bits
+DEFAULT_LOWRANK_KEEPS = (0.4, 0.55, 0.7, 0.85)
+FACTOR_CONFIG = QuantizeConfig(4, 128)
 SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -78,26 +84,47 @@ class Candidate:
     bytes: int
     loss: float
     error: float
+    rank: int | None = None  # low-rank + quantized factors at this rank; None: the dense layer quantized
+
+    @property
+    def kind(self) -> str:
+        return "lowrank+quant" if self.rank else "quant+lr" if self.config.correction_rank else "quant"
+
+    def describe(self) -> dict:
+        return self.config.to_dict() | ({"rank": self.rank} if self.rank else {})
 
 
 @torch.no_grad()
 def layer_candidates(model: nn.Module, names: list[str], stats: CalibStats, candidates=DEFAULT_CANDIDATES, *,
-                     progress: bool = True) -> dict[str, list[Candidate]]:
-    """Every layer of ``names`` quantized by every config of ``candidates`` (``model`` is not modified)."""
+                     lowrank_keeps=DEFAULT_LOWRANK_KEEPS, progress: bool = True) -> dict[str, list[Candidate]]:
+    """Every layer of ``names`` quantized by every config of ``candidates``, and factorized at every fraction
+    of ``lowrank_keeps`` with :data:`FACTOR_CONFIG` factors (``model`` is not modified)."""
+    from .compress import CompressConfig, factorize
+
+    method = CompressConfig(allocate="fisher" if stats.out_grad_sq else "uniform")
     built: dict[str, list[Candidate]] = {}
     for name in _bar(names, progress, "quantize candidates"):
         layer = model.get_submodule(name)
         W = layer_weight(layer)
-        cov = stats.inputs[name].covariance.to(torch.float64)
+        st = stats.inputs[name]
+        cov = st.covariance.to(torch.float64)
         g = stats.out_grad_sq.get(name)
-        M = whitening_factor(cov) if any(c.correction_rank for c in candidates) else None
+        cache = {id(st): whitening_factor(st.covariance)}  # the form compress.factorize caches it in
         total = max(candidate_loss(W, 0 * W, cov, None), 1e-300)
+        made = [(c, None, quantize_dense(layer, cov, c, cache[id(st)])) for c in candidates]
+        if lowrank_keeps:
+            m, n = W.shape
+            f = factorize(dense_weight(layer).detach(), method, stats, name, cache)
+            for keep in lowrank_keeps:
+                r = max(1, int(keep * m * n / (m + n)))
+                if r < min(m, n):
+                    low = LowRankLinear.from_factors(f.truncate(r), getattr(layer, "bias", None), dtype=W.dtype)
+                    made.append((FACTOR_CONFIG, r, quantize_factors(low, cov, FACTOR_CONFIG)))
         built[name] = []
-        for config in candidates:
-            new = quantize_dense(layer, cov, config, M)
+        for config, rank, new in made:
             What = new.dense_weight()
             built[name].append(Candidate(config, new, module_bytes(new), candidate_loss(W, What, cov, g),
-                                         (candidate_loss(W, What, cov, None) / total) ** 0.5))
+                                         (candidate_loss(W, What, cov, None) / total) ** 0.5, rank))
     return built
 
 
@@ -134,6 +161,5 @@ def quantize_to_budget_(model: nn.Module, names: list[str], stats: CalibStats, *
         c = built[name][k]
         dense_weights = layer_weight(model.get_submodule(name)).numel()
         replace_module(model, name, c.layer)
-        kind = "quant+lr" if c.config.correction_rank else "quant"
-        reports.append(QuantLayerReport(name, kind, c.config.to_dict(), c.bytes, dense_weights, c.error, 0.0))
+        reports.append(QuantLayerReport(name, c.kind, c.describe(), c.bytes, dense_weights, c.error, 0.0))
     return reports
