@@ -33,8 +33,7 @@ from .targets import replace_module
 # bit widths 2/3/4 at group 128 and Q + LR at 2 and 3 bits: a ladder from ~2.2 to ~4.3 bits per weight
 DEFAULT_CANDIDATES = (
     QuantizeConfig(2, 128), QuantizeConfig(2, 64), QuantizeConfig(3, 128), QuantizeConfig(4, 128),
-    QuantizeConfig(2, 128, correction_rank=16), QuantizeConfig(2, 128, correction_rank=32),
-    QuantizeConfig(3, 128, correction_rank=16),
+    QuantizeConfig(2, 128, correction_rank=16), QuantizeConfig(3, 128, correction_rank=16),
 )
 # low-rank + quantized factors: ranks keeping these fractions of the dense parameters, factors at 4 bits
 DEFAULT_LOWRANK_KEEPS = (0.4, 0.55, 0.7, 0.85)
