@@ -49,6 +49,10 @@ def test_lowrank_with_quantized_factors(llama_dir, tmp_path, capsys):
     layers = [m for m in model.modules() if isinstance(m, QuantLowRankLinear)]
     assert layers and all(m.down.bits == 4 and m.up.group_size == 32 for m in layers)
     assert "whiten low-rank at keep 0.6 + 4-bit factors" in text
+    assert main(["info", str(out)]) == 0
+    ranks = {name: m.rank for name, m in model.named_modules() if isinstance(m, QuantLowRankLinear)}
+    info = capsys.readouterr().out
+    assert all(re.search(rf"^{re.escape(n)} +\d+x\d+ +{r}@4b ", info, re.M) for n, r in ranks.items())
     assert tree_digest(llama_dir) == digest
 
 
@@ -59,6 +63,9 @@ def test_qlr(llama_dir, tmp_path, capsys):
     model = _check_reload(out, capsys.readouterr().out)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14 and all(m.bits == 2 and m.correction_rank == 4 for m in layers)
+    assert main(["info", str(out)]) == 0
+    rows = re.findall(r"^model\.layers\.\d\.\S+ +\d+x\d+ +(\S+) ", capsys.readouterr().out, re.M)
+    assert rows == ["2b+r4"] * 14
 
 
 def test_bits_per_weight_budget_is_met(llama_dir, tmp_path, capsys):

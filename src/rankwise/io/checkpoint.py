@@ -192,13 +192,21 @@ def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
     for name, spec in sorted(modules.items(), key=lambda item: natural(item[0])):
         inside = lambda key, name=name: key.startswith(f"{name}.") or f".{name}." in key
         after = sum(math.prod(s) for k, s in shapes.items() if inside(k))
-        rank = spec.get("rank", spec.get("ranks"))  # a tuple of ranks prints as "3x2" in `rankwise info`
-        rows.append((name, _dense_shape(spec), rank if isinstance(rank, int) else "x".join(map(str, rank)), after,
-                     _dense_params(spec)))
+        rows.append((name, _dense_shape(spec), _rank_label(spec), after, _dense_params(spec)))
     stored = sum(math.prod(s) for s in shapes.values())
     after, before = sum(r[3] for r in rows), sum(r[4] for r in rows)
     totals = {"layers_before": before, "layers_after": after, "model_before": stored - after + before, "model_after": stored}
     return rows, totals
+
+
+def _rank_label(spec: dict) -> int | str:
+    """The rank column of `rankwise info`: a tuple of ranks as "3x2"; quantized layers as "4b" (bits), "2b+r16"
+    (with a rank-16 correction) or "40@4b" (rank-40 factors at 4 bits)."""
+    rank = spec.get("rank", spec.get("ranks"))
+    if "bits" in spec:
+        correction = f"+r{spec['correction_rank']}" if spec.get("correction_rank") else ""
+        return (f"{rank}@" if rank else "") + f"{spec['bits']}b{correction}"
+    return rank if isinstance(rank, int) else "x".join(map(str, rank))
 
 
 def _dense_shape(spec: dict) -> tuple[int, int]:
