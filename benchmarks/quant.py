@@ -33,7 +33,7 @@ from rankwise.targets import find_targets
 BASELINES = [(alg, bits, group, sym) for alg in ("gptq", "rtn") for bits, group, sym in (
     (3, 128, False), (3, 128, True), (2, 64, False), (2, 32, True), (4, 128, False), (3, 64, False), (2, 128, False))]
 TARGETS = (3.0, 2.5)
-LOWRANK_BITS = 4  # low-rank + quantized factors: keep = target bpw / (this + its group overhead)
+LOWRANK_BITS = 4  # low-rank + quantized factors (and dense-kept layers): keep = target bpw / (this + group overhead)
 
 
 def row_names() -> list[str]:
@@ -59,10 +59,10 @@ def build(name: str, dense, targets: list[str], stats, calib, candidates: dict):
     target = float(rest[1])
     per_weight = LOWRANK_BITS + 24 / 128  # 4-bit codes + float16 scale + uint8 zero per 128 weights
     compress_(model, CompressConfig(keep=target / per_weight), calib, stats=stats, progress=False)
+    # every target quantized: factorized layers' factors, and the layers the allocator left dense (their
+    # rank would not have saved parameters) as they are, at the same bits
     cfg = QuantizeConfig(LOWRANK_BITS, 128)
-    plan = {n: cfg for n in targets if not isinstance(model.get_submodule(n), torch.nn.Linear)}
-    reports = quantize_(model, plan, stats, progress=False)
-    return model, reports
+    return model, quantize_(model, {n: cfg for n in targets}, stats, progress=False)
 
 
 def main() -> None:
