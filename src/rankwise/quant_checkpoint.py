@@ -3,7 +3,8 @@
 Three forms share one calibration (:func:`rankwise.calibrate.collect_stats` on the dense model):
 
 - low-rank + quantized factors (``--bits B`` with a factorization method): :func:`rankwise.compress_` at
-  ``keep``, then every factorized layer's factors quantized by :func:`rankwise.quantize.quantize_`;
+  ``keep``, then every factorized layer's factors quantized by :func:`rankwise.quantize.quantize_` (and
+  the layers left dense quantized as they are, at the same bits);
 - Q + LR (``--method qlr --bits B --rank R``): every target layer quantized with a rank-R correction;
 - a byte budget (``--bits-per-weight X`` or ``--size S``): :func:`rankwise.quant_budget.quantize_to_budget_`.
 
@@ -22,7 +23,6 @@ from .calibrate import collect_stats
 from .compress import CompressConfig, compress_
 from .io.checkpoint import save
 from .io.models import load_model
-from .layers.linear import LowRankLinear
 from .quant_budget import check_size, quantize_to_budget_
 from .quantize import QuantizeConfig, QuantLayerReport, layer_weight, module_bytes, quantize_
 from .targets import find_targets
@@ -98,8 +98,8 @@ def compress_quantized(model, out_dir: str | Path, calib: torch.Tensor, *, confi
         method = f"byte budget ({bits_per_weight} bits per weight)" if size is None else f"byte budget ({size:,} bytes)"
     elif lowrank:
         compress_(model, config, calib, stats=stats, progress=progress)
-        plan = {n: quant for n in names if isinstance(model.get_submodule(n), LowRankLinear)}
-        reports = quantize_(model, plan, stats, progress=progress)
+        # the layers the allocator left dense (no rank would save parameters) are quantized as they are
+        reports = quantize_(model, {n: quant for n in names}, stats, progress=progress)
         method = f"{config.method} low-rank at keep {config.keep} + {quant.bits}-bit factors"
     else:
         reports = quantize_(model, {n: quant for n in names}, stats, progress=progress)
