@@ -48,7 +48,7 @@ def test_lowrank_with_quantized_factors(llama_dir, tmp_path, capsys):
     model = _check_reload(out, text)
     layers = [m for m in model.modules() if isinstance(m, QuantLowRankLinear)]
     assert layers and all(m.down.bits == 4 and m.up.group_size == 32 for m in layers)
-    targets = [m for n, m in model.named_modules() if re.fullmatch(r"model\.layers\.\d\.(self_attn|mlp)\.\w+", n)]
+    targets = [m for n, m in model.named_modules() if re.fullmatch(r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj", n)]
     kept = [m for m in targets if isinstance(m, QuantLinear)]  # left dense by the allocator, quantized as they are
     assert len(targets) == 14 and len(kept) + len(layers) == 14 and all(m.bits == 4 for m in kept)
     assert "whiten low-rank at keep 0.6 + 4-bit factors" in text
