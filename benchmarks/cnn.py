@@ -76,7 +76,9 @@ def conv_macs(model: nn.Module, images: torch.Tensor) -> int:
     return total // images.shape[0]
 
 
-def latency(model: nn.Module, images: torch.Tensor, repeats: int, dense: nn.Module | None = None) -> tuple[float, float]:
+def latency(
+    model: nn.Module, images: torch.Tensor, repeats: int, dense: nn.Module | None = None
+) -> tuple[float, float]:
     """Median seconds of ``model(images)`` and, interleaved call by call, of ``dense(images)`` (the shared
     machine's load drifts; interleaving keeps the ratio fair). Without ``dense`` the second value is 0."""
     times, anchor = [], []
@@ -98,8 +100,9 @@ def tltorch_compress(model: nn.Module, targets: dict, factorization: str, keep: 
 
     for name, conv in targets.items():
         kwargs = {"fixed_rank_modes": "spatial"} if spatial else {}
-        new = tltorch.FactorizedConv.from_conv(conv, rank=keep, factorization=factorization,
-                                               implementation="factorized", **kwargs)
+        new = tltorch.FactorizedConv.from_conv(
+            conv, rank=keep, factorization=factorization, implementation="factorized", **kwargs
+        )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
     return model
@@ -123,22 +126,30 @@ def main() -> None:
     config = ModuleCompressConfig(kinds=("conv2d",), min_in_channels=2)
     targets = find_module_targets(dense, config)
     target_params = sum(sum(p.numel() for p in m.parameters()) for m in targets.values())
-    print(f"CRNN english_g2: {len(targets)} target convs, {target_params:,} params; {len(eval_words)} eval words, "
-          f"{len(calib_words)} calibration words; timing batch {tuple(timing_batch.shape)}; threads {args.threads}")
+    print(
+        f"CRNN english_g2: {len(targets)} target convs, {target_params:,} params; {len(eval_words)} eval words, "
+        f"{len(calib_words)} calibration words; timing batch {tuple(timing_batch.shape)}; threads {args.threads}"
+    )
     stats = None
     if any(m.startswith("rankwise") for m in args.methods):
         t0 = time.perf_counter()
         stats = collect_module_stats(dense, targets, ctc_runner(calib), fisher=True, batches=len(calib))
-        print(f"rankwise calibration (patch second moments + CTC-loss gradients, {len(calib_words)} words): "
-              f"{time.perf_counter() - t0:.1f}s, shared by every rankwise row (fit s excludes it)")
+        print(
+            f"rankwise calibration (patch second moments + CTC-loss gradients, {len(calib_words)} words): "
+            f"{time.perf_counter() - t0:.1f}s, shared by every rankwise row (fit s excludes it)"
+        )
     acc, cer = evaluate(dense, evals)
     t_dense = latency(dense, timing_batch, args.repeats)[0]
-    head = f"{'method':<17} {'keep':>5} {'params':>10} {'word acc':>8} {'CER':>6} {'MMAC/word':>10} {'ms/batch':>9} " \
-           f"{'x dense':>7} {'fit s':>6}  formats"
+    head = (
+        f"{'method':<17} {'keep':>5} {'params':>10} {'word acc':>8} {'CER':>6} {'MMAC/word':>10} {'ms/batch':>9} "
+        f"{'x dense':>7} {'fit s':>6}  formats"
+    )
     print(head)
     print("-" * len(head))
-    print(f"{'dense':<17} {1.0:>5.2f} {target_params:>10,} {acc:>8.3f} {cer:>6.3f} "
-          f"{conv_macs(dense, timing_batch) / 1e6:>10.1f} {t_dense * 1e3:>9.1f} {1.0:>7.2f} {0:>6.1f}")
+    print(
+        f"{'dense':<17} {1.0:>5.2f} {target_params:>10,} {acc:>8.3f} {cer:>6.3f} "
+        f"{conv_macs(dense, timing_batch) / 1e6:>10.1f} {t_dense * 1e3:>9.1f} {1.0:>7.2f} {0:>6.1f}"
+    )
     for keep in args.keeps:
         for method in args.methods:
             model = copy.deepcopy(dense)
@@ -146,14 +157,18 @@ def main() -> None:
             formats = ""
             if method.startswith("rankwise"):
                 fmt = method.split("-")[1]
-                report = compress_modules_(model, ModuleCompressConfig(keep=keep, format=fmt, kinds=("conv2d",)),
-                                           stats=stats)
+                report = compress_modules_(
+                    model, ModuleCompressConfig(keep=keep, format=fmt, kinds=("conv2d",)), stats=stats
+                )
                 formats = " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
                 params = sum(r["params_after"] for r in report)
                 macs = f"{conv_macs(model, timing_batch) / 1e6:>10.1f}"
             else:
-                fact = {"tltorch-cp": ("cp", False), "tltorch-tucker": ("tucker", False),
-                        "tltorch-tucker2": ("tucker", True)}[method]
+                fact = {
+                    "tltorch-cp": ("cp", False),
+                    "tltorch-tucker": ("tucker", False),
+                    "tltorch-tucker2": ("tucker", True),
+                }[method]
                 tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact[0], keep, fact[1])
                 params = sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in targets)
                 macs = f"{'n/a':>10}"
@@ -161,8 +176,11 @@ def main() -> None:
             model.eval()
             acc, cer = evaluate(model, evals)
             t, t_anchor = latency(model, timing_batch, args.repeats, dense)
-            print(f"{method:<17} {keep:>5.2f} {params:>10,} {acc:>8.3f} {cer:>6.3f} {macs} {t * 1e3:>9.1f} "
-                  f"{t / t_anchor:>7.2f} {fit:>6.1f}  {formats}", flush=True)
+            print(
+                f"{method:<17} {keep:>5.2f} {params:>10,} {acc:>8.3f} {cer:>6.3f} {macs} {t * 1e3:>9.1f} "
+                f"{t / t_anchor:>7.2f} {fit:>6.1f}  {formats}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

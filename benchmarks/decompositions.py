@@ -47,7 +47,12 @@ def _plus_noise(x: torch.Tensor, level: float, seed: int) -> torch.Tensor:
 def tucker_input() -> torch.Tensor:
     """Multilinear rank 30 with geometrically decaying core plus 10% noise, 200x200x200."""
     decay = 0.9 ** torch.arange(30, dtype=torch.float64)
-    core = torch.randn(30, 30, 30, dtype=torch.float64, generator=_gen(1)) * decay[:, None, None] * decay[None, :, None] * decay
+    core = (
+        torch.randn(30, 30, 30, dtype=torch.float64, generator=_gen(1))
+        * decay[:, None, None]
+        * decay[None, :, None]
+        * decay
+    )
     x = multi_mode_dot(core, [_orthonormal(200, 30, s) for s in (2, 3, 4)], [0, 1, 2])
     return _plus_noise(x, 0.1, 5)
 
@@ -184,19 +189,30 @@ def gemm_table(repeats: int) -> None:
     print("\n| product (float64) | torch ms | rankwise._ops ms | ratio |\n|---|---:|---:|---:|")
     g = _gen(20)
     cases = {
-        "(16 x 100) @ (100 x 10000), CP contraction": (torch.randn(100, 16, dtype=torch.float64, generator=g).T,
-                                                       torch.randn(100, 10000, dtype=torch.float64, generator=g)),
-        "(64 x 256) @ (256 x 2304), Tucker-2 contraction": (torch.randn(64, 256, dtype=torch.float64, generator=g),
-                                                            torch.randn(256, 2304, dtype=torch.float64, generator=g)),
-        "(4096 x 2048) @ (2048 x 256)": (torch.randn(4096, 2048, dtype=torch.float64, generator=g),
-                                         torch.randn(2048, 256, dtype=torch.float64, generator=g)),
+        "(16 x 100) @ (100 x 10000), CP contraction": (
+            torch.randn(100, 16, dtype=torch.float64, generator=g).T,
+            torch.randn(100, 10000, dtype=torch.float64, generator=g),
+        ),
+        "(64 x 256) @ (256 x 2304), Tucker-2 contraction": (
+            torch.randn(64, 256, dtype=torch.float64, generator=g),
+            torch.randn(256, 2304, dtype=torch.float64, generator=g),
+        ),
+        "(4096 x 2048) @ (2048 x 256)": (
+            torch.randn(4096, 2048, dtype=torch.float64, generator=g),
+            torch.randn(2048, 256, dtype=torch.float64, generator=g),
+        ),
     }
     for label, (a, b) in cases.items():
         t = _best_times({"torch": lambda a=a, b=b: a @ b, "ours": lambda a=a, b=b: matmul(a, b)}, repeats)
-        print(f"| {label} | {t['torch'][0] * 1e3:.2f} | {t['ours'][0] * 1e3:.2f} | {t['torch'][0] / t['ours'][0]:.2f}x |")
+        print(
+            f"| {label} | {t['torch'][0] * 1e3:.2f} | {t['ours'][0] * 1e3:.2f} | {t['torch'][0] / t['ours'][0]:.2f}x |"
+        )
     a = torch.randn(2048, 4096, dtype=torch.float64, generator=g)
     t = _best_times({"torch": lambda: a @ a.T, "ours": lambda: gram(a)}, repeats)
-    print(f"| Gram (2048 x 4096) @ its transpose | {t['torch'][0] * 1e3:.2f} | {t['ours'][0] * 1e3:.2f} | {t['torch'][0] / t['ours'][0]:.2f}x |")
+    print(
+        f"| Gram (2048 x 4096) @ its transpose | {t['torch'][0] * 1e3:.2f} | {t['ours'][0] * 1e3:.2f} | "
+        f"{t['torch'][0] / t['ours'][0]:.2f}x |"
+    )
 
 
 def main() -> None:
@@ -220,7 +236,9 @@ def main() -> None:
         x = build()
         calls = {"rankwise": lambda x=x, ours=ours: ours(x), **_tensorly_runs(x, theirs)}
         if name.startswith("SVD"):
-            calls["rankwise randomized_svd (n_iter=8)"] = lambda x=x: randomized_svd(x, 256, n_iter=8, seed=0).to_dense()
+            calls["rankwise randomized_svd (n_iter=8)"] = lambda x=x: randomized_svd(
+                x, 256, n_iter=8, seed=0
+            ).to_dense()
         results = _best_times(calls, args.repeats)
         errors = {k: _rel_error(out, x) for k, (_, out) in results.items()}
         anchor = min(results[k][0] for k in results if k.startswith("tensorly"))

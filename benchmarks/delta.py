@@ -27,10 +27,9 @@ from pathlib import Path
 import torch
 
 from rankwise.data import builtin_text, token_sequences
-from rankwise.delta import apply_delta_
+from rankwise.delta import apply_delta_, load_peft
 from rankwise.io import atomic_output_dir
 from rankwise.io.models import cache_dir, converted_gguf, resolve
-from rankwise.delta import load_peft
 
 SEQ_LEN = 128
 MEASURE = (
@@ -128,12 +127,17 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(base)
     seqs = token_sequences(tok, builtin_text("eval"), 256, args.eval_seqs, what="evaluation")
     fb, ff = base_model.state_dict(), ft_model.state_dict()
-    true = {n[: -len(".weight")]: ff[n] - fb[n] for n in fb
-            if n.endswith(".weight") and ".layers." in n and fb[n].ndim == 2 and not torch.equal(fb[n], ff[n])}
+    true = {
+        n[: -len(".weight")]: ff[n] - fb[n]
+        for n in fb
+        if n.endswith(".weight") and ".layers." in n and fb[n].ndim == 2 and not torch.equal(fb[n], ff[n])
+    }
     ppl_base, ppl_ft = perplexity(base_model, seqs), perplexity(ft_model, seqs)
     dense = sum(D.numel() for D in true.values())
-    print(f"pair: {len(true)} changed decoder Linear layers, {dense / 1e6:.1f}M weights; eval {seqs.numel()} tokens; "
-          f"ppl base {ppl_base:.3f}, fine-tuned {ppl_ft:.3f}")
+    print(
+        f"pair: {len(true)} changed decoder Linear layers, {dense / 1e6:.1f}M weights; eval {seqs.numel()} tokens; "
+        f"ppl base {ppl_base:.3f}, fine-tuned {ppl_ft:.3f}"
+    )
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="rankwise-delta-bench-") as tmp:
@@ -142,10 +146,28 @@ def main() -> None:
         for r in args.ranks:
             keep = r * sum(sum(D.shape) for D in true.values()) / dense  # rank r's parameter count, allocated freely
             runs = [
-                (f"mergekit r={r}", [mergekit, "--model", str(ft), "--base-model", str(base), "--out-path",
-                                     str(tmp / f"mk{r}"), "--max-rank", str(r), "--quiet"], tmp / f"mk{r}"),
+                (
+                    f"mergekit r={r}",
+                    [
+                        mergekit,
+                        "--model",
+                        str(ft),
+                        "--base-model",
+                        str(base),
+                        "--out-path",
+                        str(tmp / f"mk{r}"),
+                        "--max-rank",
+                        str(r),
+                        "--quiet",
+                    ],
+                    tmp / f"mk{r}",
+                ),
                 (f"rankwise r={r}", [*rw, "--out", str(tmp / f"rw{r}"), "--rank", str(r)], tmp / f"rw{r}"),
-                (f"rankwise keep={keep:.4f}", [*rw, "--out", str(tmp / f"rk{r}"), "--keep", f"{keep:.6f}"], tmp / f"rk{r}"),
+                (
+                    f"rankwise keep={keep:.4f}",
+                    [*rw, "--out", str(tmp / f"rk{r}"), "--keep", f"{keep:.6f}"],
+                    tmp / f"rk{r}",
+                ),
             ]
             for label, cmd, out in runs:
                 stats = measure(cmd, args.threads)
@@ -153,25 +175,50 @@ def main() -> None:
                 merged = apply_delta_(copy.deepcopy(base_model), delta)
                 ppl = perplexity(merged, seqs)
                 del merged
-                rows.append(dict(label=label, rank=r, wall=stats["wall_s"], peak=stats["peak_mib"], size=adapter_mib(out),
-                                 params=sum(A.numel() + B.numel() for A, B in delta.lora.values()),
-                                 err=relative_error(delta, true), ppl=ppl,
-                                 recovered=(ppl_base - ppl) / (ppl_base - ppl_ft)))
-                print(f"  {label}: {stats['wall_s']:.1f} s, {stats['peak_mib']:.0f} MiB, err {rows[-1]['err']:.4f}, ppl {ppl:.3f}", flush=True)
+                rows.append(
+                    dict(
+                        label=label,
+                        rank=r,
+                        wall=stats["wall_s"],
+                        peak=stats["peak_mib"],
+                        size=adapter_mib(out),
+                        params=sum(A.numel() + B.numel() for A, B in delta.lora.values()),
+                        err=relative_error(delta, true),
+                        ppl=ppl,
+                        recovered=(ppl_base - ppl) / (ppl_base - ppl_ft),
+                    )
+                )
+                print(
+                    f"  {label}: {stats['wall_s']:.1f} s, {stats['peak_mib']:.0f} MiB, "
+                    f"err {rows[-1]['err']:.4f}, ppl {ppl:.3f}",
+                    flush=True,
+                )
 
-    print("\n| method | LoRA params | adapter MiB | rel. Frobenius error | ppl (base+LoRA) | ppl gain recovered | wall s | peak RSS MiB |")
+    print(
+        "\n| method | LoRA params | adapter MiB | rel. Frobenius error | ppl (base+LoRA) | "
+        "ppl gain recovered | wall s | peak RSS MiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['label']} | {row['params'] / 1e6:.2f}M | {row['size']:.0f} | {row['err']:.4f} | {row['ppl']:.3f} | "
-              f"{100 * row['recovered']:.1f}% | {row['wall']:.1f} | {row['peak']:.0f} |")
+        print(
+            f"| {row['label']} | {row['params'] / 1e6:.2f}M | {row['size']:.0f} | {row['err']:.4f} | "
+            f"{row['ppl']:.3f} | {100 * row['recovered']:.1f}% | {row['wall']:.1f} | {row['peak']:.0f} |"
+        )
     print(f"\nreference: ppl base {ppl_base:.3f}, fine-tuned {ppl_ft:.3f}\n")
-    print("| rank | rankwise/mergekit error | rankwise/mergekit wall | rankwise/mergekit peak RSS | keep-budget/mergekit error |")
+    print(
+        "| rank | rankwise/mergekit error | rankwise/mergekit wall | rankwise/mergekit peak RSS | "
+        "keep-budget/mergekit error |"
+    )
     print("|---|---|---|---|---|")
     for r in args.ranks:
-        mk, rw_row, rk = (next(x for x in rows if x["rank"] == r and x["label"].startswith(p))
-                          for p in ("mergekit", "rankwise r", "rankwise keep"))
-        print(f"| {r} | {rw_row['err'] / mk['err']:.4f} | {rw_row['wall'] / mk['wall']:.2f} | {rw_row['peak'] / mk['peak']:.2f} | "
-              f"{rk['err'] / mk['err']:.4f} |")
+        mk, rw_row, rk = (
+            next(x for x in rows if x["rank"] == r and x["label"].startswith(p))
+            for p in ("mergekit", "rankwise r", "rankwise keep")
+        )
+        print(
+            f"| {r} | {rw_row['err'] / mk['err']:.4f} | {rw_row['wall'] / mk['wall']:.2f} | "
+            f"{rw_row['peak'] / mk['peak']:.2f} | {rk['err'] / mk['err']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

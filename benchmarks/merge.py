@@ -50,8 +50,11 @@ GRIDS = {
     "linear": [{}],
     "task_arithmetic": [{"scale": s} for s in SCALES],
     "ties": [{"density": 0.2, "scale": s} for s in (0.5, 0.7, 1.0, 1.5, 2.0, 2.5, 3.0)],
-    "dare": [{"density": d, "scale": s, "sign_consensus": True, "normalize": True}
-             for d in (0.1, 0.3, 0.5) for s in (0.5, 1.0, 1.5, 2.0, 3.0)],
+    "dare": [
+        {"density": d, "scale": s, "sign_consensus": True, "normalize": True}
+        for d in (0.1, 0.3, 0.5)
+        for s in (0.5, 1.0, 1.5, 2.0, 3.0)
+    ],
     "model_stock": [{}],
     "tsv": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0)],
     "iso_c": [{"scale": s} for s in (0.5, 0.7, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0)],
@@ -72,16 +75,19 @@ def _mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
 
 
-def merge_all(suite, ada_steps: int, ada_lrs: tuple[float, ...], split: str = "test",
-              grids: dict = GRIDS) -> list[dict]:
+def merge_all(
+    suite, ada_steps: int, ada_lrs: tuple[float, ...], split: str = "test", grids: dict = GRIDS
+) -> list[dict]:
     """One row per method: chosen options, per-task accuracy on ``split``, normalized accuracy, merge wall time.
 
     Options are chosen on val whatever ``split``; ``split="val"`` scores the rows on val too (AdaMerging
     then adapts on the unlabeled val inputs), for choosing a suite configuration without looking at test.
     """
     individual = {t: suite.accuracy(ft, t, split) for t, ft in zip(suite.tasks, suite.finetuned)}
-    rows = [{"method": "base (no merge)", "options": "", "acc": suite.evaluate(suite.base, split), "time": 0.0},
-            {"method": "individual fine-tunes", "options": "", "acc": individual, "time": 0.0}]
+    rows = [
+        {"method": "base (no merge)", "options": "", "acc": suite.evaluate(suite.base, split), "time": 0.0},
+        {"method": "individual fine-tunes", "options": "", "acc": individual, "time": 0.0},
+    ]
     missing = sorted(set(METHODS.names()) - set(GRIDS) - {"adamerging", "rebasin"})
     if missing and grids is GRIDS:
         raise SystemExit(f"no sweep defined for merge method(s) {missing}")
@@ -105,19 +111,37 @@ def merge_all(suite, ada_steps: int, ada_lrs: tuple[float, ...], split: str = "t
         for init in sorted({ta_scale, 0.3}):
             for lr in ada_lrs:
                 options = {"init": init, "lr": lr, "steps": ada_steps, "batch_size": ADA_BATCH, "density": density}
-                res = learn_coefficients(suite.finetuned, suite.base, [suite.inputs(t, "val") for t in suite.tasks],
-                                         heads=suite.heads, seed=0, **options)
+                res = learn_coefficients(
+                    suite.finetuned,
+                    suite.base,
+                    [suite.inputs(t, "val") for t in suite.tasks],
+                    heads=suite.heads,
+                    seed=0,
+                    **options,
+                )
                 val = _mean(suite.evaluate(res.state, "val"))
                 if best is None or val > best[0]:
                     best = (val, options)
         t0 = time.perf_counter()
-        res = learn_coefficients(suite.finetuned, suite.base, [suite.inputs(t, split) for t in suite.tasks],
-                                 heads=suite.heads, seed=0, **best[1])
+        res = learn_coefficients(
+            suite.finetuned,
+            suite.base,
+            [suite.inputs(t, split) for t in suite.tasks],
+            heads=suite.heads,
+            seed=0,
+            **best[1],
+        )
         seconds = time.perf_counter() - t0
-        rows.append({"method": name, "options": _fmt({k: v for k, v in best[1].items() if v is not None}),
-                     "acc": suite.evaluate(res.state, split), "time": seconds,
-                     "note": f"entropy {res.entropy[0]:.3f} -> {res.entropy[-1]:.3f}; "
-                             f"lambda range [{res.coefficients.min():.2f}, {res.coefficients.max():.2f}]"})
+        rows.append(
+            {
+                "method": name,
+                "options": _fmt({k: v for k, v in best[1].items() if v is not None}),
+                "acc": suite.evaluate(res.state, split),
+                "time": seconds,
+                "note": f"entropy {res.entropy[0]:.3f} -> {res.entropy[-1]:.3f}; "
+                f"lambda range [{res.coefficients.min():.2f}, {res.coefficients.max():.2f}]",
+            }
+        )
     for r in rows:
         r["norm"] = sum(r["acc"][t] / individual[t] for t in suite.tasks) / len(suite.tasks)
     return rows
@@ -129,8 +153,9 @@ def entropy_vs_accuracy(suite) -> None:
     individual = {t: suite.accuracy(ft, t, "val") for t, ft in zip(suite.tasks, suite.finetuned)}
     print("task arithmetic on val: scale -> task-averaged entropy (nats) / normalized accuracy %")
     for scale in (0.0, *SCALES[:5]):
-        model = suite.load_backbone(rankwise.merge(suite.finetuned, method="task_arithmetic", base=suite.base,
-                                                   scale=scale))
+        model = suite.load_backbone(
+            rankwise.merge(suite.finetuned, method="task_arithmetic", base=suite.base, scale=scale)
+        )
         ent = []
         for t, head in zip(suite.tasks, suite.heads):
             logp = torch.log_softmax(head(model(suite.inputs(t, "val"))), -1)
@@ -149,8 +174,10 @@ def print_merges(suite, rows: list[dict]) -> None:
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         accs = " | ".join(f"{100 * r['acc'][t]:.1f}" for t in suite.tasks)
-        print(f"| {r['method']} | {r['options']} | {accs} | {100 * _mean(r['acc']):.1f} | "
-              f"{100 * r['norm']:.1f} | {r['time']:.2f} |")
+        print(
+            f"| {r['method']} | {r['options']} | {accs} | {100 * _mean(r['acc']):.1f} | "
+            f"{100 * r['norm']:.1f} | {r['time']:.2f} |"
+        )
     for r in rows:
         if "note" in r:
             print(f"\n{r['method']}: {r['note']}")
@@ -158,11 +185,15 @@ def print_merges(suite, rows: list[dict]) -> None:
     ta = by["task_arithmetic"]
     best = max((m for m in DATA_FREE if m in by), key=by.get)
     closed = (by[best] - ta) / (1.0 - ta)
-    print(f"\nbest data-free merge: {best} at {100 * by[best]:.1f}% normalized; task arithmetic "
-          f"{100 * ta:.1f}%: closes {100 * closed:.0f}% of the gap to the individual models (target >= 50%)")
+    print(
+        f"\nbest data-free merge: {best} at {100 * by[best]:.1f}% normalized; task arithmetic "
+        f"{100 * ta:.1f}%: closes {100 * closed:.0f}% of the gap to the individual models (target >= 50%)"
+    )
     for name in ("adamerging", "adamerging++"):
-        print(f"{name} {100 * by[name]:.1f}% vs task arithmetic {100 * ta:.1f}%: "
-              f"{'beats' if by[name] > ta else 'does NOT beat'} it")
+        print(
+            f"{name} {100 * by[name]:.1f}% vs task arithmetic {100 * ta:.1f}%: "
+            f"{'beats' if by[name] > ta else 'does NOT beat'} it"
+        )
 
 
 def _loss(template, state, x, y) -> float:
@@ -190,8 +221,10 @@ def _accuracy(template, state, x, y) -> float:
 def barriers() -> None:
     x, y = split_data("digits", "train")
     xt, yt = split_data("digits", "test")
-    print("| model | barrier train (naive) | barrier train (aligned) | barrier test (naive) | barrier test (aligned) "
-          "| test reduction | midpoint test acc naive / rebasin | align time (s) |")
+    print(
+        "| model | barrier train (naive) | barrier train (aligned) | barrier test (naive) | barrier test (aligned) "
+        "| test reduction | midpoint test acc naive / rebasin | align time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for arch, width, epochs in (("mlp", 128, 30), ("cnn", 64, 20)):
         a, b = (train_classifier(make_model(arch, seed=s, width=width), x, y, epochs=epochs, seed=s) for s in (1, 2))
@@ -203,8 +236,10 @@ def barriers() -> None:
         naive = rankwise.merge([a, b], method="linear")
         rebased = rankwise.merge([a, b], method="rebasin", seed=0)
         accs = f"{100 * _accuracy(a, naive, xt, yt):.1f} / {100 * _accuracy(a, rebased, xt, yt):.1f}"
-        print(f"| {arch} width {width} | {tr0:.3f} | {tr1:.3f} | {te0:.3f} | {te1:.3f} | {100 * (1 - te1 / te0):.0f}% "
-              f"| {accs} | {seconds:.2f} |")
+        print(
+            f"| {arch} width {width} | {tr0:.3f} | {tr1:.3f} | {te0:.3f} | {te1:.3f} | {100 * (1 - te1 / te0):.0f}% "
+            f"| {accs} | {seconds:.2f} |"
+        )
 
 
 def main() -> None:
@@ -214,38 +249,76 @@ def main() -> None:
     p.add_argument("--tasks", default="hard", choices=("default", "hard"))
     p.add_argument("--ft-lr", type=float, default=0.001, help="SGD learning rate of the fine-tunes")
     p.add_argument("--ft-epochs", type=int, default=20)
-    p.add_argument("--heads", default="finetuned", choices=("finetuned", "probe", "zeroshot"),
-                   help="task heads fine-tuned with the backbone, or linear probes on the base kept frozen")
-    p.add_argument("--pretrain", default="augmented", choices=("plain", "augmented"),
-                   help="base trained on the plain digits, or on them under generic random jitter")
+    p.add_argument(
+        "--heads",
+        default="finetuned",
+        choices=("finetuned", "probe", "zeroshot"),
+        help="task heads fine-tuned with the backbone, or linear probes on the base kept frozen",
+    )
+    p.add_argument(
+        "--pretrain",
+        default="augmented",
+        choices=("plain", "augmented"),
+        help="base trained on the plain digits, or on them under generic random jitter",
+    )
     p.add_argument("--label-smoothing", type=float, default=0.1, help="of the base's training loss")
-    p.add_argument("--feature-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="the backbone ends with a parameter-free layer norm (CLIP-like normalised features)")
+    p.add_argument(
+        "--feature-norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the backbone ends with a parameter-free layer norm (CLIP-like normalised features)",
+    )
     p.add_argument("--base-epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0, help="the suite's training seed")
-    p.add_argument("--split", default="test", choices=("test", "val"),
-                   help="score the merges on test (the report) or on val (to choose a suite configuration)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("test", "val"),
+        help="score the merges on test (the report) or on val (to choose a suite configuration)",
+    )
     p.add_argument("--ada-steps", type=int, default=200)
-    p.add_argument("--ada-lr", type=float, nargs="+", default=[1e-3, 1e-2],
-                   help="AdaMerging learning rates to choose from on the val split")
-    p.add_argument("--small-sweep", action="store_true",
-                   help="smaller option sweeps, fewer methods (for comparing suite configurations on val)")
+    p.add_argument(
+        "--ada-lr",
+        type=float,
+        nargs="+",
+        default=[1e-3, 1e-2],
+        help="AdaMerging learning rates to choose from on the val split",
+    )
+    p.add_argument(
+        "--small-sweep",
+        action="store_true",
+        help="smaller option sweeps, fewer methods (for comparing suite configurations on val)",
+    )
     p.add_argument("--skip-barrier", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(1)
     tasks = DEFAULT_TASKS if args.tasks == "default" else HARD_TASKS
     t0 = time.perf_counter()
-    suite = load_digits_suite(args.arch, tasks, width=args.width, ft_lr=args.ft_lr, ft_epochs=args.ft_epochs,
-                              heads=args.heads, pretrain=args.pretrain, label_smoothing=args.label_smoothing,
-                              base_epochs=args.base_epochs, seed=args.seed, feature_norm=args.feature_norm)
+    suite = load_digits_suite(
+        args.arch,
+        tasks,
+        width=args.width,
+        ft_lr=args.ft_lr,
+        ft_epochs=args.ft_epochs,
+        heads=args.heads,
+        pretrain=args.pretrain,
+        label_smoothing=args.label_smoothing,
+        base_epochs=args.base_epochs,
+        seed=args.seed,
+        feature_norm=args.feature_norm,
+    )
     norm = ", feature norm" if args.feature_norm else ""
-    print(f"suite ({args.arch}, width {args.width}{norm}, tasks {args.tasks}, heads {args.heads}, seed {args.seed}, "
-          f"base: {args.pretrain} digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; "
-          f"fine-tunes: SGD lr {args.ft_lr:g} for {args.ft_epochs} epochs) "
-          f"ready in {time.perf_counter() - t0:.1f} s; scored on "
-          f"{args.split}\n")
-    print_merges(suite, merge_all(suite, args.ada_steps, tuple(args.ada_lr), args.split,
-                                      SMALL_GRIDS if args.small_sweep else GRIDS))
+    print(
+        f"suite ({args.arch}, width {args.width}{norm}, tasks {args.tasks}, heads {args.heads}, seed {args.seed}, "
+        f"base: {args.pretrain} digits, label smoothing {args.label_smoothing:g}, {args.base_epochs} epochs; "
+        f"fine-tunes: SGD lr {args.ft_lr:g} for {args.ft_epochs} epochs) "
+        f"ready in {time.perf_counter() - t0:.1f} s; scored on "
+        f"{args.split}\n"
+    )
+    print_merges(
+        suite,
+        merge_all(suite, args.ada_steps, tuple(args.ada_lr), args.split, SMALL_GRIDS if args.small_sweep else GRIDS),
+    )
     print()
     entropy_vs_accuracy(suite)
     if not args.skip_barrier:

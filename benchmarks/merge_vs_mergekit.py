@@ -21,8 +21,15 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("RANKWISE_CACHE", Path.home() / ".cache" / "rankwise")) / "bench_merge"
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-               num_key_value_heads=3, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SMOLLM2 = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 PARAMS = {"linear": {}, "task_arithmetic": {"lambda": 0.8}, "ties": {"density": 0.5}}
 
 
@@ -32,12 +39,19 @@ def _llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h), p + "mlp.down_proj.weight": (h, f),
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     return shapes
 
 
@@ -50,8 +64,14 @@ def build_inputs(layers: int) -> Path:
     root = CACHE / f"smollm2_shapes_{layers}l"
     if (root / "ft2" / "config.json").is_file():
         return root
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers,
-              "max_position_embeddings": 2048, "torch_dtype": "bfloat16", **SMOLLM2}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "max_position_embeddings": 2048,
+        "torch_dtype": "bfloat16",
+        **SMOLLM2,
+    }
     shapes = _llama_shapes(layers)
 
     def tensors(kind: int):
@@ -85,13 +105,19 @@ def worker(tool: str, config: Path, out: Path) -> None:
 
         cfg = MergeConfiguration.model_validate(yaml.safe_load(config.read_text()))
         opts = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
-        run = lambda: run_merge(cfg, str(out), opts)  # noqa: E731
+
+        def run() -> None:
+            run_merge(cfg, str(out), opts)
+
     else:
         from rankwise.merging import merge_to_dir
         from rankwise.merging.mergekit_yaml import read_mergekit_config
 
         spec = read_mergekit_config(config)
-        run = lambda: merge_to_dir(spec.models, out, spec.method, spec.base, dtype=spec.dtype, force=True, **spec.options)  # noqa: E731
+
+        def run() -> None:
+            merge_to_dir(spec.models, out, spec.method, spec.base, dtype=spec.dtype, force=True, **spec.options)
+
     base_rss = _rss_mib()
     t0 = time.perf_counter()
     run()
@@ -128,12 +154,21 @@ def main() -> None:
     root = build_inputs(args.layers)
     n_params = sum(torch.Size(s).numel() for s in _llama_shapes(args.layers).values())
     print(f"inputs: base + 3 fine-tunes, {n_params / 1e6:.1f}M params each, bf16, {root}")
-    print(f"{'method':16s} {'rankwise s':>10s} {'mergekit s':>10s} {'time ratio':>10s} "
-          f"{'rankwise MiB':>12s} {'mergekit MiB':>12s} {'mem ratio':>9s} {'max |diff|':>10s}")
+    print(
+        f"{'method':16s} {'rankwise s':>10s} {'mergekit s':>10s} {'time ratio':>10s} "
+        f"{'rankwise MiB':>12s} {'mergekit MiB':>12s} {'mem ratio':>9s} {'max |diff|':>10s}"
+    )
     for method in args.methods:
-        cfg = {"merge_method": method, "base_model": str(root / "base"), "dtype": "float32", "out_dtype": "bfloat16",
-               "parameters": PARAMS[method],
-               "models": [{"model": str(root / f"ft{i}"), "parameters": {"weight": w}} for i, w in enumerate((1.0, 0.7, 0.5))]}
+        cfg = {
+            "merge_method": method,
+            "base_model": str(root / "base"),
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
+            "parameters": PARAMS[method],
+            "models": [
+                {"model": str(root / f"ft{i}"), "parameters": {"weight": w}} for i, w in enumerate((1.0, 0.7, 0.5))
+            ],
+        }
         if method == "linear":
             cfg["parameters"] = {"weight": 1.0}
         config = root / f"{method}.yml"
@@ -144,12 +179,17 @@ def main() -> None:
                 runs[tool].append(_spawn(tool, config, root / f"out_{tool}_{method}"))
         best = {tool: min(r, key=lambda x: x["seconds"]) for tool, r in runs.items()}
         peak = {tool: max(x["peak_mib"] for x in r) for tool, r in runs.items()}
-        ours, theirs = open_checkpoint(root / f"out_rankwise_{method}"), open_checkpoint(root / f"out_mergekit_{method}")
+        ours, theirs = (
+            open_checkpoint(root / f"out_rankwise_{method}"),
+            open_checkpoint(root / f"out_mergekit_{method}"),
+        )
         diff = max(float((ours.get(k).float() - theirs.get(k).float()).abs().max()) for k in theirs.keys())
-        print(f"{method:16s} {best['rankwise']['seconds']:10.2f} {best['mergekit']['seconds']:10.2f} "
-              f"{best['mergekit']['seconds'] / best['rankwise']['seconds']:9.2f}x "
-              f"{peak['rankwise']:12.0f} {peak['mergekit']:12.0f} {peak['mergekit'] / peak['rankwise']:8.2f}x "
-              f"{diff:10.2e}")
+        print(
+            f"{method:16s} {best['rankwise']['seconds']:10.2f} {best['mergekit']['seconds']:10.2f} "
+            f"{best['mergekit']['seconds'] / best['rankwise']['seconds']:9.2f}x "
+            f"{peak['rankwise']:12.0f} {peak['mergekit']:12.0f} {peak['mergekit'] / peak['rankwise']:8.2f}x "
+            f"{diff:10.2e}"
+        )
     print("ratios are mergekit / rankwise (> 1: rankwise faster / smaller); MiB = peak RSS above the post-import RSS")
 
 

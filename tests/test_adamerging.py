@@ -112,12 +112,10 @@ def test_bad_input():
 
 
 def test_ties_vectors_hand_example():
-    v = torch.tensor([[3.0, -1.0, 0.5, -4.0],
-                      [-2.0, 2.0, 1.0, -0.1]])
+    v = torch.tensor([[3.0, -1.0, 0.5, -4.0], [-2.0, 2.0, 1.0, -0.1]])
     # density 0.5 keeps the 2 largest magnitudes per task: [3, 0, 0, -4] and [-2, 2, 0, 0];
     # elected signs of the sum [1, 2, 0, -4]: +, +, + (tie), -; disagreeing entries are dropped
-    want = torch.tensor([[3.0, 0.0, 0.0, -4.0],
-                         [0.0, 2.0, 0.0, 0.0]])
+    want = torch.tensor([[3.0, 0.0, 0.0, -4.0], [0.0, 2.0, 0.0, 0.0]])
     before = v.clone()
     assert torch.equal(ties_vectors(v, 0.5), want)
     assert torch.equal(v, before)
@@ -139,5 +137,5 @@ def test_adamerging_plus_plus_merges_the_ties_processed_vectors():
     assert not torch.equal(plain.state["1.weight"], plus.state["1.weight"])
     for n in plus.names:  # at init every coefficient is 0.3: TIES without the disjoint mean, scale 0.3
         torch.testing.assert_close(plus.state[n], ties[n], rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match=r"^density must be a number in \(0, 1\] or None, got 0$"):
+    with pytest.raises(ValueError, match=r"^density must be a fraction in \(0, 1\] or None, got 0$"):
         learn_coefficients(models, base, inputs, density=0)

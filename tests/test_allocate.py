@@ -15,7 +15,7 @@ def layers_with_spectra(seed=0):
     for i, (m, n) in enumerate(shapes):
         decay = 0.5 + 0.4 * i / len(shapes)
         g = torch.sort(torch.rand(min(m, n), generator=gen, dtype=torch.float64), descending=True).values
-        out.append(LayerCost((m, n), m if i % 2 else 0, (10.0 ** i) * g * decay ** torch.arange(min(m, n))))
+        out.append(LayerCost((m, n), m if i % 2 else 0, (10.0**i) * g * decay ** torch.arange(min(m, n))))
     return out
 
 
@@ -55,8 +55,9 @@ def test_uniform_keeps_the_same_fraction_of_every_layer(keep):
 
 def test_fisher_matches_brute_force_on_small_problem():
     gen = torch.Generator().manual_seed(3)
-    spectra = [torch.sort(torch.rand(5, generator=gen, dtype=torch.float64) * s, descending=True)[0]
-               for s in (1.0, 5.0, 0.2)]
+    spectra = [
+        torch.sort(torch.rand(5, generator=gen, dtype=torch.float64) * s, descending=True)[0] for s in (1.0, 5.0, 0.2)
+    ]
     layers = [LayerCost((6, 5), 0, spectrum) for spectrum in spectra]
     for keep in (0.4, 0.6, 0.8):
         budget = keep * sum(layer.dense_params for layer in layers)
@@ -82,8 +83,11 @@ def test_bad_allocator_and_budget_messages():
     with pytest.raises(ValueError, match=r"^unknown allocator 'greedy'; known: .+$") as err:
         allocate_ranks("greedy", layers, 0.5)
     assert str(err.value).split("known: ")[1].split(", ") == known  # every registered name, sorted
-    with pytest.raises(ValueError, match=r"^keep is too small: even rank 16 for every layer exceeds the budget of "
-                                         r"\d+ parameters$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^keep is too small: even rank 16 for every layer exceeds the budget of "
+        r"\d+ parameters$",
+    ):
         allocate_ranks("fisher", layers, 0.05, min_rank=16)
 
 

@@ -2,25 +2,34 @@
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from rankwise.calibrate import collect_stats
 from rankwise.targets import find_targets
 
+from _tiny_models import tiny_model
+
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(cfg).double().eval()
+    return tiny_model(
+        "llama",
+        seed,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        dtype=torch.float64,
+    )
 
 
 def stored_inputs(model, targets, calib, batches=((0, 4), (4, 6))):
     """Brute force: keep every target's input and every output gradient of the per-sequence summed loss,
     the batches given as (start, stop) spans."""
     xs, gs = {n: [] for n in targets}, {n: [] for n in targets}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
-             for n, m in targets.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: xs[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
+        for n, m in targets.items()
+    ]
 
     def grad_hook(name):
         def hook(mod, args, out):
@@ -35,8 +44,9 @@ def stored_inputs(model, targets, calib, batches=((0, 4), (4, 6))):
     for start, stop in batches:
         b = calib[start:stop]
         out = model(input_ids=b, attention_mask=torch.ones_like(b))
-        loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(),
-                                                 b[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).float(), b[:, 1:].reshape(-1)
+        )
         (loss * len(b)).backward()
     for h in hooks + [emb]:
         h.remove()
@@ -96,18 +106,38 @@ def test_statistics_computed_once_per_distinct_input(monkeypatch):
     assert len(calls) == 2 * 4 * 2  # 2 batches x 2 blocks x 4 distinct inputs (not 7 layers)
 
 
-def test_encoder_stats_and_gauss_newton_gradients_are_finite():
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=80, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
-    model = BertModel(cfg).eval()
+def test_encoder_stats_and_gauss_newton_gradients_equal_brute_force():
+    """Encoders: the loss is <z, h> for a Gaussian z seeded by the batch index over the last hidden state h;
+    the squared output gradients equal a plain autograd run of that loss, the inputs are shared by q/k/v."""
+    model = tiny_model("bert", vocab_size=80, hidden_size=64, intermediate_size=96, dtype=torch.float64)
     targets = find_targets(model)
     assert all(n.startswith("encoder.layer.") for n in targets) and len(targets) == 12
-    stats = collect_stats(model, targets, torch.randint(0, 80, (4, 10)), fisher_seqs=4, progress=False)
-    assert {stats.inputs[f"encoder.layer.0.attention.self.{p}"] is stats.inputs["encoder.layer.0.attention.self.query"]
-            for p in ("key", "value")} == {True}
+    calib = torch.randint(0, 80, (4, 10), generator=torch.Generator().manual_seed(3))
+    stats = collect_stats(model, targets, calib, fisher_seqs=4, batch_size=4, progress=False)
+    assert {
+        stats.inputs[f"encoder.layer.0.attention.self.{p}"] is stats.inputs["encoder.layer.0.attention.self.query"]
+        for p in ("key", "value")
+    } == {True}
+
+    grads = {}
+
+    def keep_grad(name):
+        def hook(mod, args, out):
+            out.register_hook(lambda g: grads.__setitem__(name, g))
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep_grad(n)) for n, m in targets.items()]
+    emb = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.requires_grad_(True))
+    h = model(input_ids=calib, attention_mask=torch.ones_like(calib)).last_hidden_state
+    z = torch.randn(h.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32)  # batch 0: seed 0
+    (h.float() * z).sum().backward()  # the per-sequence losses summed: <z, h> / 4 per sequence, times 4
+    for hk in hooks + [emb]:
+        hk.remove()
     for name in targets:
         assert stats.inputs[name].count == 40
-        assert torch.isfinite(stats.out_grad_sq[name]).all() and float(stats.out_grad_sq[name].sum()) > 0
+        expected = grads[name].reshape(-1, grads[name].shape[-1]).pow(2).mean(0)
+        torch.testing.assert_close(stats.out_grad_sq[name], expected, rtol=1e-5, atol=1e-12)
 
 
 def test_unused_target_is_reported():

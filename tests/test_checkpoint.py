@@ -20,8 +20,16 @@ from rankwise.layers import LowRankLinear
 
 from _tiny_models import factorize_some, tiny_bert, tiny_gpt2, tiny_llama, token_ids
 
-LLAMA_RANKS = {"model.layers.0.self_attn.q_proj": 5, "model.layers.0.mlp.gate_proj": 7, "model.layers.1.mlp.down_proj": 3}
-BERT_RANKS = {"encoder.layer.0.attention.self.query": 4, "encoder.layer.1.intermediate.dense": 6, "encoder.layer.1.output.dense": 9}
+LLAMA_RANKS = {
+    "model.layers.0.self_attn.q_proj": 5,
+    "model.layers.0.mlp.gate_proj": 7,
+    "model.layers.1.mlp.down_proj": 3,
+}
+BERT_RANKS = {
+    "encoder.layer.0.attention.self.query": 4,
+    "encoder.layer.1.intermediate.dense": 6,
+    "encoder.layer.1.output.dense": 9,
+}
 GPT2_RANKS = {"transformer.h.0.attn.c_attn": 6, "transformer.h.1.mlp.c_proj": 5}
 
 
@@ -33,10 +41,13 @@ def weights_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-@pytest.mark.parametrize("build, ranks, auto", [
-    (tiny_llama, LLAMA_RANKS, AutoModelForCausalLM),
-    (tiny_gpt2, GPT2_RANKS, AutoModelForCausalLM),
-])
+@pytest.mark.parametrize(
+    "build, ranks, auto",
+    [
+        (tiny_llama, LLAMA_RANKS, AutoModelForCausalLM),
+        (tiny_gpt2, GPT2_RANKS, AutoModelForCausalLM),
+    ],
+)
 def test_causal_lm_round_trip_gives_identical_logits(tmp_path, build, ranks, auto):
     model = factorize_some(build(), ranks)
     ids = token_ids(2, 12)
@@ -83,7 +94,9 @@ def test_size_on_disk_shrinks_with_parameter_count_and_tied_embeddings_stored_on
     dense = tiny_llama()
     n_dense = unique_params(dense)
     rankwise.save(dense, tmp_path / "d")
-    compressed = factorize_some(tiny_llama(), {n: 2 for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n})
+    compressed = factorize_some(
+        tiny_llama(), {n: 2 for n, m in dense.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    )
     n_comp = unique_params(compressed)
     rankwise.save(compressed, tmp_path / "c")
     with safe_open(str(tmp_path / "d" / "model.safetensors"), "pt") as f:
@@ -141,7 +154,10 @@ def test_report_and_layer_table(tmp_path):
 
 def test_not_a_rankwise_dir(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="is not a rankwise directory: config.json has no quantization_config with quant_method 'rankwise'"):
+    with pytest.raises(
+        ValueError,
+        match="is not a rankwise directory: config.json has no quantization_config with quant_method 'rankwise'",
+    ):
         rankwise.load(tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="not found"):
         rankwise.load(tmp_path / "nope")
@@ -159,7 +175,9 @@ def test_config_validation(tmp_path):
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     cfg["quantization_config"]["ranks"]["model.layers.9.mlp.up_proj"] = 4
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="lists module 'model.layers.9.mlp.up_proj', which this LlamaForCausalLM does not have"):
+    with pytest.raises(
+        ValueError, match="lists module 'model.layers.9.mlp.up_proj', which this LlamaForCausalLM does not have"
+    ):
         rankwise.load(tmp_path / "c")
 
 

@@ -6,7 +6,6 @@ import argparse
 import json
 
 import torch
-from _tiny_models import factorize_some, tiny_bert, token_ids
 from transformers import AutoModel
 
 import rankwise
@@ -19,6 +18,8 @@ from rankwise.layers import (
     TTEmbedding,
     TTLinear,
 )
+
+from _tiny_models import factorize_some, tiny_bert, token_ids
 
 RANKS = {"encoder.layer.0.attention.self.query": 4}
 
@@ -47,7 +48,12 @@ def test_new_layer_types_round_trip_through_rankwise_load_and_from_pretrained(tm
     assert qc["ranks"] == RANKS
     assert set(qc["modules"]) == set(swaps)
     assert qc["modules"]["embeddings.word_embeddings"] == {
-        "layer": "lowrank_embedding", "num_embeddings": 30522, "embedding_dim": 32, "rank": 8, "padding_idx": 0}
+        "layer": "lowrank_embedding",
+        "num_embeddings": 30522,
+        "embedding_dim": 32,
+        "rank": 8,
+        "padding_idx": 0,
+    }
     assert qc["modules"]["encoder.layer.1.output.dense"]["layer"] == "kron_linear"
     for reloaded in (rankwise.load(tmp_path / "c"), AutoModel.from_pretrained(tmp_path / "c")):
         types = {name: type(reloaded.get_submodule(name)).__name__ for name in swaps}
@@ -57,8 +63,12 @@ def test_new_layer_types_round_trip_through_rankwise_load_and_from_pretrained(tm
             assert torch.equal(reloaded(input_ids=ids).last_hidden_state, expected)
     rows, totals = layer_table(tmp_path / "c")
     by_name = {r[0]: r for r in rows}
-    assert by_name["encoder.layer.1.output.dense"][1:] == ((32, 64), 2, model.get_submodule(
-        "encoder.layer.1.output.dense").num_params, 32 * 64 + 32)
+    assert by_name["encoder.layer.1.output.dense"][1:] == (
+        (32, 64),
+        2,
+        model.get_submodule("encoder.layer.1.output.dense").num_params,
+        32 * 64 + 32,
+    )
     assert by_name["embeddings.word_embeddings"][3:] == (8 * (30522 + 32), 30522 * 32)
     assert totals["model_after"] == sum(p.numel() for p in model.parameters())
     assert run_info(argparse.Namespace(dir=str(tmp_path / "c"))) == 0

@@ -1,4 +1,7 @@
-"""`rankwise compress / eval / info` on tiny models: same result as the API, and every bad input gives one line and exit 2."""
+"""`rankwise compress / eval / info` on tiny models.
+
+Same result as the API, and every bad input gives one line and exit 2.
+"""
 
 from __future__ import annotations
 
@@ -52,19 +55,52 @@ def test_compress_matches_the_api_and_leaves_input_untouched(llama_dir, compress
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert sorted(p.name for p in compressed.iterdir()) == [
-        "README.md", "config.json", "generation_config.json", "model.safetensors", "rankwise_report.json",
-        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "rankwise_report.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
     ]  # every file of the input but its weights, config.json rewritten, a model card added
-    for name in ("generation_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+    for name in (
+        "generation_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ):
         assert (compressed / name).read_bytes() == (llama_dir / name).read_bytes()
     assert tree_digest(llama_dir) == digest
 
 
 def test_compress_prints_summary(llama_dir, tmp_path, capsys):
-    assert main(["compress", str(llama_dir), "--keep", "0.9", "--method", "svd", "--allocate", "uniform",
-                 "--out", str(tmp_path / "c"), *FAST]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(llama_dir),
+                "--keep",
+                "0.9",
+                "--method",
+                "svd",
+                "--allocate",
+                "uniform",
+                "--out",
+                str(tmp_path / "c"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert re.search(r"params 18,432 -> \d[\d,]* \(kept 0\.\d+, target 0\.9\); method=svd allocate=uniform update=False sequential=False", out)
+    assert re.search(
+        r"params 18,432 -> \d[\d,]* \(kept 0\.\d+, target 0\.9\); "
+        r"method=svd allocate=uniform update=False sequential=False",
+        out,
+    )
     assert f"saved {tmp_path / 'c'}" in out
 
 
@@ -78,10 +114,14 @@ def test_info_lists_every_layer_and_totals(compressed, capsys):
     for name, (m, n), rank, after, before in rows:
         assert re.search(rf"^{re.escape(name)} +{m}x{n} +{rank} +{after:,} +{before:,} ", out, re.M)
     ratio = totals["layers_after"] / totals["layers_before"]
-    assert f"factorized layers: {totals['layers_after']:,} / {totals['layers_before']:,} params (ratio {ratio:.3f})" in out
+    assert (
+        f"factorized layers: {totals['layers_after']:,} / {totals['layers_before']:,} params (ratio {ratio:.3f})" in out
+    )
     report = json.loads((compressed / "rankwise_report.json").read_text())
     kept = report["params_after"] / report["params_before"]
-    assert f"targeted layers:   {report['params_after']:,} / {report['params_before']:,} params (kept {kept:.3f};" in out
+    assert (
+        f"targeted layers:   {report['params_after']:,} / {report['params_before']:,} params (kept {kept:.3f};" in out
+    )
     assert abs(kept - 0.6) < 0.05
     assert "compressed with keep=0.6 method=whiten" in out
 
@@ -132,21 +172,30 @@ def no_output(parent: Path, name: str = "c") -> bool:
 def test_existing_output_refused_without_force(llama_dir, tmp_path, capsys):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "mine.txt").write_text("keep me")
-    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys,
-            r"^rankwise compress: error: output directory '.*/c' already exists; pass --force to overwrite it$")
+    run_bad(
+        ["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST],
+        capsys,
+        r"^rankwise compress: error: output directory '.*/c' already exists; pass --force to overwrite it$",
+    )
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["mine.txt"]
 
 
 @pytest.mark.parametrize("keep", ["0", "1.5", "-0.2"])
 def test_keep_out_of_range(llama_dir, tmp_path, capsys, keep):
-    run_bad(["compress", str(llama_dir), "--keep", keep, "--out", str(tmp_path / "c")], capsys,
-            rf"^rankwise compress: error: keep must be a fraction in \(0, 1\], got {re.escape(str(float(keep)))}$")
+    run_bad(
+        ["compress", str(llama_dir), "--keep", keep, "--out", str(tmp_path / "c")],
+        capsys,
+        rf"^rankwise compress: error: keep must be a fraction in \(0, 1\], got {re.escape(str(float(keep)))}$",
+    )
     assert no_output(tmp_path)
 
 
 def test_missing_model(tmp_path, capsys):
-    run_bad(["compress", str(tmp_path / "nope"), "--out", str(tmp_path / "c")], capsys,
-            r"model '.*/nope' not found: expected a transformers model directory")
+    run_bad(
+        ["compress", str(tmp_path / "nope"), "--out", str(tmp_path / "c")],
+        capsys,
+        r"model '.*/nope' not found: expected a transformers model directory",
+    )
     assert no_output(tmp_path)
 
 
@@ -157,22 +206,32 @@ def test_truncated_safetensors_is_named(llama_dir, tmp_path, capsys):
         data = f.read_bytes()
         (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
     digest = tree_digest(bad)
-    run_bad(["compress", str(bad), "--out", str(tmp_path / "c"), *FAST], capsys,
-            rf"corrupted or truncated safetensors file '{re.escape(str(bad / 'model.safetensors'))}'")
+    run_bad(
+        ["compress", str(bad), "--out", str(tmp_path / "c"), *FAST],
+        capsys,
+        rf"corrupted or truncated safetensors file '{re.escape(str(bad / 'model.safetensors'))}'",
+    )
     assert no_output(tmp_path) and tree_digest(bad) == digest
 
 
 def test_calibration_text_too_short(llama_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
-    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--calib", str(short), *FAST], capsys,
-            r"calibration text too short: need 256 tokens \(8 x 32\), got \d+$")
+    run_bad(
+        ["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--calib", str(short), *FAST],
+        capsys,
+        r"calibration text too short: need 256 tokens \(8 x 32\), got \d+$",
+    )
     assert no_output(tmp_path)
 
 
 def test_include_matching_nothing(llama_dir, tmp_path, capsys):
-    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--include", "no_such_layer", *FAST], capsys,
-            r"include='no_such_layer' matches no nn.Linear/Conv1D module name", after_loading=True)
+    run_bad(
+        ["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--include", "no_such_layer", *FAST],
+        capsys,
+        r"include='no_such_layer' matches no nn.Linear/Conv1D module name",
+        after_loading=True,
+    )
     assert no_output(tmp_path)
 
 
@@ -181,9 +240,13 @@ def test_nan_weight_is_named(tmp_path, capsys):
     with torch.no_grad():
         model.model.layers[0].self_attn.v_proj.weight[0, 0] = float("inf")
     src = save_model_dir(model, tmp_path / "nan")
-    run_bad(["compress", str(src), "--out", str(tmp_path / "c"), *FAST], capsys,
-            r"^rankwise compress: error: tensor 'model.layers.0.self_attn.v_proj.weight' of '.*/nan' holds 1 NaN/Inf values; "
-            r"only finite weights can be compressed$", after_loading=True)
+    run_bad(
+        ["compress", str(src), "--out", str(tmp_path / "c"), *FAST],
+        capsys,
+        r"^rankwise compress: error: tensor 'model.layers.0.self_attn.v_proj.weight' of '.*/nan' "
+        r"holds 1 NaN/Inf values; only finite weights can be compressed$",
+        after_loading=True,
+    )
     assert no_output(tmp_path) and not (tmp_path / "c.rankwise-run").exists()
 
 
@@ -203,17 +266,27 @@ def test_interrupted_run_resumes_to_the_same_output(llama_dir, tmp_path, capsys,
     capsys.readouterr()
     assert main(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
-    assert err == [f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
-                   f"'{tmp_path / 'c.rankwise-run'}': rerun with --resume to continue"]
+    assert err == [
+        f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
+        f"'{tmp_path / 'c.rankwise-run'}': rerun with --resume to continue"
+    ]
     assert no_output(tmp_path) and (tmp_path / "c.rankwise-run" / "factors-0.pt").is_file()
     assert not (tmp_path / "c.rankwise-run" / "factors-1.pt").exists()
     monkeypatch.setattr(Pipeline, "_factorize_block", real)
-    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys,
-            r"^rankwise compress: error: '.*/c.rankwise-run' holds an interrupted run: pass --resume to continue it or "
-            r"--force to start over$", after_loading=True)
-    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--keep", "0.7", "--resume", *FAST], capsys,
-            r"^rankwise compress: error: --resume: '.*/c.rankwise-run' is an interrupted run with a different "
-            r"config.keep: 0.8 there, 0.7 now$", after_loading=True)
+    run_bad(
+        ["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST],
+        capsys,
+        r"^rankwise compress: error: '.*/c.rankwise-run' holds an interrupted run: pass --resume to continue it or "
+        r"--force to start over$",
+        after_loading=True,
+    )
+    run_bad(
+        ["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--keep", "0.7", "--resume", *FAST],
+        capsys,
+        r"^rankwise compress: error: --resume: '.*/c.rankwise-run' is an interrupted run with a different "
+        r"config.keep: 0.8 there, 0.7 now$",
+        after_loading=True,
+    )
     factorized = []
     monkeypatch.setattr(Pipeline, "_factorize_block", lambda self, i, *a: (factorized.append(i), real(self, i, *a)))
     assert main(["compress", str(llama_dir), "--out", str(tmp_path / "c"), "--resume", *FAST]) == 0
@@ -233,14 +306,20 @@ def test_ctrl_c_while_writing_leaves_nothing(llama_dir, tmp_path, capsys, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ShardedWriter, "close", write_then_interrupt)
-    run_bad(["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST], capsys, r"interrupted; no output was written",
-            after_loading=True)
+    run_bad(
+        ["compress", str(llama_dir), "--out", str(tmp_path / "c"), *FAST],
+        capsys,
+        r"interrupted; no output was written",
+        after_loading=True,
+    )
     assert no_output(tmp_path)
 
 
 def test_eval_and_info_bad_inputs(bert_dir, llama_dir, tmp_path, capsys):
     run_bad(["eval", str(bert_dir)], capsys, r"^rankwise eval: error: model '.*' is an encoder: pass --ref MODEL")
-    run_bad(["eval", str(llama_dir), "--text", str(tmp_path / "none.txt")], capsys, r"--text file '.*none.txt' not found$")
+    run_bad(
+        ["eval", str(llama_dir), "--text", str(tmp_path / "none.txt")], capsys, r"--text file '.*none.txt' not found$"
+    )
     run_bad(["info", str(llama_dir)], capsys, r"^rankwise info: error: '.*' is not a rankwise directory")
     run_bad(["eval", str(llama_dir), "--tokens", "0"], capsys, r"--tokens must be an int >= 1, got 0$")
     assert sorted(os.listdir(tmp_path)) == []
@@ -257,16 +336,26 @@ def test_missing_shard_and_full_disk_are_named(tmp_path, capsys, monkeypatch):
     full_disk = tmp_path / "full"
     shutil.copytree(src, full_disk)
     shards[1].unlink()
-    run_bad(["compress", str(src), "--out", str(tmp_path / "c"), *FAST], capsys,
-            rf"^rankwise compress: error: shard '{re.escape(str(shards[1]))}' named by '.*model.safetensors.index.json' does not exist$",
-            after_loading=True)
+    run_bad(
+        ["compress", str(src), "--out", str(tmp_path / "c"), *FAST],
+        capsys,
+        rf"^rankwise compress: error: shard '{re.escape(str(shards[1]))}' "
+        r"named by '.*model.safetensors.index.json' does not exist$",
+        after_loading=True,
+    )
     assert no_output(tmp_path)
     import rankwise.workdir
 
-    monkeypatch.setattr(rankwise.workdir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
-    run_bad(["compress", str(full_disk), "--out", str(tmp_path / "c"), *FAST], capsys,
-            r"^rankwise compress: error: not enough free disk under '.*' for the spilled statistics and the output: "
-            r"0\.\d\d GiB needed, 0\.00 GiB free$", after_loading=True)
+    monkeypatch.setattr(
+        rankwise.workdir.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000)
+    )
+    run_bad(
+        ["compress", str(full_disk), "--out", str(tmp_path / "c"), *FAST],
+        capsys,
+        r"^rankwise compress: error: not enough free disk under '.*' for the spilled statistics and the output: "
+        r"0\.\d\d GiB needed, 0\.00 GiB free$",
+        after_loading=True,
+    )
     assert no_output(tmp_path) and not (tmp_path / "c.rankwise-run").exists()
 
 
@@ -285,12 +374,21 @@ def test_bfloat16_checkpoint_is_computed_in_float32_and_stored_in_bfloat16(tmp_p
         assert torch.equal(a[k], b[k].to(torch.bfloat16)), k
 
 
-@pytest.mark.parametrize("device, message", [
-    ("tpu0", r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu0'"),
-    pytest.param("cuda", r"device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or auto",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu0", r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu0'"),
+        pytest.param(
+            "cuda",
+            r"device 'cuda' asked for, but torch sees no CUDA device; use --device cpu or auto",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
+        ),
+    ],
+)
 def test_bad_device_is_named(llama_dir, tmp_path, capsys, device, message):
-    run_bad(["compress", str(llama_dir), "--device", device, "--out", str(tmp_path / "c"), *FAST], capsys,
-            rf"^rankwise compress: error: {message}$")
+    run_bad(
+        ["compress", str(llama_dir), "--device", device, "--out", str(tmp_path / "c"), *FAST],
+        capsys,
+        rf"^rankwise compress: error: {message}$",
+    )
     assert no_output(tmp_path)

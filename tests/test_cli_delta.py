@@ -102,7 +102,8 @@ def test_existing_output_needs_force(pair, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["keep.txt"]
     code, _, _ = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--rank", "2", "--force"], capsys)
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                                  "rankwise_delta.json"]
     code, _, err = run(["delta", "apply", base, tmp_path / "a", "--out", tmp_path / "a"], capsys)
     _assert_usage_error(code, err, "already exists; pass --force")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no partial directories left behind
@@ -116,3 +117,24 @@ def test_bad_budget_values(pair, tmp_path, capsys):
         main(["delta", "extract", str(base), str(ft_dir), "--out", str(tmp_path / "a"), "--rank", "2", "--keep", "0.5"])
     assert exc.value.code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_include_exclude_save_module_like_mergekit(pair, tmp_path, capsys):
+    base, ft_dir, ft, _ = pair
+    code, out, err = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--rank", "3", "--include", "mlp",
+                          "--exclude", r"layers\.0\.", "--save-module", "lm_head"], capsys)
+    assert code == 0 and "extract layers" in err  # the progress bar
+    assert "3 LoRA layers (ranks 3..3)" in out and "full-rank modules: lm_head, model.layers.0.mlp.down_proj" in out
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["target_modules"] == [f"model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    assert config["modules_to_save"][0] == "lm_head" and "model.layers.1.self_attn.q_proj" in config["modules_to_save"]
+    code, _, _ = run(["delta", "apply", base, tmp_path / "a", "--out", tmp_path / "merged"], capsys)
+    assert code == 0
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float64)
+    for name, value in ft.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], value, rtol=0, atol=1e-13, msg=name)
+    code, _, err = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "b", "--save-module", "nope"], capsys)
+    _assert_usage_error(code, err, "save_modules entry 'nope' names no module of the base model")
+    code, _, err = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "b", "--include", "["], capsys)
+    _assert_usage_error(code, err, "include='[' is not a valid regular expression")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "merged"]

@@ -1,4 +1,7 @@
-"""`rankwise merge`: results on disk equal the library's formulas; bad input exits 2 with one line and writes nothing."""
+"""`rankwise merge`: results on disk equal the library's formulas.
+
+Bad input exits 2 with one line and writes nothing.
+"""
 
 from __future__ import annotations
 
@@ -31,10 +34,28 @@ def _snapshot(root):
 
 def test_cli_task_arithmetic_writes_the_formula(models, capsys):
     root, base, paths = models
-    rc = main(["merge", "--method", "task_arithmetic", "--base", str(root / "base"), *paths[:2],
-               "--weights", "1", "0.5", "--lambda", "0.5", "--out", str(root / "out")])
+    rc = main(
+        [
+            "merge",
+            "--method",
+            "task_arithmetic",
+            "--base",
+            str(root / "base"),
+            *paths[:2],
+            "--weights",
+            "1",
+            "0.5",
+            "--lambda",
+            "0.5",
+            "--out",
+            str(root / "out"),
+        ]
+    )
     assert rc == 0
-    assert capsys.readouterr().out.strip() == f"wrote {root / 'out'}: task_arithmetic merge of 2 model(s) onto {root / 'base'}"
+    assert (
+        capsys.readouterr().out.strip()
+        == f"wrote {root / 'out'}: task_arithmetic merge of 2 model(s) onto {root / 'base'}"
+    )
     out = open_checkpoint(root / "out")
     assert json.loads((root / "out" / "config.json").read_text()) == {"model_type": "toy"}
     ft = [open_checkpoint(p) for p in paths[:2]]
@@ -45,14 +66,37 @@ def test_cli_task_arithmetic_writes_the_formula(models, capsys):
 
 def test_cli_mergekit_config_equals_method_flags(models, capsys):
     root, base, paths = models
-    cfg = {"merge_method": "ties", "base_model": str(root / "base"), "parameters": {"density": 0.5, "normalize": True},
-           "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths, (1.0, 0.5, 2.0))],
-           "tokenizer_source": "base"}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(root / "base"),
+        "parameters": {"density": 0.5, "normalize": True},
+        "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(paths, (1.0, 0.5, 2.0))],
+        "tokenizer_source": "base",
+    }
     (root / "c.yml").write_text(yaml.safe_dump(cfg))
     assert main(["merge", str(root / "c.yml"), "--out", str(root / "a")]) == 0
     assert "note: 'tokenizer_source' is ignored" in capsys.readouterr().err
-    assert main(["merge", "--method", "ties", "--base", str(root / "base"), *paths, "--weights", "1", "0.5", "2",
-                 "--density", "0.5", "--out", str(root / "b")]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--method",
+                "ties",
+                "--base",
+                str(root / "base"),
+                *paths,
+                "--weights",
+                "1",
+                "0.5",
+                "2",
+                "--density",
+                "0.5",
+                "--out",
+                str(root / "b"),
+            ]
+        )
+        == 0
+    )
     a, b = open_checkpoint(root / "a"), open_checkpoint(root / "b")
     assert all(torch.equal(a.get(k), b.get(k)) for k in base)
     assert not torch.equal(a.get("l.weight"), base["l.weight"])
@@ -65,23 +109,38 @@ def test_cli_mergekit_config_equals_method_flags(models, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--method", "ties", "--base", "{base}", "{ft0}", "{bad}"],
-         "tensor 'l.weight' has shape (6, 4) in base ({base}) but (4, 6) in models[1] ({bad})"),
-        (["--method", "model_stock", "--base", "{base}", "{ft0}", "{ft1}"],
-         "merge method 'model_stock' needs at least 3 fine-tuned models besides the base, got 2"),
+        (
+            ["--method", "ties", "--base", "{base}", "{ft0}", "{bad}"],
+            "tensor 'l.weight' has shape (6, 4) in base ({base}) but (4, 6) in models[1] ({bad})",
+        ),
+        (
+            ["--method", "model_stock", "--base", "{base}", "{ft0}", "{ft1}"],
+            "merge method 'model_stock' needs at least 3 fine-tuned models besides the base, got 2",
+        ),
         (["--method", "soup", "{ft0}"], "unknown merge method 'soup'; known: "),
-        (["--method", "rebasin", "{ft0}", "{ft1}"],
-         "merge method 'rebasin' works on nn.Modules (it reads the architecture or runs forward passes): "
-         "call rankwise.merge(...) from Python with modules, not paths or state dicts"),
-        (["--method", "linear", "{ft0}", "--density", "0.5"],
-         "unknown option(s) 'density' for merge method 'linear'; accepted: normalize, weights"),
-        (["--method", "ties", "--base", "{base}", "{ft0}", "--density", "1.5"],
-         "merging tensor 'l.bias': density must be in (0, 1], got 1.5"),
-        (["--method", "tsv", "--base", "{base}", "{ft0}", "--rank", "5"],
-         "merging tensor 'l.weight': rank=5 is out of range; accepted: 1 <= rank <= 4 for this shape"),
+        (
+            ["--method", "rebasin", "{ft0}", "{ft1}"],
+            "merge method 'rebasin' works on nn.Modules (it reads the architecture or runs forward passes): "
+            "call rankwise.merge(...) from Python with modules, not paths or state dicts",
+        ),
+        (
+            ["--method", "linear", "{ft0}", "--density", "0.5"],
+            "unknown option(s) 'density' for merge method 'linear'; accepted: normalize, weights",
+        ),
+        (
+            ["--method", "ties", "--base", "{base}", "{ft0}", "--density", "1.5"],
+            "merging tensor 'l.bias': density must be in (0, 1], got 1.5",
+        ),
+        (
+            ["--method", "tsv", "--base", "{base}", "{ft0}", "--rank", "5"],
+            "merging tensor 'l.weight': rank=5 is out of range; accepted: 1 <= rank <= 4 for this shape",
+        ),
         (["--method", "linear", "{root}/missing"], "checkpoint '{root}/missing' does not exist"),
         (["{root}/bad.yml"], "unknown key(s) 'lora' in '{root}/bad.yml'; accepted: base_model"),
-        (["{root}/bad.yml", "--lambda", "2"], "give either --method M --base BASE MODEL... or a single mergekit CONFIG.yml"),
+        (
+            ["{root}/bad.yml", "--lambda", "2"],
+            "give either --method M --base BASE MODEL... or a single mergekit CONFIG.yml",
+        ),
         (["--method", "linear", "{ft0}", "{trunc}"], "'{trunc}/model.safetensors' is truncated"),
     ],
 )
@@ -91,9 +150,17 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_output(models, capsys, argv,
     write_checkpoint(root / "trunc", {"l.weight": torch.zeros(6, 4), "l.bias": torch.zeros(6)})
     blob = (root / "trunc" / "model.safetensors").read_bytes()
     (root / "trunc" / "model.safetensors").write_bytes(blob[:-8])
-    (root / "bad.yml").write_text(yaml.safe_dump({"merge_method": "linear", "lora": 1, "models": [{"model": paths[0]}]}))
-    names = {"base": str(root / "base"), "ft0": paths[0], "ft1": paths[1], "bad": str(root / "bad"),
-             "trunc": str(root / "trunc"), "root": str(root)}
+    (root / "bad.yml").write_text(
+        yaml.safe_dump({"merge_method": "linear", "lora": 1, "models": [{"model": paths[0]}]})
+    )
+    names = {
+        "base": str(root / "base"),
+        "ft0": paths[0],
+        "ft1": paths[1],
+        "bad": str(root / "bad"),
+        "trunc": str(root / "trunc"),
+        "root": str(root),
+    }
     before = _snapshot(root)
     rc = main(["merge", *[a.format(**names) for a in argv], "--out", str(root / "out")])
     err = capsys.readouterr().err

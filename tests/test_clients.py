@@ -62,20 +62,23 @@ def test_sentence_transformers_loads_compressed_minilm(tmp_path, capsys):
     assert cosine < 0.999  # the compressed weights were loaded, not the original ones
     capsys.readouterr()
     assert main(["eval", str(out), "--ref", "minilm", "--sentences", "32"]) == 0
-    printed = re.search(r"mean cosine similarity to minilm (\d\.\d{5}) over 32 sentences of built-in held-out text; "
-                        r"through the model's sentence-transformers pipeline \(Transformer -> Pooling -> Normalize\)",
-                        capsys.readouterr().out)
+    printed = re.search(
+        r"mean cosine similarity to minilm (\d\.\d{5}) over 32 sentences of built-in held-out text; "
+        r"through the model's sentence-transformers pipeline \(Transformer -> Pooling -> Normalize\)",
+        capsys.readouterr().out,
+    )
     assert printed and abs(float(printed.group(1)) - cosine) < 1e-4
 
 
 def chat_generate(model, tokenizer) -> list[int]:
     """Greedy tokens of the answer to PROMPT, formatted with the tokenizer's chat template."""
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                        return_dict=True, return_tensors="pt")
+    enc = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
     assert tokenizer.decode(enc["input_ids"][0]).endswith("<|im_start|>assistant\n")
     with torch.no_grad():
         ids = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return ids[0, enc["input_ids"].shape[1]:].tolist()
+    return ids[0, enc["input_ids"].shape[1] :].tolist()
 
 
 def reload_and_generate(path, source) -> list[int]:

@@ -18,9 +18,17 @@ from rankwise.compress_modules import (
 def _cnn():
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(True), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(True), nn.MaxPool2d(2),
-        nn.Conv2d(16, 16, 1), nn.ReLU(True), nn.Conv2d(16, 24, 3, stride=2, padding_mode="reflect", padding=1),
-        nn.Flatten(), nn.Linear(24 * 4 * 4, 10)).double()
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(True),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 1),
+        nn.ReLU(True),
+        nn.Conv2d(16, 24, 3, stride=2, padding_mode="reflect", padding=1),
+        nn.Flatten(),
+        nn.Linear(24 * 4 * 4, 10),
+    ).double()
 
 
 IMAGES = torch.randn(48, 1, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -28,8 +36,10 @@ IMAGES = torch.randn(48, 1, 16, 16, generator=torch.Generator().manual_seed(1), 
 
 def _layer_inputs(model, names):
     seen = {}
-    handles = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: seen.__setitem__(n, a[0].detach())) for n in names]
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach()))
+        for n in names
+    ]
     with torch.no_grad():
         model(IMAGES)
     for h in handles:
@@ -110,8 +120,11 @@ def test_embedding_targets_weight_rows_by_token_counts():
 
 def test_bad_inputs_name_the_failing_layer_and_the_accepted_values():
     model = _cnn()
-    with pytest.raises(ValueError, match=r"^calibration batch 0 could not run through the model: layer '0' \(Conv2d\) "
-                                         r"failed: .*expected input\[32, 3, 16, 16\] to have 1 channels"):
+    with pytest.raises(
+        ValueError,
+        match=r"^calibration batch 0 could not run through the model: layer '0' \(Conv2d\) "
+        r"failed: .*expected input\[32, 3, 16, 16\] to have 1 channels",
+    ):
         compress_modules_(model, ModuleCompressConfig(), torch.randn(48, 3, 16, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"^inputs are required for method='whiten'"):
         compress_modules_(model, ModuleCompressConfig())
@@ -124,7 +137,7 @@ def test_bad_inputs_name_the_failing_layer_and_the_accepted_values():
 
 def test_allocate_options_matches_brute_force_and_rejects_too_small_budgets():
     g = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         options = []
         for _ in range(4):
             params = sorted(torch.randint(1, 50, (4,), generator=g).tolist())
@@ -135,8 +148,11 @@ def test_allocate_options_matches_brute_force_and_rejects_too_small_budgets():
             continue
         idx = allocate_options(options, budget)
         assert sum(o[i][0] for o, i in zip(options, idx)) <= budget
-        best = min(sum(o[i][1] for o, i in zip(options, c)) for c in itertools.product(range(4), repeat=4)
-                   if sum(o[i][0] for o, i in zip(options, c)) <= budget)
+        best = min(
+            sum(o[i][1] for o, i in zip(options, c))
+            for c in itertools.product(range(4), repeat=4)
+            if sum(o[i][0] for o, i in zip(options, c)) <= budget
+        )
         got = sum(o[i][1] for o, i in zip(options, idx))
         assert got <= best + max(o[0][1] - o[-1][1] for o in options)  # within one layer's range of the optimum
     with pytest.raises(ValueError, match=r"^the budget of 5 parameters is below the 8 that the smallest"):

@@ -22,7 +22,9 @@ def _cp_tensor(shape, rank, seed=0):
 
 def _noisy(shape, rank, seed, noise=0.3):
     x = _cp_tensor(shape, rank, seed)
-    return x + noise * float(x.norm()) / math.sqrt(x.numel()) * torch.randn(*shape, dtype=torch.float64, generator=_gen(seed + 50))
+    return x + noise * float(x.norm()) / math.sqrt(x.numel()) * torch.randn(
+        *shape, dtype=torch.float64, generator=_gen(seed + 50)
+    )
 
 
 def _rel(a, b) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 
 import pytest
@@ -224,6 +225,67 @@ def test_target_modules_limit_the_factorized_layers():
     assert "model.layers.0.mlp.up_proj.weight" in delta.exact  # changed but not targeted: stored exactly
     with pytest.raises(ValueError, match=r"^target_modules \['nope'\] match no Linear weight of the base model$"):
         extract_delta(base, ft, target_modules=["nope"])
+
+
+def test_include_exclude_choose_the_factorized_layers_and_the_rest_follows_exact_other():
+    base = tiny_llama()
+    ft, _ = finetune(base)
+    delta = extract_delta(base, ft, rank=K, include=r"mlp", exclude=r"layers\.0\.")
+    assert sorted(delta.lora) == [f"model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    assert {"model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"} <= set(delta.exact)
+    assert_same_weights(apply_delta_(copy.deepcopy(base), delta), ft, atol=1e-13)  # rank-K deltas: exact
+    skipped = extract_delta(base, ft, rank=K, include=r"mlp", exclude=r"layers\.0\.", exact_other="skip")
+    assert skipped.exact == {} and sorted(skipped.lora) == sorted(delta.lora)
+    merged = apply_delta_(copy.deepcopy(base), skipped)
+    assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match=r"^include='nope' matches no Linear layer of the base model \(of 15, "
+                                         r"e\.g\. lm_head, model\.layers\.0\.mlp\.down_proj, "
+                                         r"model\.layers\.0\.mlp\.gate_proj\)$"):
+        extract_delta(base, ft, include="nope")
+    with pytest.raises(ValueError, match=r"^exclude='\(' is not a valid regular expression: "):
+        extract_delta(base, ft, exclude="(")
+
+
+def test_save_module_keeps_lm_head_at_full_rank_and_peft_loads_it(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    ft, _ = finetune(base)
+    with torch.no_grad():
+        ft.lm_head.weight += 0.01 * torch.randn(ft.lm_head.weight.shape, generator=torch.Generator().manual_seed(3),
+                                                dtype=torch.float64)  # full rank: no rank-K LoRA recovers it
+    delta = extract_delta(base, ft, rank=K, save_modules=["lm_head"])
+    assert "lm_head" not in delta.lora and torch.equal(delta.exact["lm_head.weight"], ft.lm_head.weight)
+    delta.save_peft(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["lm_head", "model.norm"] and "lm_head" not in config["target_modules"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(logits(loaded), logits(ft), rtol=0, atol=1e-12)
+    low = extract_delta(base, ft, rank=K)  # without it, lm_head gets a rank-K LoRA and loses most of its change
+    assert "lm_head" in low.lora
+    assert float((logits(apply_delta_(copy.deepcopy(base), low)) - logits(ft)).abs().max()) > 1e-4
+    unchanged = extract_delta(base, ft, rank=K, save_modules=["layers.0.input_layernorm"], exact_other="skip")
+    assert unchanged.exact.keys() == {"model.layers.0.input_layernorm.weight"}  # saved even though unchanged
+    assert torch.equal(unchanged.exact["model.layers.0.input_layernorm.weight"],
+                       base.model.layers[0].input_layernorm.weight)
+    with pytest.raises(ValueError, match=r"^save_modules entry 'nope' names no module of the base model \(e\.g\. "
+                                         r"lm_head, model\.embed_tokens, model\.layers\.0\.input_layernorm\)$"):
+        extract_delta(base, ft, save_modules=["nope"])
+
+
+def test_save_module_on_a_tied_head_saves_the_embedding_and_keeps_them_tied(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(tied=True)
+    ft, _ = finetune(base)
+    with torch.no_grad():
+        ft.model.embed_tokens.weight[5] -= 0.3
+    delta = extract_delta(base, ft, rank=K, save_modules=["lm_head"], exact_other="skip")
+    assert delta.exact.keys() == {"model.embed_tokens.weight"}
+    assert delta.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+    delta.save_peft(tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter")).eval()
+    ours = apply_delta_(copy.deepcopy(base), delta)
+    torch.testing.assert_close(logits(loaded), logits(ours), rtol=0, atol=1e-12)
+    assert torch.equal(ours.lm_head.weight, ft.model.embed_tokens.weight)
 
 
 def test_unchanged_model_gives_an_empty_delta():

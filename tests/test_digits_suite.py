@@ -115,9 +115,11 @@ def test_augment_is_a_seeded_small_jitter():
     # on blank images only the noise is left: standard deviation 0.05
     noise = augment(torch.zeros(2000, 1, 8, 8), torch.Generator().manual_seed(0))
     assert abs(noise.std().item() - 0.05) < 0.001 and abs(noise.mean().item()) < 0.001
+
     # a small jitter: each image stays far closer to itself than to any task's transform of it
     def dist(u, v):
         return (u - v).flatten(1).norm(dim=1).mean().item()
+
     for task in ("rot90", "hflip", "invert", "shift", "permute", "roll", "checker"):
         assert dist(a, x) < 0.6 * dist(a, split_data(task, "val")[0]), task
     assert x.equal(split_data("digits", "val")[0])  # input untouched
@@ -129,8 +131,11 @@ def test_augmented_pretraining_with_label_smoothing(small, tmp_path):
     assert len(list(tmp_path.iterdir())) == 1  # its own cache file
     assert not torch.equal(suite.base.state_dict()["1.weight"], plain.base.state_dict()["1.weight"])
     # the same architecture, seeded, still a digit classifier
-    assert load_digits_suite(**SMALL, pretrain="augmented", label_smoothing=0.1, cache_dir=tmp_path).base.state_dict()[
-        "1.weight"].equal(suite.base.state_dict()["1.weight"])
+    assert (
+        load_digits_suite(**SMALL, pretrain="augmented", label_smoothing=0.1, cache_dir=tmp_path)
+        .base.state_dict()["1.weight"]
+        .equal(suite.base.state_dict()["1.weight"])
+    )
     for task, ft in zip(suite.tasks, suite.finetuned):
         assert suite.accuracy(ft, task) >= 0.85
     # retrain the base exactly as the suite does

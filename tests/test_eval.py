@@ -30,7 +30,9 @@ class ConstantLogits(nn.Module):
 
 def test_uniform_model_has_perplexity_vocab_size():
     # log-softmax runs in float32 (as the logits come), so agreement is to float32 precision
-    assert perplexity(ConstantLogits(torch.zeros(37)), token_ids(3, 9) % 37, progress=False) == pytest.approx(37, rel=1e-6)
+    assert perplexity(ConstantLogits(torch.zeros(37)), token_ids(3, 9) % 37, progress=False) == pytest.approx(
+        37, rel=1e-6
+    )
 
 
 def test_perplexity_is_exp_of_mean_nll_over_all_predicted_tokens():
@@ -46,11 +48,15 @@ def test_perplexity_matches_transformers_loss():
     ids = token_ids(2, 16)
     with torch.no_grad():
         losses = [model(input_ids=row[None], labels=row[None]).loss for row in ids]
-    assert perplexity(model, ids, progress=False) == pytest.approx(math.exp(float(torch.stack(losses).mean())), rel=1e-5)
+    assert perplexity(model, ids, progress=False) == pytest.approx(
+        math.exp(float(torch.stack(losses).mean())), rel=1e-5
+    )
 
 
 def test_perplexity_rejects_bad_token_ids():
-    with pytest.raises(ValueError, match=r"token_ids must be an integer tensor of shape \(n_seqs, seq_len >= 2\), got \(4,\)"):
+    with pytest.raises(
+        ValueError, match=r"token_ids must be an integer tensor of shape \(n_seqs, seq_len >= 2\), got \(4,\)"
+    ):
         perplexity(tiny_llama(), torch.zeros(4, dtype=torch.long))
 
 
@@ -72,7 +78,9 @@ def test_embeddings_ignore_padding(tokenizer):
 
 
 def test_similarity_to_itself_is_one_and_drops_when_perturbed(tokenizer):
-    sentences = split_sentences("The cat sat on the mat today. Dogs bark loudly at night. Rain falls on the plain in Spain.")
+    sentences = split_sentences(
+        "The cat sat on the mat today. Dogs bark loudly at night. Rain falls on the plain in Spain."
+    )
     model = tiny_bert()
     assert embedding_similarity(model, model, tokenizer, sentences) == pytest.approx(1.0, abs=1e-9)
     other = tiny_bert(seed=1)
@@ -88,7 +96,10 @@ def test_similarity_to_itself_is_one_and_drops_when_perturbed(tokenizer):
 def test_split_sentences():
     text = "First sentence is here. Second one?  Yes!\n\nA paragraph\nwith a line break. ok.\n\nShort"
     assert split_sentences(text, min_chars=5) == [
-        "First sentence is here.", "Second one?", "A paragraph with a line break.", "Short",
+        "First sentence is here.",
+        "Second one?",
+        "A paragraph with a line break.",
+        "Short",
     ]
 
 

@@ -19,8 +19,10 @@ from rankwise.io.models import load_model
 
 from _tiny_models import minilm_dir, save_model_dir, tiny_bert, tiny_llama, token_ids
 
-TEMPLATE = ("{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}"
-            "{% if add_generation_prompt %}[assistant]{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}[{{ m.role }}] {{ m.content }} {% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
 MAX_NEW = 6
 
 
@@ -104,8 +106,9 @@ def test_chat_top1_equals_a_direct_computation(pair, chat_tokenizer):
     prompts = chat_prompts(4)
     agreed = total = 0
     for prompt in prompts:
-        ids = chat_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True)["input_ids"]
+        ids = chat_tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         assert chat_prompt_ids(chat_tokenizer, prompt).tolist() == ids
         answer = greedy_without_cache(ref, ids, ref.generation_config.eos_token_id, MAX_NEW)
         with torch.no_grad():
@@ -142,18 +145,38 @@ def dirs(pair, chat_tokenizer, tmp_path_factory):
 def test_cli_prints_the_same_figures(chat_tokenizer, dirs, capsys):
     model_dir, ref_dir = dirs
     pair = [load_model(d, progress=False)[0] for d in dirs]  # as the CLI reads them (RoPE tables rebuilt in float32)
-    assert main(["eval", str(model_dir), "--ref", str(ref_dir), "--tokens", "96", "--seq-len", "32",
-                 "--chat", "3", "--chat-tokens", str(MAX_NEW)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(model_dir),
+                "--ref",
+                str(ref_dir),
+                "--tokens",
+                "96",
+                "--seq-len",
+                "32",
+                "--chat",
+                "3",
+                "--chat-tokens",
+                str(MAX_NEW),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     ids = token_sequences(chat_tokenizer, builtin_text("eval"), 32, 3, what="evaluation")
     kl, top1, ppl, ref_ppl = expected_agreement(*pair, ids)
     c = chat_agreement(*pair, chat_tokenizer, chat_prompts(3), max_new_tokens=MAX_NEW, progress=False)
     assert f"perplexity {ppl:.3f} on 96 tokens (3 x 32) of built-in held-out text" in out
     assert f"reference perplexity {ref_ppl:.3f}; ratio {ppl / ref_ppl:.3f}" in out
-    assert (f"KL divergence to reference {kl:.5f} nats/token; next-token top-1 agreement {top1:.4f} "
-            "(93 predicted tokens)") in out
-    assert (f"chat: top-1 agreement {c.top1:.4f} along the reference's greedy answers to 3 built-in prompts "
-            f"({c.tokens} answer tokens, at most {MAX_NEW} each)") in out
+    assert (
+        f"KL divergence to reference {kl:.5f} nats/token; next-token top-1 agreement {top1:.4f} (93 predicted tokens)"
+    ) in out
+    assert (
+        f"chat: top-1 agreement {c.top1:.4f} along the reference's greedy answers to 3 built-in prompts "
+        f"({c.tokens} answer tokens, at most {MAX_NEW} each)"
+    ) in out
 
 
 def run_bad(argv, capsys, match):
@@ -164,15 +187,27 @@ def run_bad(argv, capsys, match):
 
 def test_cli_chat_bad_input(dirs, tmp_path, capsys):
     model_dir, ref_dir = dirs
-    run_bad(["eval", str(ref_dir), "--ref", str(model_dir), "--chat", "2"], capsys,
-            r"^rankwise eval: error: --chat needs a chat template, and model '.*/ref' has none "
-            r"\(no chat_template in its "
-            r"tokenizer files\)$")
-    run_bad(["eval", str(model_dir), "--chat", "2"], capsys,
-            r"^rankwise eval: error: --chat needs --ref MODEL: it measures agreement with the reference's answers$")
+    run_bad(
+        ["eval", str(ref_dir), "--ref", str(model_dir), "--chat", "2"],
+        capsys,
+        r"^rankwise eval: error: --chat needs a chat template, and model '.*/ref' has none "
+        r"\(no chat_template in its "
+        r"tokenizer files\)$",
+    )
+    run_bad(
+        ["eval", str(model_dir), "--chat", "2"],
+        capsys,
+        r"^rankwise eval: error: --chat needs --ref MODEL: it measures agreement with the reference's answers$",
+    )
     for n in ("0", "25"):
-        run_bad(["eval", str(model_dir), "--ref", str(ref_dir), "--chat", n], capsys,
-                rf"^rankwise eval: error: --chat must be an int from 1 to 24 \(built-in prompts\), got {n}$")
+        run_bad(
+            ["eval", str(model_dir), "--ref", str(ref_dir), "--chat", n],
+            capsys,
+            rf"^rankwise eval: error: --chat must be an int from 1 to 24 \(built-in prompts\), got {n}$",
+        )
     bert = save_model_dir(tiny_bert(), tmp_path / "bert")
-    run_bad(["eval", str(bert), "--ref", str(bert), "--chat", "2"], capsys,
-            r"^rankwise eval: error: --chat applies to causal LMs; model '.*/bert' is an encoder$")
+    run_bad(
+        ["eval", str(bert), "--ref", str(bert), "--chat", "2"],
+        capsys,
+        r"^rankwise eval: error: --chat applies to causal LMs; model '.*/bert' is an encoder$",
+    )

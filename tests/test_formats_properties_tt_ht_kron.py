@@ -82,7 +82,9 @@ def test_ht_shapes_ranks_params_and_monotone_error(shape, seed, data):
     assert ht.to_dense().shape == x.shape
     assert ht.ranks == (1, *(min(R, b) for b in bounds[1:]))
     k = ht.ranks
-    expected = sum(shape[dims[0]] * k[i] if not kids else k[kids[0]] * k[kids[1]] * k[i] for i, (dims, kids) in enumerate(tree))
+    expected = sum(
+        shape[dims[0]] * k[i] if not kids else k[kids[0]] * k[kids[1]] * k[i] for i, (dims, kids) in enumerate(tree)
+    )
     assert ht.num_params == expected
     errs = errors(x, ht_svd, max(bounds[1:]))
     assert non_increasing(errs, float(x.norm()))

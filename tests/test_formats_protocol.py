@@ -57,7 +57,10 @@ def test_num_params_counts_the_stored_tensors():
 
 
 def test_unknown_format_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"^unknown factorization format 'tensor_ring'; known: cp, ht, kronecker, svd, tt, tt_matrix, tucker$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown factorization format 'tensor_ring'; known: cp, ht, kronecker, svd, tt, tt_matrix, tucker$",
+    ):
         format_class("tensor_ring")
 
 

@@ -178,22 +178,41 @@ X = torch.ones(2, 3, 4, dtype=torch.float64)  # tree: root, (0, 1), (0,), (1,), 
 @pytest.mark.parametrize(
     "call,text",
     [
-        (lambda: ht_svd(torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])), "x contains 1 NaN/Inf entries; only finite values are accepted"),
-        (lambda: ht_svd(torch.tensor([[float("-inf"), 1.0], [0.0, 1.0]])), "x contains 1 NaN/Inf entries; only finite values are accepted"),
+        (
+            lambda: ht_svd(torch.tensor([[float("nan"), 1.0], [0.0, 1.0]])),
+            "x contains 1 NaN/Inf entries; only finite values are accepted",
+        ),
+        (
+            lambda: ht_svd(torch.tensor([[float("-inf"), 1.0], [0.0, 1.0]])),
+            "x contains 1 NaN/Inf entries; only finite values are accepted",
+        ),
         (lambda: ht_svd(torch.ones(4)), "x must have at least 2 dimensions, got 1 (shape (4,))"),
-        (lambda: ht_svd(torch.ones(2, 3, dtype=torch.int32)), "x must have a floating dtype (float16, bfloat16, float32, float64), got torch.int32"),
+        (
+            lambda: ht_svd(torch.ones(2, 3, dtype=torch.int32)),
+            "x must have a floating dtype (float16, bfloat16, float32, float64), got torch.int32",
+        ),
         (lambda: ht_svd(X, 0), "rank=0 is out of range; accepted: 1 <= rank <= 4 for this shape"),
         (lambda: ht_svd(X, 7), "rank=7 is out of range; accepted: 1 <= rank <= 4 for this shape"),
-        (lambda: ht_svd(X, (1, 4, 2)), "rank must have 2d-1 = 5 entries (one per tree node, root first), got 3: (1, 4, 2)"),
+        (
+            lambda: ht_svd(X, (1, 4, 2)),
+            "rank must have 2d-1 = 5 entries (one per tree node, root first), got 3: (1, 4, 2)",
+        ),
         (lambda: ht_svd(X, (2, 4, 2, 3, 4)), "rank[0]=2 is out of range; accepted: 1 <= rank[0] <= 1 for this shape"),
         (lambda: ht_svd(X, (1, 4, 3, 3, 4)), "rank[2]=3 is out of range; accepted: 1 <= rank[2] <= 2 for this shape"),
-        (lambda: ht_svd(X, (1, 4, 1, 3, 4)), "rank[1]=4 exceeds rank[2] * rank[3] = 3; accepted: a node's rank <= the product of its children's ranks"),
+        (
+            lambda: ht_svd(X, (1, 4, 1, 3, 4)),
+            "rank[1]=4 exceeds rank[2] * rank[3] = 3; accepted: a node's rank <= the product of its children's ranks",
+        ),
         (lambda: ht_svd(X, (1, 3, 2, 3, 4)), "rank[1]=3 and rank[4]=4 (the root's children) must be equal"),
         (lambda: ht_svd(X, 0.0), "rank as a float must be a fraction of the dense parameter count in (0, 1], got 0.0"),
         (lambda: ht_svd(X, [1, 4, 2.0, 2, 4]), "rank[2] must be an int in [1, 2], got 2.0"),
         (lambda: ht_svd(X, eps=-0.1), "eps must be a relative tolerance in [0, 1), got -0.1"),
         # leaf (3,) cannot have rank 2 once its sibling and the root's children have rank 1
-        (lambda: ht_svd(torch.ones(2, 2, 2, 2), (1, 1, 2, 2, 1, 1, 2)), "rank[6]=2 for the node over modes (3,) exceeds 1, the most its matricization allows given the other ranks in rank=(1, 1, 2, 2, 1, 1, 2)"),
+        (
+            lambda: ht_svd(torch.ones(2, 2, 2, 2), (1, 1, 2, 2, 1, 1, 2)),
+            "rank[6]=2 for the node over modes (3,) exceeds 1, the most its matricization allows "
+            "given the other ranks in rank=(1, 1, 2, 2, 1, 1, 2)",
+        ),
     ],
 )
 def test_bad_input_raises(call, text):

@@ -15,21 +15,32 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def fresh(code: str) -> str:
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
 
-@pytest.mark.parametrize("first, second", [("rankwise.delta", "rankwise.merging"),
-                                           ("rankwise.merging", "rankwise.delta")])
+@pytest.mark.parametrize(
+    "first, second", [("rankwise.delta", "rankwise.merging"), ("rankwise.merging", "rankwise.delta")]
+)
 def test_delta_and_merging_import_in_either_order(first, second):
-    names = ["Delta", "extract_delta", "apply_delta_", "apply_delta_checkpoint", "load_peft", "save_peft",
-             "allocate_delta_ranks"]
-    code = (f"import {first}, {second}, rankwise.peft_export, rankwise; "
-            f"print(all(callable(getattr(rankwise.delta, n)) for n in {names!r}), "
-            "rankwise.extract_delta is rankwise.delta.extract_delta, "
-            "rankwise.peft_export.load_peft is rankwise.delta.load_peft, callable(rankwise.merging.merge))")
+    names = [
+        "Delta",
+        "extract_delta",
+        "apply_delta_",
+        "apply_delta_checkpoint",
+        "load_peft",
+        "save_peft",
+        "allocate_delta_ranks",
+    ]
+    code = (
+        f"import {first}, {second}, rankwise.peft_export, rankwise; "
+        f"print(all(callable(getattr(rankwise.delta, n)) for n in {names!r}), "
+        "rankwise.extract_delta is rankwise.delta.extract_delta, "
+        "rankwise.peft_export.load_peft is rankwise.delta.load_peft, callable(rankwise.merging.merge))"
+    )
     assert fresh(code) == "True True True True"
 
 

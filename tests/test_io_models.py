@@ -37,7 +37,11 @@ def test_encoder_kind(tmp_path):
 
 
 def test_missing_path_and_unknown_alias():
-    with pytest.raises(FileNotFoundError, match=r"model '/no/such/dir' not found: expected a transformers model directory, a \.gguf or \.safetensors file$"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"model '/no/such/dir' not found: expected a transformers model directory, "
+        r"a \.gguf or \.safetensors file$",
+    ):
         load_model("/no/such/dir")
     with pytest.raises(FileNotFoundError, match=r"model 'smollm3' not found: .*; built-in aliases: minilm, smollm2$"):
         load_model("smollm3")
@@ -45,13 +49,17 @@ def test_missing_path_and_unknown_alias():
 
 def test_directory_without_config(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match=f"model directory '{tmp_path}' has no config.json: not a transformers model directory"):
+    with pytest.raises(
+        ValueError, match=f"model directory '{tmp_path}' has no config.json: not a transformers model directory"
+    ):
         load_model(tmp_path)
 
 
 def test_unknown_file_type(tmp_path):
     (tmp_path / "model.bin").write_bytes(b"x")
-    with pytest.raises(ValueError, match="is not a directory, .gguf or .safetensors file; accepted: those, or an alias"):
+    with pytest.raises(
+        ValueError, match="is not a directory, .gguf or .safetensors file; accepted: those, or an alias"
+    ):
         load_model(tmp_path / "model.bin")
 
 

@@ -101,16 +101,44 @@ W0 = torch.ones(6, 8, dtype=torch.float64)
 @pytest.mark.parametrize(
     "call,text",
     [
-        (lambda: kron_decompose(W0, (2, 4), (3, 3)), "a_shape=(2, 4) and b_shape=(3, 3) give a (6, 12) Kronecker product; accepted: shapes with a_shape[0]*b_shape[0] = 6 and a_shape[1]*b_shape[1] = 8 (W's shape)"),
-        (lambda: kron_decompose(W0, (2, 4, 1), (3, 2)), "a_shape must be a pair of positive ints (rows, cols), got (2, 4, 1)"),
-        (lambda: kron_decompose(W0, (2, 4), (3, 0)), "b_shape must be a pair of positive ints (rows, cols), got (3, 0)"),
-        (lambda: kron_decompose(W0, (2, 4), (3, 2), 0), "rank=0 is out of range; accepted: 1 <= rank <= 6 for this shape"),
-        (lambda: kron_decompose(W0, (2, 4), (3, 2), 7), "rank=7 is out of range; accepted: 1 <= rank <= 6 for this shape"),
-        (lambda: kron_decompose(W0, (2, 4), (3, 2), 2.0), "rank as a float must be a fraction of the dense parameter count in (0, 1], got 2.0"),
+        (
+            lambda: kron_decompose(W0, (2, 4), (3, 3)),
+            "a_shape=(2, 4) and b_shape=(3, 3) give a (6, 12) Kronecker product; "
+            "accepted: shapes with a_shape[0]*b_shape[0] = 6 and a_shape[1]*b_shape[1] = 8 (W's shape)",
+        ),
+        (
+            lambda: kron_decompose(W0, (2, 4, 1), (3, 2)),
+            "a_shape must be a pair of positive ints (rows, cols), got (2, 4, 1)",
+        ),
+        (
+            lambda: kron_decompose(W0, (2, 4), (3, 0)),
+            "b_shape must be a pair of positive ints (rows, cols), got (3, 0)",
+        ),
+        (
+            lambda: kron_decompose(W0, (2, 4), (3, 2), 0),
+            "rank=0 is out of range; accepted: 1 <= rank <= 6 for this shape",
+        ),
+        (
+            lambda: kron_decompose(W0, (2, 4), (3, 2), 7),
+            "rank=7 is out of range; accepted: 1 <= rank <= 6 for this shape",
+        ),
+        (
+            lambda: kron_decompose(W0, (2, 4), (3, 2), 2.0),
+            "rank as a float must be a fraction of the dense parameter count in (0, 1], got 2.0",
+        ),
         (lambda: kron_decompose(W0, (2, 4), (3, 2), eps=1.5), "eps must be a relative tolerance in [0, 1), got 1.5"),
-        (lambda: kron_decompose(torch.ones(6, 8, 1), (2, 4), (3, 2)), "W must have 2 dimensions, got 3 (shape (6, 8, 1))"),
-        (lambda: kron_decompose(torch.ones(6, 8, dtype=torch.int64), (2, 4), (3, 2)), "W must have a floating dtype (float16, bfloat16, float32, float64), got torch.int64"),
-        (lambda: kron_decompose(W0.clone().fill_(float("nan")), (2, 4), (3, 2)), "W contains 48 NaN/Inf entries; only finite values are accepted"),
+        (
+            lambda: kron_decompose(torch.ones(6, 8, 1), (2, 4), (3, 2)),
+            "W must have 2 dimensions, got 3 (shape (6, 8, 1))",
+        ),
+        (
+            lambda: kron_decompose(torch.ones(6, 8, dtype=torch.int64), (2, 4), (3, 2)),
+            "W must have a floating dtype (float16, bfloat16, float32, float64), got torch.int64",
+        ),
+        (
+            lambda: kron_decompose(W0.clone().fill_(float("nan")), (2, 4), (3, 2)),
+            "W contains 48 NaN/Inf entries; only finite values are accepted",
+        ),
     ],
 )
 def test_bad_input_raises(call, text):

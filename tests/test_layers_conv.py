@@ -23,7 +23,14 @@ GEOMETRIES = [
     {"in_channels": 5, "out_channels": 7, "kernel_size": (3, 5), "stride": 2, "padding": (1, 2), "bias": False},
     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "dilation": 2, "padding": 2, "padding_mode": "reflect"},
     {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "padding": "same"},
-    {"in_channels": 3, "out_channels": 9, "kernel_size": (2, 3), "stride": (2, 1), "padding": (0, 1), "padding_mode": "circular"},
+    {
+        "in_channels": 3,
+        "out_channels": 9,
+        "kernel_size": (2, 3),
+        "stride": (2, 1),
+        "padding": (0, 1),
+        "padding_mode": "circular",
+    },
 ]
 
 
@@ -69,8 +76,9 @@ def test_lower_rank_error_is_the_factorizations(geometry):
     x = _x(conv, torch.float64)
     # SVD of the reshape: the weight error is exactly the discarded singular values
     svd = SVDConv2d.from_dense(conv, 2)
-    assert math.isclose(float((svd.dense_weight() - W).norm()), truncated_svd(W.reshape(W.shape[0], -1)).tail_error(2),
-                        rel_tol=1e-9)
+    assert math.isclose(
+        float((svd.dense_weight() - W).norm()), truncated_svd(W.reshape(W.shape[0], -1)).tail_error(2), rel_tol=1e-9
+    )
     assert _rel(svd(x), conv_output(conv, x, svd.dense_weight())) < 1e-12
     # Tucker-2: orthonormal factors, the weight error is HOOI's reported error
     tucker = tucker_hooi(W, (3, 2), modes=(0, 1))
@@ -129,17 +137,26 @@ def test_spec_and_empty_rebuild_the_same_layer(fmt, rank):
 
 def test_bad_input_is_one_line_naming_layer_format_and_accepted_values():
     grouped = _conv(in_channels=4, out_channels=4, kernel_size=3, groups=2)
-    with pytest.raises(ValueError, match=r"^cp_conv2d: format 'cp' cannot express a grouped convolution \(groups=2\); "
-                                         r"accepted: groups=1, or format 'svd' \(factorizes each group\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^cp_conv2d: format 'cp' cannot express a grouped convolution \(groups=2\); "
+        r"accepted: groups=1, or format 'svd' \(factorizes each group\)$",
+    ):
         conv_from_dense(grouped, "cp", 2)
     with pytest.raises(ValueError, match=r"^tucker_conv2d: format 'tucker' cannot express a grouped"):
         conv_from_dense(grouped, "tucker", 2)
     conv = _conv(**GEOMETRIES[0])
-    with pytest.raises(ValueError, match=r"^tucker_conv2d 8x6x3x3: rank\[1\]=7 is out of range; accepted: "
-                                         r"1 <= rank\[1\] <= 6 for this shape$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^tucker_conv2d 8x6x3x3: rank\[1\]=7 is out of range; accepted: "
+        r"1 <= rank\[1\] <= 6 for this shape$",
+    ):
         conv_from_dense(conv, "tucker", (3, 7))
-    with pytest.raises(ValueError, match=r"^svd_conv2d 8x6x3x3 \(groups=1\): rank=9 is out of range; accepted: "
-                                         r"1 <= rank <= 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"^svd_conv2d 8x6x3x3 \(groups=1\): rank=9 is out of range; accepted: "
+        r"1 <= rank <= 8",
+    ):
         conv_from_dense(conv, "svd", 9)
     with pytest.raises(ValueError, match=r"^format for a Conv2d must be one of cp, svd, tucker, got 'tt'$"):
         conv_from_dense(conv, "tt", 2)

@@ -60,8 +60,9 @@ def test_tt_linear_lower_rank_error_is_the_tt_matrix_error_within_the_tt_svd_bou
     assert math.isclose(err, float((ttm.to_dense() - W).norm()), rel_tol=1e-12)
     # Oseledets 2011, Thm 2.2: error^2 <= sum over bonds of the discarded tail of that unfolding
     paired = W.reshape(5, 3, 2, 4, 3, 2).permute(0, 3, 1, 4, 2, 5).reshape(20, 9, 4)
-    bound = math.sqrt(sum(truncated_svd(paired.reshape(math.prod(paired.shape[: k + 1]), -1)).tail_error(3) ** 2
-                          for k in range(2)))
+    bound = math.sqrt(
+        sum(truncated_svd(paired.reshape(math.prod(paired.shape[: k + 1]), -1)).tail_error(3) ** 2 for k in range(2))
+    )
     assert err <= bound * (1 + 1e-12) and err > 0.5 * bound
     x = X.double()
     assert _rel(layer(x), x @ ttm.to_dense().T + linear.bias) < 1e-12
@@ -103,15 +104,23 @@ def test_embedding_lower_rank_errors():
     # frequency weights: the weighted error is the whitened SVD's tail, below the plain SVD's weighted error
     weights = torch.linspace(0.1, 3.0, 60, dtype=torch.float64)
     weighted = LowRankEmbedding.from_dense(emb, 5, row_weights=weights)
-    werr = lambda layer: float((weights[:, None] * (layer.dense_weight() - E)).norm())
+
+    def werr(layer: LowRankEmbedding) -> float:
+        return float((weights[:, None] * (layer.dense_weight() - E)).norm())
+
     assert werr(weighted) < werr(low)
     assert math.isclose(werr(weighted), truncated_svd(weights[:, None] * E).tail_error(5), rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: TTLinear.from_dense(_linear(), 2), lambda: KronLinear.from_dense(_linear(), 2),
-    lambda: LowRankEmbedding.from_dense(_embedding(), 3), lambda: TTEmbedding.from_dense(_embedding(), 2),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: TTLinear.from_dense(_linear(), 2),
+        lambda: KronLinear.from_dense(_linear(), 2),
+        lambda: LowRankEmbedding.from_dense(_embedding(), 3),
+        lambda: TTEmbedding.from_dense(_embedding(), 2),
+    ],
+)
 def test_spec_empty_round_trip_and_fine_tuning(make):
     layer = make()
     spec = layer.spec()
@@ -128,15 +137,23 @@ def test_spec_empty_round_trip_and_fine_tuning(make):
 
 
 def test_bad_shapes_and_ranks_name_layer_format_and_accepted_values():
-    with pytest.raises(ValueError, match=r"^tt_linear: format 'tt' needs row_dims of at least 2 positive ints multiplying "
-                                         r"to 30, got \(4, 8\); accepted e.g. \(5, 3, 2\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^tt_linear: format 'tt' needs row_dims of at least 2 positive ints multiplying "
+        r"to 30, got \(4, 8\); accepted e.g. \(5, 3, 2\)$",
+    ):
         TTLinear.from_dense(_linear(), 2, row_dims=(4, 8))
-    with pytest.raises(ValueError, match=r"^kron_linear: format 'kronecker' needs a_shape and b_shape with "
-                                         r"a_shape\[0\]\*b_shape\[0\] = 30 and a_shape\[1\]\*b_shape\[1\] = 24"):
+    with pytest.raises(
+        ValueError,
+        match=r"^kron_linear: format 'kronecker' needs a_shape and b_shape with "
+        r"a_shape\[0\]\*b_shape\[0\] = 30 and a_shape\[1\]\*b_shape\[1\] = 24",
+    ):
         KronLinear.from_dense(_linear(), 2, a_shape=(7, 4), b_shape=(5, 6))
     with pytest.raises(ValueError, match=r"^kron_linear 30x24: rank=99 is out of range; accepted: 1 <= rank <= 20"):
         KronLinear.from_dense(_linear(), 99)
-    with pytest.raises(ValueError, match=r"^lowrank_embedding 60x24: rank=25 is out of range; accepted: 1 <= rank <= 24"):
+    with pytest.raises(
+        ValueError, match=r"^lowrank_embedding 60x24: rank=25 is out of range; accepted: 1 <= rank <= 24"
+    ):
         LowRankEmbedding.from_dense(_embedding(), 25)
     with pytest.raises(ValueError, match=r"^tt_embedding: an nn.Embedding with max_norm=1.0"):
         TTEmbedding.from_dense(nn.Embedding(60, 24, max_norm=1.0))

@@ -59,8 +59,15 @@ def test_sharded_round_trip_respects_shard_size(tmp_path):
 
 
 def test_reads_stock_safetensors_file_and_hf_model_dir(tmp_path):
-    model = tiny_model("llama", vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1)
+    model = tiny_model(
+        "llama",
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model.save_pretrained(tmp_path / "hf", max_shard_size="4KB")
     ckpt = open_checkpoint(tmp_path / "hf")
     assert ckpt.config["hidden_size"] == 16
@@ -77,8 +84,11 @@ def test_module_and_state_dict_sources():
     src = as_checkpoint(lin)
     assert src.keys() == ["bias", "weight"] and src.shape("weight") == (2, 3)
     assert torch.equal(as_checkpoint({"w": torch.zeros(1)}).get("w"), torch.zeros(1))
-    with pytest.raises(ValueError, match=r"model must be a checkpoint path, an nn.Module or a state dict of tensors, "
-                                         r"got int"):
+    with pytest.raises(
+        ValueError,
+        match=r"model must be a checkpoint path, an nn.Module or a state dict of tensors, "
+        r"got int",
+    ):
         as_checkpoint(3)
     with pytest.raises(ValueError, match=r"tensor 'nope' is not in <Linear> \(2 tensors\)"):
         src.get("nope")
@@ -94,12 +104,18 @@ def test_missing_and_bad_inputs_are_named(tmp_path):
     save_file({"w": torch.randn(64, 64)}, tmp_path / "good.safetensors")
     blob = (tmp_path / "good.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(blob[:-100])
-    with pytest.raises(ValueError, match=r"'.*cut.safetensors' is truncated: "
-                                         r"its tensors need \d+ bytes, the file has \d+"):
+    with pytest.raises(
+        ValueError,
+        match=r"'.*cut.safetensors' is truncated: "
+        r"its tensors need \d+ bytes, the file has \d+",
+    ):
         open_checkpoint(tmp_path / "cut.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(ValueError, match=r"'.*junk.safetensors' is corrupted: "
-                                         r"its safetensors header is not valid JSON"):
+    with pytest.raises(
+        ValueError,
+        match=r"'.*junk.safetensors' is corrupted: "
+        r"its safetensors header is not valid JSON",
+    ):
         open_checkpoint(tmp_path / "junk.safetensors")
     (tmp_path / "tiny.safetensors").write_bytes(b"abc")
     with pytest.raises(ValueError, match=r"'.*tiny.safetensors' is not a safetensors file"):
@@ -147,8 +163,10 @@ def test_reads_every_dtype_and_shape_written_by_safetensors(tmp_path):
     for name, t in sd.items():
         got = ckpt.get(name)
         assert got.dtype == t.dtype and got.shape == t.shape
-        assert torch.equal(got.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else got,
-                           t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t)
+        assert torch.equal(
+            got.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else got,
+            t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t,
+        )
     write_checkpoint(tmp_path / "again", {k: ckpt.get(k) for k in ckpt.keys()})
     stock = load_file(tmp_path / "again" / "model.safetensors")
     assert all(torch.equal(stock[k].reshape(-1).view(torch.uint8), sd[k].reshape(-1).view(torch.uint8)) for k in sd)

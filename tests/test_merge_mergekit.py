@@ -41,8 +41,11 @@ def _run_mergekit(cfg, out):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    run_merge(MergeConfiguration.model_validate(cfg), str(out),
-              MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+    run_merge(
+        MergeConfiguration.model_validate(cfg),
+        str(out),
+        MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False),
+    )
     return open_checkpoint(out)
 
 
@@ -61,12 +64,19 @@ def test_same_tensors_as_mergekit(llamas, tmp_path, case):
     pytest.importorskip("mergekit")
     params, weights, with_base = CASES[case]
     method = case.split("_unnormalized")[0]
-    models = [{"model": str(llamas / f"ft{i}"), **({"parameters": {"weight": weights[i]}} if weights else {})}
-              for i in range(3)]
+    models = [
+        {"model": str(llamas / f"ft{i}"), **({"parameters": {"weight": weights[i]}} if weights else {})}
+        for i in range(3)
+    ]
     if method == "model_stock":
         models.insert(0, {"model": str(llamas / "base")})  # mergekit lists the base among the inputs
-    cfg = {"merge_method": method, "base_model": str(llamas / "base"), "dtype": "float32",
-           "models": models, "parameters": params}
+    cfg = {
+        "merge_method": method,
+        "base_model": str(llamas / "base"),
+        "dtype": "float32",
+        "models": models,
+        "parameters": params,
+    }
     theirs = _run_mergekit(cfg, tmp_path / "mergekit")
     spec = read_mergekit_config(_write(tmp_path, case, cfg))
     ours = merge(spec.models, spec.method, spec.base, dtype=spec.dtype, **spec.options)
@@ -81,16 +91,29 @@ def test_same_tensors_as_mergekit(llamas, tmp_path, case):
 
 
 def test_reader_maps_mergekit_defaults_and_notes(llamas, tmp_path):
-    cfg = {"merge_method": "dare_ties", "base_model": str(llamas / "base"), "tokenizer_source": "base",
-           "models": [{"model": str(llamas / "base")},
-                      {"model": str(llamas / "ft0"), "parameters": {"weight": 0.3, "density": 0.4}},
-                      {"model": str(llamas / "ft1")}],
-           "parameters": {"weight": 0.6, "int8_mask": True}, "out_dtype": "bfloat16"}
+    cfg = {
+        "merge_method": "dare_ties",
+        "base_model": str(llamas / "base"),
+        "tokenizer_source": "base",
+        "models": [
+            {"model": str(llamas / "base")},
+            {"model": str(llamas / "ft0"), "parameters": {"weight": 0.3, "density": 0.4}},
+            {"model": str(llamas / "ft1")},
+        ],
+        "parameters": {"weight": 0.6, "int8_mask": True},
+        "out_dtype": "bfloat16",
+    }
     spec = read_mergekit_config(_write(tmp_path, "dt", cfg))
     assert spec.method == "dare" and spec.base == llamas / "base"
     assert spec.models == [llamas / "ft0", llamas / "ft1"]  # the listed base is the base, not a task
-    assert spec.options == {"sign_consensus": True, "weights": [0.3, 0.6], "density": [0.4, 1.0],
-                            "normalize": False, "scale": 1.0, "rescale": "l1"}
+    assert spec.options == {
+        "sign_consensus": True,
+        "weights": [0.3, 0.6],
+        "density": [0.4, 1.0],
+        "normalize": False,
+        "scale": 1.0,
+        "rescale": "l1",
+    }
     assert spec.dtype == torch.bfloat16
     assert spec.notes[0] == "'tokenizer_source' is ignored (the base model's tokenizer files are copied)"
 
@@ -98,13 +121,22 @@ def test_reader_maps_mergekit_defaults_and_notes(llamas, tmp_path):
 @pytest.mark.parametrize(
     "patch, error, message",
     [
-        ({"merge_method": "slerp"}, ValueError,
-         r"merge_method 'slerp' in '.*' is not supported; supported: linear, task_arithmetic, ties"),
-        ({"lora_rank": 8, "zz": 1}, ValueError,
-         r"unknown key\(s\) 'lora_rank', 'zz' in '.*bad.yml'; accepted: base_model, chat_template"),
-        ({"parameters": {"densty": 0.5}}, ValueError,
-         r"unknown parameter\(s\) 'densty' for merge_method 'ties'; accepted: density, int8_mask, lambda, normalize, "
-         r"weight"),
+        (
+            {"merge_method": "slerp"},
+            ValueError,
+            r"merge_method 'slerp' in '.*' is not supported; supported: linear, task_arithmetic, ties",
+        ),
+        (
+            {"lora_rank": 8, "zz": 1},
+            ValueError,
+            r"unknown key\(s\) 'lora_rank', 'zz' in '.*bad.yml'; accepted: base_model, chat_template",
+        ),
+        (
+            {"parameters": {"densty": 0.5}},
+            ValueError,
+            r"unknown parameter\(s\) 'densty' for merge_method 'ties'; "
+            r"accepted: density, int8_mask, lambda, normalize, weight",
+        ),
         ({"parameters": {"density": [0.1, 0.9]}}, ValueError, r"parameters.density is a per-layer gradient or filter"),
         ({"slices": []}, ValueError, r"'slices' in '.*' is not supported; rankwise reads the 'models' form only"),
         ({"base_model": "no/such/model"}, FileNotFoundError, r"base_model 'no/such/model' does not exist"),
@@ -112,8 +144,12 @@ def test_reader_maps_mergekit_defaults_and_notes(llamas, tmp_path):
     ],
 )
 def test_reader_rejects_what_it_cannot_map(llamas, tmp_path, patch, error, message):
-    cfg = {"merge_method": "ties", "base_model": str(llamas / "base"),
-           "models": [{"model": str(llamas / "ft0"), "parameters": {"weight": 1.0}}], **patch}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(llamas / "base"),
+        "models": [{"model": str(llamas / "ft0"), "parameters": {"weight": 1.0}}],
+        **patch,
+    }
     with pytest.raises(error, match=message):
         read_mergekit_config(_write(tmp_path, "bad", cfg))
 

@@ -30,8 +30,10 @@ def test_registry_lists_every_method_with_paper_and_options():
 def test_linear_is_the_weighted_sum_exactly(tmp_path):
     g = torch.Generator().manual_seed(0)
     # small integers and dyadic weights: every sum is exact, so the comparison can be bit-for-bit
-    models = [{"w": torch.randint(-8, 8, (5, 4), generator=g).float(), "b": torch.randint(-8, 8, (5,), generator=g).float()}
-              for _ in range(3)]
+    models = [
+        {"w": torch.randint(-8, 8, (5, 4), generator=g).float(), "b": torch.randint(-8, 8, (5,), generator=g).float()}
+        for _ in range(3)
+    ]
     w = [0.5, 0.25, 1.25]
     out = merge(models, "linear", weights=w)
     for k in ("w", "b"):
@@ -103,15 +105,21 @@ def test_dare_drops_and_rescales_with_a_seed():
     zero = {"x": torch.zeros(5)}
     assert torch.equal(merge(models, "dare", zero, density=1.0)["x"], merge(models, "task_arithmetic", zero)["x"])
     # untrimmed sums [3.5, 0 -> +, -3, 3, 0.25]: agreeing means (4+1.5)/2, 3, -6, (5+1)/2, (.5+.25)/2
-    assert torch.equal(merge(models, "dare", zero, density=1.0, sign_consensus=True, normalize=True)["x"],
-                       torch.tensor([2.75, 3.0, -6.0, 3.0, 0.375]))
+    assert torch.equal(
+        merge(models, "dare", zero, density=1.0, sign_consensus=True, normalize=True)["x"],
+        torch.tensor([2.75, 3.0, -6.0, 3.0, 0.375]),
+    )
 
 
 def test_model_stock_matches_the_formula_on_a_constructed_example():
     # unit task vectors with pairwise cos 0.5: t = N cos / (1 + (N - 1) cos) = 1.5 / 2 = 0.75
     s3 = math.sqrt(3.0)
-    deltas = torch.tensor([[1.0, 0.0, 0.0], [0.5, s3 / 2, 0.0], [0.5, s3 / 6, math.sqrt(2.0 / 3.0)]], dtype=torch.float64)
-    assert torch.allclose(deltas @ deltas.T, torch.tensor([[1, .5, .5], [.5, 1, .5], [.5, .5, 1]], dtype=torch.float64))
+    deltas = torch.tensor(
+        [[1.0, 0.0, 0.0], [0.5, s3 / 2, 0.0], [0.5, s3 / 6, math.sqrt(2.0 / 3.0)]], dtype=torch.float64
+    )
+    assert torch.allclose(
+        deltas @ deltas.T, torch.tensor([[1, 0.5, 0.5], [0.5, 1, 0.5], [0.5, 0.5, 1]], dtype=torch.float64)
+    )
     base = torch.tensor([[2.0, -1.0, 3.0]], dtype=torch.float64)
     fts = [base + 2.0 * d for d in deltas]  # scaling every task vector leaves the angle unchanged
     out = model_stock([f.clone() for f in fts], base)  # methods overwrite their inputs (the driver's copies)
@@ -131,7 +139,7 @@ def _orthogonal_tasks(m=12, n=10, tasks=3, r=2, seed=0):
     U, _ = torch.linalg.qr(torch.randn(m, tasks * r, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, tasks * r, generator=g, dtype=torch.float64))
     S = torch.rand(tasks * r, generator=g, dtype=torch.float64) + 0.5
-    return [(U[:, i * r:(i + 1) * r] * S[i * r:(i + 1) * r]) @ V[:, i * r:(i + 1) * r].T for i in range(tasks)]
+    return [(U[:, i * r : (i + 1) * r] * S[i * r : (i + 1) * r]) @ V[:, i * r : (i + 1) * r].T for i in range(tasks)]
 
 
 def test_tsv_at_full_task_rank_with_orthogonal_subspaces_is_task_arithmetic():
@@ -142,9 +150,17 @@ def test_tsv_at_full_task_rank_with_orthogonal_subspaces_is_task_arithmetic():
     assert (tsv - ta).norm() / (ta - base).norm() < 1e-12
     # overlapping task subspaces: Procrustes decorrelation changes the sum
     g = torch.Generator().manual_seed(4)
-    shared = [{"w": base + torch.randn(12, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 10, generator=g, dtype=torch.float64)}
-              for _ in range(3)]
-    assert (merge(shared, "tsv", {"w": base}, rank=1)["w"] - merge(shared, "task_arithmetic", {"w": base})["w"]).norm() > 1e-3
+    shared = [
+        {
+            "w": base
+            + torch.randn(12, 1, generator=g, dtype=torch.float64)
+            @ torch.randn(1, 10, generator=g, dtype=torch.float64)
+        }
+        for _ in range(3)
+    ]
+    assert (
+        merge(shared, "tsv", {"w": base}, rank=1)["w"] - merge(shared, "task_arithmetic", {"w": base})["w"]
+    ).norm() > 1e-3
     # biases get the mean task vector
     b = merge([{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}], "tsv", {"w": torch.zeros(2)})["w"]
     assert torch.equal(b, torch.tensor([2.0, 4.0]))
@@ -179,15 +195,22 @@ def test_iso_c_flattens_the_spectrum_of_the_summed_task_matrix():
 def test_driver_names_the_first_mismatch_and_unknown_options():
     base = {"a.weight": torch.zeros(2, 3), "b.weight": torch.zeros(4)}
     good = {"a.weight": torch.ones(2, 3), "b.weight": torch.ones(4)}
-    with pytest.raises(ValueError, match=r"tensor 'a.weight' has shape \(2, 3\) in base \(<state dict>\) but \(3, 2\) in models\[1\]"):
+    with pytest.raises(
+        ValueError, match=r"tensor 'a.weight' has shape \(2, 3\) in base \(<state dict>\) but \(3, 2\) in models\[1\]"
+    ):
         merge([good, {"a.weight": torch.ones(3, 2), "b.weight": torch.ones(5)}], "task_arithmetic", base)
     with pytest.raises(ValueError, match=r"tensor 'b.weight' is in base \(<state dict>\) but not in models\[0\]"):
         merge([{"a.weight": torch.ones(2, 3)}], "task_arithmetic", base)
-    with pytest.raises(ValueError, match=r"unknown option\(s\) 'density' for merge method 'task_arithmetic'; accepted: normalize, scale, weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown option\(s\) 'density' for merge method 'task_arithmetic'; accepted: normalize, scale, weights",
+    ):
         merge([good], "task_arithmetic", base, density=0.5)
     with pytest.raises(ValueError, match=r"merge method 'ties' needs a base model"):
         merge([good], "ties")
-    with pytest.raises(ValueError, match=r"merging tensor 'a.weight': weights must give one number per fine-tuned model \(1\), got 2"):
+    with pytest.raises(
+        ValueError, match=r"merging tensor 'a.weight': weights must give one number per fine-tuned model \(1\), got 2"
+    ):
         merge([good], "ties", base, weights=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"merging tensor 'a.weight': density must be in \(0, 1\], got 0"):
         merge([good], "ties", base, density=0)

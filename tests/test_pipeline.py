@@ -3,7 +3,6 @@ path equals the in-memory one; sequential calibration sees the compressed blocks
 
 import pytest
 import torch
-from _tiny_models import ARCHITECTURES, auto_class, save_model_dir, tiny_bert, tiny_gpt2, tiny_llama, tiny_model, token_ids
 
 import rankwise
 from rankwise.blocks import InMemorySource
@@ -14,16 +13,32 @@ from rankwise.streamed import compress_checkpoint
 from rankwise.targets import block_stack, find_targets
 from rankwise.workdir import WorkDir
 
+from _tiny_models import (
+    ARCHITECTURES,
+    auto_class,
+    save_model_dir,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_model,
+    token_ids,
+)
+
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 
 def run_pipeline(model, config, calib, tmp_path):
     targets = find_targets(model)
     pipe = Pipeline(
-        InMemorySource(model, block_stack(model)[0], "cpu"), targets, config,
+        InMemorySource(model, block_stack(model)[0], "cpu"),
+        targets,
+        config,
         lambda W, st, name, cache: factorize(W, config, st, name, cache),
         lambda layer, f, st, name: layer_cost(layer, f, st, name, config.needs_loss_gradients),
-        WorkDir(tmp_path / "work", {}), device="cpu", dtype=torch.float64, progress=False,
+        WorkDir(tmp_path / "work", {}),
+        device="cpu",
+        dtype=torch.float64,
+        progress=False,
     )
     pipe.calibrate(calib)
     return pipe, targets
@@ -60,7 +75,7 @@ def test_streamed_checkpoint_equals_in_memory_compression(arch, tmp_path):
     memory = auto.from_pretrained(src).eval()
     ref = compress_(memory, config, calib, progress=False)
     assert report.ranks == ref.ranks and len(report.ranks) > 0
-    assert [dataclass_row(l) for l in report.layers] == [dataclass_row(l) for l in ref.layers]
+    assert [dataclass_row(row) for row in report.layers] == [dataclass_row(row) for row in ref.layers]
     reloaded = auto.from_pretrained(tmp_path / "out").eval()  # stock transformers, after `import rankwise`
     assert isinstance(reloaded.get_submodule(next(iter(report.ranks))), rankwise.LowRankLinear)
     ids = token_ids(2, 10, seed=3)
@@ -87,7 +102,9 @@ def test_sequential_calibrates_each_block_on_the_compressed_blocks_outputs(tmp_p
         return real(W, config, stats, name, cache)
 
     monkeypatch.setattr(rankwise.compress, "factorize", spy)
-    report = compress_(model, CompressConfig(keep=0.5, min_rank=2, fisher_seqs=2, sequential=True), calib, progress=False)
+    report = compress_(
+        model, CompressConfig(keep=0.5, min_rank=2, fisher_seqs=2, sequential=True), calib, progress=False
+    )
     assert isinstance(model.model.layers[0].self_attn.q_proj, rankwise.LowRankLinear)
     dense_gram, sequential_gram = seen["grams"]  # pass C (dense activations), then pass D
     # pass D's statistics are those of block 1's inputs in the compressed model (equal up to the float32

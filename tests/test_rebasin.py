@@ -37,7 +37,13 @@ def test_spec_covers_batchnorm():
     spec = permutation_spec(model)
     assert spec.sizes == (6,)
     assert {k for k, v in spec.axes.items() if v == {0: (0, 1)}} == {
-        "0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"}
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+    }
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -109,16 +115,22 @@ def test_rebasin_merge_averages_the_models_after_undoing_their_permutations():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match=r"^cannot permute through module '1' \(LayerNorm\); "
-                                         r"supported: Linear, Conv1d"):
+    with pytest.raises(
+        ValueError,
+        match=r"^cannot permute through module '1' \(LayerNorm\); "
+        r"supported: Linear, Conv1d",
+    ):
         permutation_spec(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)))
     with pytest.raises(ValueError, match=r"^model must have at least 2 Linear/Conv layers to permute between, got 1$"):
         permutation_spec(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
     with pytest.raises(ValueError, match=r"^model must be an nn.Sequential chain; 'the model' is a ModuleList$"):
         permutation_spec(nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]))
     a, b = make_model("mlp", seed=0, width=8), make_model("mlp", seed=0, width=9)
-    with pytest.raises(ValueError, match=r"^model_b differs from the reference model at tensor '1.bias': "
-                                         r"\(9,\) vs \(8,\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^model_b differs from the reference model at tensor '1.bias': "
+        r"\(9,\) vs \(8,\)$",
+    ):
         align(b, a)
     with pytest.raises(ValueError, match=r"^merge method 'rebasin' needs at least 2 fine-tuned models, got 1$"):
         rankwise.merge([a], method="rebasin")

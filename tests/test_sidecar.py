@@ -18,11 +18,13 @@ from rankwise.merging import merge_to_dir
 from _tiny_models import factorize_some, minilm_dir, save_model_dir, tiny_bert, tiny_llama, tree_digest
 
 ST_FILES = {
-    "modules.json": json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
-    ]),
+    "modules.json": json.dumps(
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ]
+    ),
     "sentence_bert_config.json": '{"max_seq_length": 128, "do_lower_case": false}',
     "config_sentence_transformers.json": '{"__version__": {"sentence_transformers": "5.0.0"}}',
     "1_Pooling/config.json": '{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}',
@@ -43,14 +45,28 @@ def read_tree(root: Path) -> dict[str, bytes]:
 
 
 def test_copies_every_sidecar_and_no_weight_or_rewritten_file(tmp_path):
-    src = write_files(tmp_path / "src", {
-        **ST_FILES,
-        "config.json": "{}", "README.md": "old card", "model.safetensors": b"w", "pytorch_model.bin": b"w",
-        "model.safetensors.index.json": "{}", "pytorch_model.bin.index.json": "{}", "rankwise_report.json": "{}",
-        "rankwise_source.json": "{}", "onnx/model.onnx": b"w", ".gitattributes": "x", ".cache/huggingface/x": "y",
-        "2_Dense/model.safetensors": b"dense projection", "2_Dense/config.json": '{"in_features": 32}',
-        "tokenizer.json": "{}", "vocab.txt": "a\nb\n", "data_config.json": "[]",
-    })
+    src = write_files(
+        tmp_path / "src",
+        {
+            **ST_FILES,
+            "config.json": "{}",
+            "README.md": "old card",
+            "model.safetensors": b"w",
+            "pytorch_model.bin": b"w",
+            "model.safetensors.index.json": "{}",
+            "pytorch_model.bin.index.json": "{}",
+            "rankwise_report.json": "{}",
+            "rankwise_source.json": "{}",
+            "onnx/model.onnx": b"w",
+            ".gitattributes": "x",
+            ".cache/huggingface/x": "y",
+            "2_Dense/model.safetensors": b"dense projection",
+            "2_Dense/config.json": '{"in_features": 32}',
+            "tokenizer.json": "{}",
+            "vocab.txt": "a\nb\n",
+            "data_config.json": "[]",
+        },
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "generation_config.json").write_text('{"re-serialized": true}')  # the input's copy is authoritative
@@ -58,16 +74,26 @@ def test_copies_every_sidecar_and_no_weight_or_rewritten_file(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a consistent input warns about nothing (the Normalize folder is optional)
         copied = copy_model_files(src, out)
-    expected = sorted([*ST_FILES, "2_Dense/model.safetensors", "2_Dense/config.json", "tokenizer.json", "vocab.txt",
-                       "data_config.json"])
+    expected = sorted(
+        [
+            *ST_FILES,
+            "2_Dense/model.safetensors",
+            "2_Dense/config.json",
+            "tokenizer.json",
+            "vocab.txt",
+            "data_config.json",
+        ]
+    )
     assert copied == expected
     assert read_tree(out) == {rel: (src / rel).read_bytes() for rel in expected}
     assert tree_digest(src) == before
 
 
 def test_inconsistent_modules_json_is_copied_with_one_warning(tmp_path):
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
     src = write_files(tmp_path / "src", {"modules.json": json.dumps(modules)})
     (tmp_path / "out").mkdir()
     with pytest.warns(SidecarWarning) as record:
@@ -90,8 +116,9 @@ def test_unparsable_json_is_copied_and_a_dangling_link_skipped_with_warnings(tmp
     assert messages[0].startswith(f"'{src / 'modules.json'}' is not a valid sentence-transformers modules.json (")
     assert messages[0].endswith("); copied as it is")
     assert messages[1].startswith(f"'{src / 'modules.json'}' is not valid JSON (")
-    assert messages[2] == (f"'{src / 'special_tokens_map.json'}' could not be copied (No such file or directory); "
-                           "the output lacks it")
+    assert messages[2] == (
+        f"'{src / 'special_tokens_map.json'}' could not be copied (No such file or directory); the output lacks it"
+    )
     assert messages[3].startswith(f"'{src / 'tokenizer_config.json'}' is not valid JSON (")
     assert copied == ["modules.json", "tokenizer_config.json", "vocab.txt"]
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == "{not json"
@@ -107,15 +134,25 @@ def test_copy_rejects_missing_directories(tmp_path):
 def test_model_card_states_base_method_budget_version_and_quality(tmp_path):
     low_rank_config = json.dumps({"quantization_config": {"quant_method": "rankwise"}})
     write_files(tmp_path, {"modules.json": "[]", "config.json": low_rank_config})
-    card = write_model_card(tmp_path, base_model="org/model", method="compress: whiten factorization",
-                            budget="keep 0.8", quality={"perplexity": 17.7881234, "top-1 agreement": 0.81})
+    card = write_model_card(
+        tmp_path,
+        base_model="org/model",
+        method="compress: whiten factorization",
+        budget="keep 0.8",
+        quality={"perplexity": 17.7881234, "top-1 agreement": 0.81},
+    )
     text = card.read_text()
     assert card == tmp_path / "README.md"
     assert text.startswith('---\nbase_model: "org/model"\nlibrary_name: sentence-transformers\ntags:\n- rankwise\n')
-    for line in ("| base model | `org/model` |", "| method | compress: whiten factorization |", "| budget | keep 0.8 |",
-                 f"| rankwise version | {rankwise.__version__} |", "| perplexity | 17.7881 |",
-                 "| top-1 agreement | 0.81 |",
-                 "import rankwise  # registers the low-rank layers with transformers' from_pretrained"):
+    for line in (
+        "| base model | `org/model` |",
+        "| method | compress: whiten factorization |",
+        "| budget | keep 0.8 |",
+        f"| rankwise version | {rankwise.__version__} |",
+        "| perplexity | 17.7881 |",
+        "| top-1 agreement | 0.81 |",
+        "import rankwise  # registers the low-rank layers with transformers' from_pretrained",
+    ):
         assert line in text.splitlines()
     (tmp_path / "modules.json").unlink()
     (tmp_path / "config.json").write_text("{}")
@@ -143,8 +180,13 @@ def test_save_keeps_the_input_files_and_adds_a_card(bert_st_dir, tmp_path):
     factorize_some(model, {"encoder.layer.0.attention.self.query": 4})
     rankwise.save(model, tmp_path / "c", quality={"cosine": 0.99})
     src, out = read_tree(bert_st_dir), read_tree(tmp_path / "c")
-    for rel in [*ST_FILES.keys() - {"chat_template.jinja"}, "vocab.txt", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json"]:
+    for rel in [
+        *ST_FILES.keys() - {"chat_template.jinja"},
+        "vocab.txt",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]:
         assert out[rel] == src[rel], rel
     card = out["README.md"].decode()
     assert f'base_model: "{bert_st_dir}"' in card and "| cosine | 0.99 |" in card
@@ -162,13 +204,26 @@ def test_delta_apply_and_merge_keep_the_input_files_and_add_a_card(tmp_path):
     apply_delta_checkpoint(base_dir, delta, tmp_path / "applied")
     merge_to_dir([tmp_path / "other", base_dir], tmp_path / "merged", "task_arithmetic", base=base_dir, scale=0.5)
     src = read_tree(base_dir)
-    kept = ["chat_template.jinja", "extra/notes.json", "generation_config.json", "special_tokens_map.json",
-            "tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    kept = [
+        "chat_template.jinja",
+        "extra/notes.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]
     for name, method, budget in (
-        ("applied", "delta apply: base + low-rank delta (in memory)",
-         "LoRA ranks 2-2, 1 low-rank layers, 128 factor parameters, 0 tensors replaced exactly"),
-        ("merged", f"merge: task_arithmetic of 2 model(s) ({tmp_path / 'other'}, {base_dir})",
-         "normalize=False, scale=0.5, weights=None"),
+        (
+            "applied",
+            "delta apply: base + low-rank delta (in memory)",
+            "LoRA ranks 2-2, 1 low-rank layers, 128 factor parameters, 0 tensors replaced exactly",
+        ),
+        (
+            "merged",
+            f"merge: task_arithmetic of 2 model(s) ({tmp_path / 'other'}, {base_dir})",
+            "normalize=False, scale=0.5, weights=None",
+        ),
     ):
         out = read_tree(tmp_path / name)
         assert sorted(out) == sorted([*kept, "README.md", "config.json", "model.safetensors"]), name
@@ -183,6 +238,14 @@ def test_real_minilm_sidecars_copy_without_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         copied = copy_model_files(minilm_dir(), tmp_path)
-    assert copied == ["1_Pooling/config.json", "config_sentence_transformers.json", "data_config.json", "modules.json",
-                      "sentence_bert_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-                      "vocab.txt"]
+    assert copied == [
+        "1_Pooling/config.json",
+        "config_sentence_transformers.json",
+        "data_config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]

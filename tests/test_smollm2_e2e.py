@@ -28,7 +28,9 @@ def test_smollm2_compress_save_reload(tmp_path):
     held_out = token_sequences(tokenizer, builtin_text("eval"), 128, 4, what="evaluation")
     dense = perplexity(model, held_out, progress=False)
 
-    report = rankwise.compress_(model, rankwise.CompressConfig(keep=0.9, seq_len=256, calib_seqs=8), calib, progress=False)
+    report = rankwise.compress_(
+        model, rankwise.CompressConfig(keep=0.9, seq_len=256, calib_seqs=8), calib, progress=False
+    )
     assert len(report.ranks) > 0
     assert report.params_after <= 0.9 * report.params_before
     compressed = perplexity(model, held_out, progress=False)
@@ -39,5 +41,7 @@ def test_smollm2_compress_save_reload(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids).logits
         for reloaded in (rankwise.load(tmp_path / "smol"), AutoModelForCausalLM.from_pretrained(tmp_path / "smol")):
-            assert {n: m.rank for n, m in reloaded.named_modules() if isinstance(m, rankwise.LowRankLinear)} == report.ranks
+            assert {
+                n: m.rank for n, m in reloaded.named_modules() if isinstance(m, rankwise.LowRankLinear)
+            } == report.ranks
             assert torch.equal(reloaded(input_ids=ids).logits, expected)

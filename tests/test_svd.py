@@ -87,7 +87,9 @@ def test_small_rank_gram_route_equals_full_svd(shape, r):
     assert err == pytest.approx(float(s[r:].norm()), rel=1e-12)  # Eckart–Young
     for k in (1, 9, r):
         assert f.tail_error(k) == pytest.approx(float(s[k:].norm()), rel=1e-10)
-    with pytest.raises(ValueError, match=rf"tail_error\({r + 1}\) needs the singular values beyond the {r} this SVD holds"):
+    with pytest.raises(
+        ValueError, match=rf"tail_error\({r + 1}\) needs the singular values beyond the {r} this SVD holds"
+    ):
         f.tail_error(r + 1)
     assert truncated_svd(W, 54).spectrum.shape == (160,)  # 3 * 54 > 160: the full SVD, whole spectrum
 
@@ -136,14 +138,26 @@ def test_torch_route_on_several_threads_equals_the_numpy_route():
     s = torch.arange(1, 41, dtype=torch.float64) ** -1.0
     W = _matrix_with_spectrum(40, 70, s, seed=23)
     assert _ops._numpy_route(a)  # the suite runs on one thread
-    one = (_ops.matmul(a, b), _ops.gram(a), _ops.gram(a.T, torch.float32), gram_singular_values(W), gram_eigh(W, 5)[0],
-           truncated_svd(W, 10).S)
+    one = (
+        _ops.matmul(a, b),
+        _ops.gram(a),
+        _ops.gram(a.T, torch.float32),
+        gram_singular_values(W),
+        gram_eigh(W, 5)[0],
+        truncated_svd(W, 10).S,
+    )
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         assert not _ops._numpy_route(a)
-        two = (_ops.matmul(a, b), _ops.gram(a), _ops.gram(a.T, torch.float32), gram_singular_values(W),
-               gram_eigh(W, 5)[0], truncated_svd(W, 10).S)
+        two = (
+            _ops.matmul(a, b),
+            _ops.gram(a),
+            _ops.gram(a.T, torch.float32),
+            gram_singular_values(W),
+            gram_eigh(W, 5)[0],
+            truncated_svd(W, 10).S,
+        )
     finally:
         torch.set_num_threads(before)
     for x, y in zip(one, two):
@@ -256,8 +270,14 @@ def test_whitening_factor_of_zero_gram_is_identity():
         (lambda: truncated_svd(torch.ones(4, 3), eps=1.0), "eps must be a relative tolerance in [0, 1), got 1.0"),
         (lambda: randomized_svd(torch.ones(4, 3), 2, n_iter=-1), "n_iter must be an int >= 0, got -1"),
         (lambda: randomized_svd(torch.ones(4, 3), 2, oversample=-2), "oversample must be an int >= 0, got -2"),
-        (lambda: whitened_svd(torch.ones(4, 3), 2, scale=torch.ones(3), whitening=torch.eye(3)), "at most one input-side factor"),
-        (lambda: whitened_svd(torch.ones(4, 3), 2, rows=torch.ones(3)), "rows must have shape (4,) to match W's 4 rows"),
+        (
+            lambda: whitened_svd(torch.ones(4, 3), 2, scale=torch.ones(3), whitening=torch.eye(3)),
+            "at most one input-side factor",
+        ),
+        (
+            lambda: whitened_svd(torch.ones(4, 3), 2, rows=torch.ones(3)),
+            "rows must have shape (4,) to match W's 4 rows",
+        ),
         (lambda: whitened_svd(torch.ones(4, 3), 2, scale=torch.ones(4)), "scale must have shape (3,)"),
         (lambda: whitened_svd(torch.ones(4, 3), 2, scale=-torch.ones(3)), "scale must be strictly positive"),
         (lambda: whitened_svd(torch.ones(4, 3), 2, whitening=torch.eye(4)), "whitening must have shape (3, 3)"),
@@ -279,3 +299,13 @@ def test_input_is_not_modified():
     randomized_svd(W, 3)
     whitened_svd(W, 3, scale=torch.ones(8))
     assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("shape, keep", [((40, 30), 0.5), ((17, 64), 0.3), ((8, 8), 0.99)])
+def test_fraction_rank_counts_what_num_params_counts(shape, keep):
+    """A float rank keeps at most that fraction of m*n stored numbers (U, S, Vh), and the next rank would not."""
+    W = torch.randn(*shape, dtype=torch.float64, generator=_gen(11))
+    f = truncated_svd(W, keep)
+    m, n = shape
+    assert f.num_params == sum(t.numel() for t in (f.U, f.S, f.Vh)) <= keep * m * n
+    assert (f.rank + 1) * (m + n + 1) > keep * m * n or f.rank == min(shape)

@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-from _tiny_models import save_model_dir, tiny_llama, tree_digest
 
 import rankwise
 from rankwise.cli import main
@@ -13,6 +12,8 @@ from rankwise.data import builtin_text, token_sequences
 from rankwise.eval import perplexity
 from rankwise.pipeline import Pipeline
 from rankwise.sweep import spearman
+
+from _tiny_models import save_model_dir, tiny_llama, tree_digest
 
 FAST = ["--seq-len", "32", "--calib-tokens", "256"]
 
@@ -27,8 +28,27 @@ def test_sweep_calibrates_once_and_its_saved_keep_equals_compress(llama_dir, tmp
     calls = []
     real = Pipeline.calibrate
     monkeypatch.setattr(Pipeline, "calibrate", lambda self, *a: (calls.append(1), real(self, *a))[1])
-    assert main(["sweep", str(llama_dir), "--keep", "0.5", "0.9", "0.7", "--eval", "--eval-tokens", "512",
-                 "--save", "0.7", "--out", str(tmp_path / "s"), *FAST]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(llama_dir),
+                "--keep",
+                "0.5",
+                "0.9",
+                "0.7",
+                "--eval",
+                "--eval-tokens",
+                "512",
+                "--save",
+                "0.7",
+                "--out",
+                str(tmp_path / "s"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert calls == [1]
     out = capsys.readouterr().out
     doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
@@ -40,7 +60,9 @@ def test_sweep_calibrates_once_and_its_saved_keep_equals_compress(llama_dir, tmp
     losses = [r["predicted_loss"] for r in rows]
     assert losses[0] < losses[1] < losses[2]  # less kept, more predicted loss
     assert doc["spearman_predicted_vs_quality"] == pytest.approx(spearman(losses, [r["quality"] for r in rows]))
-    assert (tmp_path / "s" / "sweep.csv").read_text().splitlines()[0] == "keep,params_before,params_after,predicted_loss,quality"
+    assert (tmp_path / "s" / "sweep.csv").read_text().splitlines()[
+        0
+    ] == "keep,params_before,params_after,predicted_loss,quality"
 
     assert main(["compress", str(llama_dir), "--keep", "0.7", "--out", str(tmp_path / "c"), *FAST]) == 0
     saved = tmp_path / "s" / "keep-0.7"
@@ -53,28 +75,85 @@ def test_sweep_calibrates_once_and_its_saved_keep_equals_compress(llama_dir, tmp
 
 
 def test_out_best_writes_the_smallest_keep_within_the_bound(llama_dir, tmp_path, capsys):
-    assert main(["sweep", str(llama_dir), "--keep", "0.9", "0.6", "--eval", "--eval-tokens", "512",
-                 "--out", str(tmp_path / "s"), *FAST]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(llama_dir),
+                "--keep",
+                "0.9",
+                "0.6",
+                "--eval",
+                "--eval-tokens",
+                "512",
+                "--out",
+                str(tmp_path / "s"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
     bound = rows[0]["quality"] * (1 + 1e-9)  # only keep 0.9 is within it (keep 0.6 is worse)
     assert rows[1]["quality"] > bound
-    assert main(["sweep", str(llama_dir), "--keep", "0.9", "0.6", "--eval", "--eval-tokens", "512", "--out-best", str(bound),
-                 "--out", str(tmp_path / "b"), *FAST]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(llama_dir),
+                "--keep",
+                "0.9",
+                "0.6",
+                "--eval",
+                "--eval-tokens",
+                "512",
+                "--out-best",
+                str(bound),
+                "--out",
+                str(tmp_path / "b"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert [p.name for p in sorted((tmp_path / "b").iterdir())] == ["keep-0.9", "sweep.csv", "sweep.json"]
     capsys.readouterr()
-    assert main(["sweep", str(llama_dir), "--keep", "0.9", "0.6", "--eval", "--eval-tokens", "512", "--out-best", "1.0",
-                 "--out", str(tmp_path / "n"), *FAST]) == 1
+    assert (
+        main(
+            [
+                "sweep",
+                str(llama_dir),
+                "--keep",
+                "0.9",
+                "0.6",
+                "--eval",
+                "--eval-tokens",
+                "512",
+                "--out-best",
+                "1.0",
+                "--out",
+                str(tmp_path / "n"),
+                *FAST,
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.fullmatch(r"rankwise sweep: no swept keep reaches perplexity <= 1.0 \(best [\d.]+ at keep 0.9\); no model written", err)
+    assert re.fullmatch(
+        r"rankwise sweep: no swept keep reaches perplexity <= 1.0 \(best [\d.]+ at keep 0.9\); no model written", err
+    )
     assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["sweep.csv", "sweep.json"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--keep", "0.8", "1.5"], r"keep must be a fraction in \(0, 1\], got 1\.5"),
-    (["--keep", "0.8", "0.8"], r"keep 0\.8 is given twice"),
-    (["--keep", "0.8", "--save", "0.7"], r"--save 0\.7 is not one of the swept keeps \(0\.8\)"),
-    (["--keep", "0.8", "--out-best", "20"], r"--out-best needs --eval \(it chooses by measured quality\)"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--keep", "0.8", "1.5"], r"keep must be a fraction in \(0, 1\], got 1\.5"),
+        (["--keep", "0.8", "0.8"], r"keep 0\.8 is given twice"),
+        (["--keep", "0.8", "--save", "0.7"], r"--save 0\.7 is not one of the swept keeps \(0\.8\)"),
+        (["--keep", "0.8", "--out-best", "20"], r"--out-best needs --eval \(it chooses by measured quality\)"),
+    ],
+)
 def test_bad_sweep_input_is_one_line_and_writes_nothing(llama_dir, tmp_path, capsys, argv, message):
     assert main(["sweep", str(llama_dir), *argv, "--out", str(tmp_path / "s"), *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()

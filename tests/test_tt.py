@@ -65,7 +65,9 @@ def test_eps_error_bound(eps):
     for k, r in enumerate(tt.ranks):
         s_sq = torch.linalg.svdvals(x.reshape(math.prod(x.shape[: k + 1]), -1)) ** 2
         tails = torch.flip(torch.cumsum(torch.flip(s_sq, [0]), 0), [0])  # tails[q] = sum_{i >= q} s_i^2
-        smallest = max(1, int(torch.nonzero(tails <= threshold_sq)[0])) if bool((tails <= threshold_sq).any()) else len(s_sq)
+        smallest = (
+            max(1, int(torch.nonzero(tails <= threshold_sq)[0])) if bool((tails <= threshold_sq).any()) else len(s_sq)
+        )
         assert r <= smallest
 
 
@@ -221,7 +223,10 @@ def test_tt_matrix_layout_matches_kron():
 def test_tt_matrix_exact_recovery_and_eps():
     g = torch.Generator().manual_seed(9)
     rows, cols, ranks = (2, 3, 4), (3, 2, 2), (2, 3)
-    cores = [torch.randn(a, m, n, b, generator=g, dtype=torch.float64) for a, m, n, b in zip((1, 2, 3), rows, cols, (2, 3, 1))]
+    cores = [
+        torch.randn(a, m, n, b, generator=g, dtype=torch.float64)
+        for a, m, n, b in zip((1, 2, 3), rows, cols, (2, 3, 1))
+    ]
     W = TTMatrix(tuple(cores)).to_dense()
     assert W.shape == (24, 12)
     tm = tt_matrix(W, rows, cols, ranks)
@@ -244,24 +249,52 @@ X = torch.ones(2, 3, 4, dtype=torch.float64)
 @pytest.mark.parametrize(
     "call,text",
     [
-        (lambda: tt_svd(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])), "x contains 1 NaN/Inf entries; only finite values are accepted"),
-        (lambda: tt_svd(torch.tensor([[1.0, float("inf")], [0.0, 1.0]])), "x contains 1 NaN/Inf entries; only finite values are accepted"),
+        (
+            lambda: tt_svd(torch.tensor([[1.0, float("nan")], [0.0, 1.0]])),
+            "x contains 1 NaN/Inf entries; only finite values are accepted",
+        ),
+        (
+            lambda: tt_svd(torch.tensor([[1.0, float("inf")], [0.0, 1.0]])),
+            "x contains 1 NaN/Inf entries; only finite values are accepted",
+        ),
         (lambda: tt_svd(torch.ones(5)), "x must have at least 2 dimensions, got 1 (shape (5,))"),
-        (lambda: tt_svd(torch.ones(2, 3, dtype=torch.int64)), "x must have a floating dtype (float16, bfloat16, float32, float64), got torch.int64"),
+        (
+            lambda: tt_svd(torch.ones(2, 3, dtype=torch.int64)),
+            "x must have a floating dtype (float16, bfloat16, float32, float64), got torch.int64",
+        ),
         (lambda: tt_svd(X, 0), "rank=0 is out of range; accepted: 1 <= rank <= 4 for this shape"),
         (lambda: tt_svd(X, 5), "rank=5 is out of range; accepted: 1 <= rank <= 4 for this shape"),
         (lambda: tt_svd(X, (2,)), "rank must have d-1 = 2 bond ranks for shape (2, 3, 4), got 1: (2,)"),
         (lambda: tt_svd(X, (3, 4)), "rank[0]=3 is out of range; accepted: 1 <= rank[0] <= 2 for this shape"),
-        (lambda: tt_svd(X, (1, 4)), "rank[1]=4 is not a valid TT rank next to its neighbours; accepted: rank[1] <= min(r_prev * n_2, n_3 * r_next) = min(3, 4) in rank=(1, 4)"),
+        (
+            lambda: tt_svd(X, (1, 4)),
+            "rank[1]=4 is not a valid TT rank next to its neighbours; "
+            "accepted: rank[1] <= min(r_prev * n_2, n_3 * r_next) = min(3, 4) in rank=(1, 4)",
+        ),
         (lambda: tt_svd(X, 1.5), "rank as a float must be a fraction of the dense parameter count in (0, 1], got 1.5"),
         (lambda: tt_svd(X, "2"), "rank must be an int, a tuple of 2 ints, a float in (0, 1] or None, got '2'"),
         (lambda: tt_svd(X, eps=1.0), "eps must be a relative tolerance in [0, 1), got 1.0"),
         (lambda: tt_round(X), "tt must be a rankwise.formats.tt.TT, got Tensor"),
-        (lambda: tt_round(TT((torch.ones(1, 2, 3), torch.ones(2, 2, 1)))), "tt.cores[0] has shape (1, 2, 3); accepted: (1, n, 2) to chain with its neighbours (boundary ranks are 1)"),
-        (lambda: tt_round(TT((torch.ones(1, 2, 2), torch.ones(2, 2, 1))), eps=2.0), "eps must be a relative tolerance in [0, 1), got 2.0"),
-        (lambda: tt_matrix(torch.ones(6, 8), (2, 3), (2, 2)), "row_dims=(2, 3) and col_dims=(2, 2) multiply to (6, 4); accepted: factorizations of W's shape (6, 8)"),
-        (lambda: tt_matrix(torch.ones(6, 8), (2, 3), (2, 2, 2)), "row_dims and col_dims must have the same length, got (2, 3) and (2, 2, 2)"),
-        (lambda: tt_matrix(torch.ones(6, 8), (6,), (8,)), "row_dims must be a tuple of at least 2 positive ints, got (6,)"),
+        (
+            lambda: tt_round(TT((torch.ones(1, 2, 3), torch.ones(2, 2, 1)))),
+            "tt.cores[0] has shape (1, 2, 3); accepted: (1, n, 2) to chain with its neighbours (boundary ranks are 1)",
+        ),
+        (
+            lambda: tt_round(TT((torch.ones(1, 2, 2), torch.ones(2, 2, 1))), eps=2.0),
+            "eps must be a relative tolerance in [0, 1), got 2.0",
+        ),
+        (
+            lambda: tt_matrix(torch.ones(6, 8), (2, 3), (2, 2)),
+            "row_dims=(2, 3) and col_dims=(2, 2) multiply to (6, 4); accepted: factorizations of W's shape (6, 8)",
+        ),
+        (
+            lambda: tt_matrix(torch.ones(6, 8), (2, 3), (2, 2, 2)),
+            "row_dims and col_dims must have the same length, got (2, 3) and (2, 2, 2)",
+        ),
+        (
+            lambda: tt_matrix(torch.ones(6, 8), (6,), (8,)),
+            "row_dims must be a tuple of at least 2 positive ints, got (6,)",
+        ),
         (lambda: tt_matrix(torch.ones(6, 8), (2, 3), (0, 8)), "col_dims must contain positive ints only, got (0, 8)"),
         (lambda: tt_matrix(torch.ones(2, 3, 4), (2, 3), (2, 2)), "W must have 2 dimensions, got 3 (shape (2, 3, 4))"),
     ],

@@ -30,7 +30,9 @@ def _rel(a, b) -> float:
 
 def _noisy(shape, ranks, seed, noise=0.3):
     x = _exact_tucker(shape, ranks, range(len(shape)), seed)
-    return x + noise * float(x.norm()) / math.sqrt(x.numel()) * torch.randn(*shape, dtype=torch.float64, generator=_gen(seed + 100))
+    return x + noise * float(x.norm()) / math.sqrt(x.numel()) * torch.randn(
+        *shape, dtype=torch.float64, generator=_gen(seed + 100)
+    )
 
 
 @pytest.mark.parametrize("method", [tucker_hosvd, tucker_hooi])
@@ -138,13 +140,25 @@ def test_input_is_not_modified():
         (lambda: tucker_hosvd(torch.ones(3, 3, 3, dtype=torch.int32), 1), "x must have a floating dtype"),
         (lambda: tucker_hosvd(torch.ones(5), 1), "x must have at least 2 dimensions, got 1"),
         (lambda: tucker_hosvd(torch.ones(3, 4, 5), 0), "rank=0 is out of range; accepted: 1 <= rank <= 3"),
-        (lambda: tucker_hosvd(torch.ones(3, 4, 5), (2, 5, 2)), "rank[1]=5 is out of range; accepted: 1 <= rank[1] <= 4"),
+        (
+            lambda: tucker_hosvd(torch.ones(3, 4, 5), (2, 5, 2)),
+            "rank[1]=5 is out of range; accepted: 1 <= rank[1] <= 4",
+        ),
         (lambda: tucker_hosvd(torch.ones(3, 4, 5), (2, 2)), "rank must have 3 entries (one per mode), got 2"),
         (lambda: tucker_hosvd(torch.ones(3, 4, 5), 0.0), "rank as a float must be a fraction"),
         (lambda: tucker_hosvd(torch.ones(3, 4, 5), "2"), "rank must be an int, a tuple of 3 ints or a float"),
-        (lambda: tucker_hosvd(torch.ones(3, 4, 5), 2, modes=(0, 0)), "modes must be a non-empty sequence of distinct ints in [0, 2], got (0, 0)"),
-        (lambda: tucker_hosvd(torch.ones(3, 4, 5), 2, modes=(3,)), "modes must be a non-empty sequence of distinct ints in [0, 2], got (3,)"),
-        (lambda: tucker_hosvd(torch.ones(3, 4, 5), 2, modes=1), "modes must be a sequence of distinct ints in [0, 2], got 1"),
+        (
+            lambda: tucker_hosvd(torch.ones(3, 4, 5), 2, modes=(0, 0)),
+            "modes must be a non-empty sequence of distinct ints in [0, 2], got (0, 0)",
+        ),
+        (
+            lambda: tucker_hosvd(torch.ones(3, 4, 5), 2, modes=(3,)),
+            "modes must be a non-empty sequence of distinct ints in [0, 2], got (3,)",
+        ),
+        (
+            lambda: tucker_hosvd(torch.ones(3, 4, 5), 2, modes=1),
+            "modes must be a sequence of distinct ints in [0, 2], got 1",
+        ),
         (lambda: tucker_hooi(torch.ones(3, 4, 5), 2, n_iter_max=-1), "n_iter_max must be an int >= 0, got -1"),
         (lambda: tucker_hooi(torch.ones(3, 4, 5), 2, tol=-1e-3), "tol must be a float >= 0, got -0.001"),
     ],

@@ -139,8 +139,9 @@ def _check_choice(name: str, value, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def make_backbone(arch: str = "cnn", *, seed: int = 0, width: int = 64,
-                  feature_norm: bool = False) -> tuple[nn.Sequential, int]:
+def make_backbone(
+    arch: str = "cnn", *, seed: int = 0, width: int = 64, feature_norm: bool = False
+) -> tuple[nn.Sequential, int]:
     """A fresh, seeded feature extractor for 8x8 digits, and the size of its output features.
 
     ``"cnn"``: conv 3x3 (1 -> 16), ReLU, conv 3x3 (16 -> 32), ReLU, max-pool 2, flatten, linear
@@ -160,8 +161,16 @@ def make_backbone(arch: str = "cnn", *, seed: int = 0, width: int = 64,
         raise ValueError(f"width must be an int >= 1, got {width!r}")
     torch.manual_seed(seed)
     if arch == "cnn":
-        layers = [nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-                  nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, width), nn.ReLU()]
+        layers = [
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 4 * 4, width),
+            nn.ReLU(),
+        ]
     else:
         layers = [nn.Flatten(), nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU()]
     if feature_norm:
@@ -198,9 +207,19 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
     return out + 0.05 * torch.randn(out.shape, generator=generator)
 
 
-def train_classifier(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, lr: float = 1e-3,
-                     optimizer: str = "adam", batch_size: int = 64, seed: int = 0,
-                     label_smoothing: float = 0.0, augmented: bool = False) -> nn.Module:
+def train_classifier(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    batch_size: int = 64,
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+    augmented: bool = False,
+) -> nn.Module:
     """Train ``model`` in place on cross-entropy; minibatch order (and augmentation) drawn from ``seed``.
 
     x : Tensor, shape (N, 1, 8, 8); y : Tensor of int64, shape (N,).
@@ -301,12 +320,19 @@ def zeroshot_head(head: nn.Linear, num_classes: int) -> nn.Linear:
 
 
 def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict, heads: str) -> dict[str, Tensor]:
-    backbone, features = make_backbone(arch, seed=seed, width=cfg["width"],
-                                       feature_norm=cfg.get("feature_norm", False))
+    backbone, features = make_backbone(arch, seed=seed, width=cfg["width"], feature_norm=cfg.get("feature_norm", False))
     head = nn.Linear(features, 10)
     x, y = split_data("digits", "train")
-    train_classifier(nn.Sequential(backbone, head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed,
-                     augmented=cfg.get("pretrain") == "augmented", label_smoothing=cfg.get("label_smoothing", 0.0))
+    train_classifier(
+        nn.Sequential(backbone, head),
+        x,
+        y,
+        epochs=cfg["base_epochs"],
+        lr=cfg["lr"],
+        seed=seed,
+        augmented=cfg.get("pretrain") == "augmented",
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+    )
     state = {f"base.{k}": v for k, v in backbone.state_dict().items()}
     backbone.requires_grad_(False)
     for i, task in enumerate(tasks):
@@ -314,8 +340,9 @@ def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict, heads:
         if heads == "probe":  # a linear probe on the frozen base features, then kept frozen
             torch.manual_seed(seed + 1000 + i)
             ft_head = nn.Linear(features, TASKS[task][0])
-            train_classifier(nn.Sequential(backbone, ft_head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"],
-                             seed=seed + 2000 + i)
+            train_classifier(
+                nn.Sequential(backbone, ft_head), x, y, epochs=cfg["base_epochs"], lr=cfg["lr"], seed=seed + 2000 + i
+            )
             ft_head.requires_grad_(False)
         elif heads == "zeroshot":  # the base's own head, frozen; no task data used to make it
             ft_head = zeroshot_head(head, TASKS[task][0]).requires_grad_(False)
@@ -325,8 +352,15 @@ def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict, heads:
             torch.manual_seed(seed + 1000 + i)
             ft_head = nn.Linear(features, TASKS[task][0])
         ft = copy.deepcopy(backbone).requires_grad_(True)
-        train_classifier(nn.Sequential(ft, ft_head), x, y, epochs=cfg["ft_epochs"], lr=cfg["ft_lr"],
-                         optimizer="sgd", seed=seed + 1 + i)
+        train_classifier(
+            nn.Sequential(ft, ft_head),
+            x,
+            y,
+            epochs=cfg["ft_epochs"],
+            lr=cfg["ft_lr"],
+            optimizer="sgd",
+            seed=seed + 1 + i,
+        )
         ft_head.requires_grad_(True)
         state.update({f"{task}.backbone.{k}": v for k, v in ft.state_dict().items()})
         state.update({f"{task}.head.{k}": v for k, v in ft_head.state_dict().items()})
@@ -334,14 +368,25 @@ def _train_suite(arch: str, tasks: tuple[str, ...], seed: int, cfg: dict, heads:
 
 
 def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, seed: int = 0,
-                      width: int = 256, base_epochs: int = 30, ft_epochs: int = 15, lr: float = 1e-3,
-                      ft_lr: float = 0.03, heads: str = "finetuned", pretrain: str = "plain",
-                      label_smoothing: float = 0.0, feature_norm: bool = False,
-                      cache_dir: str | os.PathLike | None = None) -> DigitsSuite:
+def load_digits_suite(
+    arch: str = "mlp",
+    tasks: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+    width: int = 256,
+    base_epochs: int = 30,
+    ft_epochs: int = 15,
+    lr: float = 1e-3,
+    ft_lr: float = 0.03,
+    heads: str = "finetuned",
+    pretrain: str = "plain",
+    label_smoothing: float = 0.0,
+    feature_norm: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> DigitsSuite:
     """Train (or read from the cache) the base model and one fine-tune per task.
 
     Parameters
@@ -386,15 +431,30 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
     if not tasks or len(set(tasks)) != len(tasks):
         raise ValueError(f"tasks must be distinct names from {', '.join(TASKS)}, got {list(tasks)!r}")
     _check_choice("pretrain", pretrain, PRETRAIN_MODES)
-    if (isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float))
-            or not 0 <= label_smoothing < 1):
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, (int, float))
+        or not 0 <= label_smoothing < 1
+    ):
         raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
-    cfg = {"version": _CACHE_VERSION, "arch": arch, "tasks": list(tasks), "seed": seed,
-           "width": width, "base_epochs": base_epochs, "ft_epochs": ft_epochs, "lr": lr, "ft_lr": ft_lr}
+    cfg = {
+        "version": _CACHE_VERSION,
+        "arch": arch,
+        "tasks": list(tasks),
+        "seed": seed,
+        "width": width,
+        "base_epochs": base_epochs,
+        "ft_epochs": ft_epochs,
+        "lr": lr,
+        "ft_lr": ft_lr,
+    }
     # options at their defaults stay out of the key, so suites trained before an option existed keep their file
-    for name, value, default in (("heads", heads, "finetuned"), ("pretrain", pretrain, "plain"),
-                                 ("label_smoothing", float(label_smoothing), 0.0),
-                                 ("feature_norm", bool(feature_norm), False)):
+    for name, value, default in (
+        ("heads", heads, "finetuned"),
+        ("pretrain", pretrain, "plain"),
+        ("label_smoothing", float(label_smoothing), 0.0),
+        ("feature_norm", bool(feature_norm), False),
+    ):
         if value != default:
             cfg[name] = value
     key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
@@ -427,5 +487,4 @@ def load_digits_suite(arch: str = "mlp", tasks: Sequence[str] | None = None, *, 
         head = nn.Linear(h["weight"].shape[1], h["weight"].shape[0])
         head.load_state_dict(h)
         head_modules.append(head.eval())
-    return DigitsSuite(arch, tasks, backbone("base."), [backbone(f"{t}.backbone.") for t in tasks], head_modules,
-                       heads)
+    return DigitsSuite(arch, tasks, backbone("base."), [backbone(f"{t}.backbone.") for t in tasks], head_modules, heads)

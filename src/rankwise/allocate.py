@@ -93,17 +93,22 @@ def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> 
     for l in layers:
         lo = min(max(min_rank, 1), l.max_rank)
         g = l.gains.to(torch.float64).clamp_min(0)
-        tail = torch.flip(torch.cumsum(torch.flip(g, [0]), 0), [0])  # tail[r] = loss at rank r
-        opts = list(range(lo, l.max_rank + 1)) + [None]
-        loss = torch.tensor([float(tail[r]) if r is not None and r < len(tail) else 0.0 for r in opts], dtype=torch.float64)
-        cost = torch.tensor([l.params(r) for r in opts], dtype=torch.float64)
+        tail = torch.cat([torch.flip(torch.cumsum(torch.flip(g, [0]), 0), [0]), g.new_zeros(1)])  # tail[r]: loss at r
+        ranks = torch.arange(lo, l.max_rank + 1)
+        opts = ranks.tolist() + [None]
+        loss = torch.cat([tail[ranks.clamp_max(len(tail) - 1)], g.new_zeros(1)])  # options, then dense (no loss)
+        cost = torch.cat([ranks * l.step + l.bias, torch.tensor([l.dense_params])]).to(torch.float64)
         tails.append(loss), params.append(cost), options.append(opts)
+    # every layer's options in one padded matrix: a price lam is one argmin per row (padding never wins)
+    width = max(len(o) for o in options)
+    loss_m = torch.stack([torch.cat([t, t.new_full((width - len(t),), torch.inf)]) for t in tails])
+    cost_m = torch.stack([torch.cat([c, c.new_zeros(width - len(c))]) for c in params])
 
     def choose(lam: float) -> list[int]:
-        return [int(torch.argmin(loss + lam * cost)) for loss, cost in zip(tails, params)]
+        return torch.argmin(loss_m + lam * cost_m, dim=1).tolist()
 
     def total(idx: list[int]) -> float:
-        return sum(float(c[i]) for c, i in zip(params, idx))
+        return float(cost_m.gather(1, torch.tensor(idx)[:, None]).sum())
 
     floor = [0] * len(layers)
     if total(floor) > budget:

@@ -1,4 +1,6 @@
-"""Run a transformers model one block at a time: each block's call arguments, its forward on stored inputs, the loss head.
+"""Run a transformers model one block at a time.
+
+Each block's call arguments, its forward on stored inputs, the loss head.
 
 The model's own ``forward`` computes everything outside the block stack (embeddings, rotary tables,
 attention masks, final norm, head): every block is replaced by a stand-in that records the arguments
@@ -62,7 +64,7 @@ class _StandIn(nn.Module):
     ``decoder_layer.attention_type`` to pick a mask), which may be on the meta device.
     """
 
-    def __init__(self, block: nn.Module, index: int, runner: "BlockRunner"):
+    def __init__(self, block: nn.Module, index: int, runner: BlockRunner):
         super().__init__()
         object.__setattr__(self, "_block", block)  # not a child: the stack's parameters stay the real ones
         object.__setattr__(self, "_index", index)

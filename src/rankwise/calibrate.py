@@ -25,8 +25,10 @@ class InputStats:
     count: int = 0
 
     @classmethod
-    def zeros(cls, n: int, device: torch.device) -> "InputStats":
-        return cls(torch.zeros(n, n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device))
+    def zeros(cls, n: int, device: torch.device) -> InputStats:
+        return cls(
+            torch.zeros(n, n, dtype=torch.float64, device=device), torch.zeros(n, dtype=torch.float64, device=device)
+        )
 
     def add(self, x: Tensor) -> None:
         """Accumulate a batch ``x`` of shape (..., n): float32 products per batch (BLAS syrk on one CPU thread),
@@ -134,7 +136,7 @@ class LayerHooks:
 
         return hook
 
-    def __enter__(self) -> "LayerHooks":
+    def __enter__(self) -> LayerHooks:
         for name, m in self.targets.items():
             if self.inputs:
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook(name)))
@@ -190,7 +192,9 @@ def collect_stats(
         with LayerHooks(targets, device) as hooks:
             for p in model.parameters():
                 p.requires_grad_(False)
-            for i, (start, stop) in enumerate(_bar(batch_spans(calib.shape[0], fisher_seqs, batch_size), progress, "calibration")):
+            for i, (start, stop) in enumerate(
+                _bar(batch_spans(calib.shape[0], fisher_seqs, batch_size), progress, "calibration")
+            ):
                 batch = calib[start:stop].to(device)
                 hooks.new_forward()
                 with_grad = start < fisher_seqs
@@ -210,7 +214,9 @@ def collect_stats(
         model.train(was_training)
     missing = [n for n in targets if n not in hooks.stats]
     if missing:
-        raise ValueError(f"calibration never reached layer(s) {', '.join(missing[:3])}: they are not used by the model's forward")
+        raise ValueError(
+            f"calibration never reached layer(s) {', '.join(missing[:3])}: they are not used by the model's forward"
+        )
     out_grad = {n: g / grad_tokens for n, g in hooks.grad_sq.items()}
     return CalibStats({n: hooks.stats[n] for n in targets}, out_grad, sum(losses) / len(losses) if losses else None)
 

@@ -62,7 +62,13 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def _first_tensor(out):
     if isinstance(out, torch.Tensor):
         return out
-    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else [getattr(out, "logits", None)]
+    values = (
+        out.values()
+        if isinstance(out, dict)
+        else out
+        if isinstance(out, (list, tuple))
+        else [getattr(out, "logits", None)]
+    )
     return next((v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
 
 
@@ -91,8 +97,16 @@ class _LayerTracker:
             h.remove()
 
 
-def collect_module_stats(model: nn.Module, targets: dict[str, nn.Module], inputs, *, fisher: bool = True,
-                         batch_size: int = 32, batches: int = 8, seed: int = 0) -> dict[str, ModuleStats]:
+def collect_module_stats(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    inputs,
+    *,
+    fisher: bool = True,
+    batch_size: int = 32,
+    batches: int = 8,
+    seed: int = 0,
+) -> dict[str, ModuleStats]:
     """Run the calibration inputs through ``model`` and collect :class:`ModuleStats` for every target.
 
     Parameters
@@ -115,12 +129,17 @@ def collect_module_stats(model: nn.Module, targets: dict[str, nn.Module], inputs
         if inputs.ndim < 1 or inputs.shape[0] == 0:
             raise ValueError(f"inputs must be a non-empty tensor of examples (N, ...), got shape {tuple(inputs.shape)}")
         chunks = list(torch.split(inputs, batch_size))
-        run = lambda m, i: m(chunks[i])
+
+        def run(m: nn.Module, i: int) -> torch.Tensor:
+            return m(chunks[i])
+
         n_batches = len(chunks)
     elif callable(inputs):
         run, n_batches = inputs, batches
     else:
-        raise ValueError(f"inputs must be a tensor of examples or a callable run(model, i), got {type(inputs).__name__}")
+        raise ValueError(
+            f"inputs must be a tensor of examples or a callable run(model, i), got {type(inputs).__name__}"
+        )
     stats = {name: ModuleStats() for name in targets}
     handles = []
     for name, layer in targets.items():
@@ -143,15 +162,18 @@ def collect_module_stats(model: nn.Module, targets: dict[str, nn.Module], inputs
                 where = tracker.stack[-1] if tracker.stack else "(before any layer)"
                 kind = type(model.get_submodule(where)).__name__ if tracker.stack else ""
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise ValueError(f"calibration batch {i} could not run through the model: layer {where!r} "
-                                 f"({kind}) failed: {msg}") from None
+                raise ValueError(
+                    f"calibration batch {i} could not run through the model: layer {where!r} ({kind}) failed: {msg}"
+                ) from None
             finally:
                 tracker.stack.clear()
             if fisher:
                 y = _first_tensor(out)
                 if y is None or not y.requires_grad:
-                    raise ValueError("fisher=True needs a differentiable output (a loss or a float tensor) from "
-                                     "each calibration batch; got none")
+                    raise ValueError(
+                        "fisher=True needs a differentiable output (a loss or a float tensor) from "
+                        "each calibration batch; got none"
+                    )
                 loss = y if y.ndim == 0 else (y * torch.randn(y.shape, generator=generator).to(y)).sum()
                 model.zero_grad(set_to_none=True)
                 loss.backward()

@@ -23,6 +23,7 @@ from .workdir import WorkDir
 
 METHODS = ("svd", "asvd", "whiten")
 CONFIG_VERSION = 1
+CURVE_KEEPS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # budgets of the report's predicted-loss curve
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class CompressReport:
     config: CompressConfig
     timings: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float | None = None  # the process's peak resident memory when the run ended, if measured
+    curve: list[dict] = field(default_factory=list)  # the allocator at other budgets, see budget_curve
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -164,6 +166,7 @@ class CompressReport:
             "predicted_loss": self.predicted_loss,
             "timings": dict(self.timings),
             "peak_rss_mib": self.peak_rss_mib,
+            "curve": list(self.curve),
         }
 
     def to_json(self) -> str:
@@ -333,6 +336,7 @@ def run_compression(
     pipe, curves, timings = plan_compression(source, targets, config, calib, work, stats=stats, dtype=dtype, progress=progress)
     t0 = time.perf_counter()
     rank_of = allocate_layers(config, curves, config.keep)
+    curve = budget_curve(config, curves)
     timings["allocation"] = time.perf_counter() - t0
     errors: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -348,7 +352,22 @@ def run_compression(
         emit_blocks(pipe, rank_of, emit, progress)
     timings["sequential" if config.sequential else "write"] = time.perf_counter() - t0
     layers = [layer_report(c, rank_of[c.name], errors.get(c.name)) for c in curves]
-    return CompressReport(layers, config, timings)
+    return CompressReport(layers, config, timings, curve=curve)
+
+
+def budget_curve(config: CompressConfig, curves: list, keeps=CURVE_KEEPS) -> list[dict]:
+    """The allocator's choice at each of ``keeps``: ``[{"keep", "params_after", "predicted_loss"}]``, for
+    plotting the predicted loss against the budget; a keep too small for ``min_rank`` everywhere is left out."""
+    points = []
+    for keep in keeps:
+        try:
+            rank_of = allocate_layers(config, curves, keep)
+        except ValueError:
+            continue
+        ranks = [rank_of[c.name] for c in curves]
+        points.append({"keep": keep, "params_after": sum(c.cost.params(r) for c, r in zip(curves, ranks)),
+                       "predicted_loss": sum(predicted_loss(c.cost, r) for c, r in zip(curves, ranks))})
+    return points
 
 
 def layer_report(curve, rank: int | None, error: float | None = None) -> LayerReport:
@@ -356,12 +375,17 @@ def layer_report(curve, rank: int | None, error: float | None = None) -> LayerRe
     error in the truncated metric is the curve's (``sqrt(tail / total)``) unless given."""
     cost = curve.cost
     gains = cost.gains.double().clamp_min(0)
-    loss = 0.0 if rank is None else float(gains[rank:].sum())
+    loss = predicted_loss(cost, rank)
     if error is None:
         error = 0.0 if rank is None else (loss / max(float(gains.sum()), 1e-300)) ** 0.5
     spectrum = (gains / max(float(gains[0]), 1e-300)).sqrt() if len(gains) else gains
     return LayerReport(curve.name, cost.shape, rank, cost.dense_params, cost.params(rank), error, curve.seconds,
                        loss, [float(f"{v:.5g}") for v in spectrum.tolist()])
+
+
+def predicted_loss(cost: LayerCost, rank: int | None) -> float:
+    """The allocator's estimated loss increase of one layer at ``rank`` (None: dense, no loss)."""
+    return 0.0 if rank is None else float(cost.gains.double().clamp_min(0)[rank:].sum())
 
 
 def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None, name: str, cache: dict | None = None) -> SVD:

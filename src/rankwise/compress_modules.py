@@ -6,8 +6,9 @@ Per layer, every candidate (format, rank) gets a predicted loss increase in one 
 weights, ``L`` the input whitening factor and ``s`` the mean output-gradient second moment. For the SVD of the
 (out, in*kh*kw) kernel ``L`` whitens the full patch covariance and the prediction is exact (the truncated SVD of
 ``D W L``); for Tucker-2 and CP ``L`` whitens the input-channel mode by the channel covariance averaged over the
-kernel offsets (the patch metric without cross-offset correlations; exact for 1x1 kernels). One allocator (:func:`rankwise.allocate.allocate_options`) then picks the
-option of every layer minimising the summed prediction within ``keep`` of the targets' dense parameters.
+kernel offsets (the patch metric without cross-offset correlations; exact for 1x1 kernels). One allocator
+(:func:`rankwise.allocate.allocate_options`) then picks the option of every layer minimising the summed
+prediction within ``keep`` of the targets' dense parameters.
 
 References
 ----------
@@ -82,7 +83,9 @@ class ModuleCompressConfig:
             raise ValueError(f"format must be one of auto, {', '.join(CONV_FORMATS)}, got {self.format!r}")
         bad = [f for f in self.auto_formats if f not in CONV_FORMATS]
         if not self.auto_formats or bad:
-            raise ValueError(f"auto_formats must be a non-empty subset of {', '.join(CONV_FORMATS)}, got {self.auto_formats!r}")
+            raise ValueError(
+                f"auto_formats must be a non-empty subset of {', '.join(CONV_FORMATS)}, got {self.auto_formats!r}"
+            )
         if self.method not in ("whiten", "svd"):
             raise ValueError(f"method must be 'whiten' or 'svd', got {self.method!r}")
         if not self.kinds or any(k not in KINDS for k in self.kinds):
@@ -95,7 +98,11 @@ class ModuleCompressConfig:
                 except (re.error, TypeError) as err:
                     raise ValueError(f"{name}={value!r} is not a valid regular expression: {err}") from None
         for name in ("min_in_channels", "batch_size", "batches", "cp_iters"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if (
+                isinstance(getattr(self, name), bool)
+                or not isinstance(getattr(self, name), int)
+                or getattr(self, name) < 1
+            ):
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
 
     @property
@@ -129,8 +136,10 @@ def find_module_targets(model: nn.Module, config: ModuleCompressConfig) -> dict[
             continue
         targets[name] = module
     if not targets:
-        raise ValueError(f"no target layer of kinds {', '.join(config.kinds)} in this {type(model).__name__} "
-                         f"(include={config.include!r}, exclude={config.exclude!r})")
+        raise ValueError(
+            f"no target layer of kinds {', '.join(config.kinds)} in this {type(model).__name__} "
+            f"(include={config.include!r}, exclude={config.exclude!r})"
+        )
     return targets
 
 
@@ -175,8 +184,12 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
         fits["svd"] = f
         tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
         rmax = min(out, cin * kh * kw)
-        svd_opts = [Option("svd", r, r * (cin * kh * kw + out) + bias,
-                           metric.scale * (float(tail[r]) if r < len(tail) else 0.0)) for r in range(1, rmax + 1)]
+        svd_opts = [
+            Option(
+                "svd", r, r * (cin * kh * kw + out) + bias, metric.scale * (float(tail[r]) if r < len(tail) else 0.0)
+            )
+            for r in range(1, rmax + 1)
+        ]
         options += _pareto([o for o in svd_opts if o.params < dense])
     if "tucker" in config.formats or "cp" in config.formats:
         L_in = None
@@ -195,8 +208,11 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
         r0s, r1s = torch.meshgrid(torch.arange(1, kept.shape[0] + 1), torch.arange(1, kept.shape[1] + 1), indexing="ij")
         params = out * r0s + r0s * r1s * kh * kw + r1s * cin + bias
         loss = metric.scale * (energy - kept).clamp_min(0)
-        cand = [Option("tucker", (int(a), int(b)), int(p), float(v))
-                for a, b, p, v in zip(r0s.flatten(), r1s.flatten(), params.flatten(), loss.flatten()) if p < dense]
+        cand = [
+            Option("tucker", (int(a), int(b)), int(p), float(v))
+            for a, b, p, v in zip(r0s.flatten(), r1s.flatten(), params.flatten(), loss.flatten())
+            if p < dense
+        ]
         options += _pareto(cand)
     if "cp" in config.formats:
         cp_opts = []
@@ -204,7 +220,9 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
             rank = max(1, int(frac * W.numel() // (out + cin + kh + kw)))
             cp = cp_als(Wp, rank, n_iter_max=config.cp_iters, seed=config.seed)
             fits[("cp", rank)] = cp
-            cp_opts.append(Option("cp", rank, rank * (out + cin + kh + kw) + bias, metric.scale * energy * cp.errors[-1] ** 2))
+            cp_opts.append(
+                Option("cp", rank, rank * (out + cin + kh + kw) + bias, metric.scale * energy * cp.errors[-1] ** 2)
+            )
         options += _pareto([o for o in cp_opts if o.params < dense])
     return options, fits, metric
 
@@ -216,8 +234,13 @@ def _build_conv(conv: nn.Conv2d, opt: Option, fits: dict, metric: _Metric, confi
 
     def unweight(out_factor: torch.Tensor, in_factor: torch.Tensor):
         out_f = out_factor if metric.rows is None else out_factor / metric.rows[:, None]
-        in_f = in_factor if L_in is None else torch.linalg.solve_triangular(L_in.T, in_factor, upper=True) \
-            if bool(torch.equal(L_in, torch.tril(L_in))) else torch.linalg.solve(L_in.T, in_factor)
+        in_f = (
+            in_factor
+            if L_in is None
+            else torch.linalg.solve_triangular(L_in.T, in_factor, upper=True)
+            if bool(torch.equal(L_in, torch.tril(L_in)))
+            else torch.linalg.solve(L_in.T, in_factor)
+        )
         return out_f, in_f
 
     if opt.format == "tucker":
@@ -233,13 +256,16 @@ def _matrix_candidates(W: torch.Tensor, bias: int, metric: _Metric, scale_cols=N
     m, n = W.shape
     f = whitened_svd(W, whitening=metric.whitening if scale_cols is None else None, scale=scale_cols, rows=metric.rows)
     tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
-    opts = [Option("svd", r, r * (m + n) + bias, metric.scale * (float(tail[r]) if r < len(tail) else 0.0))
-            for r in range(1, min(m, n) + 1)]
+    opts = [
+        Option("svd", r, r * (m + n) + bias, metric.scale * (float(tail[r]) if r < len(tail) else 0.0))
+        for r in range(1, min(m, n) + 1)
+    ]
     return [Option(None, None, m * n + bias, 0.0)] + _pareto([o for o in opts if o.params < m * n + bias]), f
 
 
-def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=None, *,
-                      stats: dict[str, ModuleStats] | None = None) -> list[dict]:
+def compress_modules_(
+    model: nn.Module, config: ModuleCompressConfig, inputs=None, *, stats: dict[str, ModuleStats] | None = None
+) -> list[dict]:
     """Factorize ``model``'s target layers in place under ``config.keep`` of their parameters.
 
     Parameters
@@ -257,7 +283,9 @@ def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=Non
     predicted_loss (in the units of the module docstring).
     """
     if not isinstance(config, ModuleCompressConfig):
-        raise ValueError(f"config must be a rankwise.compress_modules.ModuleCompressConfig, got {type(config).__name__}")
+        raise ValueError(
+            f"config must be a rankwise.compress_modules.ModuleCompressConfig, got {type(config).__name__}"
+        )
     targets = find_module_targets(model, config)
     if stats is not None and config.method == "whiten":
         missing = [n for n in targets if n not in stats]
@@ -268,23 +296,38 @@ def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=Non
         stats = dict.fromkeys(targets)
     else:
         if inputs is None:
-            raise ValueError("inputs are required for method='whiten'; accepted: a tensor of examples, a callable "
-                             "run(model, i), or method='svd' (data-free)")
-        stats = collect_module_stats(model, targets, inputs, fisher=config.fisher, batch_size=config.batch_size,
-                                     batches=config.batches, seed=config.seed)
+            raise ValueError(
+                "inputs are required for method='whiten'; accepted: a tensor of examples, a callable "
+                "run(model, i), or method='svd' (data-free)"
+            )
+        stats = collect_module_stats(
+            model,
+            targets,
+            inputs,
+            fisher=config.fisher,
+            batch_size=config.batch_size,
+            batches=config.batches,
+            seed=config.seed,
+        )
     all_options, builders = [], []
     for name, layer in targets.items():
         st = stats[name]
         with torch.no_grad():
             if isinstance(layer, nn.Conv2d):
                 opts, fits, metric = _conv_candidates(layer, st, config)
-                builders.append(lambda o, layer=layer, fits=fits, metric=metric: _build_conv(layer, o, fits, metric, config))
+                builders.append(
+                    lambda o, layer=layer, fits=fits, metric=metric: _build_conv(layer, o, fits, metric, config)
+                )
             elif isinstance(layer, nn.Linear):
                 metric = _Metric(st, config, layer.out_features)
-                opts, f = _matrix_candidates(layer.weight.detach().double(), 0 if layer.bias is None else layer.out_features,
-                                             metric)
-                builders.append(lambda o, layer=layer, f=f: LowRankLinear.from_factors(
-                    f.truncate(o.rank), layer.bias, dtype=layer.weight.dtype))
+                opts, f = _matrix_candidates(
+                    layer.weight.detach().double(), 0 if layer.bias is None else layer.out_features, metric
+                )
+                builders.append(
+                    lambda o, layer=layer, f=f: LowRankLinear.from_factors(
+                        f.truncate(o.rank), layer.bias, dtype=layer.weight.dtype
+                    )
+                )
             else:
                 metric = _Metric(None, config, layer.embedding_dim)
                 cols = None
@@ -310,6 +353,15 @@ def compress_modules_(model: nn.Module, config: ModuleCompressConfig, inputs=Non
         else:
             params = opt.params
         kind = next(k for k, cls in KINDS.items() if type(layer) is cls)
-        report.append({"name": name, "kind": kind, "format": opt.format, "rank": opt.rank,
-                       "params_before": opts[0].params, "params_after": params, "predicted_loss": opt.loss})
+        report.append(
+            {
+                "name": name,
+                "kind": kind,
+                "format": opt.format,
+                "rank": opt.rank,
+                "params_before": opts[0].params,
+                "params_after": params,
+                "predicted_loss": opt.loss,
+            }
+        )
     return report

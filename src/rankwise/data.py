@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import int_at_least, int_between
+
 SPLITS = ("calib", "eval")
 
 # One-turn chat prompts for `rankwise eval --chat`: code, arithmetic, facts, explanation, writing, rewriting,
@@ -39,8 +41,7 @@ CHAT_PROMPTS = (
 
 def chat_prompts(n: int) -> list[str]:
     """The first ``n`` of the built-in chat prompts (``len(CHAT_PROMPTS)`` of them)."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(CHAT_PROMPTS):
-        raise ValueError(f"the number of chat prompts must be an int from 1 to {len(CHAT_PROMPTS)}, got {n!r}")
+    int_between(n, "the number of chat prompts", 1, len(CHAT_PROMPTS))
     return list(CHAT_PROMPTS[:n])
 
 
@@ -58,7 +59,9 @@ def builtin_text(split: str) -> str:
     return "\n\n".join(topics[k] for k in keys)
 
 
-def token_sequences(tokenizer, text: str, seq_len: int, n_seqs: int | None = None, *, what: str = "calibration") -> torch.Tensor:
+def token_sequences(
+    tokenizer, text: str, seq_len: int, n_seqs: int | None = None, *, what: str = "calibration"
+) -> torch.Tensor:
     """Tokenize ``text`` and cut it into ``n_seqs`` consecutive sequences of ``seq_len`` tokens.
 
     Returns
@@ -68,16 +71,13 @@ def token_sequences(tokenizer, text: str, seq_len: int, n_seqs: int | None = Non
     Raises ``ValueError`` when the text holds fewer than ``n_seqs * seq_len`` tokens, saying how many
     are needed.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-        raise ValueError(f"seq_len must be an int >= 2, got {seq_len!r}")
-    if n_seqs is not None and (isinstance(n_seqs, bool) or not isinstance(n_seqs, int) or n_seqs < 1):
-        raise ValueError(f"the number of {what} sequences must be an int >= 1, got {n_seqs!r}")
+    int_at_least(seq_len, "seq_len", 2)
+    if n_seqs is not None:
+        int_at_least(n_seqs, f"the number of {what} sequences", 1)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     fit = ids.numel() // seq_len
     need = (n_seqs or 1) * seq_len
     if fit == 0 or (n_seqs is not None and fit < n_seqs):
-        raise ValueError(
-            f"{what} text too short: need {need} tokens ({n_seqs or 1} x {seq_len}), got {ids.numel()}"
-        )
+        raise ValueError(f"{what} text too short: need {need} tokens ({n_seqs or 1} x {seq_len}), got {ids.numel()}")
     n = fit if n_seqs is None else n_seqs
     return ids[: n * seq_len].reshape(n, seq_len).clone()

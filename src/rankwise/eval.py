@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._validate import int_at_least
+
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
@@ -66,15 +68,20 @@ class Agreement:
 
 
 def _check_token_ids(token_ids) -> None:
-    if (not isinstance(token_ids, torch.Tensor) or token_ids.ndim != 2 or token_ids.shape[1] < 2
-            or token_ids.is_floating_point()):
+    if (
+        not isinstance(token_ids, torch.Tensor)
+        or token_ids.ndim != 2
+        or token_ids.shape[1] < 2
+        or token_ids.is_floating_point()
+    ):
         shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
         raise ValueError(f"token_ids must be an integer tensor of shape (n_seqs, seq_len >= 2), got {shape}")
 
 
 @torch.inference_mode()
-def next_token_agreement(model: nn.Module, ref: nn.Module, token_ids: torch.Tensor, *,
-                         progress: bool = True) -> Agreement:
+def next_token_agreement(
+    model: nn.Module, ref: nn.Module, token_ids: torch.Tensor, *, progress: bool = True
+) -> Agreement:
     """Mean KL divergence and top-1 agreement of ``model``'s next-token distributions with ``ref``'s.
 
     Both models read the same rows; at every predicted position (1..seq_len-1 of each row, as in
@@ -159,8 +166,9 @@ def greedy_answer(model: nn.Module, prompt_ids: torch.Tensor, max_new_tokens: in
 
 
 @torch.inference_mode()
-def chat_agreement(model: nn.Module, ref: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 64,
-                   progress: bool = True) -> ChatAgreement:
+def chat_agreement(
+    model: nn.Module, ref: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 64, progress: bool = True
+) -> ChatAgreement:
     """Top-1 agreement of ``model`` with ``ref`` along ``ref``'s own greedy answers to chat prompts.
 
     Each prompt is formatted with the tokenizer's chat template (:func:`chat_prompt_ids`); ``ref`` answers
@@ -173,8 +181,7 @@ def chat_agreement(model: nn.Module, ref: nn.Module, tokenizer, prompts: list[st
     -------
     ChatAgreement, the top-1 fraction pooled over all answer tokens.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    int_at_least(max_new_tokens, "max_new_tokens", 1)
     if not prompts:
         raise ValueError("prompts must be a non-empty list of strings, got an empty list")
     stops = _stop_ids(ref, tokenizer)
@@ -189,7 +196,9 @@ def chat_agreement(model: nn.Module, ref: nn.Module, tokenizer, prompts: list[st
     return ChatAgreement(agreed / count, count, len(prompts))
 
 
-def sentence_embeddings(model: nn.Module, tokenizer, sentences: list[str], *, batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
+def sentence_embeddings(
+    model: nn.Module, tokenizer, sentences: list[str], *, batch_size: int = 32, max_length: int = 256
+) -> torch.Tensor:
     """Mean-pooled last hidden states over the non-padding tokens, shape (len(sentences), hidden), float32.
 
     References
@@ -201,14 +210,18 @@ def sentence_embeddings(model: nn.Module, tokenizer, sentences: list[str], *, ba
     out = []
     with torch.inference_mode():
         for i in range(0, len(sentences), batch_size):
-            batch = tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+            batch = tokenizer(
+                sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            ).to(device)
             hidden = model(**batch).last_hidden_state.float()
             mask = batch["attention_mask"][..., None].float()
             out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
     return torch.cat(out)
 
 
-def embedding_similarity(model: nn.Module, ref_model: nn.Module, tokenizer, sentences: list[str], *, batch_size: int = 32) -> float:
+def embedding_similarity(
+    model: nn.Module, ref_model: nn.Module, tokenizer, sentences: list[str], *, batch_size: int = 32
+) -> float:
     """Mean over ``sentences`` of the cosine similarity between ``model``'s and ``ref_model``'s embeddings.
 
     Both are mean-pooled last hidden states (:func:`sentence_embeddings`); 1.0 means identical directions.
@@ -243,8 +256,10 @@ def pipeline_similarity(model, ref, sentences: list[str], *, batch_size: int = 3
     """
     if not sentences:
         raise ValueError("sentences must be a non-empty list of strings, got an empty list")
-    a, b = (m.encode(sentences, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
-            for m in (model, ref))
+    a, b = (
+        m.encode(sentences, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+        for m in (model, ref)
+    )
     return float(F.cosine_similarity(a.double().cpu(), b.double().cpu(), dim=-1).mean())
 
 
@@ -263,10 +278,8 @@ def prefill_throughput(model: nn.Module, seq_len: int = 512, repeats: int = 3, *
     One untimed warm-up pass, then the median of ``repeats`` timed passes (robust to other jobs on
     a shared machine). Token ids are drawn from ``model.config.vocab_size`` with ``seed``.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    int_at_least(seq_len, "seq_len", 1)
+    int_at_least(repeats, "repeats", 1)
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=gen).to(_device(model))
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)

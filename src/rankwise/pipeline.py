@@ -97,8 +97,19 @@ class Pipeline:
     work : the spill directory.
     """
 
-    def __init__(self, source: BlockSource, targets, config, factorize, cost, work: WorkDir, *,
-                 device: torch.device, dtype: torch.dtype, progress: bool = True):
+    def __init__(
+        self,
+        source: BlockSource,
+        targets,
+        config,
+        factorize,
+        cost,
+        work: WorkDir,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        progress: bool = True,
+    ):
         self.source, self.config, self.work, self.progress = source, config, work, progress
         self.factorize, self.cost = factorize, cost
         self.device = torch.device(device)
@@ -136,7 +147,6 @@ class Pipeline:
         if self.work.has("forward.pt"):  # resume pass A after its last finished block
             state = self.work.load("forward.pt")
             start, hidden = state["next"], state["hidden"]
-        curves = []
         for i in self._bar(range(start, self.source.num_blocks), "calibrate blocks"):
             block = self.source.load_block(i)
             targets = self._targets(i)
@@ -199,10 +209,18 @@ class Pipeline:
             f = self.factorize(dense_weight(layer).detach(), stats, name, cache)
             cost = self.cost(layer, f, stats, name)
             keep = min(max(cost.max_rank, 1), f.rank)  # the largest rank the allocator can give
-            out[name] = {"U": f.U[:, :keep].contiguous().cpu(), "S": f.S[:keep].cpu(), "Vh": f.Vh[:keep].contiguous().cpu(),
-                         "spectrum": f.spectrum.cpu()}
-            curves[name] = {"shape": list(cost.shape), "bias": cost.bias, "gains": cost.gains.cpu(),
-                            "seconds": time.perf_counter() - t0}
+            out[name] = {
+                "U": f.U[:, :keep].contiguous().cpu(),
+                "S": f.S[:keep].cpu(),
+                "Vh": f.Vh[:keep].contiguous().cpu(),
+                "spectrum": f.spectrum.cpu(),
+            }
+            curves[name] = {
+                "shape": list(cost.shape),
+                "bias": cost.bias,
+                "gains": cost.gains.cpu(),
+                "seconds": time.perf_counter() - t0,
+            }
         self.work.save(f"factors-{i}.pt", out)
         self.work.save(f"curves-{i}.pt", curves)
 
@@ -250,7 +268,9 @@ class Pipeline:
             stats, cache, new = CalibStats(hooks.stats, self.grad_sq), {}, {}
             for name, layer in targets.items():
                 r = ranks[name]
-                new[name] = None if r is None else self.factorize(dense_weight(layer).detach(), stats, name, cache).truncate(r)
+                new[name] = (
+                    None if r is None else self.factorize(dense_weight(layer).detach(), stats, name, cache).truncate(r)
+                )
             emit(i, new)
             block = self.source.stack[i]
             with torch.no_grad():

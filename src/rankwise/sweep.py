@@ -13,16 +13,25 @@ import csv
 import io
 import json
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .compress import (
+    CompressConfig,
+    CompressReport,
+    allocate_layers,
+    budget_curve,
+    emit_blocks,
+    layer_report,
+    plan_compression,
+)
 from .io.atomic import atomic_output_dir
-from .compress import CompressConfig, CompressReport, allocate_layers, emit_blocks, layer_report, plan_compression
 from .pipeline import swap_in
-from .streamed import StreamedRun
+from .streamed import StreamedRun, peak_rss_mib
 from .targets import replace_module
 
 SWEEP_FILE = "sweep.json"
@@ -84,6 +93,7 @@ def sweep(
     calib: torch.Tensor | None,
     *,
     measure=None,
+    measure_name: str = "quality",
     choose=None,
     device="auto",
     force: bool = False,
@@ -114,10 +124,12 @@ def sweep(
     with StreamedRun(model, out.with_name(out.name + ".rankwise-run"), config, calib, device=device, force=force,
                      progress=progress, disk_for=out) as run:
         pipe, curves, timings = plan_compression(run.source, run.targets, config, calib, run.work, progress=progress)
+        curve = budget_curve(config, curves)
         for keep in keeps:
             rank_of = allocate_layers(config, curves, keep)
             reports[keep] = CompressReport([layer_report(c, rank_of[c.name]) for c in curves],
-                                           CompressConfig.from_dict(config.to_dict() | {"keep": keep}), dict(timings))
+                                           CompressConfig.from_dict(config.to_dict() | {"keep": keep}), dict(timings),
+                                           curve=curve)
             r = reports[keep]
             rows.append(SweepRow(keep, r.params_before, r.params_after, r.predicted_loss))
         if measure is not None:
@@ -125,7 +137,9 @@ def sweep(
 
             dense = load_weights(run.hf_dir)[0]
             for row in rows:
+                t0 = time.perf_counter()
                 row.quality = measure_at(pipe, dense, reports[row.keep].ranks, measure)
+                reports[row.keep].timings["evaluation"] = time.perf_counter() - t0
             del dense
         chosen = choose(rows) if choose is not None else None
         if chosen is not None and float(chosen) not in keeps:
@@ -135,7 +149,9 @@ def sweep(
                 keep = float(chosen)
                 rank_of = {l.name: l.rank for l in reports[keep].layers}
                 run.write(tmp / f"keep-{keep}", False, lambda emit: (emit_blocks(pipe, rank_of, emit, progress), reports[keep])[1])
-            write_table(tmp, rows, reports)
+            for r in reports.values():
+                r.peak_rss_mib = peak_rss_mib()
+            write_table(tmp, rows, reports, measure_name)
     run.work.remove()
     return rows, reports, chosen
 
@@ -155,11 +171,11 @@ def measure_at(pipe, dense: nn.Module, ranks: dict[str, int], measure) -> float:
             replace_module(dense, name, layer)
 
 
-def write_table(out: Path, rows: list[SweepRow], reports: dict[float, CompressReport]) -> None:
+def write_table(out: Path, rows: list[SweepRow], reports: dict[float, CompressReport], measure_name: str = "quality") -> None:
     """``sweep.json`` (rows, Spearman of predicted loss vs measured quality, each keep's report) and ``sweep.csv``."""
     measured = [r for r in rows if r.quality is not None]
     rho = spearman([r.predicted_loss for r in measured], [r.quality for r in measured]) if len(measured) > 1 else None
-    doc = {"rows": [asdict(r) for r in rows], "spearman_predicted_vs_quality": rho,
+    doc = {"rows": [asdict(r) for r in rows], "quality_measure": measure_name, "spearman_predicted_vs_quality": rho,
            "reports": {str(k): v.to_dict() for k, v in reports.items()}}
     (out / SWEEP_FILE).write_text(json.dumps(doc, indent=1) + "\n")
     buf = io.StringIO()

@@ -7,12 +7,13 @@ import re
 import torch
 from torch import nn
 
-from .layers.linear import LowRankLinear, dense_weight
+from ._validate import regex
+from .layers.linear import LowRankLinear, dense_weight, is_conv1d
 
 
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear or transformers' GPT-2 style Conv1D (weight stored (in, out))."""
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def block_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
@@ -84,11 +85,12 @@ def layer_shape(layer: nn.Module) -> tuple[int, int]:
     return int(W.shape[0]), int(W.shape[1])
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Set the submodule at the dotted path ``name`` to ``new``."""
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Set the submodule at the dotted path ``name`` to ``new``; returns its parent module."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    return parent
 
 
 def _inside_lowrank(model: nn.Module, name: str) -> bool:
@@ -97,11 +99,4 @@ def _inside_lowrank(model: nn.Module, name: str) -> bool:
 
 
 def _compile(pattern: str | None, field: str) -> re.Pattern | None:
-    if pattern is None:
-        return None
-    if not isinstance(pattern, str):
-        raise ValueError(f"{field} must be a regex string or None, got {type(pattern).__name__}")
-    try:
-        return re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{field}={pattern!r} is not a valid regular expression: {err}") from None
+    return regex(pattern, field)

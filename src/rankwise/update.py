@@ -1,4 +1,7 @@
-"""Closed-form refit of the up factor of each factorized layer to the dense outputs, on the compressed model's inputs."""
+"""Closed-form refit of the up factor of each factorized layer to the dense outputs.
+
+The refit uses the compressed model's inputs.
+"""
 
 from __future__ import annotations
 
@@ -89,7 +92,9 @@ def refit_(
         A = layer.down.weight.detach().to(torch.float64)
         AG = A @ G[n].to(A.device)
         lhs = AG @ A.T
-        lhs = lhs + damping * float(torch.diagonal(lhs).mean().clamp_min(1e-300)) * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
+        lhs = lhs + damping * float(torch.diagonal(lhs).mean().clamp_min(1e-300)) * torch.eye(
+            lhs.shape[0], dtype=lhs.dtype, device=lhs.device
+        )
         rhs = W @ K[n].to(A.device) @ A.T  # (m, r)
         B = torch.linalg.solve(lhs, rhs.T).T
         if torch.isfinite(B).all():

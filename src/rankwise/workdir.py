@@ -27,7 +27,10 @@ def fingerprint(tensor: torch.Tensor) -> str:
 def model_fingerprint(hf_dir: Path) -> dict:
     """The model directory and the size and modification time of its weight files."""
     files = sorted(Path(hf_dir).glob("*.safetensors"))
-    return {"dir": str(Path(hf_dir).resolve()), "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+    return {
+        "dir": str(Path(hf_dir).resolve()),
+        "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
+    }
 
 
 class WorkDir:
@@ -58,7 +61,8 @@ class WorkDir:
         elif self.path.exists():
             if not force:
                 raise FileExistsError(
-                    f"{str(self.path)!r} holds an interrupted run: pass --resume to continue it or --force to start over"
+                    f"{str(self.path)!r} holds an interrupted run: "
+                    "pass --resume to continue it or --force to start over"
                 )
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,8 @@ def check_free_disk(path: Path, needed: int, what: str) -> None:
     free = shutil.disk_usage(probe).free
     if free < needed:
         raise ValueError(
-            f"not enough free disk under {str(probe)!r} for {what}: {needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free"
+            f"not enough free disk under {str(probe)!r} for {what}: "
+            f"{needed / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free"
         )
 
 

@@ -9,6 +9,7 @@ import sys
 from . import compress as _compress_cmds
 from . import delta as _delta_cmds
 from . import merge as _merge_cmds
+from . import report as _report_cmds
 from . import sweep as _sweep_cmds
 
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
@@ -17,7 +18,7 @@ USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErr
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rankwise", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (_compress_cmds, _sweep_cmds, _delta_cmds, _merge_cmds):
+    for module in (_compress_cmds, _sweep_cmds, _report_cmds, _delta_cmds, _merge_cmds):
         module.add_commands(sub)
     return parser
 

@@ -31,6 +31,28 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="where blocks are computed: auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
 
 
+def add_report_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", action="store_true", help="also write OUT/report.html (plots of ranks, spectra, predicted "
+                   "loss, timings; see `rankwise report`); needs matplotlib (the report extra)")
+
+
+def check_report_option(args) -> None:
+    """With ``--report``: fail on a missing matplotlib before the run, not after it."""
+    if args.report:
+        from ..report_figures import check_matplotlib
+
+        check_matplotlib()
+
+
+def write_run_report(args) -> None:
+    """With ``--report``: ``OUT/report.html`` and its figures beside it, in OUT."""
+    if args.report:
+        from ..report import write_report
+
+        paths = write_report(args.out, Path(args.out) / "report.html")
+        print(f"report: {paths[0]}")
+
+
 def config_and_calibration(args, extra: tuple[str, ...] = ()):
     """``(config, model directory, tokenizer, calibration ids)`` from the shared options; the config is
     validated before the model is read."""
@@ -73,14 +95,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
                    help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})")
     q = p.add_argument_group("quantization (in memory; GPTQ with the calibration statistics)")
-    q.add_argument("--bits", type=int, help="quantize the factors of every factorized layer to this many bits (2, 3, "
-                   "4, 8); with --method qlr every target layer, plus a rank --rank correction")
+    q.add_argument("--bits", type=int, help="quantize the factors of every factorized layer (and the layers left "
+                   "dense) to this many bits (2, 3, 4, 8); with --method qlr every target layer, plus a rank "
+                   "--rank correction")
     q.add_argument("--rank", type=int, help="--method qlr: rank of the low-rank correction of the quantization error")
     q.add_argument("--group-size", type=int, help="input columns per quantization scale: 32, 64, 128 (default 128)")
     q.add_argument("--bits-per-weight", type=float, metavar="X", help="a byte budget over the target layers' weights "
                    "(codes, scales, zero points, factors counted): bit widths and Q+LR corrections chosen per layer")
-    q.add_argument("--size", metavar="SIZE", help="a byte budget for the whole model's weights, e.g. 60MB")
+    q.add_argument("--size", metavar="SIZE", help="a byte budget for the whole model's weights, e.g. 160MB")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
+    add_report_option(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
     p.set_defaults(func=run_compress)
 
@@ -131,7 +155,11 @@ def run_compress(args) -> int:
     if any(getattr(args, k) is not None for k in QUANT_OPTIONS) or args.method == "qlr":
         from .quant import run_quantized_compress
 
+        if args.report:
+            raise ValueError("--report covers low-rank compressions; quantizing runs (--bits, --method qlr, "
+                             "--bits-per-weight, --size) print their summary instead")
         return run_quantized_compress(args)
+    check_report_option(args)
     config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential"))
     try:
         report = compress_checkpoint(hf_dir, args.out, config, calib, device=args.device, resume=args.resume, force=args.force)
@@ -143,6 +171,7 @@ def run_compress(args) -> int:
     print(report.summary())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"saved {out} ({size / 2**20:.1f} MiB of weights); reload with rankwise.load({str(out)!r})")
+    write_run_report(args)
     return 0
 
 

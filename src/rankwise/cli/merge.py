@@ -22,9 +22,16 @@ def _merge(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:  # fail before reading any model
         raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force to overwrite it")
-    flags = {"weights": args.weights, "density": args.density, "scale": args.scale, "seed": args.seed,
-             "rank": args.rank, "normalize": args.normalize, "sign_consensus": args.sign_consensus or None,
-             "rescale": args.rescale}
+    flags = {
+        "weights": args.weights,
+        "density": args.density,
+        "scale": args.scale,
+        "seed": args.seed,
+        "rank": args.rank,
+        "normalize": args.normalize,
+        "sign_consensus": args.sign_consensus or None,
+        "rescale": args.rescale,
+    }
     given = {k: v for k, v in flags.items() if v is not None}
     if args.method is None:
         if len(args.inputs) != 1 or Path(args.inputs[0]).suffix not in (".yml", ".yaml") or args.base or given:
@@ -54,7 +61,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="merge fine-tuned models in weight space (or run a mergekit YAML config)",
         description="rankwise merge --method M --base BASE MODEL... --out DIR, or rankwise merge CONFIG.yml --out DIR",
     )
-    p.add_argument("inputs", nargs="+", metavar="MODEL", help="fine-tuned model dirs / .safetensors, or one mergekit CONFIG.yml")
+    p.add_argument(
+        "inputs", nargs="+", metavar="MODEL", help="fine-tuned model dirs / .safetensors, or one mergekit CONFIG.yml"
+    )
     p.add_argument("--out", required=True, help="merged model directory to write")
     p.add_argument("--method", help="linear, task_arithmetic, ties, dare, model_stock, tsv, iso_c, ...")
     p.add_argument("--base", help="the pre-trained model the fine-tunes share")
@@ -63,7 +72,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lambda", dest="scale", type=float, help="scaling of the merged task vector")
     p.add_argument("--seed", type=int, help="seed of random steps (dare)")
     p.add_argument("--rank", type=_rank, help="per-task rank for tsv: int, or fraction of each layer's rank (0.25)")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="divide by the summed weights")
+    p.add_argument(
+        "--normalize", action=argparse.BooleanOptionalAction, default=None, help="divide by the summed weights"
+    )
     p.add_argument("--sign-consensus", action="store_true", help="dare: elect signs as TIES does (dare_ties)")
     p.add_argument("--rescale", choices=("density", "l1", "none"), help="dare: how kept entries are rescaled")
     p.add_argument("--dtype", choices=_DTYPES, help="dtype of the merged tensors (default: the base's)")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .compress import DEFAULT_EVAL_TOKENS, DEFAULT_SENTENCES, add_calibration_options, config_and_calibration
+from .compress import (
+    DEFAULT_EVAL_TOKENS,
+    DEFAULT_SENTENCES,
+    add_calibration_options,
+    add_report_option,
+    check_report_option,
+    config_and_calibration,
+    write_run_report,
+)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +32,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-best", type=float, metavar="Q", help="with --eval: write the smallest keep whose perplexity is <= Q "
                    "(encoders: whose cosine is >= Q)")
     add_calibration_options(p)
+    add_report_option(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=run_sweep)
 
@@ -41,6 +50,7 @@ def run_sweep(args) -> int:
         raise ValueError(f"--save {args.save} is not one of the swept keeps ({', '.join(map(str, keeps))})")
     if args.out_best is not None and not args.eval:
         raise ValueError("--out-best needs --eval (it chooses by measured quality)")
+    check_report_option(args)
     config, hf_dir, tokenizer, calib = config_and_calibration(args)
     causal = dir_kind(hf_dir) == "causal-lm"
     measure = None
@@ -63,14 +73,15 @@ def run_sweep(args) -> int:
             failed.append(rows)
         return min(ok) if ok else None
 
-    rows, reports, chosen = sweep(hf_dir, args.out, keeps, config, calib, measure=measure, choose=choose,
-                                  device=args.device, force=args.force)
     what = "perplexity" if causal else "cosine"
+    rows, reports, chosen = sweep(hf_dir, args.out, keeps, config, calib, measure=measure, measure_name=what,
+                                  choose=choose, device=args.device, force=args.force)
     print(f"{'keep':>6} {'params':>14} {'kept':>6} {'predicted loss':>15} {what if args.eval else '':>11}")
     for r in rows:
         q = f"{r.quality:11.4f}" if r.quality is not None else ""
         print(f"{r.keep:>6} {r.params_after:>14,} {r.params_after / r.params_before:>6.3f} {r.predicted_loss:>15.6g} {q}")
     print(f"wrote {args.out}/sweep.csv and sweep.json" + (f"; model at {args.out}/keep-{float(chosen)}" if chosen is not None else ""))
+    write_run_report(args)
     if failed:
         best = min(rows, key=lambda r: r.quality) if causal else max(rows, key=lambda r: r.quality)
         print(f"rankwise sweep: no swept keep reaches {what} {'<=' if causal else '>='} {args.out_best} "

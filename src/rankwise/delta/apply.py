@@ -11,7 +11,8 @@ from torch import nn
 
 from ..io.checkpoint import source_name
 from ..io.lazy import iter_tensors, write_checkpoint
-from ..io.reader import ModelReader, is_conv1d
+from ..io.reader import ModelReader
+from ..layers.linear import is_conv1d
 from .core import Delta, load_peft
 
 
@@ -67,7 +68,9 @@ def apply_delta_checkpoint(
     """
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it")
+        raise FileExistsError(
+            f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it"
+        )
     delta_name = "in memory" if isinstance(delta, Delta) else f"PEFT adapter {delta}"
     if not isinstance(delta, Delta):
         delta = load_peft(delta)
@@ -88,7 +91,7 @@ def apply_delta_checkpoint(
         "base_model": source_name(folder) if folder is not None else str(base),
         "method": f"delta apply: base + low-rank delta ({delta_name})",
         "budget": f"{span}{len(ranks)} low-rank layers, {delta.num_params:,} factor parameters, "
-                  f"{len(delta.exact)} tensors replaced exactly",
+        f"{len(delta.exact)} tensors replaced exactly",
         "quality": None,
     }
     tensors = ((name, delta.apply_to(name, t)) for name, t in iter_tensors(ckpt))

@@ -3,13 +3,18 @@ from a PEFT LoRA adapter."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
+from ..allocate import allocate_delta_ranks
 from .peft import read_peft, save_peft
+
+DELTA_FILE = "rankwise_delta.json"  # what extraction found, beside the adapter (read by ``rankwise report``)
+CURVE_KEEPS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # factor budgets of the report's error curve
 
 
 @dataclass
@@ -32,6 +37,7 @@ class Delta:
     shapes : dict module name -> (out_features, in_features) of every layer in ``lora`` or ``bias``.
     tied : dict parameter name -> the name in ``exact`` it is tied to (a tied output head), so that
         exports can name both.
+    timings : seconds spent per phase of the extraction.
     """
 
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -43,6 +49,7 @@ class Delta:
     dense_params: int = 0
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     tied: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -84,9 +91,43 @@ class Delta:
         names = [f"{m}.weight" for m in self.lora] + [f"{m}.bias" for m in self.bias] + list(self.exact)
         return sorted(set(names))
 
+    def error_curve(self, keeps=CURVE_KEEPS) -> list[dict]:
+        """The relative squared error ``||D - BA||^2 / ||D||^2`` the greedy allocation reaches at each factor
+        budget ``keep * dense_params``: ``[{"keep", "params_after", "predicted_loss"}]``; empty unless every
+        layer's whole spectrum is known (a fixed ``rank`` computes the leading singular values only)."""
+        total = sum(self.energy.values())
+        if not self.spectra or total <= 0 or any(len(s) < min(self.shapes[n]) for n, s in self.spectra.items()):
+            return []
+        points = []
+        for keep in keeps:
+            ranks = allocate_delta_ranks(self.spectra, self.shapes, budget=int(keep * self.dense_params))
+            kept = sum(float((s[: ranks[n]].double() ** 2).sum()) for n, s in self.spectra.items())
+            points.append({"keep": keep, "params_after": sum(r * sum(self.shapes[n]) for n, r in ranks.items()),
+                           "predicted_loss": max(total - kept, 0.0) / total})
+        return points
+
+    def record(self) -> dict:
+        """What :data:`DELTA_FILE` holds: per layer its rank, sizes and normalized spectrum; totals, the error
+        curve, the modules stored at full rank, timings and this process's peak memory."""
+        from ..streamed import peak_rss_mib
+
+        layers = []
+        for name, s in self.spectra.items():
+            m, n = self.shapes[name]
+            r = self.ranks.get(name, 0)
+            top = max(float(s[0]), 1e-300) if len(s) else 1.0
+            layers.append({"name": name, "shape": [m, n], "rank": r, "params_before": m * n,
+                           "params_after": r * (m + n),
+                           "spectrum": [float(f"{float(v) / top:.5g}") for v in s]})
+        return {"layers": layers, "dense_params": self.dense_params, "num_params": self.num_params,
+                "relative_error": self.relative_error(), "curve": self.error_curve(),
+                "saved_modules": sorted({name.rpartition(".")[0] for name in self.exact}),
+                "timings": dict(self.timings),
+                "peak_rss_mib": peak_rss_mib()}
+
     def save_peft(self, out: str | os.PathLike, *, force: bool = False) -> None:
-        """Write a PEFT LoRA adapter directory (see :func:`rankwise.delta.peft.save_peft`)."""
-        save_peft(self, out, force=force)
+        """Write a PEFT LoRA adapter directory (see :func:`rankwise.delta.peft.save_peft`) with :data:`DELTA_FILE`."""
+        save_peft(self, out, force=force, extra={DELTA_FILE: json.dumps(self.record(), indent=1) + "\n"})
 
 
 def load_peft(path: str | os.PathLike) -> Delta:

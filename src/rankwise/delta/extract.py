@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
 
+from .._validate import regex
 from ..allocate import allocate_delta_ranks
+from ..calibrate import _bar
 from ..formats._ops import gram_singular_values
 from ..formats.svd import truncated_svd
 from ..io.reader import ModelReader
@@ -39,6 +42,24 @@ def _targeted(module: str, target_modules: Sequence[str] | None) -> bool:
     return any(module == t or module.endswith("." + t) for t in target_modules)
 
 
+def _saved_modules(b: ModelReader, names: list[str], save_modules: Sequence[str]) -> set[str]:
+    """The modules of ``names`` that ``save_modules`` name (whole name or dotted suffix); a tied head
+    (``lm_head`` tied to the input embedding) resolves to the module holding the tensor."""
+    if isinstance(save_modules, str):
+        save_modules = [save_modules]
+    modules = {n.rpartition(".")[0] for n in names}
+    tied = {alias.rpartition(".")[0]: name.rpartition(".")[0] for alias, name in b.tied.items()}
+    saved = set()
+    for wanted in save_modules:
+        ok = isinstance(wanted, str) and wanted != ""
+        hits = [m for m in modules | set(tied) if m == wanted or m.endswith("." + wanted)] if ok else []
+        if not hits:
+            sample = ", ".join(sorted(modules)[:3])
+            raise ValueError(f"save_modules entry {wanted!r} names no module of the base model (e.g. {sample})")
+        saved.update(tied.get(m, m) for m in hits)
+    return saved
+
+
 def extract_delta(
     base: object,
     finetuned: object,
@@ -47,7 +68,11 @@ def extract_delta(
     keep: float | None = None,
     energy: float | None = None,
     target_modules: Sequence[str] | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    save_modules: Sequence[str] = (),
     exact_other: str = "store",
+    progress: bool = False,
 ) -> Delta:
     """Low-rank factorization of ``W_ft - W_base`` for every Linear-style weight, ranks under one budget.
 
@@ -62,8 +87,16 @@ def extract_delta(
         factor parameters (same greedy order). None of the three: full rank (exact).
     target_modules : module names (or dotted suffixes, as PEFT matches them) to factorize; default
         every 2-D Linear / Conv1D weight that is not an embedding.
+    include, exclude : regexes searched in the module names: only the matching layers of the targets
+        are factorized, then those matching ``exclude`` are left out (as mergekit-extract-lora's
+        ``--include-regex`` / ``--exclude-regex``); what they leave out follows ``exact_other``.
+    save_modules : module names (or dotted suffixes) stored at full rank, changed or not: every
+        tensor of the module is kept exactly and exported in PEFT's ``modules_to_save`` (as
+        mergekit-extract-lora's ``--save-module``, e.g. ``lm_head``); a tied head saves the embedding
+        it is tied to (the adapter keeps the two tied).
     exact_other : ``"store"`` keeps the fine-tuned value of every other changed tensor (embeddings,
         norms, biases), ``"skip"`` drops them.
+    progress : show progress bars (the layers' spectra, their factorization).
 
     Returns
     -------
@@ -72,7 +105,8 @@ def extract_delta(
     Raises
     ------
     ValueError for mismatched architectures (the first differing tensor is named), a rank larger than
-    a layer allows, bad rank/keep/energy values, or target modules that match nothing.
+    a layer allows, bad rank/keep/energy values, invalid regexes, or target modules, ``include`` or
+    ``save_modules`` entries that match nothing.
 
     References
     ----------
@@ -92,8 +126,10 @@ def extract_delta(
         raise ValueError(f"exact_other must be one of {', '.join(EXACT_OTHER)}, got {exact_other!r}")
     if isinstance(target_modules, str):
         target_modules = [target_modules]
+    inc, exc = regex(include, "include"), regex(exclude, "exclude")
     b, f = ModelReader(base, "base"), ModelReader(finetuned, "finetuned")
     names = _check_same_architecture(b, f)
+    saved = _saved_modules(b, names, save_modules)
 
     layers: dict[str, tuple[int, int]] = {}  # changed targeted layers -> (out, in)
     transposed: set[str] = set()
@@ -104,10 +140,17 @@ def extract_delta(
         kind = b.kind(module, shape)
         if kind in ("linear", "conv1d") and leaf == "weight" and len(shape) == 2 and _targeted(module, target_modules):
             matched[module] = kind
+    if inc is not None and not any(inc.search(m) for m in matched):
+        raise ValueError(f"include={include!r} matches no Linear layer of the base model (of {len(matched)}, "
+                         f"e.g. {', '.join(list(matched)[:3])})")
+    matched = {m: k for m, k in matched.items() if (inc is None or inc.search(m)) and not (exc and exc.search(m))
+               and m not in saved}
     other_modules: set[str] = set()
     bias_modules: set[str] = set()
     for name in names:
         module, _, leaf = name.rpartition(".")
+        if module in saved:
+            continue
         if not b.ckpt.dtype(name).is_floating_point or torch.equal(b.ckpt.get(name), f.ckpt.get(name)):
             continue
         if module in matched and leaf == "weight":
@@ -134,15 +177,19 @@ def extract_delta(
 
     spectra: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
+    t0 = time.perf_counter()
     if keep is not None or energy is not None:
-        for module in layers:  # first pass: singular values only, to allocate before keeping factors
+        # singular values first, to allocate before keeping any factors
+        for module in _bar(layers, progress, "delta spectra"):
             D = delta_of(module)
             spectra[module] = gram_singular_values(D).to(D.dtype)
         budget = None if keep is None else int(keep * sum(m * n for m, n in layers.values()))
         ranks = allocate_delta_ranks(spectra, layers, budget=budget, energy=energy)
     out = Delta(transposed=frozenset(transposed), dense_params=sum(m * n for m, n in layers.values()))
+    out.timings["allocation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     out.shapes = dict(layers)
-    for module, (m, n) in layers.items():
+    for module, (m, n) in _bar(list(layers.items()), progress, "extract layers"):
         r = rank if rank is not None else ranks[module] if ranks else min(m, n)
         D = delta_of(module)
         out.energy[module] = float(D.double().norm()) ** 2
@@ -154,6 +201,7 @@ def extract_delta(
         root = torch.sqrt(svd.S[:r])
         out.lora[module] = ((svd.Vh[:r] * root[:, None]).contiguous(), (svd.U[:, :r] * root).contiguous())
     out.spectra = spectra
+    out.timings["factorization"] = time.perf_counter() - t0
     if exact_other == "store":
         for module in sorted(bias_modules):
             out.bias[module] = f.ckpt.get(f"{module}.bias").double() - b.ckpt.get(f"{module}.bias").double()
@@ -163,5 +211,8 @@ def extract_delta(
         for name in names:
             if name.rpartition(".")[0] in other_modules:
                 out.exact[name] = f.ckpt.get(name).clone()
-        out.tied = {alias: name for alias, name in b.tied.items() if name in out.exact}
+    for name in names:
+        if name.rpartition(".")[0] in saved:
+            out.exact[name] = f.ckpt.get(name).clone()
+    out.tied = {alias: name for alias, name in b.tied.items() if name in out.exact}
     return out

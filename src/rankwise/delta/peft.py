@@ -30,7 +30,7 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def save_peft(delta, out: str | os.PathLike, *, force: bool = False) -> Path:
+def save_peft(delta, out: str | os.PathLike, *, force: bool = False, extra: dict[str, str] | None = None) -> Path:
     """Write ``delta`` (a :class:`~rankwise.delta.Delta`) as a PEFT LoRA adapter that
     ``peft.PeftModel.from_pretrained(base, out)`` loads.
 
@@ -41,7 +41,8 @@ def save_peft(delta, out: str | os.PathLike, *, force: bool = False) -> Path:
     exactly (embeddings, norms, ...) are listed in ``modules_to_save`` with their fine-tuned tensors;
     ``ensure_weight_tying`` keeps a tied output head tied to a saved input embedding.
 
-    The directory is written atomically; an existing ``out`` raises ``FileExistsError`` unless ``force``.
+    The directory is written atomically, with ``extra`` (file name -> text) beside the adapter files; an
+    existing ``out`` raises ``FileExistsError`` unless ``force``.
 
     References
     ----------
@@ -102,6 +103,8 @@ def save_peft(delta, out: str | os.PathLike, *, force: bool = False) -> Path:
     with atomic_output_dir(out, force=force) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)
 
 

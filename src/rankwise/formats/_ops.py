@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 
 import torch
+
+from .._validate import is_int, is_number
 
 Tensor = torch.Tensor
 RankSpec = int | Sequence[int] | float
@@ -30,7 +31,9 @@ def check_tensor(x: Tensor, name: str = "tensor", ndim: int | None = None, min_n
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; everything else (float16, bfloat16, float32) is computed in float32."""
+    """float64 stays float64; everything else (float16, bfloat16, float32) is computed in float32.
+
+    Also the dtype every format returns its factors in (a half-precision input gets float32 factors)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -171,8 +174,8 @@ def gram_singular_values(a: Tensor) -> Tensor:
     matrix of its shorter side (no eigenvectors: a tridiagonal reduction and its eigenvalues).
 
     1.4-1.8x faster than ``torch.linalg.svdvals`` on one CPU thread for the 576 x 576 to 1536 x 576
-    matrices of a small LLM. Exact to about ``1e-8 * S[0]`` in absolute terms (the Gram matrix's
-    resolution); smaller values come out near zero. Use it where the squares of the spectrum matter
+    matrices of a small LLM. Values below ``sqrt(GRAM_FLOOR) * S[0]`` are not resolved (see
+    :func:`leading_svd`) and may come out near zero. Use it where the squares of the spectrum matter
     (allocating ranks by kept energy), not where tiny singular values must be resolved.
 
     a : Tensor, shape (m, n). Returns a Tensor of shape (min(m, n),).
@@ -184,29 +187,109 @@ def gram_singular_values(a: Tensor) -> Tensor:
         from scipy.linalg import eigh
 
         with _numpy_blas():
-            evals = torch.from_numpy(eigh(G.numpy(), eigvals_only=True, overwrite_a=True, check_finite=False,
-                                          driver="evd"))
+            evals = torch.from_numpy(
+                eigh(G.numpy(), eigvals_only=True, overwrite_a=True, check_finite=False, driver="evd")
+            )
     return evals.flip(0).clamp_min(0).sqrt()
 
 
-def leading_left_singular_vectors(m: Tensor, rank: int) -> Tensor:
-    """First ``rank`` left singular vectors of ``m``, shape (rows, rank), in ``m``'s dtype.
+GRAM_FLOOR = 1e-10
+"""Smallest squared singular value, relative to the largest, that :func:`leading_svd` takes from the
+float64 Gram matrix. Forming ``B B^T`` and its eigendecomposition perturb each eigenvalue by about
+``n * 2^-53 * S[0]^2`` (``n`` the short side; 1e-13 * S[0]^2 at n = 1000), so an eigenvalue at
+``GRAM_FLOOR * S[0]^2`` keeps about three correct digits, and its eigenvector, refined by the
+Rayleigh–Ritz step, the same. Below it the SVD of the matrix itself (LAPACK ``gesdd``) is used."""
 
-    For a matrix at least as wide as it is tall, the eigenvectors of its float64 Gram matrix
-    (:func:`gram_eigh`): far cheaper than an SVD of a wide matrix (LAPACK's gesdd is 10-50x slower
-    here), and float64 keeps the squared condition number harmless for the leading vectors we keep.
+
+def rank_for_tail(sq: Tensor, tail_sq: float, max_rank: int | None = None) -> int:
+    """Smallest ``k >= 1`` whose discarded squared values ``sum(sq[k:])`` are ``<= tail_sq``, capped at
+    ``max_rank``. ``sq``: squared singular values (or any non-negative gains), descending."""
+    sq = sq.to(torch.float64).clamp_min(0)
+    tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # tail[k] = sum_{i>=k} sq_i
+    ok = torch.nonzero(tail <= tail_sq)
+    k = max(int(ok[0]) if len(ok) else len(sq), 1)
+    return k if max_rank is None else min(k, max_rank)
+
+
+def rank_for_tolerance(spectrum: Tensor, eps: float, norm: Tensor | float | None = None) -> int:
+    """Smallest rank whose discarded tail of ``spectrum`` has norm <= eps * norm (default ||spectrum||)."""
+    sq = spectrum.to(torch.float64) ** 2
+    total = float(sq.sum()) if norm is None else float(norm) ** 2
+    return rank_for_tail(sq, eps**2 * total)
+
+
+def leading_svd(M: Tensor, rank: int | None = None, tail_sq: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The leading singular triplets of ``M``: the one low-rank backend of every format.
+
+    ``k`` triplets, ``k = rank`` (None: every one), or with ``tail_sq`` the smallest ``k`` whose
+    discarded squared singular values sum to at most ``tail_sq``, capped at ``rank``;
+    ``||M - U diag(S[:k]) Vh||_F^2`` is that discarded sum (Eckart–Young).
+
+    Route: the eigenpairs of the float64 Gram matrix of the shorter side (:func:`gram_eigh`; only the
+    ``k`` wanted ones when ``8k <= short side`` and no tolerance), far cheaper than an SVD of a wide
+    matrix, then a Rayleigh–Ritz step (the SVD of ``M`` projected on those ``k`` vectors) that makes
+    both factors orthonormal to round-off. When every triplet is asked for, the long side is the
+    projection ``B^T Q / S`` instead (one product; the Rayleigh–Ritz SVD would cost a full SVD), so
+    vectors of singular values below ``sqrt(GRAM_FLOOR) * S[0]`` are not resolved there. With an
+    explicit ``k`` or a tolerance, the Gram route is used only when the last kept squared singular
+    value and ``tail_sq`` are at least ``GRAM_FLOOR`` times the largest (:data:`GRAM_FLOOR`);
+    otherwise, and for an all-zero ``M``, the SVD of ``M`` (LAPACK ``gesdd``) is taken.
+
+    Parameters
+    ----------
+    M : Tensor, shape (m, n), float32 or float64.
+    rank : int in [1, min(m, n)] or None.
+    tail_sq : float >= 0 or None, absolute bound on the discarded squared Frobenius norm.
+
+    Returns
+    -------
+    U (m, k); S, descending, float64: the ``k`` kept singular values, or the whole spectrum where it
+    was computed to full accuracy anyway (every triplet asked for, or the SVD fallback); Vh (k, n).
+    U and Vh are in ``M``'s dtype.
     """
+    m, n = M.shape
+    short = min(m, n)
+    cap = short if rank is None else rank
+    wide = m <= n
+    B = M if wide else M.T  # (short, long): its left singular vectors are M's short-side ones
+    subset = tail_sq is None and rank is not None and 8 * rank <= short
+    evals, Q = gram_eigh(B, cap if subset else None)
+    sq = evals.clamp_min(0)
+    k = cap if tail_sq is None else rank_for_tail(sq, tail_sq, cap)
+    top = float(sq[0])
+    every = rank is None and tail_sq is None
+    resolved = top > 0 and float(sq[k - 1]) >= GRAM_FLOOR * top and (tail_sq is None or tail_sq >= GRAM_FLOOR * top)
+    if not (every and top > 0) and not resolved:
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        S64 = S.to(torch.float64)
+        k = cap if tail_sq is None else rank_for_tail(S64**2, tail_sq, cap)
+        return U[:, :k], S64, Vh[:k]
+    Q = Q[:, :k].to(B.dtype)
+    if every:
+        S = sq.sqrt()
+        long = (B.T @ Q) / S.clamp_min(float(S[0]) * 1e-150 + 1e-300).to(B.dtype)  # never divide by zero
+        short_vecs = Q
+    else:
+        long, S_k, RcT = torch.linalg.svd(B.T @ Q, full_matrices=False)  # tall (long, k): gesdd is fast
+        short_vecs = Q @ RcT.T
+        S = S_k.to(torch.float64)
+    return (short_vecs, S, long.T) if wide else (long, S, short_vecs.T)
+
+
+def leading_left_singular_vectors(m: Tensor, rank: int) -> Tensor:
+    """First ``rank`` left singular vectors of ``m``, shape (rows, rank), in ``m``'s dtype
+    (:func:`leading_svd`). With fewer columns than ``rank`` the extra vectors complete an orthonormal
+    basis (their singular value is zero)."""
     rows, cols = m.shape
-    if cols >= rows:
-        return gram_eigh(m, rank)[1].to(m.dtype)
-    # with fewer columns than ``rank`` the extra vectors complete an orthonormal basis (zero singular value)
-    u, _, _ = torch.linalg.svd(m, full_matrices=rank > cols)
+    if rank <= min(rows, cols):
+        return leading_svd(m, rank)[0]
+    u, _, _ = torch.linalg.svd(m, full_matrices=True)
     return u[:, :rank]
 
 
 def check_int_rank(rank: object, name: str, max_rank: int) -> int:
     """A single integer rank in [1, max_rank]."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if not is_int(rank):
         raise ValueError(f"{name} must be an int in [1, {max_rank}], got {rank!r}")
     if not 1 <= rank <= max_rank:
         raise ValueError(f"{name}={rank} is out of range; accepted: 1 <= {name} <= {max_rank} for this shape")
@@ -215,13 +298,13 @@ def check_int_rank(rank: object, name: str, max_rank: int) -> int:
 
 def check_fraction(value: object, name: str) -> float:
     """A float in (0, 1]: the fraction of the dense parameter count to keep."""
-    if isinstance(value, bool) or not isinstance(value, float) or not (0.0 < value <= 1.0) or math.isnan(value):
+    if not isinstance(value, float) or not (0.0 < value <= 1.0):  # an int is a rank here, not a fraction
         raise ValueError(f"{name} as a float must be a fraction of the dense parameter count in (0, 1], got {value!r}")
     return value
 
 
 def check_tolerance(value: object, name: str = "eps") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < 1.0):
+    if not is_number(value) or not (0.0 <= float(value) < 1.0):
         raise ValueError(f"{name} must be a relative tolerance in [0, 1), got {value!r}")
     return float(value)
 
@@ -233,7 +316,7 @@ def per_mode_ranks(rank: RankSpec, name: str, max_ranks: Sequence[int]) -> tuple
         if len(rank) != n:
             raise ValueError(f"{name} must have {n} entries (one per mode), got {len(rank)}: {tuple(rank)!r}")
         return tuple(check_int_rank(r, f"{name}[{i}]", m) for i, (r, m) in enumerate(zip(rank, max_ranks)))
-    if isinstance(rank, int) and not isinstance(rank, bool):
+    if is_int(rank):
         return tuple(check_int_rank(rank, name, m) for m in max_ranks)
     raise ValueError(f"{name} must be an int, a tuple of {n} ints or a float in (0, 1], got {rank!r}")
 
@@ -251,14 +334,3 @@ def largest_within_budget(budget: float, num_params: Callable[[int], int], max_v
         else:
             hi = mid - 1
     return lo
-
-
-def rank_for_tolerance(spectrum: Tensor, eps: float, norm: Tensor | float | None = None) -> int:
-    """Smallest rank whose discarded tail of ``spectrum`` has norm <= eps * norm (default ||spectrum||)."""
-    sq = spectrum.to(torch.float64) ** 2
-    total = float(sq.sum()) if norm is None else float(norm) ** 2
-    tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # tail[k] = sum_{i>=k} s_i^2
-    allowed = (eps**2) * total
-    ok = torch.nonzero(tail <= allowed)
-    rank = int(ok[0]) if len(ok) else len(spectrum)
-    return max(rank, 1)

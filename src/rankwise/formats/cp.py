@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import int_at_least, is_int, non_negative
 from ._ops import (
     Tensor,
     check_fraction,
@@ -181,11 +182,9 @@ def cp_als(
     r = cp_rank(tuple(x.shape), rank)
     if init not in ("svd", "random"):
         raise ValueError(f"init must be 'svd' or 'random', got {init!r}")
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 1:
-        raise ValueError(f"n_iter_max must be an int >= 1, got {n_iter_max!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a float >= 0, got {tol!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    int_at_least(n_iter_max, "n_iter_max", 1)
+    non_negative(tol, "tol")
+    if not is_int(seed):
         raise ValueError(f"seed must be an int, got {seed!r}")
 
     xc = x.to(compute_dtype(x))
@@ -227,7 +226,7 @@ def cp_als(
             break
 
     order = torch.argsort(weights, descending=True)
-    dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    dt = compute_dtype(x)
     return CP(weights[order].to(dt), tuple(f[:, order].to(dt) for f in factors), tuple(errors))
 
 

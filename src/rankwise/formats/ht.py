@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import is_int
 from ._ops import (
     RankSpec,
     Tensor,
@@ -140,18 +141,20 @@ def ht_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
     if isinstance(rank, float):
         keep = check_fraction(rank, "rank")
         return clamp(largest_within_budget(keep * math.prod(shape), lambda R: ht_num_params(shape, clamp(R)), top))
-    if isinstance(rank, int) and not isinstance(rank, bool):
+    if is_int(rank):
         return clamp(check_int_rank(rank, "rank", top))
     if isinstance(rank, (list, tuple)):
         if len(rank) != len(tree):
             raise ValueError(
-                f"rank must have 2d-1 = {len(tree)} entries (one per tree node, root first), got {len(rank)}: {tuple(rank)!r}"
+                f"rank must have 2d-1 = {len(tree)} entries (one per tree node, root first), "
+                f"got {len(rank)}: {tuple(rank)!r}"
             )
         ranks = tuple(check_int_rank(r, f"rank[{i}]", b) for i, (r, b) in enumerate(zip(rank, bounds)))
         for i, (_, kids) in enumerate(tree):
             if kids and ranks[i] > ranks[kids[0]] * ranks[kids[1]]:
                 raise ValueError(
-                    f"rank[{i}]={ranks[i]} exceeds rank[{kids[0]}] * rank[{kids[1]}] = {ranks[kids[0]] * ranks[kids[1]]}; "
+                    f"rank[{i}]={ranks[i]} exceeds rank[{kids[0]}] * rank[{kids[1]}] = "
+                    f"{ranks[kids[0]] * ranks[kids[1]]}; "
                     f"accepted: a node's rank <= the product of its children's ranks"
                 )
         a, b = tree[0][1]

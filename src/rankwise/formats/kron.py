@@ -8,6 +8,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import is_int
 from ._ops import (
     Tensor,
     check_fraction,
@@ -65,11 +66,7 @@ class Kronecker:
 
 
 def _check_factor_shape(value: object, name: str) -> tuple[int, int]:
-    if (
-        not isinstance(value, (list, tuple))
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
-    ):
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or any(not is_int(v) or v < 1 for v in value):
         raise ValueError(f"{name} must be a pair of positive ints (rows, cols), got {value!r}")
     return (value[0], value[1])
 
@@ -114,7 +111,8 @@ def kron_decompose(
     if (m1 * m2, n1 * n2) != tuple(W.shape):
         raise ValueError(
             f"a_shape=({m1}, {n1}) and b_shape=({m2}, {n2}) give a ({m1 * m2}, {n1 * n2}) Kronecker product; "
-            f"accepted: shapes with a_shape[0]*b_shape[0] = {W.shape[0]} and a_shape[1]*b_shape[1] = {W.shape[1]} (W's shape)"
+            f"accepted: shapes with a_shape[0]*b_shape[0] = {W.shape[0]} and "
+            f"a_shape[1]*b_shape[1] = {W.shape[1]} (W's shape)"
         )
     full = min(m1 * n1, m2 * n2)
     if rank is None:
@@ -134,4 +132,6 @@ def kron_decompose(
     return Kronecker(A, B, S)
 
 
-FORMATS.register(Kronecker.name, paper="https://doi.org/10.1007/978-94-015-8196-7_17", decompose=kron_decompose)(Kronecker)
+FORMATS.register(Kronecker.name, paper="https://doi.org/10.1007/978-94-015-8196-7_17", decompose=kron_decompose)(
+    Kronecker
+)

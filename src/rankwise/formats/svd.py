@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import int_at_least
 from ._ops import (
     Tensor,
     check_fraction,
@@ -14,8 +15,8 @@ from ._ops import (
     check_tensor,
     check_tolerance,
     compute_dtype,
-    gram_eigh,
     largest_within_budget,
+    leading_svd,
     rank_for_tolerance,
 )
 from .protocol import FORMATS
@@ -59,7 +60,7 @@ class SVD:
     def to_dense(self) -> Tensor:
         return (self.U * self.S) @ self.Vh
 
-    def truncate(self, rank: int) -> "SVD":
+    def truncate(self, rank: int) -> SVD:
         """The leading ``rank`` triplets (Eckart–Young optimal when this is an exact SVD)."""
         check_int_rank(rank, "rank", self.rank)
         return SVD(self.U[:, :rank], self.S[:rank], self.Vh[:rank], self.spectrum, self.energy)
@@ -84,12 +85,15 @@ class SVD:
 
 
 def svd_rank(shape: tuple[int, int], rank: int | float) -> int:
-    """Resolve an int rank, or a float fraction of ``m*n`` parameters, into an int rank for ``shape``."""
+    """Resolve an int rank, or a float fraction of ``m*n`` parameters, into an int rank for ``shape``.
+
+    The fraction counts what :attr:`SVD.num_params` counts, ``r (m + n + 1)`` (U, S and Vh). A layer
+    folds S into a factor and stores ``r (m + n)``: the layer allocators count that instead."""
     m, n = shape
     full = min(m, n)
     if isinstance(rank, float):
         keep = check_fraction(rank, "rank")
-        return largest_within_budget(keep * m * n, lambda r: r * (m + n), full)
+        return largest_within_budget(keep * m * n, lambda r: r * (m + n + 1), full)
     return check_int_rank(rank, "rank", full)
 
 
@@ -98,9 +102,9 @@ def _check_matrix(W: Tensor) -> None:
 
 
 def _finish(U: Tensor, S: Tensor, Vh: Tensor, spectrum: Tensor, like: Tensor, energy: float | None = None) -> SVD:
-    dt = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
-    # factors of a half-precision matrix are returned in float32: casting U, S, Vh to float16 loses more
-    # than the truncation itself; layers cast them to the model dtype when they build.
+    dt = compute_dtype(like)
+    # factors of a half-precision matrix are returned in float32 (the formats' one output-dtype rule):
+    # casting U, S, Vh to float16 loses more than the truncation itself; layers cast them when they build.
     return SVD(U.to(dt), S.to(dt), Vh.to(dt), spectrum.to(dt), energy)
 
 
@@ -130,40 +134,25 @@ def truncated_svd(W: Tensor, rank: int | float | None = None, *, eps: float | No
     exact SVD of ``W`` projected on that subspace, which makes both factors orthonormal to round-off:
     on one CPU thread 3.6x faster than a full SVD at 4096 x 2048 rank 256 and 3.0x at rank 682, 1.1x
     for a square 576 x 576 at rank 192 (at half the shorter side the two are even for square
-    matrices). The Gram matrix resolves singular values down to about
-    ``1e-8 * S[0]``; when the ``rank``-th one is below ``1e-3 * S[0]`` a full SVD is taken instead.
+    matrices). Below the Gram matrix's resolution
+    (:data:`~rankwise.formats._ops.GRAM_FLOOR`) :func:`~rankwise.formats._ops.leading_svd` takes a full SVD.
     """
     _check_matrix(W)
     r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
     A = W.to(compute_dtype(W))
-    if eps is None and rank is not None and 3 * r <= min(A.shape):
-        leading = _leading_svd(A, r)
-        if leading is not None:
-            return _finish(*leading, leading[1], W, energy=float(A.double().norm()) ** 2)
+    if eps is None and rank is not None and 3 * r <= min(A.shape):  # the Gram route's speed range
+        U, S, Vh = leading_svd(A, r)
+        partial = len(S) < min(A.shape)  # the Gram route; the SVD fallback gives the whole spectrum
+        return _finish(
+            U, S[:r].to(A.dtype), Vh, S.to(A.dtype), W, energy=float(A.double().norm()) ** 2 if partial else None
+        )
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     if eps is not None:
         r = min(r, rank_for_tolerance(S, check_tolerance(eps)))
     return _finish(U[:, :r], S[:r], Vh[:r], S, W)
 
 
-def _leading_svd(A: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Leading ``r`` singular triplets of ``A`` via the Gram matrix of its shorter side and a
-    Rayleigh–Ritz step; None when the ``r``-th singular value is below ``1e-3 * S[0]``."""
-    wide = A.shape[0] < A.shape[1]
-    B = A if wide else A.T  # (short, long): its left singular vectors are A's short-side ones
-    evals, Q = gram_eigh(B, r)
-    if not float(evals[-1]) >= 1e-6 * float(evals[0]) or not float(evals[0]) > 0:
-        return None
-    Q = Q.to(B.dtype)
-    # Rayleigh–Ritz: the SVD of the projection B^T Q (long, r), tall so that gesdd is fast
-    W, S, UcT = torch.linalg.svd(B.T @ Q, full_matrices=False)
-    short = Q @ UcT.T
-    return (short, S, W.T) if wide else (W, S, short.T)
-
-
-def randomized_svd(
-    W: Tensor, rank: int | float, *, oversample: int = 10, n_iter: int = 4, seed: int = 0
-) -> SVD:
+def randomized_svd(W: Tensor, rank: int | float, *, oversample: int = 10, n_iter: int = 4, seed: int = 0) -> SVD:
     """Randomized rank-``r`` SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 with QR re-orthonormalisation).
 
     A Gaussian sketch of ``r + oversample`` columns, ``n_iter`` power iterations (each followed by a QR
@@ -177,10 +166,8 @@ def randomized_svd(
     """
     _check_matrix(W)
     r = svd_rank(tuple(W.shape), rank)
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
-        raise ValueError(f"oversample must be an int >= 0, got {oversample!r}")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    int_at_least(oversample, "oversample", 0)
+    int_at_least(n_iter, "n_iter", 0)
     A = W.to(compute_dtype(W))
     m, n = A.shape
     transpose = m < n  # sketch the longer side so the QR factors stay tall and thin
@@ -246,7 +233,10 @@ def whitened_svd(
     """
     _check_matrix(W)
     if scale is not None and whitening is not None:
-        raise ValueError("whitened_svd takes at most one input-side factor: scale= (shape (n,)) or whitening= (shape (n, n)), not both")
+        raise ValueError(
+            "whitened_svd takes at most one input-side factor: "
+            "scale= (shape (n,)) or whitening= (shape (n, n)), not both"
+        )
     m, n = W.shape
     r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
     # float64: the whitening factor can be ill-conditioned and its inverse multiplies the error back.
@@ -262,10 +252,12 @@ def whitened_svd(
     elif whitening is not None:
         check_tensor(whitening, "whitening", ndim=2)
         if tuple(whitening.shape) != (n, n):
-            raise ValueError(f"whitening must have shape ({n}, {n}) to match W's {n} columns, got {tuple(whitening.shape)}")
+            raise ValueError(
+                f"whitening must have shape ({n}, {n}) to match W's {n} columns, got {tuple(whitening.shape)}"
+            )
         M = whitening.to(A)
         A = A @ M
-    U, S, Vh = _gram_svd(A)
+    U, S, Vh = leading_svd(A)  # every triplet: the spectrum is the allocator's input
     U, Vh = U[:, :r], Vh[:r]
     if rows is not None:
         U = U / d[:, None]
@@ -285,18 +277,6 @@ def _check_weights(w: Tensor, name: str, size: int, side: str) -> None:
         raise ValueError(f"{name} must have shape ({size},) to match W's {size} {side}, got {tuple(w.shape)}")
     if not bool((w > 0).all()):
         raise ValueError(f"{name} must be strictly positive (it is inverted); got entries <= 0")
-
-
-def _gram_svd(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD of ``A`` (float64, shape (m, n)) from ``eigh`` of its smaller Gram matrix."""
-    tiny = lambda S: S.clamp_min(float(S[0]) * 1e-150 + 1e-300)  # noqa: E731 - never divide by zero
-    if A.shape[0] <= A.shape[1]:
-        evals, U = gram_eigh(A)
-        S = evals.clamp_min(0).sqrt()
-        return U, S, (U.T @ A) / tiny(S)[:, None]
-    evals, V = gram_eigh(A.T)
-    S = evals.clamp_min(0).sqrt()
-    return (A @ V) / tiny(S), S, V.T
 
 
 def whitening_factor(gram: Tensor, *, damping: float = 1e-6) -> Tensor:

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from .._validate import is_int, positive_ints
 from ._ops import (
     RankSpec,
     Tensor,
@@ -17,14 +18,10 @@ from ._ops import (
     check_tensor,
     check_tolerance,
     compute_dtype,
-    gram_eigh,
     largest_within_budget,
+    leading_svd,
 )
 from .protocol import FORMATS
-
-# A Gram matrix in float64 resolves eigenvalues down to about 1e-16 * trace; when a tolerance asks for
-# tails finer than this floor (times the number of eigenvalues summed), the SVD of the matrix is used.
-_GRAM_FLOOR = 1e-14
 
 
 @dataclass(frozen=True)
@@ -79,8 +76,11 @@ class TTMatrix:
         """TT-rounding of the paired (m_k n_k) train to at most ``rank`` (see :func:`tt_round`)."""
         flat = TT(tuple(c.reshape(c.shape[0], c.shape[1] * c.shape[2], c.shape[3]) for c in self.cores))
         rounded = tt_round(flat, rank)
-        return TTMatrix(tuple(c.reshape(c.shape[0], m, n, c.shape[2])
-                              for c, m, n in zip(rounded.cores, self.row_dims, self.col_dims)))
+        return TTMatrix(
+            tuple(
+                c.reshape(c.shape[0], m, n, c.shape[2]) for c, m, n in zip(rounded.cores, self.row_dims, self.col_dims)
+            )
+        )
 
     @property
     def row_dims(self) -> tuple[int, ...]:
@@ -111,13 +111,11 @@ class TTMatrix:
 
 
 def truncated_left_basis(M: Tensor, max_rank: int, tol_sq: float | None) -> tuple[Tensor, Tensor]:
-    """Orthonormal ``U`` (rows, k) and ``rest = U^T M`` (k, cols) with ``M ≈ U @ rest``.
+    """Orthonormal ``U`` (rows, k) and ``rest = diag(S) Vh`` (k, cols) with ``M ≈ U @ rest``.
 
     ``k`` is ``max_rank``, or, when ``tol_sq`` is given, the smallest rank whose discarded squared
-    singular values sum to at most ``tol_sq`` (capped at ``max_rank``). ``||M - U rest||_F`` is that
-    discarded tail (Eckart–Young). Wide matrices go through the eigendecomposition of the float64
-    Gram matrix ``M M^T`` (rows x rows), much cheaper than an SVD of a short, wide matrix; tall ones,
-    and tolerances below the Gram matrix's resolution, through the SVD.
+    singular values sum to at most ``tol_sq`` (capped at ``max_rank``); ``||M - U rest||_F^2`` is that
+    discarded tail (Eckart–Young). :func:`~rankwise.formats._ops.leading_svd` computes it.
 
     Parameters
     ----------
@@ -125,29 +123,9 @@ def truncated_left_basis(M: Tensor, max_rank: int, tol_sq: float | None) -> tupl
     max_rank : int in [1, min(rows, cols)]
     tol_sq : float or None, absolute bound on the squared Frobenius norm of the discarded part.
     """
-    rows, cols = M.shape
-    if rows <= cols:
-        if tol_sq is None:
-            U = gram_eigh(M, max_rank)[1].to(M.dtype)
-            return U, U.T @ M
-        if tol_sq >= _GRAM_FLOOR * rows * float(M.double().norm()) ** 2:  # the floor is relative to trace(M M^T)
-            sq, evecs = gram_eigh(M)
-            k = _rank_from_tail(sq.clamp_min(0.0), max_rank, tol_sq)
-            U = evecs[:, :k].to(M.dtype)
-            return U, U.T @ M
-    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-    k = _rank_from_tail(S.to(torch.float64) ** 2, max_rank, tol_sq)
-    return U[:, :k], S[:k, None] * Vh[:k]
-
-
-def _rank_from_tail(sq: Tensor, max_rank: int, tol_sq: float | None) -> int:
-    """Smallest k >= 1 with sum(sq[k:]) <= tol_sq, capped at max_rank (max_rank when tol_sq is None)."""
-    if tol_sq is None:
-        return max_rank
-    tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])
-    ok = torch.nonzero(tail <= tol_sq)
-    k = int(ok[0]) if len(ok) else len(sq)
-    return min(max(k, 1), max_rank)
+    U, S, Vh = leading_svd(M, max_rank, tol_sq)
+    k = U.shape[1]
+    return U, S[:k, None].to(M.dtype) * Vh
 
 
 def bond_bounds(shape: Sequence[int]) -> tuple[int, ...]:
@@ -179,12 +157,13 @@ def tt_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
         keep = check_fraction(rank, "rank")
         R = largest_within_budget(keep * math.prod(shape), lambda R: tt_num_params(shape, clamp(R)), max(bounds))
         return clamp(R)
-    if isinstance(rank, int) and not isinstance(rank, bool):
+    if is_int(rank):
         return clamp(check_int_rank(rank, "rank", max(bounds)))
     if isinstance(rank, (list, tuple)):
         if len(rank) != len(bounds):
             raise ValueError(
-                f"rank must have d-1 = {len(bounds)} bond ranks for shape {tuple(shape)}, got {len(rank)}: {tuple(rank)!r}"
+                f"rank must have d-1 = {len(bounds)} bond ranks for shape {tuple(shape)}, "
+                f"got {len(rank)}: {tuple(rank)!r}"
             )
         ranks = tuple(check_int_rank(r, f"rank[{k}]", b) for k, (r, b) in enumerate(zip(rank, bounds)))
         full = (1, *ranks, 1)
@@ -193,7 +172,8 @@ def tt_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
             if full[k] > min(lo, hi):
                 raise ValueError(
                     f"rank[{k - 1}]={full[k]} is not a valid TT rank next to its neighbours; accepted: "
-                    f"rank[{k - 1}] <= min(r_prev * n_{k}, n_{k + 1} * r_next) = min({lo}, {hi}) in rank={tuple(rank)!r}"
+                    f"rank[{k - 1}] <= min(r_prev * n_{k}, n_{k + 1} * r_next) = min({lo}, {hi}) "
+                    f"in rank={tuple(rank)!r}"
                 )
         return ranks
     raise ValueError(f"rank must be an int, a tuple of {len(bounds)} ints, a float in (0, 1] or None, got {rank!r}")
@@ -304,9 +284,7 @@ def tt_round(tt: TT, rank: RankSpec | None = None, *, eps: float | None = None) 
 def _check_dims(dims: object, name: str) -> tuple[int, ...]:
     if not isinstance(dims, (list, tuple)) or len(dims) < 2:
         raise ValueError(f"{name} must be a tuple of at least 2 positive ints, got {dims!r}")
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in dims):
-        raise ValueError(f"{name} must contain positive ints only, got {tuple(dims)!r}")
-    return tuple(dims)
+    return positive_ints(tuple(dims), name)
 
 
 def tt_matrix(

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
+from .._validate import int_at_least, is_int, non_negative
 from ._ops import (
     RankSpec,
     Tensor,
@@ -77,7 +76,7 @@ class Tucker:
 def _check_modes(modes: Sequence[int] | None, ndim: int) -> tuple[int, ...]:
     if modes is None:
         return tuple(range(ndim))
-    if isinstance(modes, int) or not all(isinstance(m, int) and not isinstance(m, bool) for m in modes):
+    if isinstance(modes, int) or not all(is_int(m) for m in modes):
         raise ValueError(f"modes must be a sequence of distinct ints in [0, {ndim - 1}], got {modes!r}")
     modes = tuple(modes)
     if not modes or len(set(modes)) != len(modes) or not all(0 <= m < ndim for m in modes):
@@ -132,7 +131,7 @@ def _hosvd_factors(x: Tensor, ranks: Sequence[int], modes: Sequence[int]) -> lis
 
 
 def _finish(x: Tensor, core: Tensor, factors: Sequence[Tensor], modes: tuple[int, ...], errors: list[float]) -> Tucker:
-    dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    dt = compute_dtype(x)
     return Tucker(core.to(dt), tuple(f.to(dt) for f in factors), modes, tuple(errors))
 
 
@@ -165,7 +164,9 @@ def tucker_hosvd(x: Tensor, rank: RankSpec, modes: Sequence[int] | None = None) 
 
 def _contract_all_but(x: Tensor, factors: Sequence[Tensor], modes: Sequence[int], skip: set[int]) -> Tensor:
     """``x ×_m factors[m]^T`` for every decomposed mode not in ``skip``, largest size reduction first."""
-    order = sorted((i for i in range(len(modes)) if modes[i] not in skip), key=lambda i: factors[i].shape[1] / factors[i].shape[0])
+    order = sorted(
+        (i for i in range(len(modes)) if modes[i] not in skip), key=lambda i: factors[i].shape[1] / factors[i].shape[0]
+    )
     for i in order:
         x = multi_mode_dot(x, [factors[i]], [modes[i]], transpose=True)
     return x
@@ -203,10 +204,8 @@ def tucker_hooi(
     L. De Lathauwer, B. De Moor, J. Vandewalle, "On the best rank-1 and rank-(R1, R2, ..., RN)
     approximation of higher-order tensors", SIAM J. Matrix Anal. Appl. 21 (2000).
     """
-    if isinstance(n_iter_max, bool) or not isinstance(n_iter_max, int) or n_iter_max < 0:
-        raise ValueError(f"n_iter_max must be an int >= 0, got {n_iter_max!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-        raise ValueError(f"tol must be a float >= 0, got {tol!r}")
+    int_at_least(n_iter_max, "n_iter_max", 0)
+    non_negative(tol, "tol")
     xc, modes, ranks = _prepare(x, rank, modes)
     norm_x = float(xc.double().norm())
     factors = _hosvd_factors(xc, ranks, modes)

@@ -24,8 +24,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..layers.linear import LowRankLinear
+from .._validate import is_int
+from ..layers.linear import LowRankLinear, is_conv1d
 from ..layers.registry import LAYERS
+from ..targets import replace_module
 
 QUANT_METHOD = "rankwise"
 FORMAT_VERSION = 1
@@ -45,11 +47,16 @@ class RankwiseConfig(QuantizationConfigMixin):
         (its ``"layer"`` names a type registered in :data:`rankwise.layers.registry.LAYERS`).
     """
 
-    def __init__(self, ranks: dict[str, int] | None = None, version: int = FORMAT_VERSION,
-                 modules: dict[str, dict] | None = None, **kwargs):
+    def __init__(
+        self,
+        ranks: dict[str, int] | None = None,
+        version: int = FORMAT_VERSION,
+        modules: dict[str, dict] | None = None,
+        **kwargs,
+    ):
         if version != FORMAT_VERSION:
             raise ValueError(f"rankwise checkpoint format version must be {FORMAT_VERSION}, got {version!r}")
-        bad = {k: v for k, v in (ranks or {}).items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        bad = {k: v for k, v in (ranks or {}).items() if not is_int(v) or v < 1}
         if bad:
             name, value = next(iter(bad.items()))
             raise ValueError(f"rankwise quantization_config ranks must be ints >= 1, got {value!r} for {name!r}")
@@ -59,8 +66,10 @@ class RankwiseConfig(QuantizationConfigMixin):
         for name, spec in (modules or {}).items():
             if not isinstance(spec, dict) or spec.get("layer") not in LAYERS:
                 layer = spec.get("layer") if isinstance(spec, dict) else spec
-                raise ValueError(f"rankwise quantization_config modules[{name!r}] names layer type {layer!r}; "
-                                 f"known: {', '.join(LAYERS.names())}")
+                raise ValueError(
+                    f"rankwise quantization_config modules[{name!r}] names layer type {layer!r}; "
+                    f"known: {', '.join(LAYERS.names())}"
+                )
         if modules:  # absent, not empty, in checkpoints without other layer types (older readers see no change)
             self.modules = {name: dict(spec) for name, spec in modules.items()}
 
@@ -85,20 +94,25 @@ def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     for name, rank in ranks.items():
         resolved = _resolve(model, name)
         if resolved is None:
-            raise ValueError(f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have")
+            raise ValueError(
+                f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have"
+            )
         old = model.get_submodule(resolved)
         if isinstance(old, nn.Linear):
             n_in, n_out = old.in_features, old.out_features
-        elif type(old).__name__ == "Conv1D" and hasattr(old, "nf"):
+        elif is_conv1d(old):
             n_in, n_out = old.weight.shape[0], old.nf
         elif isinstance(old, LowRankLinear) and old.rank == rank:
             continue
         else:
-            raise ValueError(f"rankwise checkpoint lists module {name!r} as factorized, but it is a {type(old).__name__}, not nn.Linear or Conv1D")
-        new = LowRankLinear(n_in, n_out, rank, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
-        parent_name, _, child = resolved.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+            raise ValueError(
+                f"rankwise checkpoint lists module {name!r} as factorized, "
+                f"but it is a {type(old).__name__}, not nn.Linear or Conv1D"
+            )
+        new = LowRankLinear(
+            n_in, n_out, rank, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
+        )
+        parent = replace_module(model, resolved, new)
         # Some models' _init_weights reach into a child's .weight (GPT-2 scales c_proj.weight); every
         # tensor of a rankwise checkpoint is stored, so the parent needs no init and must skip it.
         parent._is_hf_initialized = True
@@ -110,14 +124,14 @@ def replace_with_factorized(model: nn.Module, modules: dict[str, dict]) -> nn.Mo
     for name, spec in modules.items():
         resolved = _resolve(model, name)
         if resolved is None:
-            raise ValueError(f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have")
+            raise ValueError(
+                f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have"
+            )
         old = model.get_submodule(resolved)
         if callable(getattr(old, "spec", None)) and old.spec() == spec:
             continue
         new = LAYERS.get(spec["layer"]).fn.empty(old, spec)
-        parent_name, _, child = resolved.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
+        replace_module(model, resolved, new)
         # Every tensor of the new layer is stored; the parent is left to its _init_weights, which may set up
         # non-persistent buffers (BERT's position_ids) that loading does not restore.
         new._is_hf_initialized = True

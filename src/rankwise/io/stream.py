@@ -1,9 +1,10 @@
-"""A transformers model built from its config with the block stack left unloaded; blocks are read from the checkpoint one at a time.
+"""A transformers model built from its config with the block stack left unloaded.
 
-Memory holds the modules outside the block stack (embeddings, final norm, head) and one block: the
-stack's parameters live on the meta device until :meth:`CheckpointSource.load_block` reads that block's
-tensors lazily (:mod:`rankwise.io.lazy`, one tensor at a time) and :meth:`release_block` returns
-them to the meta device.
+Blocks are read from the checkpoint one at a time. Memory holds the modules outside the block stack
+(embeddings, final norm, head) and one block: the model is built with its parameters on the meta
+device; the stack's stay there until :meth:`CheckpointSource.load_block` reads that block's tensors
+lazily (:mod:`rankwise.io.lazy`, one tensor at a time) and :meth:`release_block` returns them to the
+meta device.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from torch import nn
 from .lazy import open_checkpoint
 
 
-def _no_init_weights():
-    try:  # transformers >= 5
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
+def _parameters_on_meta():
+    """Build modules with every parameter on the meta device and buffers real (rotary tables, position
+    ids: small, computed from the config, and often not in the checkpoint). accelerate's context; plain
+    ``torch.device("meta")`` would leave the non-persistent buffers empty."""
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
 
 
 def _set_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -65,13 +67,15 @@ class CheckpointSource:
         self.hf_dir, self.device, self.dtype = Path(hf_dir), torch.device(device), dtype
         self.ckpt = open_checkpoint(self.hf_dir)
         config = AutoConfig.from_pretrained(self.hf_dir)
-        with _no_init_weights():  # parameters are allocated but never written: no memory is touched
+        with _parameters_on_meta():  # no parameter memory: allocating the stack and freeing it fragments the heap
             self.model = auto_class.from_config(config, dtype=dtype).eval()
         self.model.tie_weights()  # from_config ties embeddings only when it initializes weights
         if stack_name is None:
             found = block_stack(self.model)
             if found is None:
-                raise ValueError(f"model in {str(self.hf_dir)!r} has no block stack (a ModuleList of identical blocks) to stream")
+                raise ValueError(
+                    f"model in {str(self.hf_dir)!r} has no block stack (a ModuleList of identical blocks) to stream"
+                )
             stack_name = found[0]
         self.stack_name = stack_name
         self.stack = self.model.get_submodule(stack_name)
@@ -99,7 +103,9 @@ class CheckpointSource:
         for key in (name, name.removeprefix(p + ".") if p else name, f"{p}.{name}" if p else name):
             if key in self.ckpt:
                 return key
-        raise ValueError(f"checkpoint {str(self.hf_dir)!r} has no tensor for {name!r} (nor with/without the prefix {p!r})")
+        raise ValueError(
+            f"checkpoint {str(self.hf_dir)!r} has no tensor for {name!r} (nor with/without the prefix {p!r})"
+        )
 
     def block_names(self, i: int) -> dict[str, str]:
         """``{name inside block i: checkpoint key}`` of the block's persistent tensors."""
@@ -118,7 +124,10 @@ class CheckpointSource:
         t = self.ckpt.get(self.keys[name])
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"tensor {self.keys[name]!r} of {str(self.hf_dir)!r} holds {bad} NaN/Inf values; only finite weights can be compressed")
+            raise ValueError(
+                f"tensor {self.keys[name]!r} of {str(self.hf_dir)!r} holds {bad} NaN/Inf values; "
+                "only finite weights can be compressed"
+            )
         return t
 
     def release_block(self, i: int) -> None:

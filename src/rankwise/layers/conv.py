@@ -48,10 +48,33 @@ def _reject_groups(conv: nn.Conv2d, layer: str, fmt: str) -> None:
         )
 
 
-def _conv(cin, cout, kernel, *, stride=1, padding=0, dilation=1, groups=1, bias=False, padding_mode="zeros",
-          device=None, dtype=None) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
-                     padding_mode=padding_mode, device=device, dtype=dtype)
+def _conv(
+    cin,
+    cout,
+    kernel,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups=1,
+    bias=False,
+    padding_mode="zeros",
+    device=None,
+    dtype=None,
+) -> nn.Conv2d:
+    return nn.Conv2d(
+        cin,
+        cout,
+        kernel,
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=bias,
+        padding_mode=padding_mode,
+        device=device,
+        dtype=dtype,
+    )
 
 
 class _FactorizedConv2d(nn.Module):
@@ -89,9 +112,19 @@ class _FactorizedConv2d(nn.Module):
     def to_dense(self) -> nn.Conv2d:
         """The equivalent nn.Conv2d (kernel from the factors, in float64, cast back)."""
         last = list(self.parameters())[-1]
-        dense = _conv(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
-                      dilation=self.dilation, groups=self.groups, bias=self.has_bias, padding_mode=self.padding_mode,
-                      device=last.device, dtype=last.dtype)
+        dense = _conv(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.has_bias,
+            padding_mode=self.padding_mode,
+            device=last.device,
+            dtype=last.dtype,
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight().to(last.dtype))
             if self.has_bias:
@@ -120,8 +153,17 @@ class TuckerConv2d(_FactorizedConv2d):
         r_out, r_in = spec["ranks"]
         self.ranks = (r_out, r_in)
         self.first = _conv(self.in_channels, r_in, 1, device=device, dtype=dtype)
-        self.core = _conv(r_in, r_out, self.kernel_size, stride=self.stride, padding=self.padding,
-                          dilation=self.dilation, padding_mode=self.padding_mode, device=device, dtype=dtype)
+        self.core = _conv(
+            r_in,
+            r_out,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=self.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self.last = _conv(r_out, self.out_channels, 1, bias=self.has_bias, device=device, dtype=dtype)
 
     def _rank_spec(self) -> dict:
@@ -134,8 +176,10 @@ class TuckerConv2d(_FactorizedConv2d):
     def from_factors(cls, conv: nn.Conv2d, tucker: Tucker) -> TuckerConv2d:
         """Build from a Tucker of ``conv.weight`` over modes (0, 1): factors (out, r_out) and (in, r_in)."""
         if tucker.modes != (0, 1) or tuple(tucker.shape) != tuple(conv.weight.shape):
-            raise ValueError(f"tucker_conv2d needs a Tucker-2 over modes (0, 1) of shape {tuple(conv.weight.shape)}, "
-                             f"got modes {tucker.modes} of shape {tuple(tucker.shape)}")
+            raise ValueError(
+                f"tucker_conv2d needs a Tucker-2 over modes (0, 1) of shape {tuple(conv.weight.shape)}, "
+                f"got modes {tucker.modes} of shape {tuple(tucker.shape)}"
+            )
         dt, dev = conv.weight.dtype, conv.weight.device
         spec = {**cls.geometry(conv), "bias": conv.bias is not None, "ranks": tucker.ranks}
         layer = cls(spec, device=dev, dtype=dt)
@@ -187,10 +231,30 @@ class CPConv2d(_FactorizedConv2d):
         pad = self.padding if isinstance(self.padding, str) else None
         ph, pw = (0, 0) if pad else self.padding
         self.first = _conv(self.in_channels, r, 1, device=device, dtype=dtype)
-        self.vertical = _conv(r, r, (kh, 1), stride=(sh, 1), padding=pad or (ph, 0), dilation=(dh, 1), groups=r,
-                              padding_mode=self.padding_mode, device=device, dtype=dtype)
-        self.horizontal = _conv(r, r, (1, kw), stride=(1, sw), padding=pad or (0, pw), dilation=(1, dw), groups=r,
-                                padding_mode=self.padding_mode, device=device, dtype=dtype)
+        self.vertical = _conv(
+            r,
+            r,
+            (kh, 1),
+            stride=(sh, 1),
+            padding=pad or (ph, 0),
+            dilation=(dh, 1),
+            groups=r,
+            padding_mode=self.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        self.horizontal = _conv(
+            r,
+            r,
+            (1, kw),
+            stride=(1, sw),
+            padding=pad or (0, pw),
+            dilation=(1, dw),
+            groups=r,
+            padding_mode=self.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self.last = _conv(r, self.out_channels, 1, bias=self.has_bias, device=device, dtype=dtype)
 
     def _rank_spec(self) -> dict:
@@ -231,9 +295,16 @@ class CPConv2d(_FactorizedConv2d):
         return cls.from_factors(conv, cp)
 
     def dense_weight(self) -> torch.Tensor:
-        f = lambda conv: conv.weight.to(torch.float64)
-        return torch.einsum("or,ri,rh,rw->oihw", f(self.last)[:, :, 0, 0], f(self.first)[:, :, 0, 0],
-                            f(self.vertical)[:, 0, :, 0], f(self.horizontal)[:, 0, 0, :])
+        def f(conv: nn.Conv2d) -> torch.Tensor:
+            return conv.weight.to(torch.float64)
+
+        return torch.einsum(
+            "or,ri,rh,rw->oihw",
+            f(self.last)[:, :, 0, 0],
+            f(self.first)[:, :, 0, 0],
+            f(self.vertical)[:, 0, :, 0],
+            f(self.horizontal)[:, 0, 0, :],
+        )
 
 
 @LAYERS.register("svd_conv2d", paper="https://arxiv.org/abs/1505.06798")
@@ -247,8 +318,18 @@ class SVDConv2d(_FactorizedConv2d):
         super().__init__(spec, spec["bias"])
         self.rank = r = int(spec["rank"])
         g = self.groups
-        self.first = _conv(self.in_channels, g * r, self.kernel_size, stride=self.stride, padding=self.padding,
-                           dilation=self.dilation, groups=g, padding_mode=self.padding_mode, device=device, dtype=dtype)
+        self.first = _conv(
+            self.in_channels,
+            g * r,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=g,
+            padding_mode=self.padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self.last = _conv(g * r, self.out_channels, 1, groups=g, bias=self.has_bias, device=device, dtype=dtype)
 
     def _rank_spec(self) -> dict:
@@ -267,7 +348,9 @@ class SVDConv2d(_FactorizedConv2d):
         kernel = conv.weight.shape[1:]
         with torch.no_grad():
             root = [s.S.to(torch.float64).sqrt() for s in svds]
-            first = torch.cat([(s.Vh.to(torch.float64) * q[:, None]).reshape(s.rank, *kernel) for s, q in zip(svds, root)])
+            first = torch.cat(
+                [(s.Vh.to(torch.float64) * q[:, None]).reshape(s.rank, *kernel) for s, q in zip(svds, root)]
+            )
             last = torch.cat([s.U.to(torch.float64) * q for s, q in zip(svds, root)])
             layer.first.weight.copy_(first.to(dev, dt))
             layer.last.weight.copy_(last[:, :, None, None].to(dev, dt))

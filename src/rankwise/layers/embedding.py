@@ -24,9 +24,11 @@ def _check_embedding(emb: nn.Module, layer: str) -> None:
     if not isinstance(emb, nn.Embedding):
         raise ValueError(f"{layer}.from_dense expects an nn.Embedding, got {type(emb).__name__}")
     if emb.max_norm is not None or emb.sparse:
-        raise ValueError(f"{layer}: an nn.Embedding with max_norm={emb.max_norm} or sparse={emb.sparse} cannot be "
-                         "factorized (its rows are renormalized / updated sparsely in place); accepted: max_norm=None, "
-                         "sparse=False")
+        raise ValueError(
+            f"{layer}: an nn.Embedding with max_norm={emb.max_norm} or sparse={emb.sparse} cannot be "
+            "factorized (its rows are renormalized / updated sparsely in place); accepted: max_norm=None, "
+            "sparse=False"
+        )
 
 
 @LAYERS.register("lowrank_embedding", paper="https://arxiv.org/abs/1806.06950")
@@ -43,13 +45,19 @@ class LowRankEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(spec["num_embeddings"]), int(spec["embedding_dim"])
         self.rank, self.padding_idx = int(spec["rank"]), spec.get("padding_idx")
-        self.codes = nn.Embedding(self.num_embeddings, self.rank, padding_idx=self.padding_idx, device=device,
-                                  dtype=dtype)
+        self.codes = nn.Embedding(
+            self.num_embeddings, self.rank, padding_idx=self.padding_idx, device=device, dtype=dtype
+        )
         self.proj = nn.Linear(self.rank, self.embedding_dim, bias=False, device=device, dtype=dtype)
 
     def spec(self) -> dict:
-        return {"layer": self.layer_type, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "rank": self.rank, "padding_idx": self.padding_idx}
+        return {
+            "layer": self.layer_type,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "rank": self.rank,
+            "padding_idx": self.padding_idx,
+        }
 
     @classmethod
     def empty(cls, old: nn.Module, spec: dict) -> LowRankEmbedding:
@@ -60,8 +68,12 @@ class LowRankEmbedding(nn.Module):
     def from_factors(cls, emb: nn.Embedding, svd: SVD) -> LowRankEmbedding:
         """Build from ``E ≈ U diag(S) Vh``, sqrt(S) on both sides."""
         dt, dev = emb.weight.dtype, emb.weight.device
-        spec = {"num_embeddings": emb.num_embeddings, "embedding_dim": emb.embedding_dim, "rank": svd.rank,
-                "padding_idx": emb.padding_idx}
+        spec = {
+            "num_embeddings": emb.num_embeddings,
+            "embedding_dim": emb.embedding_dim,
+            "rank": svd.rank,
+            "padding_idx": emb.padding_idx,
+        }
         layer = cls(spec, device=dev, dtype=dt)
         root = svd.S.to(torch.float64).sqrt()
         with torch.no_grad():
@@ -98,8 +110,9 @@ class LowRankEmbedding(nn.Module):
 
     def to_dense(self) -> nn.Embedding:
         ref = self.codes.weight
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                             device=ref.device, dtype=ref.dtype)
+        dense = nn.Embedding(
+            self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=ref.device, dtype=ref.dtype
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight().to(ref.dtype))
         return dense
@@ -119,19 +132,29 @@ class TTEmbedding(nn.Module):
     def __init__(self, spec: dict, device=None, dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(spec["num_embeddings"]), int(spec["embedding_dim"])
-        self.row_dims, self.col_dims, self.ranks = tuple(spec["row_dims"]), tuple(spec["col_dims"]), tuple(spec["ranks"])
+        self.row_dims, self.col_dims, self.ranks = (
+            tuple(spec["row_dims"]),
+            tuple(spec["col_dims"]),
+            tuple(spec["ranks"]),
+        )
         self.padding_idx = spec.get("padding_idx")
         full = (1, *self.ranks, 1)
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(full[k], m, n, full[k + 1], device=device, dtype=dtype))
             for k, (m, n) in enumerate(zip(self.row_dims, self.col_dims))
         )
-        self._strides = tuple(math.prod(self.row_dims[k + 1:]) for k in range(len(self.row_dims)))
+        self._strides = tuple(math.prod(self.row_dims[k + 1 :]) for k in range(len(self.row_dims)))
 
     def spec(self) -> dict:
-        return {"layer": self.layer_type, "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
-                "row_dims": list(self.row_dims), "col_dims": list(self.col_dims), "ranks": list(self.ranks),
-                "padding_idx": self.padding_idx}
+        return {
+            "layer": self.layer_type,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "row_dims": list(self.row_dims),
+            "col_dims": list(self.col_dims),
+            "ranks": list(self.ranks),
+            "padding_idx": self.padding_idx,
+        }
 
     @classmethod
     def empty(cls, old: nn.Module, spec: dict) -> TTEmbedding:
@@ -141,8 +164,14 @@ class TTEmbedding(nn.Module):
     @classmethod
     def from_factors(cls, emb: nn.Embedding, ttm: TTMatrix) -> TTEmbedding:
         dt, dev = emb.weight.dtype, emb.weight.device
-        spec = {"num_embeddings": emb.num_embeddings, "embedding_dim": emb.embedding_dim, "row_dims": ttm.row_dims,
-                "col_dims": ttm.col_dims, "ranks": ttm.ranks, "padding_idx": emb.padding_idx}
+        spec = {
+            "num_embeddings": emb.num_embeddings,
+            "embedding_dim": emb.embedding_dim,
+            "row_dims": ttm.row_dims,
+            "col_dims": ttm.col_dims,
+            "ranks": ttm.ranks,
+            "padding_idx": emb.padding_idx,
+        }
         layer = cls(spec, device=dev, dtype=dt)
         with torch.no_grad():
             for p, core in zip(layer.cores, ttm.cores):
@@ -156,7 +185,9 @@ class TTEmbedding(nn.Module):
         rows = check_tt_dims("tt_embedding", "row_dims", row_dims, emb.num_embeddings, d)
         cols = check_tt_dims("tt_embedding", "col_dims", col_dims, emb.embedding_dim, len(rows))
         if len(rows) != len(cols):
-            raise ValueError(f"tt_embedding: format 'tt' needs row_dims and col_dims of one length, got {rows} and {cols}")
+            raise ValueError(
+                f"tt_embedding: format 'tt' needs row_dims and col_dims of one length, got {rows} and {cols}"
+            )
         try:
             ttm = tt_matrix(emb.weight.detach().to(torch.float64), rows, cols, rank)
         except ValueError as exc:
@@ -181,8 +212,9 @@ class TTEmbedding(nn.Module):
 
     def to_dense(self) -> nn.Embedding:
         ref = self.cores[0]
-        dense = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
-                             device=ref.device, dtype=ref.dtype)
+        dense = nn.Embedding(
+            self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=ref.device, dtype=ref.dtype
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight().to(ref.dtype))
         return dense

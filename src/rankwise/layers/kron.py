@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._validate import is_int
 from ..formats.kron import Kronecker, kron_decompose
 from .registry import LAYERS
 from .tt import balanced_factors
@@ -22,14 +23,19 @@ def kron_shapes(layer: str, out_features: int, in_features: int, a_shape=None, b
     if a_shape is None and b_shape is None:
         (m1, m2), (n1, n2) = balanced_factors(out_features, 2), balanced_factors(in_features, 2)
         return (m1, n1), (m2, n2)
-    ok = lambda s: isinstance(s, (list, tuple)) and len(s) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in s)
+    ok = lambda s: isinstance(s, (list, tuple)) and len(s) == 2 and all(is_int(v) and v >= 1 for v in s)  # noqa: E731
     if ok(a_shape) and b_shape is None:
         b_shape = (out_features // a_shape[0], in_features // a_shape[1])
-    if not (ok(a_shape) and ok(b_shape) and a_shape[0] * b_shape[0] == out_features
-            and a_shape[1] * b_shape[1] == in_features):
-        raise ValueError(f"{layer}: format 'kronecker' needs a_shape and b_shape with a_shape[0]*b_shape[0] = "
-                         f"{out_features} and a_shape[1]*b_shape[1] = {in_features}, got {a_shape!r} and {b_shape!r}")
+    if not (
+        ok(a_shape)
+        and ok(b_shape)
+        and a_shape[0] * b_shape[0] == out_features
+        and a_shape[1] * b_shape[1] == in_features
+    ):
+        raise ValueError(
+            f"{layer}: format 'kronecker' needs a_shape and b_shape with a_shape[0]*b_shape[0] = "
+            f"{out_features} and a_shape[1]*b_shape[1] = {in_features}, got {a_shape!r} and {b_shape!r}"
+        )
     return tuple(a_shape), tuple(b_shape)
 
 
@@ -52,9 +58,15 @@ class KronLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if spec["bias"] else None
 
     def spec(self) -> dict:
-        return {"layer": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
-                "a_shape": list(self.a_shape), "b_shape": list(self.b_shape), "rank": self.rank,
-                "bias": self.bias is not None}
+        return {
+            "layer": self.layer_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "a_shape": list(self.a_shape),
+            "b_shape": list(self.b_shape),
+            "rank": self.rank,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def empty(cls, old: nn.Module, spec: dict) -> KronLinear:
@@ -65,8 +77,14 @@ class KronLinear(nn.Module):
     def from_factors(cls, kron: Kronecker, bias: torch.Tensor | None = None, dtype=None) -> KronLinear:
         dtype = dtype or kron.A.dtype
         out, cin = kron.shape
-        spec = {"in_features": cin, "out_features": out, "a_shape": tuple(kron.A.shape[1:]),
-                "b_shape": tuple(kron.B.shape[1:]), "rank": kron.rank, "bias": bias is not None}
+        spec = {
+            "in_features": cin,
+            "out_features": out,
+            "a_shape": tuple(kron.A.shape[1:]),
+            "b_shape": tuple(kron.B.shape[1:]),
+            "rank": kron.rank,
+            "bias": bias is not None,
+        }
         layer = cls(spec, device=kron.A.device, dtype=dtype)
         with torch.no_grad():
             layer.A.copy_(kron.A.to(dtype))
@@ -102,8 +120,9 @@ class KronLinear(nn.Module):
         return Kronecker(self.A.detach().to(torch.float64), self.B.detach().to(torch.float64)).to_dense()
 
     def to_dense(self) -> nn.Linear:
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.A.device,
-                          dtype=self.A.dtype)
+        dense = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.A.device, dtype=self.A.dtype
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight().to(self.A.dtype))
             if self.bias is not None:

@@ -8,11 +8,17 @@ from torch import nn
 from ..formats.svd import SVD, truncated_svd
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D``: a Linear whose weight is stored (in, out). Matched by name, as
+    importing transformers here only for ``isinstance`` would make it a dependency of every layer."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The weight of ``layer`` as (out_features, in_features), for nn.Linear and transformers' Conv1D."""
     if isinstance(layer, nn.Linear):
         return layer.weight
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):  # GPT-2 style, weight is (in, out)
+    if is_conv1d(layer):  # weight is (in, out)
         return layer.weight.T
     raise ValueError(f"expected nn.Linear or transformers Conv1D, got {type(layer).__name__}")
 
@@ -27,7 +33,10 @@ class LowRankLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         if not 1 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} layer, got {rank}")
+            raise ValueError(
+                f"rank must be in [1, {min(in_features, out_features)}] for a {out_features}x{in_features} layer, "
+                f"got {rank}"
+            )
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
@@ -40,7 +49,9 @@ class LowRankLinear(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def from_factors(cls, factors: SVD, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> LowRankLinear:
+    def from_factors(
+        cls, factors: SVD, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> LowRankLinear:
         """Build from ``W ≈ U diag(S) Vh``, splitting ``sqrt(S)`` onto both sides to balance their scales."""
         m, n = factors.shape
         dtype = dtype or factors.U.dtype
@@ -61,8 +72,13 @@ class LowRankLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """The equivalent nn.Linear (product of the factors, computed in float64)."""
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.up.bias is not None,
-                          device=self.up.weight.device, dtype=self.up.weight.dtype)
+        dense = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.up.bias is not None,
+            device=self.up.weight.device,
+            dtype=self.up.weight.dtype,
+        )
         with torch.no_grad():
             W = self.up.weight.to(torch.float64) @ self.down.weight.to(torch.float64)
             dense.weight.copy_(W.to(dense.weight.dtype))
@@ -71,4 +87,7 @@ class LowRankLinear(nn.Module):
         return dense
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.up.bias is not None}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.up.bias is not None}"
+        )

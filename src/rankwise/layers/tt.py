@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from .._validate import is_int
 from ..formats.tt import TTMatrix, tt_matrix
 from .registry import LAYERS
 
@@ -23,7 +24,7 @@ def balanced_factors(n: int, d: int) -> tuple[int, ...]:
     >>> balanced_factors(768, 3)
     (12, 8, 8)
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"balanced_factors needs an int n >= 1, got {n!r}")
     primes, rest, p = [], n, 2
     while p * p <= rest:
@@ -43,11 +44,16 @@ def check_tt_dims(layer: str, name: str, dims, size: int, d: int | None = None) 
     """``dims`` (None: balanced factors of ``size`` in ``d`` parts) checked to multiply to ``size``."""
     if dims is None:
         return balanced_factors(size, d or 3)
-    if (not isinstance(dims, (list, tuple)) or len(dims) < 2
-            or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in dims)
-            or math.prod(dims) != size):
-        raise ValueError(f"{layer}: format 'tt' needs {name} of at least 2 positive ints multiplying to {size}, "
-                         f"got {dims!r}; accepted e.g. {balanced_factors(size, 3)}")
+    if (
+        not isinstance(dims, (list, tuple))
+        or len(dims) < 2
+        or any(not is_int(m) or m < 1 for m in dims)
+        or math.prod(dims) != size
+    ):
+        raise ValueError(
+            f"{layer}: format 'tt' needs {name} of at least 2 positive ints multiplying to {size}, "
+            f"got {dims!r}; accepted e.g. {balanced_factors(size, 3)}"
+        )
     return tuple(dims)
 
 
@@ -91,9 +97,15 @@ class TTLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features, device=device, dtype=dtype)) if spec["bias"] else None
 
     def spec(self) -> dict:
-        return {"layer": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
-                "row_dims": list(self.row_dims), "col_dims": list(self.col_dims), "ranks": list(self.ranks),
-                "bias": self.bias is not None}
+        return {
+            "layer": self.layer_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "row_dims": list(self.row_dims),
+            "col_dims": list(self.col_dims),
+            "ranks": list(self.ranks),
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def empty(cls, old: nn.Module, spec: dict) -> TTLinear:
@@ -104,8 +116,14 @@ class TTLinear(nn.Module):
     def from_factors(cls, ttm: TTMatrix, bias: torch.Tensor | None = None, dtype=None) -> TTLinear:
         dtype = dtype or ttm.cores[0].dtype
         out, cin = ttm.shape
-        spec = {"in_features": cin, "out_features": out, "row_dims": ttm.row_dims, "col_dims": ttm.col_dims,
-                "ranks": ttm.ranks, "bias": bias is not None}
+        spec = {
+            "in_features": cin,
+            "out_features": out,
+            "row_dims": ttm.row_dims,
+            "col_dims": ttm.col_dims,
+            "ranks": ttm.ranks,
+            "bias": bias is not None,
+        }
         layer = cls(spec, device=ttm.cores[0].device, dtype=dtype)
         with torch.no_grad():
             for p, core in zip(layer.cores, ttm.cores):
@@ -149,8 +167,9 @@ class TTLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         ref = self.cores[0]
-        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=ref.device,
-                          dtype=ref.dtype)
+        dense = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=ref.device, dtype=ref.dtype
+        )
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight().to(ref.dtype))
             if self.bias is not None:

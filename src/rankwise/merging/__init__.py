@@ -18,9 +18,7 @@ from ..registry import Registry
 METHODS = Registry("merge method")
 
 # Importing a method's module registers it.
-from . import dare, iso_c, linear, model_stock, task_arithmetic, ties, tsv  # noqa: E402,F401
-from . import adamerging, rebasin  # noqa: E402,F401
+from . import adamerging, dare, iso_c, linear, model_stock, rebasin, task_arithmetic, ties, tsv  # noqa: E402,F401  # noqa: E402,F401
 from .run import merge, merge_to_dir, merged_tensors  # noqa: E402
 
 __all__ = ["METHODS", "merge", "merge_to_dir", "merged_tensors"]
-

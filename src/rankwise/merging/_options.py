@@ -2,28 +2,23 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
-
-def _number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+from .._validate import finite, is_number
 
 
 def model_weights(weights: float | Sequence[float] | None, n: int) -> list[float]:
     """One weight per fine-tuned model: None gives 1.0 each, a number is broadcast, a list must have ``n``."""
     if weights is None:
         return [1.0] * n
-    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
-        return [_number(weights, "weights")] * n
+    if is_number(weights):
+        return [finite(weights, "weights")] * n
     weights = list(weights)
     if len(weights) != n:
         raise ValueError(f"weights must give one number per fine-tuned model ({n}), got {len(weights)}: {weights!r}")
-    return [_number(w, "weights") for w in weights]
+    return [finite(w, "weights") for w in weights]
 
 
 def per_model_fraction(value: float | Sequence[float], n: int, name: str) -> list[float]:
@@ -32,13 +27,13 @@ def per_model_fraction(value: float | Sequence[float], n: int, name: str) -> lis
     if len(values) != n:
         raise ValueError(f"{name} must give one number per fine-tuned model ({n}), got {len(values)}: {values!r}")
     for v in values:
-        if not 0 < _number(v, name) <= 1:
+        if not 0 < finite(v, name) <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {v!r}")
     return [float(v) for v in values]
 
 
 def scalar(value: object, name: str) -> float:
-    return _number(value, name)
+    return finite(value, name)
 
 
 def choice(value: object, name: str, accepted: Sequence[object]) -> object:

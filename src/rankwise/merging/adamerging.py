@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .._validate import fraction, int_at_least
 from . import METHODS
 from .ties import trim_to_density
 
@@ -71,10 +72,19 @@ def ties_vectors(vectors: Tensor, density: float) -> Tensor:
     return trimmed * torch.where(positive, trimmed > 0, trimmed < 0)
 
 
-def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Sequence[Tensor], *,
-                       heads: Sequence[nn.Module] | None = None, steps: int = 100, lr: float = 1e-2,
-                       init: float = 0.3, batch_size: int | None = None, seed: int = 0,
-                       density: float | None = None) -> AdaMergingResult:
+def learn_coefficients(
+    models: Sequence[nn.Module],
+    base: nn.Module,
+    inputs: Sequence[Tensor],
+    *,
+    heads: Sequence[nn.Module] | None = None,
+    steps: int = 100,
+    lr: float = 1e-2,
+    init: float = 0.3,
+    batch_size: int | None = None,
+    seed: int = 0,
+    density: float | None = None,
+) -> AdaMergingResult:
     """Learn one coefficient per task and per parameter tensor by minimising prediction entropy.
 
     The merged parameters are ``theta_l = base_l + sum_k lambda[k, l] * (models[k]_l - base_l)``
@@ -113,22 +123,20 @@ def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Seq
         raise ValueError(f"inputs must hold one tensor per model ({k}), got {len(inputs)}")
     if heads is not None and len(heads) != k:
         raise ValueError(f"heads must hold one module per model ({k}) or be None, got {len(heads)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    int_at_least(steps, "steps", 0)
+    int_at_least(batch_size, "batch_size", 1, none_ok=True)
 
-    if density is not None and (isinstance(density, bool) or not isinstance(density, (int, float))
-                                or not 0 < density <= 1):
-        raise ValueError(f"density must be a number in (0, 1] or None, got {density!r}")
+    fraction(density, "density", none_ok=True)
 
     template = copy.deepcopy(base).eval().requires_grad_(False)
     frozen_heads = [copy.deepcopy(h).eval().requires_grad_(False) for h in heads] if heads is not None else None
     base_params = {n: p.detach() for n, p in base.named_parameters() if p.is_floating_point()}
     names = tuple(base_params)
     device = next(iter(base_params.values())).device
-    vectors = {n: torch.stack([dict(m.named_parameters())[n].detach().float() - base_params[n].float() for m in models])
-               for n in names}  # each (K, *shape)
+    vectors = {
+        n: torch.stack([dict(m.named_parameters())[n].detach().float() - base_params[n].float() for m in models])
+        for n in names
+    }  # each (K, *shape)
     if density is not None:
         vectors = {n: ties_vectors(v, density) for n, v in vectors.items()}
     raw = torch.full((k, len(names)), float(init), device=device, requires_grad=True)
@@ -136,8 +144,10 @@ def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Seq
     g = torch.Generator().manual_seed(seed)
 
     def merged(lam: Tensor) -> dict[str, Tensor]:
-        return {n: (base_params[n].float() + torch.tensordot(lam[:, j], vectors[n], dims=1)).to(base_params[n].dtype)
-                for j, n in enumerate(names)}
+        return {
+            n: (base_params[n].float() + torch.tensordot(lam[:, j], vectors[n], dims=1)).to(base_params[n].dtype)
+            for j, n in enumerate(names)
+        }
 
     def objective(batches: list[Tensor]) -> Tensor:
         params = merged(raw.clamp(0.0, 1.0))
@@ -174,11 +184,26 @@ def learn_coefficients(models: Sequence[nn.Module], base: nn.Module, inputs: Seq
     return AdaMergingResult(names, lam, tuple(trace), state)
 
 
-@METHODS.register("adamerging", paper=PAPER, scope="model", min_models=1, needs_base=True,
-                  options={"inputs": None, "heads": None, "steps": 100, "lr": 1e-2, "init": 0.3,
-                           "batch_size": None, "seed": 0, "density": None})
-def adamerging(models: Sequence[nn.Module], base: nn.Module | None, *, inputs: Sequence[Tensor] | None = None,
-               **options) -> dict[str, Tensor]:
+@METHODS.register(
+    "adamerging",
+    paper=PAPER,
+    scope="model",
+    min_models=1,
+    needs_base=True,
+    options={
+        "inputs": None,
+        "heads": None,
+        "steps": 100,
+        "lr": 1e-2,
+        "init": 0.3,
+        "batch_size": None,
+        "seed": 0,
+        "density": None,
+    },
+)
+def adamerging(
+    models: Sequence[nn.Module], base: nn.Module | None, *, inputs: Sequence[Tensor] | None = None, **options
+) -> dict[str, Tensor]:
     """Merged state dict of layer-wise AdaMerging; see :func:`learn_coefficients` for the options.
 
     References

@@ -46,8 +46,16 @@ def drop_and_rescale(delta: torch.Tensor, density: float, generator: torch.Gener
     },
 )
 def dare(
-    tensors: list[torch.Tensor], base: torch.Tensor, *, weights=None, density=0.5, scale: float = 1.0, seed: int = 0,
-    sign_consensus: bool = False, rescale: str = "density", normalize: bool = False,
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weights=None,
+    density=0.5,
+    scale: float = 1.0,
+    seed: int = 0,
+    sign_consensus: bool = False,
+    rescale: str = "density",
+    normalize: bool = False,
 ) -> torch.Tensor:
     """DARE (drop and rescale) on every task vector, then task arithmetic or, with ``sign_consensus``, TIES.
 

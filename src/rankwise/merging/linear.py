@@ -16,7 +16,9 @@ from ._options import model_weights, weighted_sum_
     needs_base=False,
     options={"weights": None, "normalize": True},
 )
-def linear(tensors: list[torch.Tensor], base: torch.Tensor | None, *, weights=None, normalize: bool = True) -> torch.Tensor:
+def linear(
+    tensors: list[torch.Tensor], base: torch.Tensor | None, *, weights=None, normalize: bool = True
+) -> torch.Tensor:
     """``sum_i w_i W_i`` divided by ``sum_i w_i`` when ``normalize`` (a uniform soup with the default weights).
 
     Parameters

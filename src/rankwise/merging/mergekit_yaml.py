@@ -14,12 +14,31 @@ _METHODS: dict[str, tuple[str, dict, dict]] = {
     "linear": ("linear", {}, {"normalize": True}),
     "task_arithmetic": ("task_arithmetic", {}, {"normalize": False, "lambda": 1.0}),
     "ties": ("ties", {}, {"normalize": True, "lambda": 1.0, "density": 1.0}),
-    "dare_ties": ("dare", {"sign_consensus": True}, {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True}),
-    "dare_linear": ("dare", {"sign_consensus": False}, {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True}),
+    "dare_ties": (
+        "dare",
+        {"sign_consensus": True},
+        {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True},
+    ),
+    "dare_linear": (
+        "dare",
+        {"sign_consensus": False},
+        {"normalize": False, "lambda": 1.0, "density": 1.0, "rescale": True},
+    ),
     "model_stock": ("model_stock", {}, {"filter_wise": False}),
 }
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "tokenizer", "chat_template", "slices", "modules"}
+_TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "slices",
+    "modules",
+}
 _IGNORED = {"tokenizer_source", "tokenizer", "chat_template"}
 _PER_MODEL = {"weight", "density"}
 # parameters mergekit accepts that do not change the merged values in rankwise
@@ -29,7 +48,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass
 class MergeSpec:
-    """A mergekit config translated to a rankwise call: ``merge_to_dir(models, out, method, base, dtype=..., **options)``."""
+    """A mergekit config translated to a rankwise call.
+
+    The call is ``merge_to_dir(models, out, method, base, dtype=..., **options)``.
+    """
 
     method: str
     models: list[Path]
@@ -56,7 +78,9 @@ def _path(ref: object, where: str, root: Path) -> Path:
     if not p.is_absolute() and not p.exists() and (root / p).exists():
         p = root / p  # mergekit resolves against the working directory; a path next to the config also works
     if not p.exists():
-        raise FileNotFoundError(f"{where} {ref!r} does not exist (rankwise reads local model dirs or .safetensors files only)")
+        raise FileNotFoundError(
+            f"{where} {ref!r} does not exist (rankwise reads local model dirs or .safetensors files only)"
+        )
     return p
 
 
@@ -95,7 +119,9 @@ def read_mergekit_config(path: str | os.PathLike) -> MergeSpec:
         raise ValueError(f"merge config {str(path)!r} must be a YAML mapping with merge_method and models")
     unknown = sorted(set(cfg) - _TOP_KEYS)
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))} in {str(path)!r}; accepted: {', '.join(sorted(_TOP_KEYS))}")
+        raise ValueError(
+            f"unknown key(s) {', '.join(map(repr, unknown))} in {str(path)!r}; accepted: {', '.join(sorted(_TOP_KEYS))}"
+        )
     for key in ("slices", "modules"):
         if key in cfg:
             raise ValueError(f"{key!r} in {str(path)!r} is not supported; rankwise reads the 'models' form only")
@@ -115,7 +141,10 @@ def read_mergekit_config(path: str | os.PathLike) -> MergeSpec:
         accepted -= {"density"}
     bad = sorted(set(glob) - accepted)
     if bad:
-        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, bad))} for merge_method {mk!r}; accepted: {', '.join(sorted(accepted))}")
+        raise ValueError(
+            f"unknown parameter(s) {', '.join(map(repr, bad))} for merge_method {mk!r}; "
+            f"accepted: {', '.join(sorted(accepted))}"
+        )
     glob = {k: _scalar(v, f"parameters.{k}") for k, v in glob.items()}
 
     models, per_model = [], []
@@ -124,13 +153,17 @@ def read_mergekit_config(path: str | os.PathLike) -> MergeSpec:
             raise ValueError(f"models[{i}] in {str(path)!r} must be a mapping with a 'model' key, got {entry!r}")
         extra = sorted(set(entry) - {"model", "parameters"})
         if extra:
-            raise ValueError(f"unknown key(s) {', '.join(map(repr, extra))} in models[{i}]; accepted: model, parameters")
+            raise ValueError(
+                f"unknown key(s) {', '.join(map(repr, extra))} in models[{i}]; accepted: model, parameters"
+            )
         p = _path(entry["model"], f"models[{i}].model", root)
         params = dict(entry.get("parameters") or {})
         bad = sorted(set(params) - (accepted & _PER_MODEL))
         if bad:
-            raise ValueError(f"unknown parameter(s) {', '.join(map(repr, bad))} in models[{i}] for merge_method {mk!r}; "
-                             f"accepted: {', '.join(sorted(accepted & _PER_MODEL)) or 'none'}")
+            raise ValueError(
+                f"unknown parameter(s) {', '.join(map(repr, bad))} in models[{i}] for merge_method {mk!r}; "
+                f"accepted: {', '.join(sorted(accepted & _PER_MODEL)) or 'none'}"
+            )
         if base is not None and method != "linear" and p.resolve() == base.resolve():
             continue  # the base listed among the models is the base, not a task
         models.append(p)

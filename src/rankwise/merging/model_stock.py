@@ -1,4 +1,7 @@
-"""Model Stock: interpolate between the base and the fine-tunes' average by a ratio set by the angle between fine-tunes."""
+"""Model Stock: interpolate between the base and the fine-tunes' average.
+
+The interpolation ratio is set by the angle between fine-tunes.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ def interpolation_ratio(deltas: list[torch.Tensor]) -> float:
     norms = [float(f.norm()) for f in flat]
     cosines = [
         max(-1.0, min(1.0, float(flat[i] @ flat[j]) / max(norms[i] * norms[j], 1e-6)))
-        for i in range(n) for j in range(i + 1, n)
+        for i in range(n)
+        for j in range(i + 1, n)
     ]
     c = sum(cosines) / len(cosines)
     denom = 1 + (n - 1) * c

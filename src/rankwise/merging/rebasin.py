@@ -9,15 +9,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._validate import int_at_least
 from . import METHODS
 
 PAPER = "https://arxiv.org/abs/2209.04836"
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 # layers that act on each unit / channel alike, so they commute with a permutation of units / channels
-_PASSTHROUGH = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.Identity, nn.Dropout,
-                nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                nn.Flatten)
+_PASSTHROUGH = (
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.ELU,
+    nn.Identity,
+    nn.Dropout,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.Flatten,
+)
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,9 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
             n_out = m.out_features if isinstance(m, nn.Linear) else m.out_channels
             if current is not None:
                 if n_in % sizes[current]:
-                    raise ValueError(f"module {name!r} reads {n_in} inputs, not a multiple of the {sizes[current]} "
-                                     f"units before it")
+                    raise ValueError(
+                        f"module {name!r} reads {n_in} inputs, not a multiple of the {sizes[current]} units before it"
+                    )
                 axes.setdefault(f"{name}.weight", {})[1] = (current, n_in // sizes[current])
             if name == weighted[-1]:
                 current = None
@@ -79,8 +96,10 @@ def permutation_spec(model: nn.Module) -> PermutationSpec:
                     if getattr(m, p, None) is not None:
                         axes[f"{name}.{p}"] = {0: (current, 1)}
         elif not isinstance(m, _PASSTHROUGH):
-            raise ValueError(f"cannot permute through module {name!r} ({type(m).__name__}); supported: Linear, Conv1d, "
-                             f"Conv2d, BatchNorm1d/2d, element-wise activations, pooling, Dropout, Flatten")
+            raise ValueError(
+                f"cannot permute through module {name!r} ({type(m).__name__}); supported: Linear, Conv1d, "
+                f"Conv2d, BatchNorm1d/2d, element-wise activations, pooling, Dropout, Flatten"
+            )
     return PermutationSpec(tuple(sizes), axes)
 
 
@@ -100,8 +119,9 @@ def apply_permutation(state: dict[str, Tensor], spec: PermutationSpec, perms: Se
     return {k: _permute(v, spec.axes[k], perms) if k in spec.axes else v.clone() for k, v in state.items()}
 
 
-def weight_matching(state_a: dict[str, Tensor], state_b: dict[str, Tensor], spec: PermutationSpec, *,
-                    max_iter: int = 100, seed: int = 0) -> list[Tensor]:
+def weight_matching(
+    state_a: dict[str, Tensor], state_b: dict[str, Tensor], spec: PermutationSpec, *, max_iter: int = 100, seed: int = 0
+) -> list[Tensor]:
     """Permutations of ``b``'s units maximising the inner product of its weights with ``a``'s.
 
     Coordinate descent: each step fixes all groups but one and solves the linear assignment problem
@@ -116,8 +136,7 @@ def weight_matching(state_a: dict[str, Tensor], state_b: dict[str, Tensor], spec
     """
     from scipy.optimize import linear_sum_assignment
 
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    int_at_least(max_iter, "max_iter", 1)
     perms = [torch.arange(n) for n in spec.sizes]
     g = torch.Generator().manual_seed(seed)
     a64 = {k: state_a[k].detach().cpu().double() for k in spec.axes}
@@ -128,7 +147,7 @@ def weight_matching(state_a: dict[str, Tensor], state_b: dict[str, Tensor], spec
             n = spec.sizes[group]
             cost = torch.zeros(n, n, dtype=torch.float64)
             for k, axes in spec.axes.items():
-                for axis, (gg, block) in axes.items():
+                for axis, (gg, _) in axes.items():
                     if gg != group:
                         continue
                     wb = _permute(b64[k], axes, perms, skip=group)
@@ -173,10 +192,12 @@ def align(model_b: nn.Module, model_a: nn.Module, *, max_iter: int = 100, seed: 
     return out
 
 
-@METHODS.register("rebasin", paper=PAPER, scope="model", min_models=2, needs_base=False,
-                  options={"max_iter": 100, "seed": 0})
-def rebasin(models: Sequence[nn.Module], base: nn.Module | None = None, *, max_iter: int = 100,
-            seed: int = 0) -> dict[str, Tensor]:
+@METHODS.register(
+    "rebasin", paper=PAPER, scope="model", min_models=2, needs_base=False, options={"max_iter": 100, "seed": 0}
+)
+def rebasin(
+    models: Sequence[nn.Module], base: nn.Module | None = None, *, max_iter: int = 100, seed: int = 0
+) -> dict[str, Tensor]:
     """Align ``models[1:]`` to ``models[0]`` by weight matching, then average all of them.
 
     ``base`` is ignored (the models are trained independently, from different seeds). Integer buffers
@@ -194,5 +215,7 @@ def rebasin(models: Sequence[nn.Module], base: nn.Module | None = None, *, max_i
     for i, m in enumerate(models[1:], start=1):
         _check_pair(states[0], m.state_dict(), f"models[{i}]")
         states.append(align(m, ref, max_iter=max_iter, seed=seed).state_dict())
-    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone()
-            for k, v in states[0].items()}
+    return {
+        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v.clone()
+        for k, v in states[0].items()
+    }

@@ -15,6 +15,7 @@ from ..registry import Entry
 
 Source = LazyCheckpoint | StateDictCheckpoint
 
+
 def _entry(method: str) -> Entry:
     from . import METHODS
 
@@ -51,10 +52,10 @@ def check_compatible(models: Sequence[Source], base: Source | None) -> list[str]
         extra = sorted(mine - set(names))
         if missing or extra:
             first = min(missing[:1] + extra[:1])
-            has, lacks = (_label(ref_i, ref), _label(i, src)) if first in missing else (_label(i, src), _label(ref_i, ref))
-            raise ValueError(
-                f"models differ in architecture: tensor {first!r} is in {has} but not in {lacks}"
+            has, lacks = (
+                (_label(ref_i, ref), _label(i, src)) if first in missing else (_label(i, src), _label(ref_i, ref))
             )
+            raise ValueError(f"models differ in architecture: tensor {first!r} is in {has} but not in {lacks}")
         for name in names:
             if src.shape(name) != ref.shape(name):
                 raise ValueError(
@@ -89,12 +90,18 @@ class _Scratch:
 
 
 def _needs_modules(method: str) -> str:
-    return (f"merge method {method!r} works on nn.Modules (it reads the architecture or runs forward passes): "
-            "call rankwise.merge(...) from Python with modules, not paths or state dicts")
+    return (
+        f"merge method {method!r} works on nn.Modules (it reads the architecture or runs forward passes): "
+        "call rankwise.merge(...) from Python with modules, not paths or state dicts"
+    )
 
 
 def merged_tensors(
-    models: Sequence[object], method: str = "linear", base: object | None = None, *, dtype: torch.dtype | None = None,
+    models: Sequence[object],
+    method: str = "linear",
+    base: object | None = None,
+    *,
+    dtype: torch.dtype | None = None,
     **options,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Validate everything, then return a generator of merged ``(name, tensor)`` pairs (tensor scope only).
@@ -151,7 +158,9 @@ def merged_tensors(
 
 def _open_inputs(entry: Entry, models: Sequence[object], base: object | None) -> tuple[list[Source], Source | None]:
     if isinstance(models, (str, os.PathLike, torch.nn.Module, dict)) or not isinstance(models, Sequence):
-        raise ValueError(f"models must be a list of models (paths, nn.Modules or state dicts), got {type(models).__name__}")
+        raise ValueError(
+            f"models must be a list of models (paths, nn.Modules or state dicts), got {type(models).__name__}"
+        )
     need = entry.meta.get("min_models", 1)
     if len(models) < need:
         besides = " besides the base" if entry.meta.get("needs_base") else ""
@@ -166,7 +175,11 @@ def _open_inputs(entry: Entry, models: Sequence[object], base: object | None) ->
 
 
 def merge(
-    models: Sequence[object], method: str = "linear", base: object | None = None, *, dtype: torch.dtype | None = None,
+    models: Sequence[object],
+    method: str = "linear",
+    base: object | None = None,
+    *,
+    dtype: torch.dtype | None = None,
     **options,
 ) -> dict[str, torch.Tensor]:
     """Merge fine-tuned models in weight space and return the merged state dict.
@@ -195,8 +208,15 @@ def merge(
 
 
 def merge_to_dir(
-    models: Sequence[object], out: str | os.PathLike, method: str = "linear", base: object | None = None, *,
-    force: bool = False, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30, **options,
+    models: Sequence[object],
+    out: str | os.PathLike,
+    method: str = "linear",
+    base: object | None = None,
+    *,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    **options,
 ) -> Path:
     """Merge like :func:`merge` and write a safetensors model dir to ``out`` atomically, streaming tensors.
 
@@ -221,8 +241,9 @@ def merge_to_dir(
         "budget": ", ".join(f"{k}={v}" for k, v in sorted(shown.items())) or f"{method} has no options",
         "quality": None,
     }
-    return write_checkpoint(out, pairs, config=config, force=force, max_shard_bytes=max_shard_bytes,
-                            sidecars_from=folder, model_card=card)
+    return write_checkpoint(
+        out, pairs, config=config, force=force, max_shard_bytes=max_shard_bytes, sidecars_from=folder, model_card=card
+    )
 
 
 def _model_name(model: object) -> str:

@@ -63,7 +63,12 @@ def sign_consensus_merge(weighted: list[torch.Tensor], weights: list[float], nor
     options={"weights": None, "density": 0.2, "scale": 1.0, "normalize": True},
 )
 def ties(
-    tensors: list[torch.Tensor], base: torch.Tensor, *, weights=None, density=0.2, scale: float = 1.0,
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    *,
+    weights=None,
+    density=0.2,
+    scale: float = 1.0,
     normalize: bool = True,
 ) -> torch.Tensor:
     """TIES: trim (keep the top ``density`` fraction of each task vector by magnitude), elect sign, disjoint merge.

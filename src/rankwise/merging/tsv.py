@@ -1,4 +1,7 @@
-"""Task-singular-vector merging (TSV-M): per-task low-rank task matrices, decorrelated by orthogonal Procrustes, summed."""
+"""Task-singular-vector merging (TSV-M).
+
+Per-task low-rank task matrices, decorrelated by orthogonal Procrustes, summed.
+"""
 
 from __future__ import annotations
 
