@@ -131,8 +131,10 @@ def test_bad_config():
         QuantizeConfig(bits=6)
     with pytest.raises(ValueError, match=r"^group_size must be one of 32, 64, 128, got 16$"):
         QuantizeConfig(group_size=16)
-    with pytest.raises(ValueError, match=r"^unknown quantization algorithm 'awq'; known: gptq, rtn$"):
+    with pytest.raises(ValueError, match=r"^algorithm must be one of gptq, rtn, got 'awq'$"):
         QuantizeConfig(algorithm="awq")
+    with pytest.raises(ValueError, match=r"^correction_rank must be an int >= 0, got -1$"):
+        QuantizeConfig(correction_rank=-1)
 
 
 def test_low_rank_layer_takes_no_correction(calibrated):

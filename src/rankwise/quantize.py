@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ._validate import choice, int_at_least
 from .calibrate import CalibStats, _bar
 from .layers.linear import LowRankLinear, dense_weight
 from .layers.quant import QuantLinear, QuantLowRankLinear
@@ -46,12 +47,9 @@ class QuantizeConfig:
     def __post_init__(self):
         check_bits(self.bits)
         check_group_size(self.group_size)
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown quantization algorithm {self.algorithm!r}; known: {', '.join(ALGORITHMS)}")
+        choice(self.algorithm, "algorithm", ALGORITHMS)
         for name in ("correction_rank", "refits"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+            int_at_least(getattr(self, name), name, 0)
         if self.correction_rank and self.algorithm != "gptq":
             raise ValueError("correction_rank needs algorithm='gptq' (the correction is fitted to GPTQ's error)")
 
