@@ -24,6 +24,11 @@ _EXPORTS = {
     "compress_checkpoint": "rankwise.streamed",
     "ModuleCompressConfig": "rankwise.compress_modules",
     "compress_modules_": "rankwise.compress_modules",
+    # quantization
+    "QuantizeConfig": "rankwise.quantize",
+    "quantize_": "rankwise.quantize",
+    "quantize_to_budget_": "rankwise.quant_budget",
+    "compress_quantized": "rankwise.quant_checkpoint",
     "save": "rankwise.io.checkpoint",
     "load": "rankwise.io.checkpoint",
     # healing

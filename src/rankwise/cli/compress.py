@@ -10,6 +10,7 @@ from pathlib import Path
 DEFAULT_EVAL_TOKENS = 8192
 DEFAULT_SENTENCES = 256
 DEFAULT_CHAT_TOKENS = 64
+QUANT_OPTIONS = ("bits", "rank", "group_size", "bits_per_weight", "size")
 
 
 def add_calibration_options(p: argparse.ArgumentParser) -> None:
@@ -95,6 +96,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})")
     p.add_argument("--heal-steps", type=int, metavar="N", help="then heal: N steps of distillation towards MODEL on "
                    "the calibration text (see `rankwise heal`) before --out is written (default: no healing)")
+    q = p.add_argument_group("quantization (in memory; GPTQ with the calibration statistics)")
+    q.add_argument("--bits", type=int, help="quantize the factors of every factorized layer (and the layers left "
+                   "dense) to this many bits (2, 3, 4, 8); with --method qlr every target layer, plus a rank "
+                   "--rank correction")
+    q.add_argument("--rank", type=int, help="--method qlr: rank of the low-rank correction of the quantization error")
+    q.add_argument("--group-size", type=int, help="input columns per quantization scale: 32, 64, 128 (default 128)")
+    q.add_argument("--bits-per-weight", type=float, metavar="X", help="a byte budget over the target layers' weights "
+                   "(codes, scales, zero points, factors counted): bit widths and Q+LR corrections chosen per layer")
+    q.add_argument("--size", metavar="SIZE", help="a byte budget for the whole model's weights, e.g. 160MB")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
     add_report_option(p)
     p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
@@ -144,6 +154,16 @@ def run_compress(args) -> int:
     from ..streamed import compress_checkpoint, resolve_device, run_dir
 
     resolve_device(args.device)
+    if any(getattr(args, k) is not None for k in QUANT_OPTIONS) or args.method == "qlr":
+        from .quant import run_quantized_compress
+
+        if args.report:
+            raise ValueError("--report covers low-rank compressions; quantizing runs (--bits, --method qlr, "
+                             "--bits-per-weight, --size) print their summary instead")
+        if args.heal_steps is not None:
+            raise ValueError("--heal-steps heals low-rank compressions; quantizing runs (--bits, --method qlr, "
+                             "--bits-per-weight, --size) cannot be healed yet")
+        return run_quantized_compress(args)
     check_report_option(args)
     _positive(args.heal_steps, "--heal-steps")
     if args.heal_steps is not None and args.resume:

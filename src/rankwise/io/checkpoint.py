@@ -29,15 +29,28 @@ from .atomic import atomic_output_dir
 REPORT_FILE = "rankwise_report.json"
 
 
+def _outer_factorized(model: nn.Module):
+    """``(name, module)`` of every factorized layer (a LowRankLinear or a module with ``spec()``) not inside
+    another one: a layer built of factorized children is rebuilt whole from its own spec."""
+    outer: list[str] = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, LowRankLinear) or callable(getattr(m, "spec", None))):
+            continue
+        if any(name.startswith(prefix + ".") for prefix in outer):
+            continue
+        outer.append(name)
+        yield name, m
+
+
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:
-    """``{qualified name: rank}`` of every ``LowRankLinear`` in ``model``."""
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    """``{qualified name: rank}`` of every ``LowRankLinear`` in ``model`` (not inside another factorized layer)."""
+    return {name: m.rank for name, m in _outer_factorized(model) if isinstance(m, LowRankLinear)}
 
 
 def factorized_specs(model: nn.Module) -> dict[str, dict]:
-    """``{qualified name: spec()}`` of every factorized layer with a ``spec()`` that is not a LowRankLinear."""
-    return {name: m.spec() for name, m in model.named_modules()
-            if callable(getattr(m, "spec", None)) and not isinstance(m, LowRankLinear)}
+    """``{qualified name: spec()}`` of every factorized layer with a ``spec()`` that is not a LowRankLinear
+    (nor inside another factorized layer)."""
+    return {name: m.spec() for name, m in _outer_factorized(model) if not isinstance(m, LowRankLinear)}
 
 
 def source_dir(model: nn.Module) -> Path | None:
@@ -55,7 +68,7 @@ def source_name(directory: Path) -> str:
 
 
 def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer=None, quality: dict | None = None,
-         force: bool = False) -> Path:
+         force: bool = False, card: dict[str, str] | None = None) -> Path:
     """Write ``model`` (with its ``LowRankLinear`` layers) to ``out_dir``, atomically, with a model card.
 
     Every file of the directory the model was loaded from that the compression does not change is copied
@@ -76,6 +89,8 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer
         ``{measure: value}`` measured on the compressed model, written into the model card.
     force : bool
         Replace an existing ``out_dir``.
+    card : dict, optional
+        The model card's ``method`` and ``budget`` lines, instead of those derived from ``report``.
 
     Returns
     -------
@@ -108,7 +123,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer
             (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
         named = str(getattr(model, "name_or_path", "") or type(model).__name__)
         base = source_name(source) if source is not None else named
-        write_model_card(tmp, base_model=base, **card_text(report, len(ranks)), quality=quality)
+        write_model_card(tmp, base_model=base, **(card or card_text(report, len(ranks))), quality=quality)
     return Path(out_dir)
 
 
@@ -177,13 +192,21 @@ def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
     for name, spec in sorted(modules.items(), key=lambda item: natural(item[0])):
         inside = lambda key, name=name: key.startswith(f"{name}.") or f".{name}." in key
         after = sum(math.prod(s) for k, s in shapes.items() if inside(k))
-        rank = spec.get("rank", spec.get("ranks"))  # a tuple of ranks prints as "3x2" in `rankwise info`
-        rows.append((name, _dense_shape(spec), rank if isinstance(rank, int) else "x".join(map(str, rank)), after,
-                     _dense_params(spec)))
+        rows.append((name, _dense_shape(spec), _rank_label(spec), after, _dense_params(spec)))
     stored = sum(math.prod(s) for s in shapes.values())
     after, before = sum(r[3] for r in rows), sum(r[4] for r in rows)
     totals = {"layers_before": before, "layers_after": after, "model_before": stored - after + before, "model_after": stored}
     return rows, totals
+
+
+def _rank_label(spec: dict) -> int | str:
+    """The rank column of `rankwise info`: a tuple of ranks as "3x2"; quantized layers as "4b" (bits), "2b+r16"
+    (with a rank-16 correction) or "40@4b" (rank-40 factors at 4 bits)."""
+    rank = spec.get("rank", spec.get("ranks"))
+    if "bits" in spec:
+        correction = f"+r{spec['correction_rank']}" if spec.get("correction_rank") else ""
+        return (f"{rank}@" if rank else "") + f"{spec['bits']}b{correction}"
+    return rank if isinstance(rank, int) else "x".join(map(str, rank))
 
 
 def _dense_shape(spec: dict) -> tuple[int, int]:

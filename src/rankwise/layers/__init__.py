@@ -4,6 +4,7 @@ from .conv import CPConv2d, SVDConv2d, TuckerConv2d, conv_from_dense
 from .embedding import LowRankEmbedding, TTEmbedding
 from .kron import KronLinear
 from .linear import LowRankLinear
+from .quant import QuantLinear, QuantLowRankLinear
 from .registry import LAYERS
 from .tt import TTLinear
 
@@ -13,6 +14,8 @@ __all__ = [
     "KronLinear",
     "LowRankEmbedding",
     "LowRankLinear",
+    "QuantLinear",
+    "QuantLowRankLinear",
     "SVDConv2d",
     "TTEmbedding",
     "TTLinear",

@@ -1,0 +1,164 @@
+"""Quantize a model to a byte budget: per layer, the bit width, correction or factorization that buys the most.
+
+Every target layer is quantized once per candidate :class:`~rankwise.quantize.QuantizeConfig` (bit
+widths, Q + LR corrections) and factorized at a few ranks with quantized factors (the whitened,
+Fisher-weighted SVD of :func:`rankwise.compress.factorize`, then
+:func:`rankwise.quantize.quantize_factors`); each candidate's stored bytes are counted from the layer it builds and its
+loss increase estimated from its output error on the calibration inputs, weighted per output channel
+by the loss-gradient second moment when calibration collected one (``tr(diag(g) D C D^T)`` for the
+weight error ``D``, the input second moment ``C`` and ``g = E[(dL/dy)^2]``; plain ``tr(D C D^T)`` without
+gradients). A multiple-choice knapsack (:func:`rankwise.allocate.allocate_options`) then picks one
+candidate per layer within the budget, and those layers are swapped in.
+
+Bytes are counted honestly: a bits-per-weight budget covers everything the target layers store (codes,
+scales, zero points, correction factors, biases) over their dense weight count; a size budget covers
+every tensor the model stores, the untouched ones (embeddings, norms, layers left out) included.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .allocate import allocate_options
+from .calibrate import CalibStats, _bar
+from .formats.svd import whitening_factor
+from .layers.linear import LowRankLinear, dense_weight
+from .quantize import QuantizeConfig, QuantLayerReport, layer_weight, module_bytes, quantize_dense, quantize_factors
+from .targets import replace_module
+
+# bit widths 2/3/4 at group 128 and Q + LR at 2 and 3 bits: a ladder from ~2.2 to ~4.3 bits per weight
+DEFAULT_CANDIDATES = (
+    QuantizeConfig(2, 128), QuantizeConfig(2, 64), QuantizeConfig(3, 128), QuantizeConfig(4, 128),
+    QuantizeConfig(2, 128, correction_rank=16), QuantizeConfig(3, 128, correction_rank=16),
+)
+# low-rank + quantized factors: ranks keeping these fractions of the dense parameters, factors at 4 bits
+DEFAULT_LOWRANK_KEEPS = (0.4, 0.55, 0.7, 0.85)
+FACTOR_CONFIG = QuantizeConfig(4, 128)
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as ``60MB``, ``1.5GB``, ``500KiB`` or ``123456`` (decimal units; KiB/MiB/GiB binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else ""
+    if m is None or (unit and unit not in SIZE_UNITS):
+        raise ValueError(f"size must be a number of bytes with an optional unit B, KB, MB, GB, KiB, MiB, GiB "
+                         f"(e.g. 60MB), got {text!r}")
+    return int(float(m.group(1)) * SIZE_UNITS[unit or "B"])
+
+
+def untouched_bytes(model: nn.Module, names: list[str]) -> int:
+    """Bytes of every tensor ``model`` stores outside the layers ``names`` (tied tensors once)."""
+    return module_bytes(model) - sum(module_bytes(model.get_submodule(n)) for n in names)
+
+
+@torch.no_grad()
+def check_size(model: nn.Module, names: list[str], size: int) -> int:
+    """The bytes of the tensors outside ``names``; ``ValueError`` naming them when ``size`` leaves nothing beyond."""
+    fixed = untouched_bytes(model, names)
+    if size <= fixed:
+        raise ValueError(f"size {size:,} bytes is below the {fixed:,} bytes the model's untouched tensors "
+                         f"(embeddings, norms, layers not quantized) need; the minimum is more than {fixed:,}")
+    return fixed
+
+
+def candidate_loss(W: torch.Tensor, What: torch.Tensor, cov: torch.Tensor, grad_sq: torch.Tensor | None) -> float:
+    """Estimated loss increase of replacing ``W`` by ``What``: ``tr(diag(g) D C D^T)`` (``g`` = 1 without gradients)."""
+    D = W - What
+    per_row = ((D @ cov) * D).sum(1)
+    return float(per_row.sum() if grad_sq is None else per_row @ grad_sq.to(per_row))
+
+
+@dataclass
+class Candidate:
+    """One way to quantize one layer: the layer it builds, its stored bytes, its estimated loss increase and
+    relative output error (``sqrt(tr(D C D^T) / tr(W C W^T))``)."""
+
+    config: QuantizeConfig
+    layer: nn.Module
+    bytes: int
+    loss: float
+    error: float
+    rank: int | None = None  # low-rank + quantized factors at this rank; None: the dense layer quantized
+
+    @property
+    def kind(self) -> str:
+        return "lowrank+quant" if self.rank else "quant+lr" if self.config.correction_rank else "quant"
+
+    def describe(self) -> dict:
+        return self.config.to_dict() | ({"rank": self.rank} if self.rank else {})
+
+
+@torch.no_grad()
+def layer_candidates(model: nn.Module, names: list[str], stats: CalibStats, candidates=DEFAULT_CANDIDATES, *,
+                     lowrank_keeps=DEFAULT_LOWRANK_KEEPS, progress: bool = True) -> dict[str, list[Candidate]]:
+    """Every layer of ``names`` quantized by every config of ``candidates``, and factorized at every fraction
+    of ``lowrank_keeps`` with :data:`FACTOR_CONFIG` factors (``model`` is not modified)."""
+    from .compress import CompressConfig, factorize
+
+    method = CompressConfig(allocate="fisher" if stats.out_grad_sq else "uniform")
+    built: dict[str, list[Candidate]] = {}
+    for name in _bar(names, progress, "quantize candidates"):
+        layer = model.get_submodule(name)
+        W = layer_weight(layer)
+        st = stats.inputs[name]
+        cov = st.covariance.to(torch.float64)
+        g = stats.out_grad_sq.get(name)
+        cache = {id(st): whitening_factor(st.covariance)}  # the form compress.factorize caches it in
+        total = max(candidate_loss(W, 0 * W, cov, None), 1e-300)
+        made = [(c, None, quantize_dense(layer, cov, c, cache[id(st)])) for c in candidates]
+        if lowrank_keeps:
+            m, n = W.shape
+            f = factorize(dense_weight(layer).detach(), method, stats, name, cache)
+            for keep in lowrank_keeps:
+                r = max(1, int(keep * m * n / (m + n)))
+                if r < min(m, n):
+                    low = LowRankLinear.from_factors(f.truncate(r), getattr(layer, "bias", None), dtype=W.dtype)
+                    made.append((FACTOR_CONFIG, r, quantize_factors(low, cov, FACTOR_CONFIG)))
+        built[name] = []
+        for config, rank, new in made:
+            What = new.dense_weight()
+            built[name].append(Candidate(config, new, module_bytes(new), candidate_loss(W, What, cov, g),
+                                         (candidate_loss(W, What, cov, None) / total) ** 0.5, rank))
+    return built
+
+
+@torch.no_grad()
+def quantize_to_budget_(model: nn.Module, names: list[str], stats: CalibStats, *, bits_per_weight: float | None = None,
+                        size: int | None = None, candidates=DEFAULT_CANDIDATES, built=None, progress: bool = True
+                        ) -> list[QuantLayerReport]:
+    """Quantize the dense layers ``names`` of ``model`` in place within ``bits_per_weight`` (over those
+    layers' dense weights) or ``size`` (bytes of the whole model); exactly one of the two.
+
+    ``built``: :func:`layer_candidates` of this model (or of an identical copy), to try several budgets
+    without quantizing again; its layers are swapped into ``model``. Raises ``ValueError`` naming the
+    minimum when the budget is below what the cheapest candidates (and, for ``size``, the untouched
+    tensors) need.
+    """
+    if (bits_per_weight is None) == (size is None):
+        raise ValueError("give exactly one budget: bits_per_weight (over the quantized layers) or size (bytes)")
+    dense_weights = sum(layer_weight(model.get_submodule(n)).numel() for n in names)
+    if bits_per_weight is not None:
+        if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, (int, float)) or bits_per_weight <= 0:
+            raise ValueError(f"bits_per_weight must be a number > 0, got {bits_per_weight!r}")
+        budget = bits_per_weight * dense_weights / 8
+    else:
+        budget = size - check_size(model, names, size)
+    built = built if built is not None else layer_candidates(model, names, stats, candidates, progress=progress)
+    options = [[(c.bytes, c.loss) for c in built[n]] for n in names]
+    cheapest = sum(min(b for b, _ in opts) for opts in options)
+    if cheapest > budget:
+        need = (f"{cheapest * 8 / dense_weights:.3f} bits per weight" if size is None
+                else f"{cheapest + untouched_bytes(model, names):,} bytes")
+        raise ValueError(f"the budget is below the smallest quantization of every layer; the minimum is {need}")
+    reports = []
+    for name, k in zip(names, allocate_options(options, budget)):
+        c = built[name][k]
+        dense_weights = layer_weight(model.get_submodule(name)).numel()
+        replace_module(model, name, c.layer)
+        reports.append(QuantLayerReport(name, c.kind, c.describe(), c.bytes, dense_weights, c.error, 0.0))
+    return reports
