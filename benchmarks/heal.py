@@ -59,14 +59,23 @@ def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
     from rankwise.layers import LowRankLinear
     from rankwise.targets import replace_module
 
-    print(f"tiny Llamas (hidden 32, 2 blocks, vocab 2000), rank 4, {steps} steps of 2 x 32 random tokens, "
-          f"held-out KL after / before, mean of {seeds} seeds")
+    print(
+        f"tiny Llamas (hidden 32, 2 blocks, vocab 2000), rank 4, {steps} steps of 2 x 32 random tokens, "
+        f"held-out KL after / before, mean of {seeds} seeds"
+    )
     for lr in (1e-3, 3e-3, 1e-2):
         ratios = {"free": [], "orthonormal": [], "top-32": []}
         for seed in range(seeds):
             torch.manual_seed(seed)
-            config = LlamaConfig(vocab_size=2000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+            config = LlamaConfig(
+                vocab_size=2000,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                initializer_range=0.2,
+            )
             teacher = LlamaForCausalLM(config).eval()
             gen = torch.Generator().manual_seed(seed)
             ids, held_out = (torch.randint(0, 2000, (n, 32), generator=gen) for n in (32, 8))
@@ -77,8 +86,13 @@ def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
                     if isinstance(m, torch.nn.Linear) and ".layers." in name:
                         replace_module(student, name, LowRankLinear.from_dense(m, 4))
                 before = next_token_agreement(student, teacher, held_out, progress=False).kl
-                how = HealConfig(steps=steps, batch_size=2, lr=lr, orthogonal=variant == "orthonormal",
-                                 top_k=32 if variant == "top-32" else 0)
+                how = HealConfig(
+                    steps=steps,
+                    batch_size=2,
+                    lr=lr,
+                    orthogonal=variant == "orthonormal",
+                    top_k=32 if variant == "top-32" else 0,
+                )
                 heal_(student, teacher, ids, how, progress=False)
                 ratios[variant].append(next_token_agreement(student, teacher, held_out, progress=False).kl / before)
         print(f"lr {lr:.0e}: " + "  ".join(f"{k} {sum(v) / seeds:.3f}" for k, v in ratios.items()))
@@ -108,14 +122,19 @@ def main(argv=None):
     dense, tokenizer, _ = load_model("smollm2", progress=False)
     dense.float()
     paths = compressed_models(args, tokenizer, lambda: load_model("smollm2", progress=False)[0].float())
-    heal_ids = token_sequences(tokenizer, builtin_text("calib"), args.seq_len, args.tokens // args.seq_len,
-                               what="healing")
+    heal_ids = token_sequences(
+        tokenizer, builtin_text("calib"), args.seq_len, args.tokens // args.seq_len, what="healing"
+    )
     eval_ids = token_sequences(tokenizer, builtin_text("eval"), 512, args.eval_tokens // 512, what="evaluation")
-    print(f"healing text {heal_ids.shape[0]} x {heal_ids.shape[1]} tokens (calib split); evaluation "
-          f"{eval_ids.shape[0]} x {eval_ids.shape[1]} tokens (eval split); torch threads {args.threads}")
-    head = (f"{'keep':>4} {'lr':>7} {'orth':>4} {'top-k':>5} {'norms':>5} {'steps':>5} {'ppl dense':>9} "
-            f"{'ppl comp':>9} {'ppl healed':>10} {'gap closed':>10} {'KL comp':>8} {'KL healed':>9} {'top1 comp':>9} "
-            f"{'top1 heal':>9} {'heal s':>7}")
+    print(
+        f"healing text {heal_ids.shape[0]} x {heal_ids.shape[1]} tokens (calib split); evaluation "
+        f"{eval_ids.shape[0]} x {eval_ids.shape[1]} tokens (eval split); torch threads {args.threads}"
+    )
+    head = (
+        f"{'keep':>4} {'lr':>7} {'orth':>4} {'top-k':>5} {'norms':>5} {'steps':>5} {'ppl dense':>9} "
+        f"{'ppl comp':>9} {'ppl healed':>10} {'gap closed':>10} {'KL comp':>8} {'KL healed':>9} {'top1 comp':>9} "
+        f"{'top1 heal':>9} {'heal s':>7}"
+    )
     rows = []
     for keep, path in paths.items():
         before = next_token_agreement(rankwise.load(path), dense, eval_ids, progress=False)
@@ -123,15 +142,24 @@ def main(argv=None):
             for orth in args.orthogonal:
                 for k in args.top_k:
                     model = rankwise.load(path)
-                    config = HealConfig(steps=args.steps, batch_size=args.batch, lr=lr, train_norms=args.train_norms,
-                                        orthogonal=bool(orth), top_k=k, checkpointing=args.checkpointing)
+                    config = HealConfig(
+                        steps=args.steps,
+                        batch_size=args.batch,
+                        lr=lr,
+                        train_norms=args.train_norms,
+                        orthogonal=bool(orth),
+                        top_k=k,
+                        checkpointing=args.checkpointing,
+                    )
                     report = heal_(model, dense, heal_ids, config, progress=False)
                     after = next_token_agreement(model, dense, eval_ids, progress=False)
                     closed = (before.perplexity - after.perplexity) / (before.perplexity - before.ref_perplexity)
-                    rows.append(f"{keep:>4} {lr:>7.0e} {orth:>4} {k:>5} {int(args.train_norms):>5} "
-                                f"{len(report.losses):>5} {before.ref_perplexity:>9.3f} {before.perplexity:>9.3f} "
-                                f"{after.perplexity:>10.3f} {closed:>10.3f} {before.kl:>8.4f} {after.kl:>9.4f} "
-                                f"{before.top1:>9.4f} {after.top1:>9.4f} {report.seconds:>7.1f}")
+                    rows.append(
+                        f"{keep:>4} {lr:>7.0e} {orth:>4} {k:>5} {int(args.train_norms):>5} "
+                        f"{len(report.losses):>5} {before.ref_perplexity:>9.3f} {before.perplexity:>9.3f} "
+                        f"{after.perplexity:>10.3f} {closed:>10.3f} {before.kl:>8.4f} {after.kl:>9.4f} "
+                        f"{before.top1:>9.4f} {after.top1:>9.4f} {report.seconds:>7.1f}"
+                    )
                     print(rows[-1], flush=True)
     print(head)
     print("\n".join(rows))

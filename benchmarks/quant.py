@@ -30,8 +30,19 @@ from rankwise.targets import find_targets
 
 # (algorithm, bits, group size, symmetric): 4/3/2 bits at group 128 and 64, and the symmetric widths that land
 # nearest 3.0 and 2.5 bits per weight (3-bit group 128: 3.125 plus the short last group; 2-bit group 32: 2.5)
-BASELINES = [(alg, bits, group, sym) for alg in ("gptq", "rtn") for bits, group, sym in (
-    (3, 128, False), (3, 128, True), (2, 64, False), (2, 32, True), (4, 128, False), (3, 64, False), (2, 128, False))]
+BASELINES = [
+    (alg, bits, group, sym)
+    for alg in ("gptq", "rtn")
+    for bits, group, sym in (
+        (3, 128, False),
+        (3, 128, True),
+        (2, 64, False),
+        (2, 32, True),
+        (4, 128, False),
+        (3, 64, False),
+        (2, 128, False),
+    )
+]
 TARGETS = (3.0, 2.5)
 LOWRANK_BITS = 4  # low-rank + quantized factors (and dense-kept layers): keep = target bpw / (this + group overhead)
 
@@ -54,8 +65,9 @@ def build(name: str, dense, targets: list[str], stats, calib, candidates: dict):
     if kind == "budget":
         if not candidates:
             candidates.update(layer_candidates(dense, targets, stats, progress=False))
-        return model, quantize_to_budget_(model, targets, stats, bits_per_weight=float(rest[0]), built=candidates,
-                                          progress=False)
+        return model, quantize_to_budget_(
+            model, targets, stats, bits_per_weight=float(rest[0]), built=candidates, progress=False
+        )
     target = float(rest[1])
     per_weight = LOWRANK_BITS + 24 / 128  # 4-bit codes + float16 scale + uint8 zero per 128 weights
     compress_(model, CompressConfig(keep=target / per_weight), calib, stats=stats, progress=False)
@@ -79,11 +91,14 @@ def main() -> None:
     calib = token_sequences(tok, builtin_text("calib"), args.seq_len, args.calib_seqs)
     ids = token_sequences(tok, builtin_text("eval"), args.seq_len, args.eval_tokens // args.seq_len, what="evaluation")
     t0 = time.perf_counter()
-    stats = collect_stats(dense, {n: dense.get_submodule(n) for n in targets}, calib, fisher_seqs=args.fisher_seqs,
-                          progress=False)
-    print(f"SmolLM2-135M: {len(targets)} block linears; calibration {calib.shape[0]} x {calib.shape[1]} tokens "
-          f"({args.fisher_seqs} sequences with loss gradients) in {time.perf_counter() - t0:.0f}s; "
-          f"evaluation {ids.numel()} held-out tokens")
+    stats = collect_stats(
+        dense, {n: dense.get_submodule(n) for n in targets}, calib, fisher_seqs=args.fisher_seqs, progress=False
+    )
+    print(
+        f"SmolLM2-135M: {len(targets)} block linears; calibration {calib.shape[0]} x {calib.shape[1]} tokens "
+        f"({args.fisher_seqs} sequences with loss gradients) in {time.perf_counter() - t0:.0f}s; "
+        f"evaluation {ids.numel()} held-out tokens"
+    )
     weights = sum(layer_weight(dense.get_submodule(n)).numel() for n in targets)
     dense_ppl = perplexity(dense, ids, progress=False)
     print(f"dense perplexity {dense_ppl:.3f} (float32: 32 bits per weight)")
@@ -95,11 +110,15 @@ def main() -> None:
         model, reports = build(name, dense, targets, stats, calib, candidates)
         spent = time.perf_counter() - t0
         nbytes = sum(r.bytes for r in reports) + sum(
-            layer_weight(model.get_submodule(n)).numel() * 4 for n in targets if n not in {r.name for r in reports})
+            layer_weight(model.get_submodule(n)).numel() * 4 for n in targets if n not in {r.name for r in reports}
+        )
         a = next_token_agreement(model, dense, ids, progress=False)
         results[name] = (8 * nbytes / weights, a.perplexity)
-        print(f"{name:<22} {8 * nbytes / weights:>6.3f} {nbytes / 1e6:>7.2f} {a.perplexity:>8.3f} {a.kl:>8.4f} "
-              f"{a.top1:>6.3f} {spent:>7.0f}", flush=True)
+        print(
+            f"{name:<22} {8 * nbytes / weights:>6.3f} {nbytes / 1e6:>7.2f} {a.perplexity:>8.3f} {a.kl:>8.4f} "
+            f"{a.top1:>6.3f} {spent:>7.0f}",
+            flush=True,
+        )
         if name.startswith("budget"):
             mix: dict[str, int] = {}
             for r in reports:
@@ -118,9 +137,11 @@ def main() -> None:
         best = min(base, key=lambda n: base[n][1])
         gap = base[best][1] - dense_ppl
         closed = (base[best][1] - ours[1]) / gap if gap > 0 else float("nan")
-        print(f"at {t} bpw: best baseline {best} ({base[best][0]:.3f} bpw) ppl {base[best][1]:.3f}; rankwise budget "
-              f"({ours[0]:.3f} bpw) ppl {ours[1]:.3f}: {100 * closed:.1f}% of the baseline's gap to dense closed "
-              f"(target >= 20%)")
+        print(
+            f"at {t} bpw: best baseline {best} ({base[best][0]:.3f} bpw) ppl {base[best][1]:.3f}; rankwise budget "
+            f"({ours[0]:.3f} bpw) ppl {ours[1]:.3f}: {100 * closed:.1f}% of the baseline's gap to dense closed "
+            f"(target >= 20%)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,15 @@ const boxes = [...document.images].map(i => {const r = i.getBoundingClientRect()
 const layout = {height: document.documentElement.scrollHeight, images: boxes};
 document.body.setAttribute("data-layout", JSON.stringify(layout));
 </script>"""
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--force-device-scale-factor=1",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=3000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--virtual-time-budget=3000",
+]
 
 
 def chromium() -> str | None:
@@ -50,8 +57,13 @@ def layout(browser: str, page: Path, width: int, tmp: Path) -> dict:
     """The page's height and each image's box (CSS pixels), from the probe copy's dumped DOM."""
     probe = tmp / "probe.html"
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    dom = subprocess.run([browser, *FLAGS, f"--window-size={width},1000", "--dump-dom", probe.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = subprocess.run(
+        [browser, *FLAGS, f"--window-size={width},1000", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     found = re.search(r'data-layout="([^"]*)"', dom)
     if found is None:
         raise RuntimeError("the probe wrote no layout (did Chromium run the page?)")
@@ -60,8 +72,13 @@ def layout(browser: str, page: Path, width: int, tmp: Path) -> dict:
 
 def screenshot(browser: str, page: Path, width: int, height: int, tmp: Path) -> Image.Image:
     shot = tmp / "shot.png"
-    subprocess.run([browser, *FLAGS, f"--window-size={width},{height}", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, text=True, timeout=120, check=True)
+    subprocess.run(
+        [browser, *FLAGS, f"--window-size={width},{height}", f"--screenshot={shot}", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return Image.open(shot).convert("RGB")
 
 
@@ -106,8 +123,11 @@ def check(page: Path, width: int = 1400, tolerance: float = 12.0, keep: Path | N
             continue
         x, y, w, h = (round(b[k]) for k in ("x", "y", "w", "h"))
         if image is None or not b["ok"]:
-            failures.append(f"figure {name}: the browser did not decode it" if not b["ok"] else
-                            f"figure {name}: its data is not a PNG")
+            failures.append(
+                f"figure {name}: the browser did not decode it"
+                if not b["ok"]
+                else f"figure {name}: its data is not a PNG"
+            )
             continue
         inside = w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= shot.width and y + h <= shot.height
         diff = float("nan")

@@ -62,13 +62,20 @@ def main() -> None:
         tmp = Path(tmp)
         print("sweep:", flush=True)
         where = args.report or tmp / "sweep"
-        sweep = measure(["sweep", args.model, "--keep", *keeps, "--eval", "--out", str(where)]
-                        + (["--report"] if args.report else []), args.threads)
+        sweep = measure(
+            ["sweep", args.model, "--keep", *keeps, "--eval", "--out", str(where)]
+            + (["--report"] if args.report else []),
+            args.threads,
+        )
         doc = json.loads((where / "sweep.json").read_text())
         phases = next(iter(doc["reports"].values()))["timings"]
         evals = sum(r["timings"].get("evaluation", 0.0) for r in doc["reports"].values())
-        print("  sweep phases: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "evaluation")
-              + (f", evaluation of every keep {evals:.1f} s" if evals else ""), flush=True)
+        print(
+            "  sweep phases: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "evaluation")
+            + (f", evaluation of every keep {evals:.1f} s" if evals else ""),
+            flush=True,
+        )
         print("separate compress + eval:", flush=True)
         separate = {}
         for k in [str(k) for k in args.separate] if args.separate else keeps:
@@ -77,8 +84,13 @@ def main() -> None:
             print("  " + c["out"].strip().splitlines()[-2], flush=True)  # the compress timings line
             e = measure(["eval", out], args.threads)
             ppl = float(re.search(r"perplexity ([0-9.]+)", e["out"]).group(1))
-            separate[k] = {"compress_s": c["wall_s"], "eval_s": e["wall_s"], "peak_mib": c["peak_mib"],
-                           "perplexity": ppl, "timings": c["out"].strip().splitlines()[-2]}
+            separate[k] = {
+                "compress_s": c["wall_s"],
+                "eval_s": e["wall_s"],
+                "peak_mib": c["peak_mib"],
+                "perplexity": ppl,
+                "timings": c["out"].strip().splitlines()[-2],
+            }
     rows = doc["rows"]
     n_eval = len(rows)
     pred, ppl = [r["predicted_loss"] for r in rows], [r["quality"] for r in rows]
@@ -91,19 +103,37 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
         s = separate.get(str(r["keep"]), {"perplexity": float("nan")})
-        print(f"| {r['keep']} | {r['params_after']:,} | {r['predicted_loss']:.4g} | {r['quality']:.3f} "
-              f"| {s['perplexity']:.3f} |")
-    print(f"\nSpearman(predicted loss, sweep perplexity) = {spearman(pred, ppl):.3f}; "
-          f"predicted loss monotone in the budget: {monotone}")
-    print(f"sweep wall {sweep['wall_s']:.1f} s (peak {sweep['peak_mib']:.0f} MiB); {len(one)} compress + eval "
-          f"{total_sep:.1f} s (each {', '.join(f'{t:.0f}' for t in one)} s)")
-    print(f"sweep / (mean compress {mean_c:.0f} s + {n_eval} x mean eval {mean_e:.0f} s) = "
-          f"{sweep['wall_s'] / (mean_c + n_eval * mean_e):.2f}; {n_eval} separate runs would take "
-          f"{n_eval * (mean_c + mean_e) / sweep['wall_s']:.2f}x the sweep")
+        print(
+            f"| {r['keep']} | {r['params_after']:,} | {r['predicted_loss']:.4g} | {r['quality']:.3f} "
+            f"| {s['perplexity']:.3f} |"
+        )
+    print(
+        f"\nSpearman(predicted loss, sweep perplexity) = {spearman(pred, ppl):.3f}; "
+        f"predicted loss monotone in the budget: {monotone}"
+    )
+    print(
+        f"sweep wall {sweep['wall_s']:.1f} s (peak {sweep['peak_mib']:.0f} MiB); {len(one)} compress + eval "
+        f"{total_sep:.1f} s (each {', '.join(f'{t:.0f}' for t in one)} s)"
+    )
+    print(
+        f"sweep / (mean compress {mean_c:.0f} s + {n_eval} x mean eval {mean_e:.0f} s) = "
+        f"{sweep['wall_s'] / (mean_c + n_eval * mean_e):.2f}; {n_eval} separate runs would take "
+        f"{n_eval * (mean_c + mean_e) / sweep['wall_s']:.2f}x the sweep"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"sweep": {k: sweep[k] for k in ("wall_s", "peak_mib", "out")},
-                                               "rows": rows, "separate": separate, "monotone": monotone,
-                                               "spearman": spearman(pred, ppl)}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "sweep": {k: sweep[k] for k in ("wall_s", "peak_mib", "out")},
+                    "rows": rows,
+                    "separate": separate,
+                    "monotone": monotone,
+                    "spearman": spearman(pred, ppl),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

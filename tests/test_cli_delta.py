@@ -71,16 +71,18 @@ def test_mismatched_models_name_the_tensor(pair, tmp_path, capsys):
     other = tiny_llama(intermediate_size=40)
     other.save_pretrained(tmp_path / "other")
     code, _, err = run(["delta", "extract", base, tmp_path / "other", "--out", tmp_path / "a"], capsys)
-    _assert_usage_error(code, err, "tensor 'model.layers.0.mlp.down_proj.weight' has shape (32, 48) in base, "
-                                   "(32, 40) in finetuned")
+    _assert_usage_error(
+        code, err, "tensor 'model.layers.0.mlp.down_proj.weight' has shape (32, 48) in base, (32, 40) in finetuned"
+    )
     assert not (tmp_path / "a").exists()
 
 
 def test_rank_too_large_names_the_layer(pair, tmp_path, capsys):
     base, ft_dir, _, _ = pair
     code, _, err = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--rank", "40"], capsys)
-    _assert_usage_error(code, err, "rank 40 is larger than layer 'model.layers.0.mlp.down_proj' allows "
-                                   "(max 32 for its 32x48 delta)")
+    _assert_usage_error(
+        code, err, "rank 40 is larger than layer 'model.layers.0.mlp.down_proj' allows (max 32 for its 32x48 delta)"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -102,8 +104,11 @@ def test_existing_output_needs_force(pair, tmp_path, capsys):
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["keep.txt"]
     code, _, _ = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--rank", "2", "--force"], capsys)
     assert code == 0
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                                  "rankwise_delta.json"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "rankwise_delta.json",
+    ]
     code, _, err = run(["delta", "apply", base, tmp_path / "a", "--out", tmp_path / "a"], capsys)
     _assert_usage_error(code, err, "already exists; pass --force")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no partial directories left behind
@@ -112,7 +117,7 @@ def test_existing_output_needs_force(pair, tmp_path, capsys):
 def test_bad_budget_values(pair, tmp_path, capsys):
     base, ft_dir, _, _ = pair
     code, _, err = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--energy", "0"], capsys)
-    _assert_usage_error(code, err, "energy must be a number in (0, 1], got 0.0")
+    _assert_usage_error(code, err, "energy must be a fraction in (0, 1], got 0.0")
     with pytest.raises(SystemExit) as exc:  # argparse: mutually exclusive budget flags
         main(["delta", "extract", str(base), str(ft_dir), "--out", str(tmp_path / "a"), "--rank", "2", "--keep", "0.5"])
     assert exc.value.code == 2
@@ -121,8 +126,25 @@ def test_bad_budget_values(pair, tmp_path, capsys):
 
 def test_include_exclude_save_module_like_mergekit(pair, tmp_path, capsys):
     base, ft_dir, ft, _ = pair
-    code, out, err = run(["delta", "extract", base, ft_dir, "--out", tmp_path / "a", "--rank", "3", "--include", "mlp",
-                          "--exclude", r"layers\.0\.", "--save-module", "lm_head"], capsys)
+    code, out, err = run(
+        [
+            "delta",
+            "extract",
+            base,
+            ft_dir,
+            "--out",
+            tmp_path / "a",
+            "--rank",
+            "3",
+            "--include",
+            "mlp",
+            "--exclude",
+            r"layers\.0\.",
+            "--save-module",
+            "lm_head",
+        ],
+        capsys,
+    )
     assert code == 0 and "extract layers" in err  # the progress bar
     assert "3 LoRA layers (ranks 3..3)" in out and "full-rank modules: lm_head, model.layers.0.mlp.down_proj" in out
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())

@@ -42,8 +42,12 @@ def _check_reload(out, capsys_out: str):
 def test_lowrank_with_quantized_factors(llama_dir, tmp_path, capsys):
     digest = tree_digest(llama_dir)
     out = tmp_path / "q4"
-    assert main(["compress", str(llama_dir), "--keep", "0.6", "--bits", "4", "--group-size", "32", "--out", str(out),
-                 *FAST]) == 0
+    assert (
+        main(
+            ["compress", str(llama_dir), "--keep", "0.6", "--bits", "4", "--group-size", "32", "--out", str(out), *FAST]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     model = _check_reload(out, text)
     layers = [m for m in model.modules() if isinstance(m, QuantLowRankLinear)]
@@ -61,8 +65,26 @@ def test_lowrank_with_quantized_factors(llama_dir, tmp_path, capsys):
 
 def test_qlr(llama_dir, tmp_path, capsys):
     out = tmp_path / "qlr"
-    assert main(["compress", str(llama_dir), "--method", "qlr", "--bits", "2", "--rank", "4", "--group-size", "32",
-                 "--out", str(out), *FAST]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(llama_dir),
+                "--method",
+                "qlr",
+                "--bits",
+                "2",
+                "--rank",
+                "4",
+                "--group-size",
+                "32",
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     model = _check_reload(out, capsys.readouterr().out)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14 and all(m.bits == 2 and m.correction_rank == 4 for m in layers)
@@ -93,18 +115,32 @@ def test_size_budget_is_met(llama_dir, tmp_path, capsys):
     assert int(re.search(r"whole model ([\d,]+) bytes", text).group(1).replace(",", "")) <= size
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--bits", "5"], "--bits must be one of 2, 3, 4, 8, got 5"),
-    (["--method", "qlr", "--bits", "3"], "--method qlr needs --rank R, an int >= 1 (the correction's rank), got None"),
-    (["--rank", "4", "--bits", "3"], "--rank applies to --method qlr (the factorized layers' ranks come from --keep)"),
-    (["--bits", "4", "--group-size", "48"], "group_size must be one of 32, 64, 128, got 48"),
-    (["--size", "60XB"], "size must be a number of bytes with an optional unit B, KB, MB, GB, KiB, MiB, GiB "
-                         "(e.g. 60MB), got '60XB'"),
-    (["--size", "1MB", "--bits", "4"], "a byte budget chooses bit widths and corrections per layer; drop --bits"),
-    (["--size", "1MB", "--bits-per-weight", "3"], "give one byte budget: --bits-per-weight or --size, not both"),
-    (["--size", "1MB"], "size 1,000,000 bytes is below the 3,907,456 bytes the model's untouched tensors "
-                        "(embeddings, norms, layers not quantized) need; the minimum is more than 3,907,456"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bits", "5"], "--bits must be one of 2, 3, 4, 8, got 5"),
+        (
+            ["--method", "qlr", "--bits", "3"],
+            "--method qlr needs --rank R, an int >= 1 (the correction's rank), got None",
+        ),
+        (
+            ["--rank", "4", "--bits", "3"],
+            "--rank applies to --method qlr (the factorized layers' ranks come from --keep)",
+        ),
+        (["--bits", "4", "--group-size", "48"], "group_size must be one of 32, 64, 128, got 48"),
+        (
+            ["--size", "60XB"],
+            "size must be a number of bytes with an optional unit B, KB, MB, GB, KiB, MiB, GiB (e.g. 60MB), got '60XB'",
+        ),
+        (["--size", "1MB", "--bits", "4"], "a byte budget chooses bit widths and corrections per layer; drop --bits"),
+        (["--size", "1MB", "--bits-per-weight", "3"], "give one byte budget: --bits-per-weight or --size, not both"),
+        (
+            ["--size", "1MB"],
+            "size 1,000,000 bytes is below the 3,907,456 bytes the model's untouched tensors "
+            "(embeddings, norms, layers not quantized) need; the minimum is more than 3,907,456",
+        ),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(llama_dir, tmp_path, capsys, argv, message):
     out = tmp_path / "bad"
     assert main(["compress", str(llama_dir), "--out", str(out), *FAST, *argv]) == 2
@@ -116,10 +152,25 @@ def test_bad_input_one_line_exit_2_nothing_written(llama_dir, tmp_path, capsys, 
 def test_bits_per_weight_below_minimum_names_it_and_the_minimum_works(llama_dir, tmp_path, capsys):
     assert main(["compress", str(llama_dir), "--out", str(tmp_path / "bad"), *FAST, "--bits-per-weight", "1.0"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
-    m = re.fullmatch(r"rankwise compress: error: the budget is below the smallest quantization of every layer; "
-                     r"the minimum is (\d\.\d{3}) bits per weight", err[0])
+    m = re.fullmatch(
+        r"rankwise compress: error: the budget is below the smallest quantization of every layer; "
+        r"the minimum is (\d\.\d{3}) bits per weight",
+        err[0],
+    )
     assert len(err) == 1 and m and not (tmp_path / "bad").exists()
     minimum = float(m.group(1))
     assert 1.0 < minimum < 3.0
-    assert main(["compress", str(llama_dir), "--out", str(tmp_path / "min"), *FAST, "--bits-per-weight",
-                 str(minimum + 0.001)]) == 0
+    assert (
+        main(
+            [
+                "compress",
+                str(llama_dir),
+                "--out",
+                str(tmp_path / "min"),
+                *FAST,
+                "--bits-per-weight",
+                str(minimum + 0.001),
+            ]
+        )
+        == 0
+    )

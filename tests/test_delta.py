@@ -24,8 +24,14 @@ K = 3  # rank of the known delta added to every Linear weight
 
 def tiny_llama(tied: bool = False, bias: bool = False, intermediate_size: int = 48) -> LlamaForCausalLM:
     """The shared tiny Llama in float64 with a small vocabulary (the deltas cover every Linear, lm_head too)."""
-    return tiny_model("llama", vocab_size=61, intermediate_size=intermediate_size, tie_word_embeddings=tied,
-                      attention_bias=bias, dtype=torch.float64)
+    return tiny_model(
+        "llama",
+        vocab_size=61,
+        intermediate_size=intermediate_size,
+        tie_word_embeddings=tied,
+        attention_bias=bias,
+        dtype=torch.float64,
+    )
 
 
 def low_rank(m: int, n: int, k: int, seed: int) -> torch.Tensor:
@@ -109,8 +115,11 @@ def test_keep_budget_is_respected_and_no_triplet_fits_after():
     # the same allocation as repeatedly taking the best next triplet s^2/(m+n) that still fits
     ranks, left = dict.fromkeys(delta.spectra, 0), budget
     while True:
-        fits = [(float(s[ranks[n]]) ** 2 / sum(delta.shapes[n]), n) for n, s in delta.spectra.items()
-                if ranks[n] < s.numel() and sum(delta.shapes[n]) <= left]
+        fits = [
+            (float(s[ranks[n]]) ** 2 / sum(delta.shapes[n]), n)
+            for n, s in delta.spectra.items()
+            if ranks[n] < s.numel() and sum(delta.shapes[n]) <= left
+        ]
         if not fits:
             break
         best = max(fits)[1]
@@ -120,22 +129,28 @@ def test_keep_budget_is_respected_and_no_triplet_fits_after():
     for n, D in deltas.items():  # the first pass's Gram-eigenvalue spectra are the singular values
         s = torch.linalg.svdvals(D)
         torch.testing.assert_close(delta.spectra[n], s.to(delta.spectra[n].dtype), rtol=0, atol=1e-7 * float(s[0]))
-    measured = sum(float(torch.linalg.norm(D - (delta.lora[n][1] @ delta.lora[n][0] if n in delta.lora else 0)) ** 2)
-                   for n, D in deltas.items())
+    measured = sum(
+        float(torch.linalg.norm(D - (delta.lora[n][1] @ delta.lora[n][0] if n in delta.lora else 0)) ** 2)
+        for n, D in deltas.items()
+    )
     total = sum(float(torch.linalg.norm(D) ** 2) for D in deltas.values())
     assert math.isclose(math.sqrt(measured / total), delta.relative_error(), rel_tol=1e-9)
 
 
 def test_equal_costs_greedy_allocation_is_optimal():
     g = torch.Generator().manual_seed(3)
-    spectra = {f"l{i}": torch.sort(torch.rand(4, generator=g, dtype=torch.float64), descending=True)[0]
-               for i in range(3)}
+    spectra = {
+        f"l{i}": torch.sort(torch.rand(4, generator=g, dtype=torch.float64), descending=True)[0] for i in range(3)
+    }
     shapes = dict.fromkeys(spectra, (4, 6))
     ranks = allocate_delta_ranks(spectra, shapes, budget=5 * 10 + 9)  # room for 5 triplets of cost 10
     assert sum(ranks.values()) == 5
     kept = sum(float((spectra[n][:r] ** 2).sum()) for n, r in ranks.items())
-    best = max(sum(float((spectra[n][:r] ** 2).sum()) for n, r in zip(spectra, rs))
-               for rs in itertools.product(range(5), repeat=3) if sum(rs) <= 5)
+    best = max(
+        sum(float((spectra[n][:r] ** 2).sum()) for n, r in zip(spectra, rs))
+        for rs in itertools.product(range(5), repeat=3)
+        if sum(rs) <= 5
+    )
     assert math.isclose(kept, best, rel_tol=1e-12)
 
 
@@ -146,8 +161,11 @@ def test_energy_rule_keeps_the_fraction_with_a_minimal_greedy_prefix():
     total = sum(float((s**2).sum()) for s in delta.spectra.values())
     kept = total * (1 - delta.relative_error() ** 2)
     assert kept >= 0.9 * total
-    last = min((float(s[delta.ranks[n] - 1]) ** 2 / sum(delta.shapes[n]), float(s[delta.ranks[n] - 1]) ** 2)
-               for n, s in delta.spectra.items() if delta.ranks.get(n, 0) > 0)
+    last = min(
+        (float(s[delta.ranks[n] - 1]) ** 2 / sum(delta.shapes[n]), float(s[delta.ranks[n] - 1]) ** 2)
+        for n, s in delta.spectra.items()
+        if delta.ranks.get(n, 0) > 0
+    )
     assert kept - last[1] < 0.9 * total
 
 
@@ -238,9 +256,12 @@ def test_include_exclude_choose_the_factorized_layers_and_the_rest_follows_exact
     assert skipped.exact == {} and sorted(skipped.lora) == sorted(delta.lora)
     merged = apply_delta_(copy.deepcopy(base), skipped)
     assert torch.equal(merged.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
-    with pytest.raises(ValueError, match=r"^include='nope' matches no Linear layer of the base model \(of 15, "
-                                         r"e\.g\. lm_head, model\.layers\.0\.mlp\.down_proj, "
-                                         r"model\.layers\.0\.mlp\.gate_proj\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^include='nope' matches no Linear layer of the base model \(of 15, "
+        r"e\.g\. lm_head, model\.layers\.0\.mlp\.down_proj, "
+        r"model\.layers\.0\.mlp\.gate_proj\)$",
+    ):
         extract_delta(base, ft, include="nope")
     with pytest.raises(ValueError, match=r"^exclude='\(' is not a valid regular expression: "):
         extract_delta(base, ft, exclude="(")
@@ -251,8 +272,9 @@ def test_save_module_keeps_lm_head_at_full_rank_and_peft_loads_it(tmp_path):
     base = tiny_llama()
     ft, _ = finetune(base)
     with torch.no_grad():
-        ft.lm_head.weight += 0.01 * torch.randn(ft.lm_head.weight.shape, generator=torch.Generator().manual_seed(3),
-                                                dtype=torch.float64)  # full rank: no rank-K LoRA recovers it
+        ft.lm_head.weight += 0.01 * torch.randn(
+            ft.lm_head.weight.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+        )  # full rank: no rank-K LoRA recovers it
     delta = extract_delta(base, ft, rank=K, save_modules=["lm_head"])
     assert "lm_head" not in delta.lora and torch.equal(delta.exact["lm_head.weight"], ft.lm_head.weight)
     delta.save_peft(tmp_path / "adapter")
@@ -265,10 +287,14 @@ def test_save_module_keeps_lm_head_at_full_rank_and_peft_loads_it(tmp_path):
     assert float((logits(apply_delta_(copy.deepcopy(base), low)) - logits(ft)).abs().max()) > 1e-4
     unchanged = extract_delta(base, ft, rank=K, save_modules=["layers.0.input_layernorm"], exact_other="skip")
     assert unchanged.exact.keys() == {"model.layers.0.input_layernorm.weight"}  # saved even though unchanged
-    assert torch.equal(unchanged.exact["model.layers.0.input_layernorm.weight"],
-                       base.model.layers[0].input_layernorm.weight)
-    with pytest.raises(ValueError, match=r"^save_modules entry 'nope' names no module of the base model \(e\.g\. "
-                                         r"lm_head, model\.embed_tokens, model\.layers\.0\.input_layernorm\)$"):
+    assert torch.equal(
+        unchanged.exact["model.layers.0.input_layernorm.weight"], base.model.layers[0].input_layernorm.weight
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^save_modules entry 'nope' names no module of the base model \(e\.g\. "
+        r"lm_head, model\.embed_tokens, model\.layers\.0\.input_layernorm\)$",
+    ):
         extract_delta(base, ft, save_modules=["nope"])
 
 
@@ -297,22 +323,31 @@ def test_unchanged_model_gives_an_empty_delta():
 def test_bad_inputs_raise_one_line_errors():
     base = tiny_llama()
     ft, _ = finetune(base)
-    with pytest.raises(ValueError, match=r"^rank 17 is larger than layer 'model.layers.0.self_attn.k_proj' allows "
-                                         r"\(max 16 for its 16x32 delta\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^rank 17 is larger than layer 'model.layers.0.self_attn.k_proj' allows "
+        r"\(max 16 for its 16x32 delta\)$",
+    ):
         extract_delta(base, ft, rank=17)
     with pytest.raises(ValueError, match=r"^give at most one of rank, keep, energy; got rank and keep$"):
         extract_delta(base, ft, rank=2, keep=0.5)
-    with pytest.raises(ValueError, match=r"^keep must be a number in \(0, 1\], got 1.5$"):
+    with pytest.raises(ValueError, match=r"^keep must be a fraction in \(0, 1\], got 1.5$"):
         extract_delta(base, ft, keep=1.5)
     with pytest.raises(ValueError, match=r"^exact_other must be one of store, skip, got 'all'$"):
         extract_delta(base, ft, exact_other="all")
     other = tiny_llama(intermediate_size=40)
-    with pytest.raises(ValueError, match=r"^models differ in architecture: "
-                                         r"tensor 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\) in base, "
-                                         r"\(32, 40\) in finetuned$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^models differ in architecture: "
+        r"tensor 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\) in base, "
+        r"\(32, 40\) in finetuned$",
+    ):
         extract_delta(base, other)
     before = copy.deepcopy(other.state_dict())
-    with pytest.raises(ValueError, match=r"^delta for 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\), "
-                                         r"the model's tensor \(32, 40\)$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^delta for 'model.layers.0.mlp.down_proj.weight' has shape \(32, 48\), "
+        r"the model's tensor \(32, 40\)$",
+    ):
         apply_delta_(other, extract_delta(base, ft, rank=1))
     assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())  # untouched on error

@@ -61,9 +61,14 @@ def test_loss_falls_and_held_out_kl_drops(orthogonal):
     assert all(isinstance(m, LowRankLinear) for n, m in student.named_modules() if n.endswith("_proj"))
 
 
-@pytest.mark.parametrize("config", [HealConfig(steps=6, batch_size=2, lr=1e-2),
-                                    HealConfig(steps=6, lr=1e-2, orthogonal=True),
-                                    HealConfig(steps=6, lr=1e-2, train_norms=True, top_k=16)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        HealConfig(steps=6, batch_size=2, lr=1e-2),
+        HealConfig(steps=6, lr=1e-2, orthogonal=True),
+        HealConfig(steps=6, lr=1e-2, train_norms=True, top_k=16),
+    ],
+)
 def test_two_runs_are_bitwise_equal(config):
     teacher, student = teacher_and_student()
     ids = token_ids(5, 32)
@@ -184,8 +189,9 @@ def test_compress_with_heal_steps(llama_dir, tmp_path, capsys):
     assert "healed 3 steps on 96 tokens" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # the unhealed scratch directory is gone
     assert main([*args, "--out", str(tmp_path / "plain")]) == 0
-    heal_checkpoint(tmp_path / "plain", tmp_path / "api", HealConfig(steps=3), ref=llama_dir, seq_len=32,
-                    progress=False)
+    heal_checkpoint(
+        tmp_path / "plain", tmp_path / "api", HealConfig(steps=3), ref=llama_dir, seq_len=32, progress=False
+    )
     ids = token_ids(2, 20)
     with torch.no_grad():
         healed, api = (rankwise.load(tmp_path / name)(input_ids=ids).logits for name in ("c", "api"))
@@ -194,42 +200,75 @@ def test_compress_with_heal_steps(llama_dir, tmp_path, capsys):
 
 def test_bad_inputs_are_one_line_and_write_nothing(compressed, llama_dir, tmp_path, capsys):
     out = ["--out", str(tmp_path / "c")]
-    run_bad(["heal", str(llama_dir), *out], capsys,
-            r"^rankwise heal: error: '.*llama' is not a rankwise directory: config.json has no "
-            r"quantization_config with quant_method 'rankwise'$")
+    run_bad(
+        ["heal", str(llama_dir), *out],
+        capsys,
+        r"^rankwise heal: error: '.*llama' is not a rankwise directory: config.json has no "
+        r"quantization_config with quant_method 'rankwise'$",
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
-    run_bad(["heal", str(empty), *out], capsys,
-            r"^rankwise heal: error: '.*empty' is not a rankwise directory: it has no config.json$")
-    run_bad(["heal", str(tmp_path / "nothing"), *out], capsys,
-            r"^rankwise heal: error: rankwise directory '.*nothing' not found$")
+    run_bad(
+        ["heal", str(empty), *out],
+        capsys,
+        r"^rankwise heal: error: '.*empty' is not a rankwise directory: it has no config.json$",
+    )
+    run_bad(
+        ["heal", str(tmp_path / "nothing"), *out],
+        capsys,
+        r"^rankwise heal: error: rankwise directory '.*nothing' not found$",
+    )
     short = tmp_path / "short.txt"
     short.write_text("Too short to fill one sequence.")
-    run_bad(["heal", str(compressed), *out, "--text", str(short)], capsys,
-            r"^rankwise heal: error: healing text too short: need 512 tokens \(1 x 512\), got 7$")
-    run_bad(["heal", str(compressed), *out, "--seq-len", "32", "--tokens", "16"], capsys,
-            r"^rankwise heal: error: --tokens must be at least --seq-len \(32\), got 16$")
-    run_bad(["heal", str(compressed), *out, "--lr", "0"], capsys,
-            r"^rankwise heal: error: lr must be a number in \(0, 1\], got 0.0$")
-    run_bad(["heal", str(compressed), *out, "--top-k", "-1"], capsys,
-            r"^rankwise heal: error: top_k must be an int >= 0, got -1$")
+    run_bad(
+        ["heal", str(compressed), *out, "--text", str(short)],
+        capsys,
+        r"^rankwise heal: error: healing text too short: need 512 tokens \(1 x 512\), got 7$",
+    )
+    run_bad(
+        ["heal", str(compressed), *out, "--seq-len", "32", "--tokens", "16"],
+        capsys,
+        r"^rankwise heal: error: --tokens must be at least --seq-len \(32\), got 16$",
+    )
+    run_bad(
+        ["heal", str(compressed), *out, "--lr", "0"],
+        capsys,
+        r"^rankwise heal: error: lr must be a number in \(0, 1\], got 0.0$",
+    )
+    run_bad(
+        ["heal", str(compressed), *out, "--top-k", "-1"],
+        capsys,
+        r"^rankwise heal: error: top_k must be an int >= 0, got -1$",
+    )
     no_card = tmp_path / "no_card"
     shutil.copytree(compressed, no_card)
     (no_card / "README.md").unlink()
-    run_bad(["heal", str(no_card), *out], capsys,
-            r"^rankwise heal: error: '.*no_card' names no base model \(no base_model in its README.md model card\): "
-            r"pass --ref MODEL, the dense model it was compressed from$")
-    run_bad(["compress", str(llama_dir), *out, "--heal-steps", "0"], capsys,
-            r"^rankwise compress: error: --heal-steps must be an int >= 1, got 0$")
-    run_bad(["compress", str(llama_dir), *out, "--heal-steps", "2", "--resume"], capsys,
-            r"^rankwise compress: error: --resume cannot be combined with --heal-steps "
-            r"\(the unhealed model is not kept\)$")
+    run_bad(
+        ["heal", str(no_card), *out],
+        capsys,
+        r"^rankwise heal: error: '.*no_card' names no base model \(no base_model in its README.md model card\): "
+        r"pass --ref MODEL, the dense model it was compressed from$",
+    )
+    run_bad(
+        ["compress", str(llama_dir), *out, "--heal-steps", "0"],
+        capsys,
+        r"^rankwise compress: error: --heal-steps must be an int >= 1, got 0$",
+    )
+    run_bad(
+        ["compress", str(llama_dir), *out, "--heal-steps", "2", "--resume"],
+        capsys,
+        r"^rankwise compress: error: --resume cannot be combined with --heal-steps "
+        r"\(the unhealed model is not kept\)$",
+    )
     assert no_output(tmp_path)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "mine.txt").write_text("keep me")
-    run_bad(["heal", str(compressed), *out], capsys,
-            r"^rankwise heal: error: output directory '.*c' already exists; pass --force \(force=True\) to "
-            r"overwrite it$")
+    run_bad(
+        ["heal", str(compressed), *out],
+        capsys,
+        r"^rankwise heal: error: output directory '.*c' already exists; pass --force \(force=True\) to "
+        r"overwrite it$",
+    )
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["mine.txt"]
 
 
@@ -244,8 +283,12 @@ def test_interrupted_heal_leaves_no_output(compressed, tmp_path, capsys, monkeyp
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_interrupt)
-    run_bad(["heal", str(compressed), "--out", str(tmp_path / "c"), *HEAL], capsys,
-            r"^rankwise heal: interrupted; no output was written$", after_loading=True)
+    run_bad(
+        ["heal", str(compressed), "--out", str(tmp_path / "c"), *HEAL],
+        capsys,
+        r"^rankwise heal: interrupted; no output was written$",
+        after_loading=True,
+    )
     assert len(calls) == 3 and no_output(tmp_path)
     assert tree_digest(compressed) == digest
 

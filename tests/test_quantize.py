@@ -85,9 +85,13 @@ def test_quantize_save_reload_identical_logits_and_size(calibrated, tmp_path):
     model = tiny_llama()
     names = list(find_targets(model))
     factorize_some(model, {names[0]: 8, names[4]: 12})
-    plan = {names[0]: QuantizeConfig(4, 32), names[4]: QuantizeConfig(8, 32, symmetric=True),
-            names[1]: QuantizeConfig(3, 32, correction_rank=4), names[2]: QuantizeConfig(2, 64, symmetric=True),
-            names[6]: QuantizeConfig(4, 64, algorithm="rtn")}
+    plan = {
+        names[0]: QuantizeConfig(4, 32),
+        names[4]: QuantizeConfig(8, 32, symmetric=True),
+        names[1]: QuantizeConfig(3, 32, correction_rank=4),
+        names[2]: QuantizeConfig(2, 64, symmetric=True),
+        names[6]: QuantizeConfig(4, 64, algorithm="rtn"),
+    }
     reports = quantize_(model, plan, stats, progress=False)
     assert [r.kind for r in reports] == ["lowrank+quant", "lowrank+quant", "quant+lr", "quant", "quant"]
     for r in reports:
@@ -101,8 +105,16 @@ def test_quantize_save_reload_identical_logits_and_size(calibrated, tmp_path):
     rankwise.save(model, tmp_path / "q")
     qc = read_quantization_config(tmp_path / "q")
     assert qc["ranks"] == {}
-    assert qc["modules"][names[0]] == {"layer": "quant_lowrank_linear", "in_features": 32, "out_features": 32,
-                                       "rank": 8, "bits": 4, "group_size": 32, "symmetric": False, "bias": False}
+    assert qc["modules"][names[0]] == {
+        "layer": "quant_lowrank_linear",
+        "in_features": 32,
+        "out_features": 32,
+        "rank": 8,
+        "bits": 4,
+        "group_size": 32,
+        "symmetric": False,
+        "bias": False,
+    }
     for reloaded in (rankwise.load(tmp_path / "q"), AutoModelForCausalLM.from_pretrained(tmp_path / "q")):
         assert reloaded.get_submodule(names[1]).scale.dtype == torch.float16
         assert reloaded.get_submodule(names[0]).up.codes.dtype == torch.uint8
@@ -117,8 +129,12 @@ def test_quant_layers_match_their_dense_equivalents():
     linear = torch.nn.Linear(64, 48)
     H = torch.eye(64, dtype=torch.float64)
     model = torch.nn.ModuleDict({"a": linear, "b": LowRankLinear.from_dense(torch.nn.Linear(64, 48), 10)})
-    quantize_(model, {"a": QuantizeConfig(3, 32, correction_rank=2), "b": QuantizeConfig(4, 32)},
-              _stats({"a": H, "b": H}), progress=False)
+    quantize_(
+        model,
+        {"a": QuantizeConfig(3, 32, correction_rank=2), "b": QuantizeConfig(4, 32)},
+        _stats({"a": H, "b": H}),
+        progress=False,
+    )
     x = torch.randn(3, 64)
     for name in ("a", "b"):
         layer = model[name]

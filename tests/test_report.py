@@ -31,14 +31,33 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     llama = save_model_dir(tiny_llama(), root / "llama")
     assert main(["compress", str(llama), "--keep", "0.6", "--report", "--out", str(root / "c"), *FAST]) == 0
-    assert main(["sweep", str(llama), "--keep", "0.9", "0.6", "--eval", "--eval-tokens", "512", "--report",
-                 "--out", str(root / "s"), *FAST]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                str(llama),
+                "--keep",
+                "0.9",
+                "0.6",
+                "--eval",
+                "--eval-tokens",
+                "512",
+                "--report",
+                "--out",
+                str(root / "s"),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     base = tiny_llama64()
     ft, _ = finetune(base)
     base.save_pretrained(root / "base")
     ft.save_pretrained(root / "ft")
-    assert main(["delta", "extract", str(root / "base"), str(root / "ft"), "--keep", "0.05",
-                 "--out", str(root / "d")]) == 0
+    assert (
+        main(["delta", "extract", str(root / "base"), str(root / "ft"), "--keep", "0.05", "--out", str(root / "d")])
+        == 0
+    )
     return root
 
 
@@ -47,7 +66,7 @@ def check_page(html_path, expected: set[str]) -> None:
     the page loads nothing from elsewhere."""
     page = html_path.read_text(encoding="utf-8")
     pngs = sorted(html_path.parent.glob(f"{html_path.stem}-*.png"))
-    assert {p.stem[len(html_path.stem) + 1:] for p in pngs} == expected
+    assert {p.stem[len(html_path.stem) + 1 :] for p in pngs} == expected
     embedded = re.findall(r'<img id="([a-z]+)" alt="[^"]*" src="data:image/png;base64,([A-Za-z0-9+/=]+)">', page)
     assert {name for name, _ in embedded} == expected and len(embedded) == len(expected)
     for name, data in embedded:
@@ -119,9 +138,11 @@ def test_not_a_rankwise_output(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     code, out, err = run_cli(["report", tmp_path / "d", "--out", tmp_path / "r.html"], capsys)
     assert code == 2 and out == ""
-    assert err == (f"rankwise report: error: {str(tmp_path / 'd')!r} is not a rankwise output: it has no "
-                   "rankwise_report.json (rankwise compress), sweep.json (rankwise sweep) or rankwise_delta.json "
-                   "(rankwise delta extract)\n")
+    assert err == (
+        f"rankwise report: error: {str(tmp_path / 'd')!r} is not a rankwise output: it has no "
+        "rankwise_report.json (rankwise compress), sweep.json (rankwise sweep) or rankwise_delta.json "
+        "(rankwise delta extract)\n"
+    )
     code, _, err = run_cli(["report", tmp_path / "missing", "--out", tmp_path / "r.html"], capsys)
     assert code == 2 and err == f"rankwise report: error: directory {str(tmp_path / 'missing')!r} not found\n"
     (tmp_path / "d" / "sweep.json").write_text("[1, 2]")
@@ -135,8 +156,9 @@ def test_existing_out_needs_force(runs, tmp_path, capsys):
     out.write_text("mine")
     code, _, err = run_cli(["report", runs / "c", "--out", out], capsys)
     assert code == 2
-    assert err == (f"rankwise report: error: output {str(out)!r} already exists; "
-                   "pass --force (force=True) to overwrite it\n")
+    assert err == (
+        f"rankwise report: error: output {str(out)!r} already exists; pass --force (force=True) to overwrite it\n"
+    )
     assert out.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
     code, _, _ = run_cli(["report", runs / "c", "--out", out, "--force"], capsys)
     assert code == 0 and out.read_text().startswith("<!DOCTYPE html>")
@@ -160,7 +182,7 @@ def test_chromium_shows_every_figure_offline(runs, tmp_path):
     assert check(runs / "c" / "report.html") == []
     page = (runs / "c" / "report.html").read_text()
     start = page.index("base64,") + len("base64,")
-    (tmp_path / "broken.html").write_text(page[:start] + "AAAA" + page[start + 4:])  # the first figure, corrupted
+    (tmp_path / "broken.html").write_text(page[:start] + "AAAA" + page[start + 4 :])  # the first figure, corrupted
     for name in ("ranks", "spectra", "budget", "timings"):
         shutil.copy(runs / "c" / f"report-{name}.png", tmp_path / f"broken-{name}.png")
     assert "figure ranks: the browser did not decode it" in check(tmp_path / "broken.html")

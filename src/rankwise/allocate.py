@@ -53,7 +53,7 @@ def allocate_ranks(name: str, layers: list[LayerCost], keep: float, *, min_rank:
     keep : float in (0, 1], the fraction of the layers' dense parameters kept.
     min_rank : smallest rank any factorized layer may get (guards against starving a layer).
     """
-    budget = keep * sum(l.dense_params for l in layers)
+    budget = keep * sum(layer.dense_params for layer in layers)
     return ALLOCATORS.get(name).fn(layers, budget, min_rank=min_rank)
 
 
@@ -61,11 +61,11 @@ def allocate_ranks(name: str, layers: list[LayerCost], keep: float, *, min_rank:
 def uniform(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> list[int | None]:
     """The same kept fraction for every matrix (SVD-LLM's rule): the largest rank within ``keep`` of
     each layer's own parameters; a layer whose rank would not save parameters stays dense."""
-    keep = budget / sum(l.dense_params for l in layers)
+    keep = budget / sum(layer.dense_params for layer in layers)
     ranks: list[int | None] = []
-    for l in layers:
-        r = int((keep * l.dense_params - l.bias) // l.step)
-        ranks.append(None if r > l.max_rank else max(r, min(min_rank, l.max_rank), 1))
+    for layer in layers:
+        r = int((keep * layer.dense_params - layer.bias) // layer.step)
+        ranks.append(None if r > layer.max_rank else max(r, min(min_rank, layer.max_rank), 1))
     return ranks
 
 
@@ -90,14 +90,14 @@ def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> 
     resources", Operations Research 11 (1963).
     """
     tails, params, options = [], [], []
-    for l in layers:
-        lo = min(max(min_rank, 1), l.max_rank)
-        g = l.gains.to(torch.float64).clamp_min(0)
+    for layer in layers:
+        lo = min(max(min_rank, 1), layer.max_rank)
+        g = layer.gains.to(torch.float64).clamp_min(0)
         tail = torch.cat([torch.flip(torch.cumsum(torch.flip(g, [0]), 0), [0]), g.new_zeros(1)])  # tail[r]: loss at r
-        ranks = torch.arange(lo, l.max_rank + 1)
+        ranks = torch.arange(lo, layer.max_rank + 1)
         opts = ranks.tolist() + [None]
         loss = torch.cat([tail[ranks.clamp_max(len(tail) - 1)], g.new_zeros(1)])  # options, then dense (no loss)
-        cost = torch.cat([ranks * l.step + l.bias, torch.tensor([l.dense_params])]).to(torch.float64)
+        cost = torch.cat([ranks * layer.step + layer.bias, torch.tensor([layer.dense_params])]).to(torch.float64)
         tails.append(loss), params.append(cost), options.append(opts)
     # every layer's options in one padded matrix: a price lam is one argmin per row (padding never wins)
     width = max(len(o) for o in options)
@@ -112,7 +112,9 @@ def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> 
 
     floor = [0] * len(layers)
     if total(floor) > budget:
-        raise ValueError(f"keep is too small: even rank {min_rank} for every layer exceeds the budget of {int(budget)} parameters")
+        raise ValueError(
+            f"keep is too small: even rank {min_rank} for every layer exceeds the budget of {int(budget)} parameters"
+        )
     hi = max(float(t[0]) for t in tails) + 1.0
     while total(choose(hi)) > budget:
         hi *= 2
@@ -217,8 +219,10 @@ def allocate_options(options: list[list[tuple[int, float]]], budget: float) -> l
     losses = [torch.tensor([float(v) for _, v in opts], dtype=torch.float64) for opts in options]
     cheapest = sum(float(p.min()) for p in params)
     if cheapest > budget:
-        raise ValueError(f"the budget of {int(budget)} parameters is below the {int(cheapest)} that the smallest "
-                         "factorization of every layer needs; accepted: a larger keep")
+        raise ValueError(
+            f"the budget of {int(budget)} parameters is below the {int(cheapest)} that the smallest "
+            "factorization of every layer needs; accepted: a larger keep"
+        )
 
     def choose(lam: float) -> list[int]:
         # ties broken towards fewer parameters, so that a huge lam gives the cheapest options

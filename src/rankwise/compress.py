@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._validate import fraction, int_at_least, number_in
 from .allocate import ALLOCATORS, LayerCost, allocate_ranks
 from .blocks import BlockSource, InMemorySource
 from .calibrate import CalibStats, _bar
@@ -60,25 +61,26 @@ class CompressConfig:
     def __post_init__(self):
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION} (the only config version), got {self.version!r}")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < float(self.keep) <= 1.0:
-            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
+        fraction(self.keep, "keep")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
         ALLOCATORS.get(self.allocate)
         for name in ("calib_seqs", "seq_len", "fisher_seqs", "min_rank", "seed"):
             v = getattr(self, name)
             low = 0 if name in ("fisher_seqs", "seed") else (2 if name == "seq_len" else 1)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+            int_at_least(v, name, low)
         if self.needs_loss_gradients and self.fisher_seqs == 0:
-            raise ValueError(f"fisher_seqs must be >= 1 with allocate={self.allocate!r} (it needs loss gradients), got 0")
+            raise ValueError(
+                f"fisher_seqs must be >= 1 with allocate={self.allocate!r} (it needs loss gradients), got 0"
+            )
         for name in ("update", "sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.update and self.sequential:
-            raise ValueError("update and sequential are alternatives (both recalibrate on the compressed model); choose one")
-        if isinstance(self.asvd_alpha, bool) or not isinstance(self.asvd_alpha, (int, float)) or not 0 <= self.asvd_alpha <= 1:
-            raise ValueError(f"asvd_alpha must be a number in [0, 1], got {self.asvd_alpha!r}")
+            raise ValueError(
+                "update and sequential are alternatives (both recalibrate on the compressed model); choose one"
+            )
+        number_in(self.asvd_alpha, "asvd_alpha", 0, 1)
         for name in ("include", "exclude"):
             v = getattr(self, name)
             if v is not None:
@@ -102,7 +104,7 @@ class CompressConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CompressConfig":
+    def from_dict(cls, d: dict) -> CompressConfig:
         if not isinstance(d, dict):
             raise ValueError(f"config must be a dict, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
@@ -126,7 +128,9 @@ class LayerReport:
     error: float  # relative whitened (or scaled / plain, by method) Frobenius error of the truncation
     seconds: float
     loss: float = 0.0  # the allocator's predicted loss increase of this layer at its rank
-    spectrum: list[float] = field(default_factory=list, repr=False)  # singular values in the truncated metric / the first
+    spectrum: list[float] = field(
+        default_factory=list, repr=False
+    )  # singular values in the truncated metric / the first
 
 
 @dataclass
@@ -142,25 +146,25 @@ class CompressReport:
     @property
     def ranks(self) -> dict[str, int]:
         """name -> rank of every layer replaced by a LowRankLinear (dense-kept layers are absent)."""
-        return {l.name: l.rank for l in self.layers if l.rank is not None}
+        return {layer.name: layer.rank for layer in self.layers if layer.rank is not None}
 
     @property
     def params_before(self) -> int:
-        return sum(l.params_before for l in self.layers)
+        return sum(layer.params_before for layer in self.layers)
 
     @property
     def params_after(self) -> int:
-        return sum(l.params_after for l in self.layers)
+        return sum(layer.params_after for layer in self.layers)
 
     @property
     def predicted_loss(self) -> float:
         """The allocator's objective at the chosen ranks: summed gains of the dropped triplets."""
-        return sum(l.loss for l in self.layers)
+        return sum(layer.loss for layer in self.layers)
 
     def to_dict(self) -> dict:
         return {
             "config": self.config.to_dict(),
-            "layers": [asdict(l) | {"shape": list(l.shape)} for l in self.layers],
+            "layers": [asdict(layer) | {"shape": list(layer.shape)} for layer in self.layers],
             "params_before": self.params_before,
             "params_after": self.params_after,
             "predicted_loss": self.predicted_loss,
@@ -175,22 +179,23 @@ class CompressReport:
     def summary(self) -> str:
         """A one-screen table: one row per layer kind (block index replaced by ``*``), then totals."""
         groups: dict[str, list[LayerReport]] = {}
-        for l in self.layers:
-            groups.setdefault(re.sub(r"\.\d+\.", ".*.", l.name), []).append(l)
+        for layer in self.layers:
+            groups.setdefault(re.sub(r"\.\d+\.", ".*.", layer.name), []).append(layer)
         head = f"{'layers':<44} {'n':>4} {'shape':>11} {'ranks (min-max)':>16} {'kept':>6} {'err':>6}"
         lines = [head, "-" * len(head)]
         for key, ls in groups.items():
-            rs = [l.rank if l.rank is not None else min(l.shape) for l in ls]
-            dense = sum(l.rank is None for l in ls)
+            rs = [layer.rank if layer.rank is not None else min(layer.shape) for layer in ls]
+            dense = sum(layer.rank is None for layer in ls)
             rtxt = f"{min(rs)}-{max(rs)}" + (f" {dense}d" if dense else "")
-            kept = sum(l.params_after for l in ls) / sum(l.params_before for l in ls)
-            err = sum(l.error for l in ls) / len(ls)
+            kept = sum(layer.params_after for layer in ls) / sum(layer.params_before for layer in ls)
+            err = sum(layer.error for layer in ls) / len(ls)
             shape = "x".join(map(str, ls[0].shape))
             lines.append(f"{key[-44:]:<44} {len(ls):>4} {shape:>11} {rtxt:>16} {kept:>6.3f} {err:>6.3f}")
         c = self.config
         lines.append("-" * len(head))
         lines.append(
-            f"params {self.params_before:,} -> {self.params_after:,} (kept {self.params_after / self.params_before:.3f}, "
+            f"params {self.params_before:,} -> {self.params_after:,} "
+            f"(kept {self.params_after / self.params_before:.3f}, "
             f"target {c.keep}); method={c.method} allocate={c.allocate} update={c.update} sequential={c.sequential}"
         )
         lines.append("time " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
@@ -240,10 +245,16 @@ def compress_(
     if stats is not None:
         missing = [n for n in targets if n not in stats.inputs]
         if missing:
-            raise ValueError(f"stats has no statistics for layer {missing[0]} ({len(missing)} missing); collect them on this model's targets")
+            raise ValueError(
+                f"stats has no statistics for layer {missing[0]} ({len(missing)} missing); "
+                "collect them on this model's targets"
+            )
     stack = block_stack(model)
     if stack is None:
-        raise ValueError(f"{type(model).__name__} has no block stack (an nn.ModuleList of identical blocks) to compress block by block")
+        raise ValueError(
+            f"{type(model).__name__} has no block stack (an nn.ModuleList of identical blocks) "
+            "to compress block by block"
+        )
     param = next(model.parameters())
     source = InMemorySource(model, stack[0], param.device)  # computed where the model is
     dtypes = {n: dense_weight(m).dtype for n, m in targets.items()}
@@ -254,7 +265,14 @@ def compress_(
         with tempfile.TemporaryDirectory(prefix="rankwise-") as tmp:
             work = WorkDir(Path(tmp) / "work", {})
             report = run_compression(
-                source, targets, config, calib, work, stats=stats, dtype=param.dtype, progress=progress,
+                source,
+                targets,
+                config,
+                calib,
+                work,
+                stats=stats,
+                dtype=param.dtype,
+                progress=progress,
                 emit=lambda i, factors: swap_in(model, factors, dtypes.get),
             )
     finally:
@@ -290,10 +308,15 @@ def plan_compression(
     """Passes A-C over ``source``'s blocks: ``(pipeline, every layer's curve, timings)``; the factors wait
     in ``work``. Any number of budgets can then be allocated (:func:`allocate_layers`) and written."""
     pipe = Pipeline(
-        source, targets, config,
+        source,
+        targets,
+        config,
         lambda W, st, name, cache: factorize(W, config, st, name, cache),
         lambda layer, f, st, name: layer_cost(layer, f, st, name, config.needs_loss_gradients),
-        work, device=getattr(source, "device", torch.device("cpu")), dtype=dtype, progress=progress,
+        work,
+        device=getattr(source, "device", torch.device("cpu")),
+        dtype=dtype,
+        progress=progress,
     )
     t0 = time.perf_counter()
     curves = pipe.calibrate(calib, stats)
@@ -333,7 +356,9 @@ def run_compression(
 ) -> CompressReport:
     """The passes over ``source``'s blocks, the global allocation, then ``emit(i, {name: SVD or None})``
     for every block in order, with block ``i`` loaded (factors truncated to their allocated ranks)."""
-    pipe, curves, timings = plan_compression(source, targets, config, calib, work, stats=stats, dtype=dtype, progress=progress)
+    pipe, curves, timings = plan_compression(
+        source, targets, config, calib, work, stats=stats, dtype=dtype, progress=progress
+    )
     t0 = time.perf_counter()
     rank_of = allocate_layers(config, curves, config.keep)
     curve = budget_curve(config, curves)
@@ -341,10 +366,13 @@ def run_compression(
     errors: dict[str, float] = {}
     t0 = time.perf_counter()
     if config.sequential:
+
         def emit_refit(i: int, factors: dict[str, SVD | None]) -> None:  # the refit factors' own errors
             for name, f in factors.items():
                 if f is not None:
-                    errors[name] = f.tail_error(f.rank) / max(float(torch.linalg.vector_norm(f.spectrum.double())), 1e-300)
+                    errors[name] = f.tail_error(f.rank) / max(
+                        float(torch.linalg.vector_norm(f.spectrum.double())), 1e-300
+                    )
             emit(i, factors)
 
         pipe.sequential(calib, rank_of, emit_refit)
@@ -365,8 +393,13 @@ def budget_curve(config: CompressConfig, curves: list, keeps=CURVE_KEEPS) -> lis
         except ValueError:
             continue
         ranks = [rank_of[c.name] for c in curves]
-        points.append({"keep": keep, "params_after": sum(c.cost.params(r) for c, r in zip(curves, ranks)),
-                       "predicted_loss": sum(predicted_loss(c.cost, r) for c, r in zip(curves, ranks))})
+        points.append(
+            {
+                "keep": keep,
+                "params_after": sum(c.cost.params(r) for c, r in zip(curves, ranks)),
+                "predicted_loss": sum(predicted_loss(c.cost, r) for c, r in zip(curves, ranks)),
+            }
+        )
     return points
 
 
@@ -379,8 +412,17 @@ def layer_report(curve, rank: int | None, error: float | None = None) -> LayerRe
     if error is None:
         error = 0.0 if rank is None else (loss / max(float(gains.sum()), 1e-300)) ** 0.5
     spectrum = (gains / max(float(gains[0]), 1e-300)).sqrt() if len(gains) else gains
-    return LayerReport(curve.name, cost.shape, rank, cost.dense_params, cost.params(rank), error, curve.seconds,
-                       loss, [float(f"{v:.5g}") for v in spectrum.tolist()])
+    return LayerReport(
+        curve.name,
+        cost.shape,
+        rank,
+        cost.dense_params,
+        cost.params(rank),
+        error,
+        curve.seconds,
+        loss,
+        [float(f"{v:.5g}") for v in spectrum.tolist()],
+    )
 
 
 def predicted_loss(cost: LayerCost, rank: int | None) -> float:
@@ -388,7 +430,9 @@ def predicted_loss(cost: LayerCost, rank: int | None) -> float:
     return 0.0 if rank is None else float(cost.gains.double().clamp_min(0)[rank:].sum())
 
 
-def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None, name: str, cache: dict | None = None) -> SVD:
+def factorize(
+    W: torch.Tensor, config: CompressConfig, stats: CalibStats | None, name: str, cache: dict | None = None
+) -> SVD:
     """Full-rank SVD of ``D W M`` (``W`` shape (m, n)) in the method's metric, returned as factors of ``W``.
 
     ``M`` is the identity ("svd"), ``diag(mean|x|^alpha)`` ("asvd") or the whitening factor of the
@@ -410,7 +454,9 @@ def factorize(W: torch.Tensor, config: CompressConfig, stats: CalibStats | None,
     if config.method == "asvd":
         mean = st.mean_abs
         # dead input channels would give scale 0 (not invertible): floor them at a tiny fraction of the max
-        return whitened_svd(W, scale=mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha, rows=rows)
+        return whitened_svd(
+            W, scale=mean.clamp_min(max(float(mean.max()), 1e-12) * 1e-6) ** config.asvd_alpha, rows=rows
+        )
     cache = {} if cache is None else cache
     if id(st) not in cache:
         cache[id(st)] = whitening_factor(st.covariance)
@@ -445,10 +491,20 @@ def _check_calib(calib, needs_data: bool, config: CompressConfig) -> None:
     if calib is None:
         if needs_data:
             raise ValueError(
-                f"calib is required for method={config.method!r}, allocate={config.allocate!r}, update={config.update}; "
+                f"calib is required for method={config.method!r}, allocate={config.allocate!r}, "
+                f"update={config.update}; "
                 "only method='svd' with allocate='uniform' and no update runs without calibration data"
             )
         return
-    if not isinstance(calib, torch.Tensor) or calib.dtype not in (torch.int64, torch.int32) or calib.ndim != 2 or calib.numel() == 0:
-        desc = f"{calib.dtype} tensor of shape {tuple(calib.shape)}" if isinstance(calib, torch.Tensor) else type(calib).__name__
+    if (
+        not isinstance(calib, torch.Tensor)
+        or calib.dtype not in (torch.int64, torch.int32)
+        or calib.ndim != 2
+        or calib.numel() == 0
+    ):
+        desc = (
+            f"{calib.dtype} tensor of shape {tuple(calib.shape)}"
+            if isinstance(calib, torch.Tensor)
+            else type(calib).__name__
+        )
         raise ValueError(f"calib must be a LongTensor of token ids, shape (n_seqs, seq_len), got {desc}")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._validate import fraction
 from .allocate import allocate_options
 from .calibrate_modules import ModuleStats, collect_module_stats
 from .formats.cp import CP, cp_als
@@ -77,8 +78,7 @@ class ModuleCompressConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
-            raise ValueError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
+        fraction(self.keep, "keep")
         if self.format not in ("auto", *CONV_FORMATS):
             raise ValueError(f"format must be one of auto, {', '.join(CONV_FORMATS)}, got {self.format!r}")
         bad = [f for f in self.auto_formats if f not in CONV_FORMATS]

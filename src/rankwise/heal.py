@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import is_int, is_number
 from .calibrate import _bar
 from .heal_orthogonal import OrthonormalLowRank, orthonormal_factors
 from .layers.linear import LowRankLinear
@@ -75,13 +76,13 @@ class HealConfig:
             value, low = getattr(self, name), 0 if name in ("top_k", "seed") else 1
             if name == "steps" and value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 accepted = f"an int >= {low}" + (" or None" if name == "steps" else "")
                 raise ValueError(f"{name} must be {accepted}, got {value!r}")
         for name in ("lr", "warmup", "weight_decay", "max_grad_norm"):
             value = getattr(self, name)
             what = {"lr": "in (0, 1]", "max_grad_norm": "> 0"}.get(name, "in [0, 1]")
-            ok = not isinstance(value, bool) and isinstance(value, (int, float))
+            ok = is_number(value)
             ok = ok and (value > 0 if name == "max_grad_norm" else 0 <= value <= 1 and (name != "lr" or value > 0))
             if not ok:
                 raise ValueError(f"{name} must be a number {what}, got {value!r}")
@@ -98,16 +99,23 @@ class HealReport:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"config": asdict(self.config), "losses": list(self.losses), "tokens": self.tokens,
-                "trained_params": self.trained_params, "seconds": self.seconds}
+        return {
+            "config": asdict(self.config),
+            "losses": list(self.losses),
+            "tokens": self.tokens,
+            "trained_params": self.trained_params,
+            "seconds": self.seconds,
+        }
 
     def summary(self) -> str:
         k = max(1, len(self.losses) // 10)
         first, last = (sum(x) / len(x) for x in (self.losses[:k], self.losses[-k:]))
-        return (f"healed {len(self.losses)} steps on {self.tokens:,} tokens "
-                f"({self.trained_params:,} parameters trained) in {self.seconds:.1f} s; "
-                f"KL to the teacher {first:.4f} -> {last:.4f} nats/token "
-                f"(mean of the first and last {k} steps)")
+        return (
+            f"healed {len(self.losses)} steps on {self.tokens:,} tokens "
+            f"({self.trained_params:,} parameters trained) in {self.seconds:.1f} s; "
+            f"KL to the teacher {first:.4f} -> {last:.4f} nats/token "
+            f"(mean of the first and last {k} steps)"
+        )
 
 
 def is_factorized(module: nn.Module) -> bool:
@@ -120,8 +128,9 @@ def trainable_parameters(model: nn.Module, train_norms: bool = False) -> dict[st
     chosen: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         if is_factorized(module) or (train_norms and "norm" in type(module).__name__.lower()):
-            chosen.update({f"{name}.{p}": param for p, param in module.named_parameters()
-                           if f"{name}.{p}" not in chosen})
+            chosen.update(
+                {f"{name}.{p}": param for p, param in module.named_parameters() if f"{name}.{p}" not in chosen}
+            )
     if not chosen:
         raise ValueError("the model has no factorized layer to heal (no LowRankLinear or other factorized layer)")
     return chosen
@@ -155,8 +164,9 @@ def kl_top_k(student_logits: torch.Tensor, top_logp: torch.Tensor, top_idx: torc
     return kl.mean()
 
 
-def teacher_top_k(teacher: nn.Module, ids: torch.Tensor, k: int, *,
-                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_top_k(
+    teacher: nn.Module, ids: torch.Tensor, k: int, *, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's top-``k`` next-token log-probabilities and token ids at every position of ``ids``.
 
     Returns ``(log-probs float32, ids int64)``, each of shape (n_seqs, seq_len, k).
@@ -195,8 +205,15 @@ def _check_ids(ids, batch_size: int) -> None:
         raise ValueError(f"healing needs at least batch_size={batch_size} sequences, got {ids.shape[0]}")
 
 
-def heal_(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, config: HealConfig | None = None, *,
-          cached: tuple[torch.Tensor, torch.Tensor] | None = None, progress: bool = True) -> HealReport:
+def heal_(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    ids: torch.Tensor,
+    config: HealConfig | None = None,
+    *,
+    cached: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> HealReport:
     """Distil ``student`` (a compressed model, changed in place) towards ``teacher`` on the sequences ``ids``.
 
     Parameters
@@ -224,8 +241,9 @@ def heal_(student: nn.Module, teacher: nn.Module | None, ids: torch.Tensor, conf
     if teacher is None and cached is None:
         raise ValueError("heal_ needs the dense teacher model (or, with config.top_k, its cached top-k)")
     if teacher is not None and student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"student and teacher vocabularies differ: {student.config.vocab_size} vs "
-                         f"{teacher.config.vocab_size}")
+        raise ValueError(
+            f"student and teacher vocabularies differ: {student.config.vocab_size} vs {teacher.config.vocab_size}"
+        )
     t0 = time.perf_counter()
     steps = config.steps or ids.shape[0] // config.batch_size
     top = cached

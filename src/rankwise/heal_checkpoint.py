@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ._validate import is_int
 from .heal import HealConfig, HealReport, heal_, teacher_top_k
 
 HEAL_REPORT_FILE = "rankwise_heal.json"
@@ -33,7 +34,7 @@ def healing_ids(tokenizer, text: str | None, seq_len: int, tokens: int | None) -
     """
     from .data import builtin_text, token_sequences
 
-    if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < seq_len):
+    if tokens is not None and (not is_int(tokens) or tokens < seq_len):
         raise ValueError(f"the healing tokens must be an int >= the sequence length ({seq_len}), got {tokens!r}")
     text = builtin_text("calib") if text is None else text
     return token_sequences(tokenizer, text, seq_len, None if tokens is None else tokens // seq_len, what="healing")
@@ -47,8 +48,10 @@ def resolve_teacher(path: Path, ref: str | os.PathLike | None) -> Path:
     if ref is None:
         ref = card_base_model(path)
         if ref is None:
-            raise ValueError(f"{str(path)!r} names no base model (no base_model in its README.md model card): "
-                             "pass --ref MODEL, the dense model it was compressed from")
+            raise ValueError(
+                f"{str(path)!r} names no base model (no base_model in its README.md model card): "
+                "pass --ref MODEL, the dense model it was compressed from"
+            )
     return model_dir(ref)
 
 
@@ -92,8 +95,9 @@ def heal_checkpoint(
 
     out = Path(out_dir)
     if out.exists() and not force:
-        raise FileExistsError(f"output directory {str(out)!r} already exists; "
-                              "pass --force (force=True) to overwrite it")
+        raise FileExistsError(
+            f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it"
+        )
     config = HealConfig() if config is None else config
     if not isinstance(config, HealConfig):
         raise ValueError(f"config must be a rankwise.heal.HealConfig, got {type(config).__name__}")
@@ -103,8 +107,9 @@ def heal_checkpoint(
     teacher_dir = resolve_teacher(path, ref)
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
-        raise ValueError(f"rankwise directory {str(path)!r} has no tokenizer files, "
-                         "so the healing text cannot be tokenized")
+        raise ValueError(
+            f"rankwise directory {str(path)!r} has no tokenizer files, so the healing text cannot be tokenized"
+        )
     ids = healing_ids(tokenizer, text, seq_len, tokens)
     teacher, _ = load_weights(teacher_dir)
     cached = None
@@ -122,9 +127,13 @@ def heal_checkpoint(
         (tmp / HEAL_REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
         factors = "orthonormal" if config.orthogonal else "free"
         loss = f"top-{config.top_k} KL" if config.top_k else "full-vocabulary KL"
-        write_model_card(tmp, base_model=base, quality=None,
-                         method=f"compress, then heal: {len(report.losses)} steps of distillation towards the "
-                                f"base model ({loss}, {factors} factors, {report.tokens:,} tokens)",
-                         budget=f"{len(qc['ranks']) + len(qc.get('modules', {}))} layers factorized; "
-                                f"{report.trained_params:,} parameters healed")
+        write_model_card(
+            tmp,
+            base_model=base,
+            quality=None,
+            method=f"compress, then heal: {len(report.losses)} steps of distillation towards the "
+            f"base model ({loss}, {factors} factors, {report.tokens:,} tokens)",
+            budget=f"{len(qc['ranks']) + len(qc.get('modules', {}))} layers factorized; "
+            f"{report.trained_params:,} parameters healed",
+        )
     return report

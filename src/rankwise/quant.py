@@ -83,8 +83,9 @@ def _expand(per_group: Tensor, cols: int, group_size: int) -> Tensor:
     return per_group.repeat_interleave(group_size, dim=1)[:, :cols]
 
 
-def dequantize(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int,
-               dtype: torch.dtype = torch.float32) -> Tensor:
+def dequantize(
+    codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """``scale * (codes - zero)`` group-wise, shape of ``codes``; the symmetric offset is ``(2**bits - 1) / 2``."""
     cols = codes.shape[1]
     offset = (2**bits - 1) / 2 if zero is None else _expand(zero, cols, group_size).to(dtype)
@@ -134,16 +135,24 @@ def quantize_rtn(W: Tensor, bits: int, group_size: int, *, symmetric: bool = Fal
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
     scales, zeros = [], []
     for a in range(0, cols, group_size):
-        scale, zero = group_params(W[:, a:a + group_size], bits, symmetric)
-        codes[:, a:a + group_size] = quantize_column(W[:, a:a + group_size], scale, zero, bits)[0]
+        scale, zero = group_params(W[:, a : a + group_size], bits, symmetric)
+        codes[:, a : a + group_size] = quantize_column(W[:, a : a + group_size], scale, zero, bits)[0]
         scales.append(scale)
         zeros.append(zero)
     zero = None if symmetric else torch.stack(zeros, 1)
     return QuantizedMatrix(codes, torch.stack(scales, 1), zero, bits, group_size)
 
 
-def gptq(W: Tensor, H: Tensor, bits: int, group_size: int, *, symmetric: bool = False, damp: float = 0.01,
-         block_size: int = 128) -> QuantizedMatrix:
+def gptq(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    symmetric: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> QuantizedMatrix:
     """GPTQ: quantize the columns of ``W`` in order, each rounding error fed back into the columns not yet
     quantized so that ``tr((W - Q) H (W - Q)^T)`` stays small.
 
@@ -182,12 +191,12 @@ def gptq(W: Tensor, H: Tensor, bits: int, group_size: int, *, symmetric: bool = 
         err = torch.empty_like(Wb)
         for j in range(b - a):
             if (a + j) % group_size == 0:
-                scale, zero = group_params(Wb[:, j:j + group_size], bits, symmetric)
+                scale, zero = group_params(Wb[:, j : j + group_size], bits, symmetric)
                 scales.append(scale)
                 zeros.append(zero)
             codes[:, a + j], q = quantize_column(Wb[:, j], scale, zero, bits)
             err[:, j] = (Wb[:, j] - q) / Ub[j, j]
-            Wb[:, j:] -= err[:, j:j + 1] * Ub[j:j + 1, j:]
+            Wb[:, j:] -= err[:, j : j + 1] * Ub[j : j + 1, j:]
         W[:, b:] -= err @ U[a:b, b:]
     zero = None if symmetric else torch.stack(zeros, 1)
     return QuantizedMatrix(codes, torch.stack(scales, 1), zero, bits, group_size)
@@ -210,7 +219,7 @@ def inverse_hessian_cholesky(H: Tensor, damp: float, W: Tensor) -> Tensor:
 
 def hessian_error(W: Tensor, What: Tensor, H: Tensor) -> float:
     """``tr((W - What) H (W - What)^T)``: the summed squared output error on inputs with ``X^T X = H``."""
-    D = (W.detach().to(torch.float64) - What.detach().to(torch.float64))
+    D = W.detach().to(torch.float64) - What.detach().to(torch.float64)
     return float(((D @ H.to(torch.float64)) * D).sum())
 
 
@@ -222,7 +231,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     stream = ((codes.to(torch.uint8)[..., None] >> shifts) & 1).reshape(rows, cols * bits)
     nbytes = math.ceil(cols * bits / 8)
     stream = torch.nn.functional.pad(stream, (0, nbytes * 8 - cols * bits)).reshape(rows, nbytes, 8)
-    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
+    weights = 1 << torch.arange(8, device=codes.device, dtype=torch.int32)
     return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
@@ -231,14 +240,23 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     check_bits(bits)
     rows = packed.shape[0]
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    stream = ((packed[..., None] >> shifts) & 1).reshape(rows, -1)[:, :cols * bits].reshape(rows, cols, bits)
-    weights = (1 << torch.arange(bits, device=packed.device, dtype=torch.int32))
+    stream = ((packed[..., None] >> shifts) & 1).reshape(rows, -1)[:, : cols * bits].reshape(rows, cols, bits)
+    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int32)
     return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
-def quantize_with_correction(W: Tensor, H: Tensor, bits: int, group_size: int, rank: int, *, symmetric: bool = False,
-                             refits: int = 2, damp: float = 0.01, whitening: Tensor | None = None
-                             ) -> tuple[QuantizedMatrix, Tensor, Tensor, float]:
+def quantize_with_correction(
+    W: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int,
+    rank: int,
+    *,
+    symmetric: bool = False,
+    refits: int = 2,
+    damp: float = 0.01,
+    whitening: Tensor | None = None,
+) -> tuple[QuantizedMatrix, Tensor, Tensor, float]:
     """``W ≈ Q + L R``: a GPTQ-quantized ``Q`` and a rank-``rank`` correction fitted to its error in the
     metric of ``H`` (the whitened SVD of ``W - Q``), alternated ``refits`` times: ``Q`` is re-quantized from
     ``W - L R`` and the correction refitted. Returns ``(Q, L (rows, rank), R (rank, cols), error)`` of the

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ._validate import is_number
 from .allocate import allocate_options
 from .calibrate import CalibStats, _bar
 from .formats.svd import whitening_factor
@@ -32,8 +33,12 @@ from .targets import replace_module
 
 # bit widths 2/3/4 at group 128 and Q + LR at 2 and 3 bits: a ladder from ~2.2 to ~4.3 bits per weight
 DEFAULT_CANDIDATES = (
-    QuantizeConfig(2, 128), QuantizeConfig(2, 64), QuantizeConfig(3, 128), QuantizeConfig(4, 128),
-    QuantizeConfig(2, 128, correction_rank=16), QuantizeConfig(3, 128, correction_rank=16),
+    QuantizeConfig(2, 128),
+    QuantizeConfig(2, 64),
+    QuantizeConfig(3, 128),
+    QuantizeConfig(4, 128),
+    QuantizeConfig(2, 128, correction_rank=16),
+    QuantizeConfig(3, 128, correction_rank=16),
 )
 # low-rank + quantized factors: ranks keeping these fractions of the dense parameters, factors at 4 bits
 DEFAULT_LOWRANK_KEEPS = (0.4, 0.55, 0.7, 0.85)
@@ -46,8 +51,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).upper() if m else ""
     if m is None or (unit and unit not in SIZE_UNITS):
-        raise ValueError(f"size must be a number of bytes with an optional unit B, KB, MB, GB, KiB, MiB, GiB "
-                         f"(e.g. 60MB), got {text!r}")
+        raise ValueError(
+            f"size must be a number of bytes with an optional unit B, KB, MB, GB, KiB, MiB, GiB "
+            f"(e.g. 60MB), got {text!r}"
+        )
     return int(float(m.group(1)) * SIZE_UNITS[unit or "B"])
 
 
@@ -61,8 +68,10 @@ def check_size(model: nn.Module, names: list[str], size: int) -> int:
     """The bytes of the tensors outside ``names``; ``ValueError`` naming them when ``size`` leaves nothing beyond."""
     fixed = untouched_bytes(model, names)
     if size <= fixed:
-        raise ValueError(f"size {size:,} bytes is below the {fixed:,} bytes the model's untouched tensors "
-                         f"(embeddings, norms, layers not quantized) need; the minimum is more than {fixed:,}")
+        raise ValueError(
+            f"size {size:,} bytes is below the {fixed:,} bytes the model's untouched tensors "
+            f"(embeddings, norms, layers not quantized) need; the minimum is more than {fixed:,}"
+        )
     return fixed
 
 
@@ -94,8 +103,15 @@ class Candidate:
 
 
 @torch.no_grad()
-def layer_candidates(model: nn.Module, names: list[str], stats: CalibStats, candidates=DEFAULT_CANDIDATES, *,
-                     lowrank_keeps=DEFAULT_LOWRANK_KEEPS, progress: bool = True) -> dict[str, list[Candidate]]:
+def layer_candidates(
+    model: nn.Module,
+    names: list[str],
+    stats: CalibStats,
+    candidates=DEFAULT_CANDIDATES,
+    *,
+    lowrank_keeps=DEFAULT_LOWRANK_KEEPS,
+    progress: bool = True,
+) -> dict[str, list[Candidate]]:
     """Every layer of ``names`` quantized by every config of ``candidates``, and factorized at every fraction
     of ``lowrank_keeps`` with :data:`FACTOR_CONFIG` factors (``model`` is not modified)."""
     from .compress import CompressConfig, factorize
@@ -122,15 +138,31 @@ def layer_candidates(model: nn.Module, names: list[str], stats: CalibStats, cand
         built[name] = []
         for config, rank, new in made:
             What = new.dense_weight()
-            built[name].append(Candidate(config, new, module_bytes(new), candidate_loss(W, What, cov, g),
-                                         (candidate_loss(W, What, cov, None) / total) ** 0.5, rank))
+            built[name].append(
+                Candidate(
+                    config,
+                    new,
+                    module_bytes(new),
+                    candidate_loss(W, What, cov, g),
+                    (candidate_loss(W, What, cov, None) / total) ** 0.5,
+                    rank,
+                )
+            )
     return built
 
 
 @torch.no_grad()
-def quantize_to_budget_(model: nn.Module, names: list[str], stats: CalibStats, *, bits_per_weight: float | None = None,
-                        size: int | None = None, candidates=DEFAULT_CANDIDATES, built=None, progress: bool = True
-                        ) -> list[QuantLayerReport]:
+def quantize_to_budget_(
+    model: nn.Module,
+    names: list[str],
+    stats: CalibStats,
+    *,
+    bits_per_weight: float | None = None,
+    size: int | None = None,
+    candidates=DEFAULT_CANDIDATES,
+    built=None,
+    progress: bool = True,
+) -> list[QuantLayerReport]:
     """Quantize the dense layers ``names`` of ``model`` in place within ``bits_per_weight`` (over those
     layers' dense weights) or ``size`` (bytes of the whole model); exactly one of the two.
 
@@ -143,7 +175,7 @@ def quantize_to_budget_(model: nn.Module, names: list[str], stats: CalibStats, *
         raise ValueError("give exactly one budget: bits_per_weight (over the quantized layers) or size (bytes)")
     dense_weights = sum(layer_weight(model.get_submodule(n)).numel() for n in names)
     if bits_per_weight is not None:
-        if isinstance(bits_per_weight, bool) or not isinstance(bits_per_weight, (int, float)) or bits_per_weight <= 0:
+        if not is_number(bits_per_weight) or bits_per_weight <= 0:
             raise ValueError(f"bits_per_weight must be a number > 0, got {bits_per_weight!r}")
         budget = bits_per_weight * dense_weights / 8
     else:
@@ -152,8 +184,11 @@ def quantize_to_budget_(model: nn.Module, names: list[str], stats: CalibStats, *
     options = [[(c.bytes, c.loss) for c in built[n]] for n in names]
     cheapest = sum(min(b for b, _ in opts) for opts in options)
     if cheapest > budget:
-        need = (f"{cheapest * 8 / dense_weights:.3f} bits per weight" if size is None
-                else f"{cheapest + untouched_bytes(model, names):,} bytes")
+        need = (
+            f"{cheapest * 8 / dense_weights:.3f} bits per weight"
+            if size is None
+            else f"{cheapest + untouched_bytes(model, names):,} bytes"
+        )
         raise ValueError(f"the budget is below the smallest quantization of every layer; the minimum is {need}")
     reports = []
     for name, k in zip(names, allocate_options(options, budget)):

@@ -54,15 +54,26 @@ class QuantRunReport:
             b, w = sum(r.bytes for r in rs), sum(r.dense_weights for r in rs)
             err = sum(r.error for r in rs) / len(rs)
             lines.append(f"{key:<34} {len(rs):>4} {b:>12,} {8 * b / w:>6.3f} {err:>6.3f}")
-        lines.append(f"{self.method}: target layers {self.target_bytes:,} bytes for {self.target_weights:,} weights "
-                     f"({self.bits_per_weight:.3f} bits per weight, everything counted); whole model "
-                     f"{self.model_bytes:,} bytes")
+        lines.append(
+            f"{self.method}: target layers {self.target_bytes:,} bytes for {self.target_weights:,} weights "
+            f"({self.bits_per_weight:.3f} bits per weight, everything counted); whole model "
+            f"{self.model_bytes:,} bytes"
+        )
         return "\n".join(lines)
 
 
-def compress_quantized(model, out_dir: str | Path, calib: torch.Tensor, *, config: CompressConfig | None = None,
-                       quant: QuantizeConfig | None = None, bits_per_weight: float | None = None,
-                       size: int | None = None, force: bool = False, progress: bool = True) -> QuantRunReport:
+def compress_quantized(
+    model,
+    out_dir: str | Path,
+    calib: torch.Tensor,
+    *,
+    config: CompressConfig | None = None,
+    quant: QuantizeConfig | None = None,
+    bits_per_weight: float | None = None,
+    size: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> QuantRunReport:
     """Quantize (and optionally factorize) the block linears of ``model`` and save a rankwise directory.
 
     Parameters
@@ -77,8 +88,9 @@ def compress_quantized(model, out_dir: str | Path, calib: torch.Tensor, *, confi
     """
     budget = bits_per_weight is not None or size is not None
     if budget == (quant is not None):
-        raise ValueError("give either a quantization (quant) or a byte budget (bits_per_weight or size), not both "
-                         "or neither")
+        raise ValueError(
+            "give either a quantization (quant) or a byte budget (bits_per_weight or size), not both or neither"
+        )
     out = Path(out_dir)
     if out.exists() and not force:
         raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force to overwrite it")
@@ -93,8 +105,9 @@ def compress_quantized(model, out_dir: str | Path, calib: torch.Tensor, *, confi
     fisher = config.fisher_seqs if (budget or (lowrank and config.needs_loss_gradients)) else 0
     stats = collect_stats(model, targets, calib, fisher_seqs=fisher, seed=config.seed, progress=progress)
     if budget:
-        reports = quantize_to_budget_(model, names, stats, bits_per_weight=bits_per_weight, size=size,
-                                      progress=progress)
+        reports = quantize_to_budget_(
+            model, names, stats, bits_per_weight=bits_per_weight, size=size, progress=progress
+        )
         method = f"byte budget ({bits_per_weight} bits per weight)" if size is None else f"byte budget ({size:,} bytes)"
     elif lowrank:
         compress_(model, config, calib, stats=stats, progress=progress)
@@ -106,9 +119,11 @@ def compress_quantized(model, out_dir: str | Path, calib: torch.Tensor, *, confi
         method = f"Q + LR ({quant.bits}-bit, rank {quant.correction_rank})"
     target_bytes = sum(module_bytes(model.get_submodule(n)) for n in names)
     report = QuantRunReport(reports, weights, target_bytes, module_bytes(model), method)
-    card = {"method": f"compress: {method} (rankwise.quant: GPTQ error feedback, group size "
-                      f"{reports[0].config['group_size'] if reports else '-'})",
-            "budget": f"{report.bits_per_weight:.3f} bits per weight over {len(names)} block linears; "
-                      f"{report.model_bytes:,} bytes of weights"}
+    card = {
+        "method": f"compress: {method} (rankwise.quant: GPTQ error feedback, group size "
+        f"{reports[0].config['group_size'] if reports else '-'})",
+        "budget": f"{report.bits_per_weight:.3f} bits per weight over {len(names)} block linears; "
+        f"{report.model_bytes:,} bytes of weights",
+    }
     save(model, out, force=force, card=card)  # the tokenizer files come with the input directory's files
     return report

@@ -86,8 +86,9 @@ def quantize_matrix(W: torch.Tensor, H: torch.Tensor, config: QuantizeConfig):
     return gptq(W, H, config.bits, config.group_size, symmetric=config.symmetric, damp=config.damp)
 
 
-def quantize_dense(layer: nn.Module, H: torch.Tensor, config: QuantizeConfig, whitening: torch.Tensor | None = None
-                   ) -> QuantLinear:
+def quantize_dense(
+    layer: nn.Module, H: torch.Tensor, config: QuantizeConfig, whitening: torch.Tensor | None = None
+) -> QuantLinear:
     """A :class:`QuantLinear` for ``layer`` (nn.Linear or Conv1D) whose inputs have second moment ``H``
     (``whitening``: its whitening factor, if known, for a Q + LR correction)."""
     W = dense_weight(layer).detach()
@@ -95,8 +96,17 @@ def quantize_dense(layer: nn.Module, H: torch.Tensor, config: QuantizeConfig, wh
     dtype = W.dtype
     if config.correction_rank:
         rank = min(config.correction_rank, *W.shape)
-        q, L, R, _ = quantize_with_correction(W, H, config.bits, config.group_size, rank, symmetric=config.symmetric,
-                                              refits=config.refits, damp=config.damp, whitening=whitening)
+        q, L, R, _ = quantize_with_correction(
+            W,
+            H,
+            config.bits,
+            config.group_size,
+            rank,
+            symmetric=config.symmetric,
+            refits=config.refits,
+            damp=config.damp,
+            whitening=whitening,
+        )
         return QuantLinear.from_quantized(q, bias, (L, R), dtype=dtype)
     return QuantLinear.from_quantized(quantize_matrix(W, H, config), bias, dtype=dtype)
 
@@ -129,8 +139,9 @@ def layer_weight(layer: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, plan: dict[str, QuantizeConfig], stats: CalibStats, *, progress: bool = True
-              ) -> list[QuantLayerReport]:
+def quantize_(
+    model: nn.Module, plan: dict[str, QuantizeConfig], stats: CalibStats, *, progress: bool = True
+) -> list[QuantLayerReport]:
     """Quantize every layer named in ``plan`` in place (dense: ``QuantLinear``, low-rank: ``QuantLowRankLinear``).
 
     Parameters
@@ -164,6 +175,9 @@ def quantize_(model: nn.Module, plan: dict[str, QuantizeConfig], stats: CalibSta
         error = (hessian_error(before, layer_weight(new), H) / max(hessian_error(before, 0 * before, H), 1e-300)) ** 0.5
         dense_weights = before.numel()
         replace_module(model, name, new.to(before.device))
-        reports.append(QuantLayerReport(name, kind, config.to_dict(), module_bytes(new), dense_weights, error,
-                                        time.perf_counter() - t0))
+        reports.append(
+            QuantLayerReport(
+                name, kind, config.to_dict(), module_bytes(new), dense_weights, error, time.perf_counter() - t0
+            )
+        )
     return reports

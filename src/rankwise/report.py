@@ -99,8 +99,16 @@ def _compress_layers(report: dict, path: Path) -> list[LayerView]:
     layers = []
     for d in _field(report, "layers", path):
         try:
-            layers.append(LayerView(d["name"], tuple(d["shape"]), d["rank"], int(d["params_before"]),
-                                    int(d["params_after"]), list(d.get("spectrum", []))))
+            layers.append(
+                LayerView(
+                    d["name"],
+                    tuple(d["shape"]),
+                    d["rank"],
+                    int(d["params_before"]),
+                    int(d["params_after"]),
+                    list(d.get("spectrum", [])),
+                )
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{str(path)!r} has a malformed layer entry ({err!r}): {str(d)[:80]}") from None
     if not layers:
@@ -110,7 +118,8 @@ def _compress_layers(report: dict, path: Path) -> list[LayerView]:
 
 def _metric(config: dict) -> str:
     metric = {"svd": "plain", "asvd": "activation-scaled (ASVD)", "whiten": "whitened (SVD-LLM)"}.get(
-        config.get("method"), str(config.get("method")))
+        config.get("method"), str(config.get("method"))
+    )
     return metric + (", Fisher-weighted rows" if config.get("allocate") == "fisher" else "") + " weight"
 
 
@@ -123,14 +132,23 @@ def _load_compress(directory: Path) -> RunView:
     r = _read_json(path)
     config, before = _field(r, "config", path), int(_field(r, "params_before", path))
     after, loss = int(_field(r, "params_after", path)), float(_field(r, "predicted_loss", path))
-    run = RunView("compress", directory, _metric(config), "predicted loss increase", {f"keep {config.get('keep')}":
-                  _compress_layers(r, path)}, timings=dict(r.get("timings", {})), peak_rss_mib=r.get("peak_rss_mib"))
+    run = RunView(
+        "compress",
+        directory,
+        _metric(config),
+        "predicted loss increase",
+        {f"keep {config.get('keep')}": _compress_layers(r, path)},
+        timings=dict(r.get("timings", {})),
+        peak_rss_mib=r.get("peak_rss_mib"),
+    )
     run.curve = [(_kept(p, before), float(p["predicted_loss"])) for p in r.get("curve", [])]
     run.chosen = [(after / before, loss, f"keep {config.get('keep')}")]
-    run.facts = [("model", str(directory)),
-                 ("parameters (targeted layers)", f"{before:,} -> {after:,} ({after / before:.3f})"),
-                 ("method / allocator", f"{config.get('method')} / {config.get('allocate')}"),
-                 ("predicted loss increase", f"{loss:.5g}")]
+    run.facts = [
+        ("model", str(directory)),
+        ("parameters (targeted layers)", f"{before:,} -> {after:,} ({after / before:.3f})"),
+        ("method / allocator", f"{config.get('method')} / {config.get('allocate')}"),
+        ("predicted loss increase", f"{loss:.5g}"),
+    ]
     return run
 
 
@@ -142,8 +160,15 @@ def _load_sweep(directory: Path) -> RunView:
         raise ValueError(f"{str(path)!r} holds no swept budget")
     panels = {f"keep {k}": _compress_layers(r, path) for k, r in reports.items()}
     first = next(iter(reports.values()))
-    run = RunView("sweep", directory, _metric(first.get("config", {})), "predicted loss increase", panels,
-                  timings=dict(first.get("timings", {})), peak_rss_mib=first.get("peak_rss_mib"))
+    run = RunView(
+        "sweep",
+        directory,
+        _metric(first.get("config", {})),
+        "predicted loss increase",
+        panels,
+        timings=dict(first.get("timings", {})),
+        peak_rss_mib=first.get("peak_rss_mib"),
+    )
     run.timings.pop("evaluation", None)
     evals = [float(r.get("timings", {}).get("evaluation", 0.0)) for r in reports.values()]
     if any(evals):
@@ -154,8 +179,11 @@ def _load_sweep(directory: Path) -> RunView:
     run.quality = [(_kept(r, before), float(r["quality"])) for r in rows if r.get("quality") is not None]
     run.quality_name = doc.get("quality_measure", "measured quality")
     rho = doc.get("spearman_predicted_vs_quality")
-    run.facts = [("sweep", str(directory)), ("keeps", ", ".join(str(r["keep"]) for r in rows)),
-                 ("parameters (targeted layers)", f"{before:,}")]
+    run.facts = [
+        ("sweep", str(directory)),
+        ("keeps", ", ".join(str(r["keep"]) for r in rows)),
+        ("parameters (targeted layers)", f"{before:,}"),
+    ]
     if rho is not None:
         run.facts.append((f"Spearman(predicted loss, {run.quality_name})", f"{rho:.3f}"))
     return run
@@ -167,14 +195,23 @@ def _load_delta(directory: Path) -> RunView:
     layers = _compress_layers(doc, path)
     dense, params = int(_field(doc, "dense_params", path)), int(_field(doc, "num_params", path))
     err = float(_field(doc, "relative_error", path))
-    run = RunView("delta", directory, "fine-tuned minus base weight", "relative squared error of the delta",
-                  {"delta": layers}, timings=dict(doc.get("timings", {})), peak_rss_mib=doc.get("peak_rss_mib"))
+    run = RunView(
+        "delta",
+        directory,
+        "fine-tuned minus base weight",
+        "relative squared error of the delta",
+        {"delta": layers},
+        timings=dict(doc.get("timings", {})),
+        peak_rss_mib=doc.get("peak_rss_mib"),
+    )
     run.curve = [(p["params_after"] / max(dense, 1), float(p["predicted_loss"])) for p in doc.get("curve", [])]
     run.chosen = [(params / max(dense, 1), err**2, "this delta")]
-    run.facts = [("adapter", str(directory)),
-                 ("factor parameters", f"{params:,} of {dense:,} dense ({params / max(dense, 1):.4f})"),
-                 ("relative error ||D - BA|| / ||D||", f"{err:.4g}"),
-                 ("full-rank modules", ", ".join(doc.get("saved_modules", [])) or "none")]
+    run.facts = [
+        ("adapter", str(directory)),
+        ("factor parameters", f"{params:,} of {dense:,} dense ({params / max(dense, 1):.4f})"),
+        ("relative error ||D - BA|| / ||D||", f"{err:.4g}"),
+        ("full-rank modules", ", ".join(doc.get("saved_modules", [])) or "none"),
+    ]
     return run
 
 
@@ -192,8 +229,10 @@ def load_run(directory: str | os.PathLike) -> RunView:
     for name, loader in ((REPORT_FILE, _load_compress), (SWEEP_FILE, _load_sweep), (DELTA_FILE, _load_delta)):
         if (d / name).is_file():
             return loader(d)
-    raise ValueError(f"{str(d)!r} is not a rankwise output: it has no {REPORT_FILE} (rankwise compress), "
-                     f"{SWEEP_FILE} (rankwise sweep) or {DELTA_FILE} (rankwise delta extract)")
+    raise ValueError(
+        f"{str(d)!r} is not a rankwise output: it has no {REPORT_FILE} (rankwise compress), "
+        f"{SWEEP_FILE} (rankwise sweep) or {DELTA_FILE} (rankwise delta extract)"
+    )
 
 
 def figure_paths(out: Path, names: list[str]) -> list[Path]:
@@ -213,13 +252,20 @@ def render_html(run: RunView, figures: dict[str, tuple[str, bytes]]) -> str:
         body += ["<h2>Time and memory</h2>", f"<table>{times}</table>"]
     for name, (title, png) in figures.items():
         data = base64.b64encode(png).decode("ascii")
-        body += [f"<h2>{esc(title)}</h2>",
-                 f'<img id="{esc(name)}" alt="{esc(title)}" src="data:image/png;base64,{data}">']
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
-             "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%;display:block}")
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>rankwise "
-            f"{esc(run.kind)} report: {esc(run.source.name)}</title><style>{style}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+        body += [
+            f"<h2>{esc(title)}</h2>",
+            f'<img id="{esc(name)}" alt="{esc(title)}" src="data:image/png;base64,{data}">',
+        ]
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+        "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%;display:block}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>rankwise '
+        f"{esc(run.kind)} report: {esc(run.source.name)}</title><style>{style}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
 def write_report(directory: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> list[Path]:

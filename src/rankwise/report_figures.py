@@ -73,8 +73,15 @@ def draw_ranks(run: RunView) -> bytes:
         if len(rows) * len(cols) <= 600:
             for (r, c), layer in cells.items():
                 v = kept[rows.index(r), cols.index(c)]
-                ax.text(cols.index(c), rows.index(r), "d" if layer.rank is None else str(layer.rank), ha="center",
-                        va="center", fontsize=6, color="white" if v < 0.6 else "black")
+                ax.text(
+                    cols.index(c),
+                    rows.index(r),
+                    "d" if layer.rank is None else str(layer.rank),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if v < 0.6 else "black",
+                )
         ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(cols)), _short(cols), rotation=60, fontsize=7)
         ax.set_yticks(range(len(rows)), rows, fontsize=6)
@@ -111,7 +118,7 @@ def draw_spectra(run: RunView) -> bytes:
         ax.set_xlabel("index", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in axes[len(groups):]:
+    for ax in axes[len(groups) :]:
         ax.set_visible(False)
     axes[0].set_ylabel("s_i / s_1")
     legend = "colour: block, light = deep" + ("; red: kept rank" if mark else "")
@@ -174,8 +181,13 @@ FIGURES = {
     "quality": ("Measured quality", lambda run: bool(run.quality)),
     "timings": ("Timings", lambda run: bool(run.timings)),
 }
-_DRAW = {"ranks": draw_ranks, "spectra": draw_spectra, "budget": draw_budget, "quality": draw_quality,
-         "timings": draw_timings}
+_DRAW = {
+    "ranks": draw_ranks,
+    "spectra": draw_spectra,
+    "budget": draw_budget,
+    "quality": draw_quality,
+    "timings": draw_timings,
+}
 
 
 def draw(name: str, run: RunView) -> bytes:

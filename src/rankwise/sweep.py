@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._validate import fraction
 from .compress import (
     CompressConfig,
     CompressReport,
@@ -55,8 +56,7 @@ def check_keeps(keeps) -> list[float]:
         raise ValueError("--keep needs at least one fraction in (0, 1]")
     seen = set()
     for k in keeps:
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 < float(k) <= 1.0:
-            raise ValueError(f"keep must be a fraction in (0, 1], got {k!r}")
+        fraction(k, "keep")
         if float(k) in seen:
             raise ValueError(f"keep {float(k)} is given twice")
         seen.add(float(k))
@@ -65,6 +65,7 @@ def check_keeps(keeps) -> list[float]:
 
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman rank correlation of two equal-length lists (average ranks for ties)."""
+
     def ranks(x):
         order = sorted(range(len(x)), key=lambda i: x[i])
         r = [0.0] * len(x)
@@ -121,15 +122,26 @@ def sweep(
     if out.exists() and not force:
         raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force to overwrite it")
     rows, reports = [], {}
-    with StreamedRun(model, out.with_name(out.name + ".rankwise-run"), config, calib, device=device, force=force,
-                     progress=progress, disk_for=out) as run:
+    with StreamedRun(
+        model,
+        out.with_name(out.name + ".rankwise-run"),
+        config,
+        calib,
+        device=device,
+        force=force,
+        progress=progress,
+        disk_for=out,
+    ) as run:
         pipe, curves, timings = plan_compression(run.source, run.targets, config, calib, run.work, progress=progress)
         curve = budget_curve(config, curves)
         for keep in keeps:
             rank_of = allocate_layers(config, curves, keep)
-            reports[keep] = CompressReport([layer_report(c, rank_of[c.name]) for c in curves],
-                                           CompressConfig.from_dict(config.to_dict() | {"keep": keep}), dict(timings),
-                                           curve=curve)
+            reports[keep] = CompressReport(
+                [layer_report(c, rank_of[c.name]) for c in curves],
+                CompressConfig.from_dict(config.to_dict() | {"keep": keep}),
+                dict(timings),
+                curve=curve,
+            )
             r = reports[keep]
             rows.append(SweepRow(keep, r.params_before, r.params_after, r.predicted_loss))
         if measure is not None:
@@ -147,8 +159,12 @@ def sweep(
         with atomic_output_dir(out, force=force) as tmp:
             if chosen is not None:
                 keep = float(chosen)
-                rank_of = {l.name: l.rank for l in reports[keep].layers}
-                run.write(tmp / f"keep-{keep}", False, lambda emit: (emit_blocks(pipe, rank_of, emit, progress), reports[keep])[1])
+                rank_of = {layer.name: layer.rank for layer in reports[keep].layers}
+                run.write(
+                    tmp / f"keep-{keep}",
+                    False,
+                    lambda emit: (emit_blocks(pipe, rank_of, emit, progress), reports[keep])[1],
+                )
             for r in reports.values():
                 r.peak_rss_mib = peak_rss_mib()
             write_table(tmp, rows, reports, measure_name)
@@ -171,18 +187,32 @@ def measure_at(pipe, dense: nn.Module, ranks: dict[str, int], measure) -> float:
             replace_module(dense, name, layer)
 
 
-def write_table(out: Path, rows: list[SweepRow], reports: dict[float, CompressReport], measure_name: str = "quality") -> None:
+def write_table(
+    out: Path, rows: list[SweepRow], reports: dict[float, CompressReport], measure_name: str = "quality"
+) -> None:
     """``sweep.json`` (rows, Spearman of predicted loss vs measured quality, each keep's report) and ``sweep.csv``."""
     measured = [r for r in rows if r.quality is not None]
     rho = spearman([r.predicted_loss for r in measured], [r.quality for r in measured]) if len(measured) > 1 else None
-    doc = {"rows": [asdict(r) for r in rows], "quality_measure": measure_name, "spearman_predicted_vs_quality": rho,
-           "reports": {str(k): v.to_dict() for k, v in reports.items()}}
+    doc = {
+        "rows": [asdict(r) for r in rows],
+        "quality_measure": measure_name,
+        "spearman_predicted_vs_quality": rho,
+        "reports": {str(k): v.to_dict() for k, v in reports.items()},
+    }
     (out / SWEEP_FILE).write_text(json.dumps(doc, indent=1) + "\n")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["keep", "params_before", "params_after", "predicted_loss", "quality"])
     for r in rows:
-        w.writerow([r.keep, r.params_before, r.params_after, f"{r.predicted_loss:.6g}", "" if r.quality is None else f"{r.quality:.6g}"])
+        w.writerow(
+            [
+                r.keep,
+                r.params_before,
+                r.params_after,
+                f"{r.predicted_loss:.6g}",
+                "" if r.quality is None else f"{r.quality:.6g}",
+            ]
+        )
     (out / "sweep.csv").write_text(buf.getvalue())
 
 

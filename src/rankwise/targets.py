@@ -76,7 +76,9 @@ def check_finite_weights(targets: dict[str, nn.Module]) -> None:
         for pname, p in layer.named_parameters(recurse=False):
             if not bool(torch.isfinite(p).all()):
                 bad = int((~torch.isfinite(p)).sum())
-                raise ValueError(f"tensor {name}.{pname} contains {bad} NaN/Inf values; only finite weights can be compressed")
+                raise ValueError(
+                    f"tensor {name}.{pname} contains {bad} NaN/Inf values; only finite weights can be compressed"
+                )
 
 
 def layer_shape(layer: nn.Module) -> tuple[int, int]:

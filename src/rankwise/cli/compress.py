@@ -21,19 +21,37 @@ def add_calibration_options(p: argparse.ArgumentParser) -> None:
     d = CompressConfig()
     p.add_argument("--method", help=f"{', '.join(METHODS)} (default {d.method})")
     p.add_argument("--allocate", help=f"rank allocator: {', '.join(ALLOCATORS.names())} (default {d.allocate})")
-    p.add_argument("--calib", metavar="FILE", help="UTF-8 text file for calibration (default: built-in text, disjoint from eval's)")
-    p.add_argument("--calib-tokens", type=int, metavar="N",
-                   help=f"calibration tokens, cut into sequences of --seq-len (default {d.calib_seqs * d.seq_len})")
+    p.add_argument(
+        "--calib", metavar="FILE", help="UTF-8 text file for calibration (default: built-in text, disjoint from eval's)"
+    )
+    p.add_argument(
+        "--calib-tokens",
+        type=int,
+        metavar="N",
+        help=f"calibration tokens, cut into sequences of --seq-len (default {d.calib_seqs * d.seq_len})",
+    )
     p.add_argument("--seq-len", type=int, help=f"calibration sequence length (default {d.seq_len})")
-    p.add_argument("--include", metavar="REGEX", help="compress every linear layer whose name matches (default: those in the blocks)")
+    p.add_argument(
+        "--include",
+        metavar="REGEX",
+        help="compress every linear layer whose name matches (default: those in the blocks)",
+    )
     p.add_argument("--exclude", metavar="REGEX", help="then leave out the layers whose name matches")
     p.add_argument("--seed", type=int, help=f"seed for every random step (default {d.seed})")
-    p.add_argument("--device", default="auto", help="where blocks are computed: auto (CUDA when present), cpu, cuda, cuda:N (default auto)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where blocks are computed: auto (CUDA when present), cpu, cuda, cuda:N (default auto)",
+    )
 
 
 def add_report_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--report", action="store_true", help="also write OUT/report.html (plots of ranks, spectra, predicted "
-                   "loss, timings; see `rankwise report`); needs matplotlib (the report extra)")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="also write OUT/report.html (plots of ranks, spectra, predicted "
+        "loss, timings; see `rankwise report`); needs matplotlib (the report extra)",
+    )
 
 
 def check_report_option(args) -> None:
@@ -76,7 +94,12 @@ def config_and_calibration(args, extra: tuple[str, ...] = ()):
     tokenizer = load_tokenizer(hf_dir)
     if tokenizer is None:
         raise ValueError(f"model {args.model!r} has no tokenizer files, so calibration text cannot be tokenized")
-    return config, hf_dir, tokenizer, token_sequences(tokenizer, text, config.seq_len, config.calib_seqs, what="calibration")
+    return (
+        config,
+        hf_dir,
+        tokenizer,
+        token_sequences(tokenizer, text, config.seq_len, config.calib_seqs, what="calibration"),
+    )
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -84,49 +107,103 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from ..compress import CompressConfig
 
     d = CompressConfig()
-    p = sub.add_parser("compress", help="factorize a model's layers under one parameter budget and save it",
-                       description="Factorize the linear layers of MODEL's transformer blocks to keep a fraction "
-                       "of their parameters, then save a directory that rankwise.load and transformers' "
-                       "from_pretrained (after `import rankwise`) both reload.")
-    p.add_argument("model", metavar="MODEL", help="transformers model dir, .gguf/.safetensors file, or alias (smollm2, minilm)")
+    p = sub.add_parser(
+        "compress",
+        help="factorize a model's layers under one parameter budget and save it",
+        description="Factorize the linear layers of MODEL's transformer blocks to keep a fraction "
+        "of their parameters, then save a directory that rankwise.load and transformers' "
+        "from_pretrained (after `import rankwise`) both reload.",
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="transformers model dir, .gguf/.safetensors file, or alias (smollm2, minilm)"
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
-    p.add_argument("--keep", type=float, help=f"fraction in (0, 1] of the targeted layers' parameters to keep (default {d.keep})")
+    p.add_argument(
+        "--keep", type=float, help=f"fraction in (0, 1] of the targeted layers' parameters to keep (default {d.keep})"
+    )
     add_calibration_options(p)
-    p.add_argument("--sequential", action=argparse.BooleanOptionalAction,
-                   help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})")
-    p.add_argument("--heal-steps", type=int, metavar="N", help="then heal: N steps of distillation towards MODEL on "
-                   "the calibration text (see `rankwise heal`) before --out is written (default: no healing)")
+    p.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})",
+    )
+    p.add_argument(
+        "--heal-steps",
+        type=int,
+        metavar="N",
+        help="then heal: N steps of distillation towards MODEL on "
+        "the calibration text (see `rankwise heal`) before --out is written (default: no healing)",
+    )
     q = p.add_argument_group("quantization (in memory; GPTQ with the calibration statistics)")
-    q.add_argument("--bits", type=int, help="quantize the factors of every factorized layer (and the layers left "
-                   "dense) to this many bits (2, 3, 4, 8); with --method qlr every target layer, plus a rank "
-                   "--rank correction")
+    q.add_argument(
+        "--bits",
+        type=int,
+        help="quantize the factors of every factorized layer (and the layers left "
+        "dense) to this many bits (2, 3, 4, 8); with --method qlr every target layer, plus a rank "
+        "--rank correction",
+    )
     q.add_argument("--rank", type=int, help="--method qlr: rank of the low-rank correction of the quantization error")
     q.add_argument("--group-size", type=int, help="input columns per quantization scale: 32, 64, 128 (default 128)")
-    q.add_argument("--bits-per-weight", type=float, metavar="X", help="a byte budget over the target layers' weights "
-                   "(codes, scales, zero points, factors counted): bit widths and Q+LR corrections chosen per layer")
+    q.add_argument(
+        "--bits-per-weight",
+        type=float,
+        metavar="X",
+        help="a byte budget over the target layers' weights "
+        "(codes, scales, zero points, factors counted): bit widths and Q+LR corrections chosen per layer",
+    )
     q.add_argument("--size", metavar="SIZE", help="a byte budget for the whole model's weights, e.g. 160MB")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run into --out from its last finished block")
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run into --out from its last finished block"
+    )
     add_report_option(p)
-    p.add_argument("--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)")
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing --out directory (and an interrupted run's files)"
+    )
     p.set_defaults(func=run_compress)
 
     from ..data import CHAT_PROMPTS
 
-    p = sub.add_parser("eval", help="perplexity of a causal LM (and its agreement with --ref), or embedding similarity "
-                       "of an encoder to --ref")
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a causal LM (and its agreement with --ref), or embedding similarity of an encoder to --ref",
+    )
     p.add_argument("model", metavar="MODEL_OR_DIR", help="model dir (rankwise or transformers), .gguf file or alias")
     p.add_argument("--text", metavar="FILE", help="UTF-8 text to evaluate on (default: built-in held-out text)")
-    p.add_argument("--ref", metavar="MODEL", help="reference model (required for encoders; for LMs: its perplexity, "
-                   "the mean KL divergence to it and the next-token top-1 agreement with it)")
-    p.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS, metavar="N",
-                   help=f"causal LMs: tokens scored (default {DEFAULT_EVAL_TOKENS})")
+    p.add_argument(
+        "--ref",
+        metavar="MODEL",
+        help="reference model (required for encoders; for LMs: its perplexity, "
+        "the mean KL divergence to it and the next-token top-1 agreement with it)",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=DEFAULT_EVAL_TOKENS,
+        metavar="N",
+        help=f"causal LMs: tokens scored (default {DEFAULT_EVAL_TOKENS})",
+    )
     p.add_argument("--seq-len", type=int, default=512, help="causal LMs: sequence length (default 512)")
-    p.add_argument("--chat", type=int, metavar="N", help=f"causal LMs with --ref: also the top-1 agreement along the "
-                   f"reference's greedy answers to the first N of {len(CHAT_PROMPTS)} built-in chat prompts")
-    p.add_argument("--chat-tokens", type=int, default=DEFAULT_CHAT_TOKENS, metavar="N",
-                   help=f"--chat: longest answer, in tokens (default {DEFAULT_CHAT_TOKENS})")
-    p.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES, metavar="N",
-                   help=f"encoders: sentences compared (default {DEFAULT_SENTENCES})")
+    p.add_argument(
+        "--chat",
+        type=int,
+        metavar="N",
+        help=f"causal LMs with --ref: also the top-1 agreement along the "
+        f"reference's greedy answers to the first N of {len(CHAT_PROMPTS)} built-in chat prompts",
+    )
+    p.add_argument(
+        "--chat-tokens",
+        type=int,
+        default=DEFAULT_CHAT_TOKENS,
+        metavar="N",
+        help=f"--chat: longest answer, in tokens (default {DEFAULT_CHAT_TOKENS})",
+    )
+    p.add_argument(
+        "--sentences",
+        type=int,
+        default=DEFAULT_SENTENCES,
+        metavar="N",
+        help=f"encoders: sentences compared (default {DEFAULT_SENTENCES})",
+    )
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.set_defaults(func=run_eval)
 
@@ -158,11 +235,15 @@ def run_compress(args) -> int:
         from .quant import run_quantized_compress
 
         if args.report:
-            raise ValueError("--report covers low-rank compressions; quantizing runs (--bits, --method qlr, "
-                             "--bits-per-weight, --size) print their summary instead")
+            raise ValueError(
+                "--report covers low-rank compressions; quantizing runs (--bits, --method qlr, "
+                "--bits-per-weight, --size) print their summary instead"
+            )
         if args.heal_steps is not None:
-            raise ValueError("--heal-steps heals low-rank compressions; quantizing runs (--bits, --method qlr, "
-                             "--bits-per-weight, --size) cannot be healed yet")
+            raise ValueError(
+                "--heal-steps heals low-rank compressions; quantizing runs (--bits, --method qlr, "
+                "--bits-per-weight, --size) cannot be healed yet"
+            )
         return run_quantized_compress(args)
     check_report_option(args)
     _positive(args.heal_steps, "--heal-steps")
@@ -172,10 +253,15 @@ def run_compress(args) -> int:
     if args.heal_steps is not None:
         return compress_and_heal(args, config, hf_dir, calib)
     try:
-        report = compress_checkpoint(hf_dir, args.out, config, calib, device=args.device, resume=args.resume, force=args.force)
+        report = compress_checkpoint(
+            hf_dir, args.out, config, calib, device=args.device, resume=args.resume, force=args.force
+        )
     except KeyboardInterrupt:
-        print(f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
-              f"{str(run_dir(args.out))!r}: rerun with --resume to continue", file=sys.stderr)
+        print(
+            f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
+            f"{str(run_dir(args.out))!r}: rerun with --resume to continue",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     print(report.summary())
@@ -202,8 +288,15 @@ def compress_and_heal(args, config, hf_dir: Path, calib) -> int:
         report = compress_checkpoint(hf_dir, scratch / "compressed", config, calib, device=args.device)
         print(report.summary())
         text = _read_text(args.calib, "--calib") if args.calib else None
-        healed = heal_checkpoint(scratch / "compressed", out, HealConfig(steps=args.heal_steps, seed=config.seed),
-                                 ref=hf_dir, text=text, seq_len=config.seq_len, force=args.force)
+        healed = heal_checkpoint(
+            scratch / "compressed",
+            out,
+            HealConfig(steps=args.heal_steps, seed=config.seed),
+            ref=hf_dir,
+            text=text,
+            seq_len=config.seq_len,
+            force=args.force,
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(healed.summary())
@@ -238,15 +331,19 @@ def run_eval(args) -> int:
         raise ValueError(f"model {args.model!r} has no tokenizer files, so the text cannot be tokenized")
     kind = dir_kind(hf_dir)
     if kind == "encoder" and args.ref is None:
-        raise ValueError(f"model {args.model!r} is an encoder: pass --ref MODEL to compare its sentence embeddings against")
+        raise ValueError(
+            f"model {args.model!r} is an encoder: pass --ref MODEL to compare its sentence embeddings against"
+        )
     if args.chat is not None:
         if kind == "encoder":
             raise ValueError(f"--chat applies to causal LMs; model {args.model!r} is an encoder")
         if args.ref is None:
             raise ValueError("--chat needs --ref MODEL: it measures agreement with the reference's answers")
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(f"--chat needs a chat template, and model {args.model!r} has none (no chat_template "
-                             "in its tokenizer files)")
+            raise ValueError(
+                f"--chat needs a chat template, and model {args.model!r} has none (no chat_template "
+                "in its tokenizer files)"
+            )
     ref_dir = model_dir(args.ref) if args.ref else None
     if kind == "causal-lm":
         if args.tokens < args.seq_len:
@@ -261,12 +358,16 @@ def run_eval(args) -> int:
         a = next_token_agreement(model, ref, ids)
         print(f"perplexity {a.perplexity:.3f} on {shape}")
         print(f"reference perplexity {a.ref_perplexity:.3f}; ratio {a.perplexity / a.ref_perplexity:.3f}")
-        print(f"KL divergence to reference {a.kl:.5f} nats/token; next-token top-1 agreement {a.top1:.4f} "
-              f"({a.tokens} predicted tokens)")
+        print(
+            f"KL divergence to reference {a.kl:.5f} nats/token; next-token top-1 agreement {a.top1:.4f} "
+            f"({a.tokens} predicted tokens)"
+        )
         if args.chat is not None:
             c = chat_agreement(model, ref, tokenizer, chat_prompts(args.chat), max_new_tokens=args.chat_tokens)
-            print(f"chat: top-1 agreement {c.top1:.4f} along the reference's greedy answers to {c.prompts} built-in "
-                  f"prompts ({c.tokens} answer tokens, at most {args.chat_tokens} each)")
+            print(
+                f"chat: top-1 agreement {c.top1:.4f} along the reference's greedy answers to {c.prompts} built-in "
+                f"prompts ({c.tokens} answer tokens, at most {args.chat_tokens} each)"
+            )
         return 0
     sentences = split_sentences(text)[: args.sentences]
     if not sentences:
@@ -295,16 +396,26 @@ def run_info(args) -> int:
     for name, (m, n), rank, after, before in rows:
         print(f"{name[-48:]:<48} {f'{m}x{n}':>11} {rank:>5} {after:>10,} {before:>10,} {after / before:>6.3f}")
     print("-" * len(head))
-    print(f"factorized layers: {totals['layers_after']:,} / {totals['layers_before']:,} params "
-          f"(ratio {totals['layers_after'] / max(totals['layers_before'], 1):.3f})")
-    print(f"whole model:       {totals['model_after']:,} / {totals['model_before']:,} params "
-          f"(ratio {totals['model_after'] / totals['model_before']:.3f}, compression {totals['model_before'] / totals['model_after']:.2f}x)")
+    print(
+        f"factorized layers: {totals['layers_after']:,} / {totals['layers_before']:,} params "
+        f"(ratio {totals['layers_after'] / max(totals['layers_before'], 1):.3f})"
+    )
+    print(
+        f"whole model:       {totals['model_after']:,} / {totals['model_before']:,} params "
+        f"(ratio {totals['model_after'] / totals['model_before']:.3f}, "
+        f"compression {totals['model_before'] / totals['model_after']:.2f}x)"
+    )
     report = Path(args.dir) / REPORT_FILE
     if report.is_file():
         r = json.loads(report.read_text())
         c = r["config"]
-        print(f"targeted layers:   {r['params_after']:,} / {r['params_before']:,} params (kept {r['params_after'] / r['params_before']:.3f}; "
-              f"layers left dense count at full size)")
-        print(f"compressed with keep={c['keep']} method={c['method']} allocate={c['allocate']} update={c['update']}; "
-              + ", ".join(f"{k} {v:.1f}s" for k, v in r.get("timings", {}).items()))
+        print(
+            f"targeted layers:   {r['params_after']:,} / {r['params_before']:,} params "
+            f"(kept {r['params_after'] / r['params_before']:.3f}; "
+            f"layers left dense count at full size)"
+        )
+        print(
+            f"compressed with keep={c['keep']} method={c['method']} allocate={c['allocate']} update={c['update']}; "
+            + ", ".join(f"{k} {v:.1f}s" for k, v in r.get("timings", {}).items())
+        )
     return 0

@@ -13,17 +13,26 @@ def _extract(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:  # fail before the (long) extraction, not after it
         raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force to overwrite it")
     delta = extract_delta(
-        args.base, args.finetuned, rank=args.rank, keep=args.keep, energy=args.energy, include=args.include,
-        exclude=args.exclude, save_modules=args.save_module or (), exact_other="skip" if args.skip_other else "store",
+        args.base,
+        args.finetuned,
+        rank=args.rank,
+        keep=args.keep,
+        energy=args.energy,
+        include=args.include,
+        exclude=args.exclude,
+        save_modules=args.save_module or (),
+        exact_other="skip" if args.skip_other else "store",
         progress=True,
     )
     delta.save_peft(out, force=args.force)
     ranks = sorted(delta.ranks.values())
     saved = sorted({name.rpartition(".")[0] for name in delta.exact})
     span = f"ranks {ranks[0]}..{ranks[-1]}" if ranks else "no low-rank layers"
-    print(f"wrote {out}: {len(ranks)} LoRA layers ({span}), {delta.num_params} factor parameters, "
-          f"relative error {delta.relative_error():.4g}, {len(delta.exact)} tensors stored exactly"
-          + (f" (full-rank modules: {', '.join(saved)})" if saved else ""))
+    print(
+        f"wrote {out}: {len(ranks)} LoRA layers ({span}), {delta.num_params} factor parameters, "
+        f"relative error {delta.relative_error():.4g}, {len(delta.exact)} tensors stored exactly"
+        + (f" (full-rank modules: {', '.join(saved)})" if saved else "")
+    )
     return 0
 
 
@@ -50,10 +59,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--energy", type=float, help="fraction in (0, 1] of the deltas' squared Frobenius norm kept")
     ext.add_argument("--include", metavar="REGEX", help="factorize only the Linear layers whose name matches")
     ext.add_argument("--exclude", metavar="REGEX", help="then leave out the layers whose name matches")
-    ext.add_argument("--save-module", action="append", metavar="NAME", help="store this module (name or dotted "
-                     "suffix, e.g. lm_head) at full rank, in the adapter's modules_to_save; repeatable")
-    ext.add_argument("--skip-other", action="store_true", help="drop changed embeddings/norms/biases and the layers "
-                     "--include/--exclude leave out, instead of storing them exactly")
+    ext.add_argument(
+        "--save-module",
+        action="append",
+        metavar="NAME",
+        help="store this module (name or dotted "
+        "suffix, e.g. lm_head) at full rank, in the adapter's modules_to_save; repeatable",
+    )
+    ext.add_argument(
+        "--skip-other",
+        action="store_true",
+        help="drop changed embeddings/norms/biases and the layers "
+        "--include/--exclude leave out, instead of storing them exactly",
+    )
     ext.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     ext.set_defaults(func=_extract)
 

@@ -9,8 +9,15 @@ from pathlib import Path
 def heal_config(args):
     from ..heal import HealConfig
 
-    given = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch, "orthogonal": args.orthogonal,
-             "top_k": args.top_k, "seed": args.seed, "checkpointing": args.checkpointing}
+    given = {
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch_size": args.batch,
+        "orthogonal": args.orthogonal,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "checkpointing": args.checkpointing,
+    }
     return HealConfig(train_norms=args.train_norms, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -19,10 +26,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from ..heal import HealConfig
 
     d = HealConfig()
-    p = sub.add_parser("heal", help="distil a compressed model towards its dense original and save it",
-                       description="Fine-tune the factors of the rankwise directory DIR so that its next-token "
-                       "distributions follow the dense model's (KL divergence), on text disjoint from `rankwise "
-                       "eval`'s, and save the result as a new rankwise directory.")
+    p = sub.add_parser(
+        "heal",
+        help="distil a compressed model towards its dense original and save it",
+        description="Fine-tune the factors of the rankwise directory DIR so that its next-token "
+        "distributions follow the dense model's (KL divergence), on text disjoint from `rankwise "
+        "eval`'s, and save the result as a new rankwise directory.",
+    )
     p.add_argument("dir", metavar="DIR", help="a rankwise directory (written by rankwise compress)")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --force)")
     p.add_argument("--ref", metavar="MODEL", help="the dense model (default: the base model DIR's model card names)")
@@ -33,12 +43,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help=f"peak AdamW learning rate (default {d.lr})")
     p.add_argument("--batch", type=int, help=f"sequences per step (default {d.batch_size})")
     p.add_argument("--train-norms", action="store_true", help="also train the normalization layers")
-    p.add_argument("--orthogonal", action=argparse.BooleanOptionalAction,
-                   help=f"keep each factor pair orthonormal, singular values free (default {d.orthogonal})")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction,
-                   help=f"recompute each block's activations in the backward pass (default {d.checkpointing})")
-    p.add_argument("--top-k", type=int, help="KL on the teacher's top-k tokens, cached before training so the "
-                   f"teacher is freed (default {d.top_k}: the whole vocabulary, teacher run on the fly)")
+    p.add_argument(
+        "--orthogonal",
+        action=argparse.BooleanOptionalAction,
+        help=f"keep each factor pair orthonormal, singular values free (default {d.orthogonal})",
+    )
+    p.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        help=f"recompute each block's activations in the backward pass (default {d.checkpointing})",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        help="KL on the teacher's top-k tokens, cached before training so the "
+        f"teacher is freed (default {d.top_k}: the whole vocabulary, teacher run on the fly)",
+    )
     p.add_argument("--seed", type=int, help="seed of the data order (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=run_heal)
@@ -54,8 +74,9 @@ def run_heal(args) -> int:
     if args.tokens is not None and args.tokens < args.seq_len:
         raise ValueError(f"--tokens must be at least --seq-len ({args.seq_len}), got {args.tokens}")
     text = _read_text(args.text, "--text") if args.text else None
-    report = heal_checkpoint(args.dir, args.out, config, ref=args.ref, text=text, tokens=args.tokens,
-                             seq_len=args.seq_len, force=args.force)
+    report = heal_checkpoint(
+        args.dir, args.out, config, ref=args.ref, text=text, tokens=args.tokens, seq_len=args.seq_len, force=args.force
+    )
     print(report.summary())
     print(f"saved {Path(args.out)}; reload with rankwise.load({args.out!r})")
     return 0

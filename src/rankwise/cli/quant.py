@@ -13,15 +13,18 @@ def quant_settings(args) -> dict:
     from ..quantize import QuantizeConfig
 
     if args.resume:
-        raise ValueError("--resume applies to the streamed compression; quantizing runs (--bits, --method qlr, "
-                         "--bits-per-weight, --size) run in memory and start over")
+        raise ValueError(
+            "--resume applies to the streamed compression; quantizing runs (--bits, --method qlr, "
+            "--bits-per-weight, --size) run in memory and start over"
+        )
     if args.bits_per_weight is not None and args.size is not None:
         raise ValueError("give one byte budget: --bits-per-weight or --size, not both")
     if args.bits_per_weight is not None or args.size is not None:
         given = [f"--{k.replace('_', '-')}" for k in ("bits", "rank", "group_size") if getattr(args, k) is not None]
         if given or args.method == "qlr":
-            raise ValueError(f"a byte budget chooses bit widths and corrections per layer; drop "
-                             f"{', '.join(given) or '--method qlr'}")
+            raise ValueError(
+                f"a byte budget chooses bit widths and corrections per layer; drop {', '.join(given) or '--method qlr'}"
+            )
         if args.size is not None:
             return {"size": parse_size(args.size)}
         if not args.bits_per_weight > 0:
@@ -53,6 +56,8 @@ def run_quantized_compress(args) -> int:
     out = Path(args.out)
     print(report.summary())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"saved {out} ({size:,} bytes of weights on disk, {report.model_bytes:,} counted); "
-          f"reload with rankwise.load({str(out)!r})")
+    print(
+        f"saved {out} ({size:,} bytes of weights on disk, {report.model_bytes:,} counted); "
+        f"reload with rankwise.load({str(out)!r})"
+    )
     return 0

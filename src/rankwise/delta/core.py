@@ -80,7 +80,9 @@ class Delta:
         if leaf == "weight" and module in self.lora:
             D = self.weight_delta(module)
             if tuple(D.shape) != tuple(tensor.shape):
-                raise ValueError(f"delta for {name!r} has shape {tuple(D.shape)}, the model's tensor {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"delta for {name!r} has shape {tuple(D.shape)}, the model's tensor {tuple(tensor.shape)}"
+                )
             return (tensor.double() + D.to(tensor.device)).to(tensor.dtype)
         if leaf == "bias" and module in self.bias:
             return (tensor.double() + self.bias[module].double().to(tensor.device)).to(tensor.dtype)
@@ -102,8 +104,13 @@ class Delta:
         for keep in keeps:
             ranks = allocate_delta_ranks(self.spectra, self.shapes, budget=int(keep * self.dense_params))
             kept = sum(float((s[: ranks[n]].double() ** 2).sum()) for n, s in self.spectra.items())
-            points.append({"keep": keep, "params_after": sum(r * sum(self.shapes[n]) for n, r in ranks.items()),
-                           "predicted_loss": max(total - kept, 0.0) / total})
+            points.append(
+                {
+                    "keep": keep,
+                    "params_after": sum(r * sum(self.shapes[n]) for n, r in ranks.items()),
+                    "predicted_loss": max(total - kept, 0.0) / total,
+                }
+            )
         return points
 
     def record(self) -> dict:
@@ -116,14 +123,26 @@ class Delta:
             m, n = self.shapes[name]
             r = self.ranks.get(name, 0)
             top = max(float(s[0]), 1e-300) if len(s) else 1.0
-            layers.append({"name": name, "shape": [m, n], "rank": r, "params_before": m * n,
-                           "params_after": r * (m + n),
-                           "spectrum": [float(f"{float(v) / top:.5g}") for v in s]})
-        return {"layers": layers, "dense_params": self.dense_params, "num_params": self.num_params,
-                "relative_error": self.relative_error(), "curve": self.error_curve(),
-                "saved_modules": sorted({name.rpartition(".")[0] for name in self.exact}),
-                "timings": dict(self.timings),
-                "peak_rss_mib": peak_rss_mib()}
+            layers.append(
+                {
+                    "name": name,
+                    "shape": [m, n],
+                    "rank": r,
+                    "params_before": m * n,
+                    "params_after": r * (m + n),
+                    "spectrum": [float(f"{float(v) / top:.5g}") for v in s],
+                }
+            )
+        return {
+            "layers": layers,
+            "dense_params": self.dense_params,
+            "num_params": self.num_params,
+            "relative_error": self.relative_error(),
+            "curve": self.error_curve(),
+            "saved_modules": sorted({name.rpartition(".")[0] for name in self.exact}),
+            "timings": dict(self.timings),
+            "peak_rss_mib": peak_rss_mib(),
+        }
 
     def save_peft(self, out: str | os.PathLike, *, force: bool = False) -> None:
         """Write a PEFT LoRA adapter directory (see :func:`rankwise.delta.peft.save_peft`) with :data:`DELTA_FILE`."""

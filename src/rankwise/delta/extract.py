@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .._validate import regex
+from .._validate import fraction, int_at_least, regex
 from ..allocate import allocate_delta_ranks
 from ..calibrate import _bar
 from ..formats._ops import gram_singular_values
@@ -18,12 +18,6 @@ from .core import Delta
 EXACT_OTHER = ("store", "skip")
 
 
-def _check_fraction(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
 def _check_same_architecture(base: ModelReader, ft: ModelReader) -> list[str]:
     names_b, names_f = base.ckpt.keys(), ft.ckpt.keys()
     for name in sorted(set(names_b) ^ set(names_f)):
@@ -32,7 +26,9 @@ def _check_same_architecture(base: ModelReader, ft: ModelReader) -> list[str]:
     for name in names_b:
         sb, sf = base.ckpt.shape(name), ft.ckpt.shape(name)
         if sb != sf:
-            raise ValueError(f"models differ in architecture: tensor {name!r} has shape {sb} in base, {sf} in finetuned")
+            raise ValueError(
+                f"models differ in architecture: tensor {name!r} has shape {sb} in base, {sf} in finetuned"
+            )
     return names_b
 
 
@@ -116,12 +112,11 @@ def extract_delta(
     given = [k for k, v in (("rank", rank), ("keep", keep), ("energy", energy)) if v is not None]
     if len(given) > 1:
         raise ValueError(f"give at most one of rank, keep, energy; got {' and '.join(given)}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    int_at_least(rank, "rank", 1, none_ok=True)
     if keep is not None:
-        keep = _check_fraction(keep, "keep")
+        keep = fraction(keep, "keep")
     if energy is not None:
-        energy = _check_fraction(energy, "energy")
+        energy = fraction(energy, "energy")
     if exact_other not in EXACT_OTHER:
         raise ValueError(f"exact_other must be one of {', '.join(EXACT_OTHER)}, got {exact_other!r}")
     if isinstance(target_modules, str):
@@ -141,10 +136,15 @@ def extract_delta(
         if kind in ("linear", "conv1d") and leaf == "weight" and len(shape) == 2 and _targeted(module, target_modules):
             matched[module] = kind
     if inc is not None and not any(inc.search(m) for m in matched):
-        raise ValueError(f"include={include!r} matches no Linear layer of the base model (of {len(matched)}, "
-                         f"e.g. {', '.join(list(matched)[:3])})")
-    matched = {m: k for m, k in matched.items() if (inc is None or inc.search(m)) and not (exc and exc.search(m))
-               and m not in saved}
+        raise ValueError(
+            f"include={include!r} matches no Linear layer of the base model (of {len(matched)}, "
+            f"e.g. {', '.join(list(matched)[:3])})"
+        )
+    matched = {
+        m: k
+        for m, k in matched.items()
+        if (inc is None or inc.search(m)) and not (exc and exc.search(m)) and m not in saved
+    }
     other_modules: set[str] = set()
     bias_modules: set[str] = set()
     for name in names:
@@ -167,7 +167,9 @@ def extract_delta(
     if rank is not None:
         for module, (m, n) in layers.items():
             if rank > min(m, n):
-                raise ValueError(f"rank {rank} is larger than layer {module!r} allows (max {min(m, n)} for its {m}x{n} delta)")
+                raise ValueError(
+                    f"rank {rank} is larger than layer {module!r} allows (max {min(m, n)} for its {m}x{n} delta)"
+                )
 
     def delta_of(module: str) -> torch.Tensor:
         wb, wf = b.ckpt.get(f"{module}.weight"), f.ckpt.get(f"{module}.weight")

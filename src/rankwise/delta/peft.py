@@ -68,7 +68,9 @@ def save_peft(delta, out: str | os.PathLike, *, force: bool = False, extra: dict
         for module in ranks:
             B = tensors[f"{PREFIX}{module}.lora_B.weight"]
             db = delta.bias.get(module)
-            tensors[f"{PREFIX}{module}.lora_B.bias"] = (torch.zeros(B.shape[0], dtype=B.dtype) if db is None else db.to(B.dtype))
+            tensors[f"{PREFIX}{module}.lora_B.bias"] = (
+                torch.zeros(B.shape[0], dtype=B.dtype) if db is None else db.to(B.dtype)
+            )
     saved_modules = sorted({name.rpartition(".")[0] for name in delta.exact})
     for name, value in delta.exact.items():
         if not name.rpartition(".")[0]:
@@ -101,7 +103,11 @@ def save_peft(delta, out: str | os.PathLike, *, force: bool = False, extra: dict
         "use_dora": False,
     }
     with atomic_output_dir(out, force=force) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            str(tmp / WEIGHTS_NAME),
+            metadata={"format": "pt"},
+        )
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         for name, text in (extra or {}).items():
             (tmp / name).write_text(text)
@@ -139,7 +145,7 @@ def read_peft(path: str | os.PathLike) -> dict:
     delta = SimpleNamespace(lora={}, bias={}, exact={}, tied={}, shapes={}, transposed=frozenset())
     tied: list[tuple[str, torch.Tensor]] = []
     for key, value in tensors.items():
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         m = re.fullmatch(r"(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)", name)
         if m:
             lora.setdefault(m.group(1), {})[m.group(2)] = value
@@ -152,7 +158,9 @@ def read_peft(path: str | os.PathLike) -> dict:
     for name, value in tied:  # a tied head saved next to its embedding: record which tensor it repeats
         source = [n for n, v in delta.exact.items() if v.shape == value.shape and torch.equal(v, value)]
         if not source:
-            raise ValueError(f"adapter tensor {PREFIX + name!r} is neither a LoRA factor, in modules_to_save, nor tied to one")
+            raise ValueError(
+                f"adapter tensor {PREFIX + name!r} is neither a LoRA factor, in modules_to_save, nor tied to one"
+            )
         delta.tied[name] = source[0]
     transposed = set()
     for module, parts in lora.items():

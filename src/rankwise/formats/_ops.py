@@ -218,6 +218,32 @@ def rank_for_tolerance(spectrum: Tensor, eps: float, norm: Tensor | float | None
     return rank_for_tail(sq, eps**2 * total)
 
 
+def short_side_basis(B: Tensor, rank: int | None = None, tail_sq: float | None = None) -> tuple[Tensor, Tensor] | None:
+    """``(Q, sq)``: an orthonormal basis (short, k) of the leading left singular subspace of a wide ``B``
+    (rows <= cols) and its squared singular values (float64, descending; every one when they were all
+    computed), from the eigenpairs of the float64 Gram matrix ``B B^T`` (:func:`gram_eigh`; only the
+    ``k`` wanted ones when ``8k <= rows`` and no tolerance). ``k`` as in :func:`leading_svd`.
+
+    None when the Gram matrix cannot resolve them: ``B`` is zero, or the last kept squared singular
+    value or ``tail_sq`` is below ``GRAM_FLOOR`` times the largest (the one accuracy guard of the
+    low-rank backend, :data:`GRAM_FLOOR`); with ``rank=None`` and no tolerance every pair is returned
+    unless ``B`` is zero (the caller asked for the whole spectrum, tiny values included).
+    """
+    short = B.shape[0]
+    cap = short if rank is None else rank
+    subset = tail_sq is None and rank is not None and 8 * rank <= short
+    evals, Q = gram_eigh(B, cap if subset else None)
+    sq = evals.clamp_min(0)
+    k = cap if tail_sq is None else rank_for_tail(sq, tail_sq, cap)
+    top = float(sq[0])
+    if not top > 0:
+        return None
+    every = rank is None and tail_sq is None
+    if not every and (float(sq[k - 1]) < GRAM_FLOOR * top or (tail_sq is not None and tail_sq < GRAM_FLOOR * top)):
+        return None
+    return Q[:, :k].to(B.dtype), sq
+
+
 def leading_svd(M: Tensor, rank: int | None = None, tail_sq: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The leading singular triplets of ``M``: the one low-rank backend of every format.
 
@@ -225,15 +251,13 @@ def leading_svd(M: Tensor, rank: int | None = None, tail_sq: float | None = None
     discarded squared singular values sum to at most ``tail_sq``, capped at ``rank``;
     ``||M - U diag(S[:k]) Vh||_F^2`` is that discarded sum (Eckart–Young).
 
-    Route: the eigenpairs of the float64 Gram matrix of the shorter side (:func:`gram_eigh`; only the
-    ``k`` wanted ones when ``8k <= short side`` and no tolerance), far cheaper than an SVD of a wide
-    matrix, then a Rayleigh–Ritz step (the SVD of ``M`` projected on those ``k`` vectors) that makes
-    both factors orthonormal to round-off. When every triplet is asked for, the long side is the
-    projection ``B^T Q / S`` instead (one product; the Rayleigh–Ritz SVD would cost a full SVD), so
-    vectors of singular values below ``sqrt(GRAM_FLOOR) * S[0]`` are not resolved there. With an
-    explicit ``k`` or a tolerance, the Gram route is used only when the last kept squared singular
-    value and ``tail_sq`` are at least ``GRAM_FLOOR`` times the largest (:data:`GRAM_FLOOR`);
-    otherwise, and for an all-zero ``M``, the SVD of ``M`` (LAPACK ``gesdd``) is taken.
+    Route: the basis of the shorter side from its float64 Gram matrix (:func:`short_side_basis`), far
+    cheaper than an SVD of a wide matrix, then a Rayleigh–Ritz step (the SVD of ``M`` projected on
+    those ``k`` vectors) that makes both factors orthonormal to round-off. When every triplet is asked
+    for, the long side is the projection ``B^T Q / S`` instead (one product; the Rayleigh–Ritz SVD
+    would cost a full SVD), so vectors of singular values below ``sqrt(GRAM_FLOOR) * S[0]`` are not
+    resolved there. Where the Gram matrix cannot resolve what is asked (:func:`short_side_basis`
+    returns None) the SVD of ``M`` (LAPACK ``gesdd``) is taken.
 
     Parameters
     ----------
@@ -247,25 +271,17 @@ def leading_svd(M: Tensor, rank: int | None = None, tail_sq: float | None = None
     was computed to full accuracy anyway (every triplet asked for, or the SVD fallback); Vh (k, n).
     U and Vh are in ``M``'s dtype.
     """
-    m, n = M.shape
-    short = min(m, n)
-    cap = short if rank is None else rank
-    wide = m <= n
+    wide = M.shape[0] <= M.shape[1]
     B = M if wide else M.T  # (short, long): its left singular vectors are M's short-side ones
-    subset = tail_sq is None and rank is not None and 8 * rank <= short
-    evals, Q = gram_eigh(B, cap if subset else None)
-    sq = evals.clamp_min(0)
-    k = cap if tail_sq is None else rank_for_tail(sq, tail_sq, cap)
-    top = float(sq[0])
-    every = rank is None and tail_sq is None
-    resolved = top > 0 and float(sq[k - 1]) >= GRAM_FLOOR * top and (tail_sq is None or tail_sq >= GRAM_FLOOR * top)
-    if not (every and top > 0) and not resolved:
+    basis = short_side_basis(B, rank, tail_sq)
+    if basis is None:
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         S64 = S.to(torch.float64)
+        cap = min(M.shape) if rank is None else rank
         k = cap if tail_sq is None else rank_for_tail(S64**2, tail_sq, cap)
         return U[:, :k], S64, Vh[:k]
-    Q = Q[:, :k].to(B.dtype)
-    if every:
+    Q, sq = basis
+    if rank is None and tail_sq is None:
         S = sq.sqrt()
         long = (B.T @ Q) / S.clamp_min(float(S[0]) * 1e-150 + 1e-300).to(B.dtype)  # never divide by zero
         short_vecs = Q
@@ -282,7 +298,8 @@ def leading_left_singular_vectors(m: Tensor, rank: int) -> Tensor:
     basis (their singular value is zero)."""
     rows, cols = m.shape
     if rank <= min(rows, cols):
-        return leading_svd(m, rank)[0]
+        basis = short_side_basis(m, rank) if rows <= cols else None  # wide: the Gram basis is the answer
+        return basis[0] if basis is not None else leading_svd(m, rank)[0]
     u, _, _ = torch.linalg.svd(m, full_matrices=True)
     return u[:, :rank]
 

@@ -20,6 +20,7 @@ from ._ops import (
     compute_dtype,
     largest_within_budget,
     leading_svd,
+    short_side_basis,
 )
 from .protocol import FORMATS
 
@@ -123,6 +124,10 @@ def truncated_left_basis(M: Tensor, max_rank: int, tol_sq: float | None) -> tupl
     max_rank : int in [1, min(rows, cols)]
     tol_sq : float or None, absolute bound on the squared Frobenius norm of the discarded part.
     """
+    if M.shape[0] <= M.shape[1]:  # wide: the Gram basis of the rows, and U^T M, is all TT needs
+        basis = short_side_basis(M, max_rank, tol_sq)
+        if basis is not None:
+            return basis[0], basis[0].T @ M
     U, S, Vh = leading_svd(M, max_rank, tol_sq)
     k = U.shape[1]
     return U, S[:k, None].to(M.dtype) * Vh

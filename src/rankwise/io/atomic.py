@@ -19,7 +19,9 @@ def atomic_output_dir(out: str | os.PathLike, *, force: bool = False) -> Iterato
     """
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it")
+        raise FileExistsError(
+            f"output directory {str(out)!r} already exists; pass --force (force=True) to overwrite it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

@@ -67,8 +67,16 @@ def source_name(directory: Path) -> str:
         return str(directory)
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, *, report=None, tokenizer=None, quality: dict | None = None,
-         force: bool = False, card: dict[str, str] | None = None) -> Path:
+def save(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    report=None,
+    tokenizer=None,
+    quality: dict | None = None,
+    force: bool = False,
+    card: dict[str, str] | None = None,
+) -> Path:
     """Write ``model`` (with its ``LowRankLinear`` layers) to ``out_dir``, atomically, with a model card.
 
     Every file of the directory the model was loaded from that the compression does not change is copied
@@ -132,9 +140,12 @@ def card_text(report, n_factorized: int) -> dict[str, str]:
     if report is None:
         return {"method": "compress: low-rank factorization", "budget": f"{n_factorized} layers factorized"}
     c = report.config
-    return {"method": f"compress: {c.method} factorization, {c.allocate} rank allocation" + (", sequential" if c.sequential else ""),
-            "budget": f"keep {c.keep} of the targeted layers' parameters "
-                      f"({report.params_after:,} of {report.params_before:,}; {n_factorized} layers factorized)"}
+    return {
+        "method": f"compress: {c.method} factorization, {c.allocate} rank allocation"
+        + (", sequential" if c.sequential else ""),
+        "budget": f"keep {c.keep} of the targeted layers' parameters "
+        f"({report.params_after:,} of {report.params_before:,}; {n_factorized} layers factorized)",
+    }
 
 
 def read_quantization_config(path: str | os.PathLike) -> dict:
@@ -150,7 +161,10 @@ def read_quantization_config(path: str | os.PathLike) -> dict:
     except json.JSONDecodeError as exc:
         raise ValueError(f"config file {str(config_file)!r} is not valid JSON: {exc}") from None
     if qc.get("quant_method") != "rankwise":
-        raise ValueError(f"{str(path)!r} is not a rankwise directory: config.json has no quantization_config with quant_method 'rankwise'")
+        raise ValueError(
+            f"{str(path)!r} is not a rankwise directory: "
+            "config.json has no quantization_config with quant_method 'rankwise'"
+        )
     return qc
 
 
@@ -180,7 +194,10 @@ def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
         with safe_open(str(file), framework="pt") as f:
             shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
     rows = []
-    natural = lambda name: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]  # layers.2 < layers.10
+
+    def natural(name: str) -> list:  # layers.2 < layers.10
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
     for name, rank in sorted(ranks.items(), key=lambda item: natural(item[0])):
         key = next((k for k in shapes if k == f"{name}.down.weight" or k.endswith(f".{name}.down.weight")), None)
         if key is None:
@@ -190,12 +207,16 @@ def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
         bias = shapes.get(f"{stem}.up.bias", (0,))[0]
         rows.append((name, (m, n), rank, r * (m + n) + bias, m * n + bias))
     for name, spec in sorted(modules.items(), key=lambda item: natural(item[0])):
-        inside = lambda key, name=name: key.startswith(f"{name}.") or f".{name}." in key
-        after = sum(math.prod(s) for k, s in shapes.items() if inside(k))
+        after = sum(math.prod(s) for k, s in shapes.items() if k.startswith(f"{name}.") or f".{name}." in k)
         rows.append((name, _dense_shape(spec), _rank_label(spec), after, _dense_params(spec)))
     stored = sum(math.prod(s) for s in shapes.values())
     after, before = sum(r[3] for r in rows), sum(r[4] for r in rows)
-    totals = {"layers_before": before, "layers_after": after, "model_before": stored - after + before, "model_after": stored}
+    totals = {
+        "layers_before": before,
+        "layers_after": after,
+        "model_before": stored - after + before,
+        "model_after": stored,
+    }
     return rows, totals
 
 

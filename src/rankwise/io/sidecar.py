@@ -15,7 +15,17 @@ CARD_NAME = "README.md"
 REWRITTEN = frozenset({"config.json", CARD_NAME, "rankwise_report.json", "rankwise_source.json"})
 # weights of the model itself at the top level: the writer stores the new ones
 WEIGHT_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".ot", ".tflite",
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".gguf",
+    ".h5",
+    ".msgpack",
+    ".onnx",
+    ".ot",
+    ".tflite",
 )
 # exports of the dense weights for other runtimes (sentence-transformers' ONNX / OpenVINO backends read
 # them): copied, they would silently serve the unchanged model
@@ -68,8 +78,9 @@ def _check_modules_json(src: Path) -> None:
     for m in modules:
         folder = m.get("path")
         if folder and not (src / str(folder)).is_dir() and m.get("type") not in STATELESS_MODULES:
-            _warn(f"{str(file)!r} names module folder {folder!r}, which {str(src)!r} lacks; "
-                  "modules.json copied as it is")
+            _warn(
+                f"{str(file)!r} names module folder {folder!r}, which {str(src)!r} lacks; modules.json copied as it is"
+            )
 
 
 def copy_model_files(src_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:

@@ -20,13 +20,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._validate import is_int
 from ..quant import QuantizedMatrix, check_bits, dequantize, pack_codes, unpack_codes
 from .registry import LAYERS
 
 
 def _int(spec: dict, key: str, low: int) -> int:
     v = spec.get(key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+    if not is_int(v) or v < low:
         raise ValueError(f"quantized layer spec needs {key} as an int >= {low}, got {v!r}")
     return v
 
@@ -66,9 +67,16 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
 
     def spec(self) -> dict:
-        return {"layer": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
-                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "correction_rank": self.correction_rank, "bias": self.bias is not None}
+        return {
+            "layer": self.layer_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "correction_rank": self.correction_rank,
+            "bias": self.bias is not None,
+        }
 
     @classmethod
     def empty(cls, old: nn.Module, spec: dict) -> QuantLinear:
@@ -76,14 +84,21 @@ class QuantLinear(nn.Module):
         return cls(spec, device=ref.device, dtype=ref.dtype)
 
     @classmethod
-    def from_quantized(cls, q: QuantizedMatrix, bias: torch.Tensor | None = None, correction=None,
-                       dtype: torch.dtype = torch.float32) -> QuantLinear:
+    def from_quantized(
+        cls, q: QuantizedMatrix, bias: torch.Tensor | None = None, correction=None, dtype: torch.dtype = torch.float32
+    ) -> QuantLinear:
         """From a :class:`~rankwise.quant.QuantizedMatrix` and, for Q + LR, ``correction = (L, R)``
         (shapes (out, r) and (r, in))."""
         out, cin = q.shape
-        spec = {"in_features": cin, "out_features": out, "bits": q.bits, "group_size": q.group_size,
-                "symmetric": q.symmetric, "correction_rank": 0 if correction is None else int(correction[0].shape[1]),
-                "bias": bias is not None}
+        spec = {
+            "in_features": cin,
+            "out_features": out,
+            "bits": q.bits,
+            "group_size": q.group_size,
+            "symmetric": q.symmetric,
+            "correction_rank": 0 if correction is None else int(correction[0].shape[1]),
+            "bias": bias is not None,
+        }
         layer = cls(spec, device=q.codes.device, dtype=dtype)
         with torch.no_grad():
             layer.codes.copy_(pack_codes(q.codes, q.bits))
@@ -119,8 +134,10 @@ class QuantLinear(nn.Module):
         return _dense_linear(self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, symmetric={self.symmetric}, correction_rank={self.correction_rank}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, symmetric={self.symmetric}, correction_rank={self.correction_rank}"
+        )
 
 
 @LAYERS.register("quant_lowrank_linear", paper="https://arxiv.org/abs/2403.07378")
@@ -133,17 +150,32 @@ class QuantLowRankLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = _int(spec, "in_features", 1), _int(spec, "out_features", 1)
         self.rank = _int(spec, "rank", 1)
-        common = {"bits": spec.get("bits"), "group_size": spec.get("group_size"), "symmetric": spec.get("symmetric"),
-                  "correction_rank": 0}
-        self.down = QuantLinear(common | {"in_features": self.in_features, "out_features": self.rank, "bias": False},
-                                device, dtype)
-        self.up = QuantLinear(common | {"in_features": self.rank, "out_features": self.out_features,
-                                        "bias": bool(spec.get("bias"))}, device, dtype)
+        common = {
+            "bits": spec.get("bits"),
+            "group_size": spec.get("group_size"),
+            "symmetric": spec.get("symmetric"),
+            "correction_rank": 0,
+        }
+        self.down = QuantLinear(
+            common | {"in_features": self.in_features, "out_features": self.rank, "bias": False}, device, dtype
+        )
+        self.up = QuantLinear(
+            common | {"in_features": self.rank, "out_features": self.out_features, "bias": bool(spec.get("bias"))},
+            device,
+            dtype,
+        )
 
     def spec(self) -> dict:
-        return {"layer": self.layer_type, "in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "bits": self.down.bits, "group_size": self.down.group_size,
-                "symmetric": self.down.symmetric, "bias": self.up.bias is not None}
+        return {
+            "layer": self.layer_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "bits": self.down.bits,
+            "group_size": self.down.group_size,
+            "symmetric": self.down.symmetric,
+            "bias": self.up.bias is not None,
+        }
 
     @classmethod
     def empty(cls, old: nn.Module, spec: dict) -> QuantLowRankLinear:
@@ -152,9 +184,15 @@ class QuantLowRankLinear(nn.Module):
 
     @classmethod
     def from_layers(cls, down: QuantLinear, up: QuantLinear) -> QuantLowRankLinear:
-        spec = {"in_features": down.in_features, "out_features": up.out_features, "rank": down.out_features,
-                "bits": down.bits, "group_size": down.group_size, "symmetric": down.symmetric,
-                "bias": up.bias is not None}
+        spec = {
+            "in_features": down.in_features,
+            "out_features": up.out_features,
+            "rank": down.out_features,
+            "bits": down.bits,
+            "group_size": down.group_size,
+            "symmetric": down.symmetric,
+            "bias": up.bias is not None,
+        }
         layer = cls(spec, device=down.codes.device)
         layer.down, layer.up = down, up
         return layer
