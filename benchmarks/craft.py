@@ -110,11 +110,10 @@ class CRAFT(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fc7, *skips = self.basenet(x)
-        y = fc7
-        for up, skip in zip((self.upconv1, self.upconv2, self.upconv3, self.upconv4), skips):
-            if y.shape[2:] != skip.shape[2:]:
-                y = F.interpolate(y, size=skip.shape[2:], mode="bilinear", align_corners=False)
+        fc7, conv5, *skips = self.basenet(x)
+        y = self.upconv1(torch.cat([fc7, conv5], dim=1))  # both at 1/16
+        for up, skip in zip((self.upconv2, self.upconv3, self.upconv4), skips):
+            y = F.interpolate(y, size=skip.shape[2:], mode="bilinear", align_corners=False)
             y = up(torch.cat([y, skip], dim=1))
         return self.conv_cls(y)
 
