@@ -1,13 +1,14 @@
 """EasyOCR's CRAFT text detector (craft_mlt_25k.pth) defined from the CRAFT paper, with rendered-page evaluation data.
 
-Architecture (Baek et al. 2019, Fig. 2): a VGG16-BN backbone cut into five stages (the outputs after conv2_2,
-conv3_3, conv4_3 and conv5_3 at 1/2, 1/4, 1/8, 1/16 resolution, then a 3x3 max-pool of stride 1, a dilated 3x3
-"fc6" and a 1x1 "fc7" at 1/16); a U-Net decoder of four up-convolution blocks (1x1 conv, BN, ReLU, 3x3 conv, BN,
-ReLU) each reading the previous block's output upsampled bilinearly to, and concatenated with, the next
-shallower stage; a head of five convolutions giving the region and affinity scores at 1/2 resolution. The
-checkpoint's module names fix the layout (``basenet.slice1.10`` is VGG16-BN's ``features[10]``). As in the
-original's in-place ReLUs, the stage outputs after conv2_2, conv3_3 and conv4_3 reach the decoder rectified and
-those of conv5_3 and fc7 do not.
+Architecture (Baek et al. 2019, Fig. 2): a VGG16-BN backbone cut into five stages (as the checkpoint's module
+names fix them: ``basenet.slice1.10`` is VGG16-BN's ``features[10]``; the stages end after the BN of conv2_2,
+conv3_2, conv4_2 and conv5_2, at 1/2, 1/4, 1/8, 1/16 resolution; conv5_3 is not used;
+then a 3x3 max-pool of stride 1, a dilated 3x3 "fc6" and a 1x1 "fc7" at 1/16); a U-Net decoder of four
+up-convolution blocks (1x1 conv, BN, ReLU, 3x3 conv, BN, ReLU), the first reading fc7 and the last stage, each
+later one the previous block's output upsampled bilinearly to, and concatenated with, the next shallower stage;
+a head of five convolutions giving the region and affinity scores at 1/2 resolution. As with the original's
+in-place ReLUs, the stage outputs at 1/2, 1/4 and 1/8 reach the decoder rectified; those at 1/16 (conv5_2 and
+fc7) do not.
 
 Test pages: lines of words from CPython's ``pydoc_data.topics`` (as in :mod:`crnn`) drawn in black with Pillow
 in the DejaVu fonts on white pages, each word's box known; normalized with the ImageNet mean and std as EasyOCR
@@ -59,7 +60,7 @@ class VGG16BN(nn.Module):
         super().__init__()
         relu, pool = nn.ReLU, lambda: nn.MaxPool2d(2, 2)
         # features[0:12]: conv1_1, conv1_2, pool, conv2_1, conv2_2 (its BN last); features[12:19], [19:29],
-        # [29:39]: each later slice opens with the ReLU of the previous slice's last BN
+        # [29:39] (to conv3_2, conv4_2, conv5_2): each later slice opens with the ReLU of the previous one's last BN
         self.slice1 = _indexed(0, *_conv_bn(3, 64), relu(), *_conv_bn(64, 64), relu(), pool(), *_conv_bn(64, 128),
                                relu(), *_conv_bn(128, 128))  # fmt: skip
         self.slice2 = _indexed(12, relu(), pool(), *_conv_bn(128, 256), relu(), *_conv_bn(256, 256))
