@@ -35,8 +35,9 @@ def test_dense_craft_finds_rendered_words():
     words = "return module Python object value class lambda string yield import global while assert format".split()
     pages = render_pages(words, 1, size=256, seed=1)
     (found,) = page_boxes(model, pages)
-    words = pages[0][1]
-    assert len(words) == 8  # DejaVu Serif (seed 1); at this size DejaVu Sans Mono splits words
-    matched, n_found, n_words = match_counts(found, words)
-    assert n_found == n_words == len(words) and matched == len(words)
-    assert min(max(iou(f, w) for f in found) for w in words) >= 0.6
+    truth = pages[0][1]
+    assert len(truth) == 8  # DejaVu Serif (seed 1); at this size DejaVu Sans Mono splits words
+    matched, n_found, n_words = match_counts(found, truth)
+    assert n_found == n_words == matched == 8
+    # each word's best box covers its ink closely (measured: 0.745 to 0.872)
+    assert min(max(iou(f, w) for f in found) for w in truth) >= 0.7
