@@ -27,34 +27,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))  # the model definitions and cnn.py's measuring helpers
-from cnn import conv_macs, latency, tltorch_compress
+from cnn import METHODS, compress, conv_macs, latency
 from craft import f1, load_craft, match_counts, page_boxes, render_pages
 from crnn import word_lists
 
 from rankwise.calibrate_modules import collect_module_stats
-from rankwise.compress_modules import ModuleCompressConfig, compress_modules_, find_module_targets
-
-METHODS = ("rankwise-auto", "rankwise-tucker", "rankwise-svd", "tltorch-tucker2", "tltorch-tucker", "tltorch-cp")
-TLTORCH = {"tltorch-cp": ("cp", False), "tltorch-tucker": ("tucker", False), "tltorch-tucker2": ("tucker", True)}
+from rankwise.compress_modules import ModuleCompressConfig, find_module_targets
 
 
 def score_runner(pages):
     """A calibration callable: the model's score maps on one calibration page (a tensor, not a loss)."""
     return lambda model, i: model(pages[i % len(pages)][0][None])
-
-
-def compress(model: nn.Module, method: str, keep: float, targets: list[str], stats) -> tuple[int, str]:
-    """Compress ``model`` in place; (the targets' parameters after, formats and ranks per layer or "")."""
-    if method.startswith("rankwise"):
-        config = ModuleCompressConfig(keep=keep, format=method.split("-")[1], kinds=("conv2d",))
-        report = compress_modules_(model, config, stats=stats)
-        return sum(r["params_after"] for r in report), " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
-    fact, spatial = TLTORCH[method]
-    tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact, keep, spatial)
-    return sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in targets), ""
 
 
 def main() -> None:
