@@ -45,6 +45,7 @@ from rankwise.compress_modules import (
 )
 
 METHODS = ("rankwise-auto", "rankwise-tucker", "rankwise-svd", "tltorch-cp", "tltorch-tucker", "tltorch-tucker2")
+TLTORCH = {"tltorch-cp": ("cp", False), "tltorch-tucker": ("tucker", False), "tltorch-tucker2": ("tucker", True)}
 
 
 def ctc_runner(batches):
@@ -108,6 +109,18 @@ def tltorch_compress(model: nn.Module, targets: dict, factorization: str, keep: 
     return model
 
 
+def compress(model: nn.Module, method: str, keep: float, targets: list[str], stats) -> tuple[int, str]:
+    """Compress ``model``'s ``targets`` in place by ``method`` (one of METHODS) at ``keep``; returns the targets'
+    parameters after and, for rankwise, the format and rank per layer ("" for TensorLy-Torch)."""
+    if method.startswith("rankwise"):
+        config = ModuleCompressConfig(keep=keep, format=method.split("-")[1], kinds=("conv2d",))
+        report = compress_modules_(model, config, stats=stats)
+        return sum(r["params_after"] for r in report), " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
+    fact, spatial = TLTORCH[method]
+    tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact, keep, spatial)
+    return sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in targets), ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--words", type=int, default=400)
@@ -154,24 +167,9 @@ def main() -> None:
         for method in args.methods:
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            formats = ""
-            if method.startswith("rankwise"):
-                fmt = method.split("-")[1]
-                report = compress_modules_(
-                    model, ModuleCompressConfig(keep=keep, format=fmt, kinds=("conv2d",)), stats=stats
-                )
-                formats = " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
-                params = sum(r["params_after"] for r in report)
-                macs = f"{conv_macs(model, timing_batch) / 1e6:>10.1f}"
-            else:
-                fact = {
-                    "tltorch-cp": ("cp", False),
-                    "tltorch-tucker": ("tucker", False),
-                    "tltorch-tucker2": ("tucker", True),
-                }[method]
-                tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact[0], keep, fact[1])
-                params = sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in targets)
-                macs = f"{'n/a':>10}"
+            params, formats = compress(model, method, keep, list(targets), stats)
+            rankwise = method.startswith("rankwise")
+            macs = f"{conv_macs(model, timing_batch) / 1e6:>10.1f}" if rankwise else f"{'n/a':>10}"
             fit = time.perf_counter() - t0
             model.eval()
             acc, cer = evaluate(model, evals)

@@ -1,0 +1,110 @@
+"""Benchmark: compressing EasyOCR's CRAFT text detector (benchmarks/craft.py) - rankwise vs TensorLy-Torch.
+
+Targets: every Conv2d with more than one input channel (all 27 convolutions; the first reads RGB), at ``--keeps``
+fractions of their parameters, no fine-tuning. Methods as in :mod:`cnn`:
+
+- ``rankwise-auto`` / ``rankwise-tucker`` / ``rankwise-svd``: :func:`rankwise.compress_modules.compress_modules_`,
+  data-aware, calibrated on ``--calib`` rendered pages (``--calib-size`` pixels; their words disjoint from the
+  evaluation pages'); the calibration output is the score maps themselves, which ``collect_module_stats``
+  contracts with a fixed Gaussian draw: the output-channel weights are then the Gauss-Newton diagonal of the
+  squared change of the score maps (the gradient of an MSE to the dense maps, zero at the dense model, has none);
+- ``tltorch-tucker2`` / ``tltorch-tucker`` / ``tltorch-cp``: TensorLy-Torch ``FactorizedConv.from_conv`` (data-free).
+
+Reported: box F1 against the dense model's boxes (IoU 0.5, greedy matching) on ``--pages`` 768x768 evaluation
+pages, and the dense model's F1 against the rendered words' boxes; the targets' parameters; conv MACs of one page
+(forward hooks on nn.Conv2d; TensorLy-Torch's functional convolutions are not seen, so n/a); CPU latency of one
+768x768 page (median of ``--repeats``) and "x dense", the dense model's median timed interleaved call by call.
+
+    PYTHONPATH=src python benchmarks/cnn_craft.py [--pages 8] [--keeps 0.5 0.3] [--methods ...] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # the model definitions and cnn.py's measuring helpers
+from cnn import METHODS, compress, conv_macs, latency
+from craft import f1, load_craft, match_counts, page_boxes, render_pages
+from crnn import word_lists
+
+from rankwise.calibrate_modules import collect_module_stats
+from rankwise.compress_modules import ModuleCompressConfig, find_module_targets
+
+
+def score_runner(pages):
+    """A calibration callable: the model's score maps on one calibration page (a tensor, not a loss)."""
+    return lambda model, i: model(pages[i % len(pages)][0][None])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pages", type=int, default=8)
+    ap.add_argument("--calib", type=int, default=4)
+    ap.add_argument("--calib-size", type=int, default=512)
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.3])
+    ap.add_argument("--methods", nargs="+", default=["rankwise-auto", "rankwise-tucker", "tltorch-tucker2"],
+                    choices=METHODS)  # fmt: skip
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dense = load_craft()
+    calib_words, eval_words = word_lists(1200, 2000)
+    evals = render_pages(eval_words, args.pages, 768, seed=1000)
+    calib = render_pages(calib_words, args.calib, args.calib_size, seed=0)
+    targets = find_module_targets(dense, ModuleCompressConfig(kinds=("conv2d",), min_in_channels=2))
+    target_params = sum(sum(p.numel() for p in m.parameters()) for m in targets.values())
+    page = evals[0][0][None]
+    print(
+        f"CRAFT craft_mlt_25k: {len(targets)} target convs, {target_params:,} params; {len(evals)} eval pages 768 px "
+        f"({sum(len(b) for _, b in evals)} words), {len(calib)} calibration pages {args.calib_size} px "
+        f"({sum(len(b) for _, b in calib)} words); threads {args.threads}",
+        flush=True,
+    )
+    stats = None
+    if any(m.startswith("rankwise") for m in args.methods):
+        t0 = time.perf_counter()
+        stats = collect_module_stats(dense, targets, score_runner(calib), fisher=True, batches=len(calib))
+        print(f"rankwise calibration (patch second moments + score-map sensitivities): {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    reference = page_boxes(dense, evals)
+    t_eval = time.perf_counter() - t0
+    truth = f1([match_counts(found, boxes) for found, (_, boxes) in zip(reference, evals)])
+    print(f"dense vs rendered words: box F1 {truth:.3f} (IoU 0.5); {len(evals)} pages in {t_eval:.1f}s", flush=True)
+    head = (
+        f"{'method':<16} {'keep':>5} {'params':>10} {'F1/dense':>8} {'GMAC/page':>9} {'s/page':>7} {'dense s':>7} "
+        f"{'x dense':>7} {'fit s':>6}  formats"
+    )
+    print(head)
+    print("-" * len(head))
+    print(
+        f"{'dense':<16} {1.0:>5.2f} {target_params:>10,} {1.0:>8.3f} {conv_macs(dense, page) / 1e9:>9.1f} "
+        f"{'':>7} {'':>7} {1.0:>7.2f} {0:>6.1f}",
+        flush=True,
+    )
+    for keep in args.keeps:
+        for method in args.methods:
+            model = copy.deepcopy(dense)
+            t0 = time.perf_counter()
+            params, formats = compress(model, method, keep, list(targets), stats)
+            fit = time.perf_counter() - t0
+            model.eval()
+            found = page_boxes(model, evals)
+            score = f1([match_counts(f, r) for f, r in zip(found, reference)])
+            macs = f"{conv_macs(model, page) / 1e9:>9.1f}" if method.startswith("rankwise") else f"{'n/a':>9}"
+            t, t_anchor = latency(model, page, args.repeats, dense)
+            print(
+                f"{method:<16} {keep:>5.2f} {params:>10,} {score:>8.3f} {macs} {t:>7.2f} {t_anchor:>7.2f} "
+                f"{t / t_anchor:>7.2f} {fit:>6.1f}  {formats}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
