@@ -90,6 +90,20 @@ def tiny_llama(seed: int = 0, **overrides):
     return tiny_model("llama", seed, **{"tie_word_embeddings": True, **overrides})
 
 
+def small_llama(seed: int = 0, dtype: torch.dtype = torch.float64):
+    """The Llama of the compression and calibration tests: vocabulary 96, hidden 64, 4 heads / 2 KV heads."""
+    return tiny_model(
+        "llama",
+        seed,
+        dtype=dtype,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
 def tiny_bert(seed: int = 0, **overrides):
     return tiny_model("bert", seed, **overrides)
 

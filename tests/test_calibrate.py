@@ -6,20 +6,7 @@ import torch
 from rankwise.calibrate import collect_stats
 from rankwise.targets import find_targets
 
-from _tiny_models import tiny_model
-
-
-def tiny_llama(seed=0):
-    return tiny_model(
-        "llama",
-        seed,
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=112,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        dtype=torch.float64,
-    )
+from _tiny_models import small_llama, tiny_model
 
 
 def stored_inputs(model, targets, calib, batches=((0, 4), (4, 6))):
@@ -54,7 +41,7 @@ def stored_inputs(model, targets, calib, batches=((0, 4), (4, 6))):
 
 
 def test_stats_equal_brute_force_and_inputs_are_shared():
-    model = tiny_llama()
+    model = small_llama()
     targets = find_targets(model)
     calib = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(1))
     stats = collect_stats(model, targets, calib, fisher_seqs=6, progress=False)
@@ -77,7 +64,7 @@ def test_stats_equal_brute_force_and_inputs_are_shared():
 
 def test_fisher_sequences_are_counted_exactly_not_by_batch():
     """fisher_seqs=1 with batches of 4: gradients of the first sequence only, inputs of all six."""
-    model = tiny_llama()
+    model = small_llama()
     targets = find_targets(model)
     calib = torch.randint(0, 96, (6, 16), generator=torch.Generator().manual_seed(2))
     stats = collect_stats(model, targets, calib, fisher_seqs=1, progress=False)
@@ -101,7 +88,7 @@ def test_statistics_computed_once_per_distinct_input(monkeypatch):
     calls = []
     original = calibrate.InputStats.add
     monkeypatch.setattr(calibrate.InputStats, "add", lambda self, x: (calls.append(x.shape), original(self, x))[1])
-    model = tiny_llama()
+    model = small_llama()
     collect_stats(model, find_targets(model), torch.zeros(4, 8, dtype=torch.long), batch_size=2, progress=False)
     assert len(calls) == 2 * 4 * 2  # 2 batches x 2 blocks x 4 distinct inputs (not 7 layers)
 
@@ -141,7 +128,7 @@ def test_encoder_stats_and_gauss_newton_gradients_equal_brute_force():
 
 
 def test_unused_target_is_reported():
-    model = tiny_llama()
+    model = small_llama()
     targets = find_targets(model)
     targets["lm_head"] = model.lm_head
     extra = torch.nn.Linear(3, 3)

@@ -13,22 +13,9 @@ from rankwise.formats.svd import truncated_svd
 from rankwise.layers.linear import LowRankLinear, dense_weight
 from rankwise.targets import find_targets, replace_module
 
-from _tiny_models import tiny_model
+from _tiny_models import small_llama, tiny_model
 
 CALIB = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(5))
-
-
-def tiny_llama(seed=0, dtype=torch.float64):
-    return tiny_model(
-        "llama",
-        seed,
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=112,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        dtype=dtype,
-    )
 
 
 def logits(model, ids=CALIB[:2]):
@@ -44,7 +31,7 @@ def count(model):
     "method, allocate", [("svd", "uniform"), ("asvd", "uniform"), ("whiten", "uniform"), ("whiten", "fisher")]
 )
 def test_full_rank_factorization_reproduces_dense_logits(method, allocate):
-    model = tiny_llama()
+    model = small_llama()
     dense = logits(model)
     targets = find_targets(model)
     config = CompressConfig(method=method, allocate=allocate)
@@ -58,12 +45,12 @@ def test_full_rank_factorization_reproduces_dense_logits(method, allocate):
 
 @pytest.mark.parametrize("allocate, keep", [("uniform", 0.5), ("fisher", 0.8)])
 def test_compress_meets_the_budget_and_reports_what_it_did(allocate, keep):
-    model = tiny_llama(dtype=torch.float32)
+    model = small_llama(dtype=torch.float32)
     before = count(model)
     report = compress_(model, CompressConfig(keep=keep, allocate=allocate, min_rank=4), CALIB, progress=False)
     assert report.params_after <= keep * report.params_before
     assert report.params_before == sum(
-        p.numel() for n, p in tiny_llama().named_parameters() if n.startswith("model.layers.") and "norm" not in n
+        p.numel() for n, p in small_llama().named_parameters() if n.startswith("model.layers.") and "norm" not in n
     )
     assert before - count(model) == report.params_before - report.params_after
     if allocate == "fisher":
@@ -89,7 +76,7 @@ def test_fisher_weighted_truncation_minimises_the_fisher_weighted_error():
     from rankwise.compress import output_weights
     from rankwise.formats.svd import whitening_factor
 
-    model = tiny_llama()
+    model = small_llama()
     targets = find_targets(model)
     stats = collect_stats(model, targets, CALIB, fisher_seqs=8, progress=False)
     name = "model.layers.1.mlp.gate_proj"
@@ -104,11 +91,11 @@ def test_fisher_weighted_truncation_minimises_the_fisher_weighted_error():
 
 
 def test_whitening_beats_plain_svd_on_calibration_outputs_and_no_nan_with_singular_gram():
-    model = tiny_llama()
+    model = small_llama()
     dense = logits(model, CALIB[:1, :3])
     errs = {}
     for method in ("svd", "whiten"):
-        m = tiny_llama()
+        m = small_llama()
         # 3 tokens of 1 sequence: every X^T X is singular (rank <= 3 < 64 features)
         compress_(m, CompressConfig(keep=0.5, method=method, allocate="uniform"), CALIB[:1, :3], progress=False)
         out = logits(m, CALIB[:1, :3])
@@ -151,7 +138,7 @@ def test_encoder_and_gpt2_conv1d_are_compressed():
 
 
 def test_include_and_exclude_select_by_name():
-    model = tiny_llama(dtype=torch.float32)
+    model = small_llama(dtype=torch.float32)
     report = compress_(
         model,
         CompressConfig(keep=0.5, allocate="uniform", include=r"mlp\.", exclude=r"down_proj"),
@@ -198,7 +185,7 @@ def test_bad_config_dicts_are_named():
 
 
 def test_bad_compress_inputs_are_named_and_leave_the_model_untouched():
-    model = tiny_llama(dtype=torch.float32)
+    model = small_llama(dtype=torch.float32)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(
         ValueError, match=r"^include='nothing_here' matches no nn\.Linear/Conv1D module name \(of 15, e\.g\. "
@@ -230,7 +217,7 @@ def test_bad_compress_inputs_are_named_and_leave_the_model_untouched():
 
 
 def test_data_free_svd_needs_no_calibration():
-    model = tiny_llama(dtype=torch.float32)
+    model = small_llama(dtype=torch.float32)
     dense = {n: m.weight.detach().clone() for n, m in find_targets(model).items()}
     report = compress_(model, CompressConfig(keep=0.5, method="svd", allocate="uniform"), None, progress=False)
     assert isinstance(report, CompressReport) and len(report.ranks) == 14
@@ -243,7 +230,7 @@ def test_data_free_svd_needs_no_calibration():
 def test_update_minimises_each_layers_output_error_on_the_compressed_inputs():
     from rankwise.update import refit_
 
-    model = tiny_llama()
+    model = small_llama()
     targets = find_targets(model)
     config = CompressConfig(keep=0.4, allocate="uniform")
     stats = collect_stats(model, targets, CALIB, progress=False)
@@ -286,13 +273,13 @@ def test_update_minimises_each_layers_output_error_on_the_compressed_inputs():
 
 def test_precomputed_stats_give_the_same_compression_and_are_checked():
     config = CompressConfig(keep=0.5, fisher_seqs=4, min_rank=2)
-    a, b = tiny_llama(dtype=torch.float32), tiny_llama(dtype=torch.float32)
+    a, b = small_llama(dtype=torch.float32), small_llama(dtype=torch.float32)
     stats = collect_stats(b, find_targets(b), CALIB, fisher_seqs=4, progress=False)
     ra = compress_(a, config, CALIB, progress=False)
     rb = compress_(b, config, None, stats=stats, progress=False)
     assert ra.ranks == rb.ranks
     torch.testing.assert_close(logits(a), logits(b), rtol=0, atol=0)
-    c = tiny_llama(dtype=torch.float32)
+    c = small_llama(dtype=torch.float32)
     with pytest.raises(
         ValueError, match=r"^stats has no statistics for layer model\.layers\.0\.mlp\.gate_proj \(6 missing\)"
     ):

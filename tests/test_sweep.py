@@ -74,70 +74,21 @@ def test_sweep_calibrates_once_and_its_saved_keep_equals_compress(llama_dir, tmp
     assert tree_digest(llama_dir) == digest and not (tmp_path / "s.rankwise-run").exists()
 
 
+def sweep_09_06(model, out, *extra) -> int:
+    """``rankwise sweep MODEL --keep 0.9 0.6 --eval`` (512 tokens) into ``out``, plus ``extra`` options."""
+    argv = ["sweep", str(model), "--keep", "0.9", "0.6", "--eval", "--eval-tokens", "512", *extra]
+    return main([*argv, "--out", str(out), *FAST])
+
+
 def test_out_best_writes_the_smallest_keep_within_the_bound(llama_dir, tmp_path, capsys):
-    assert (
-        main(
-            [
-                "sweep",
-                str(llama_dir),
-                "--keep",
-                "0.9",
-                "0.6",
-                "--eval",
-                "--eval-tokens",
-                "512",
-                "--out",
-                str(tmp_path / "s"),
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert sweep_09_06(llama_dir, tmp_path / "s") == 0
     rows = json.loads((tmp_path / "s" / "sweep.json").read_text())["rows"]
     bound = rows[0]["quality"] * (1 + 1e-9)  # only keep 0.9 is within it (keep 0.6 is worse)
     assert rows[1]["quality"] > bound
-    assert (
-        main(
-            [
-                "sweep",
-                str(llama_dir),
-                "--keep",
-                "0.9",
-                "0.6",
-                "--eval",
-                "--eval-tokens",
-                "512",
-                "--out-best",
-                str(bound),
-                "--out",
-                str(tmp_path / "b"),
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert sweep_09_06(llama_dir, tmp_path / "b", "--out-best", str(bound)) == 0
     assert [p.name for p in sorted((tmp_path / "b").iterdir())] == ["keep-0.9", "sweep.csv", "sweep.json"]
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "sweep",
-                str(llama_dir),
-                "--keep",
-                "0.9",
-                "0.6",
-                "--eval",
-                "--eval-tokens",
-                "512",
-                "--out-best",
-                "1.0",
-                "--out",
-                str(tmp_path / "n"),
-                *FAST,
-            ]
-        )
-        == 1
-    )
+    assert sweep_09_06(llama_dir, tmp_path / "n", "--out-best", "1.0") == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert re.fullmatch(
         r"rankwise sweep: no swept keep reaches perplexity <= 1.0 \(best [\d.]+ at keep 0.9\); no model written", err
