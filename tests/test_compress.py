@@ -8,9 +8,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rankwise.calibrate import collect_stats
-from rankwise.compress import CompressConfig, CompressReport, compress_, factorize
+from rankwise.compress import CompressConfig, CompressReport, compress_
 from rankwise.formats.svd import truncated_svd
 from rankwise.layers.linear import LowRankLinear, dense_weight
+from rankwise.metric import factorize
 from rankwise.targets import find_targets, replace_module
 
 from _tiny_models import small_llama, tiny_model
@@ -73,8 +74,8 @@ def test_compress_meets_the_budget_and_reports_what_it_did(allocate, keep):
 
 
 def test_fisher_weighted_truncation_minimises_the_fisher_weighted_error():
-    from rankwise.compress import output_weights
     from rankwise.formats.svd import whitening_factor
+    from rankwise.metric import output_weights
 
     model = small_llama()
     targets = find_targets(model)

@@ -7,7 +7,8 @@ import torch
 import rankwise
 from rankwise.blocks import InMemorySource
 from rankwise.calibrate import collect_stats
-from rankwise.compress import CompressConfig, compress_, factorize, layer_cost
+from rankwise.compress import CompressConfig, compress_
+from rankwise.metric import factorize, layer_cost
 from rankwise.pipeline import Pipeline
 from rankwise.streamed import compress_checkpoint
 from rankwise.targets import block_stack, find_targets

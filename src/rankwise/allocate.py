@@ -73,7 +73,7 @@ def uniform(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> lis
 def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> list[int | None]:
     """Minimise the summed estimated loss increase ``sum_l gains_l[r_l:].sum()`` under the budget.
 
-    With :func:`rankwise.compress.layer_cost` the gains are the squared singular values of the
+    With :func:`rankwise.metric.layer_cost` the gains are the squared singular values of the
     Fisher-weighted whitened weight ``diag(sqrt(E[g^2])) W L``, i.e. a Kronecker-factored Fisher
     estimate of the loss increase of dropping each triplet, comparable across layers.
 

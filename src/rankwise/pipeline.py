@@ -92,7 +92,7 @@ class Pipeline:
     source : where block weights come from.
     targets : qualified name -> layer for every layer to factorize (inside the block stack).
     config : :class:`rankwise.CompressConfig`.
-    factorize : ``(W, stats, name, cache) -> SVD`` in the method's metric (``rankwise.compress.factorize``).
+    factorize : ``(W, stats, name, cache) -> SVD`` in the method's metric (``rankwise.metric.factorize``).
     cost : ``(layer, SVD, stats, name) -> LayerCost``.
     work : the spill directory.
     """

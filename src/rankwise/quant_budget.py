@@ -2,7 +2,7 @@
 
 Every target layer is quantized once per candidate :class:`~rankwise.quantize.QuantizeConfig` (bit
 widths, Q + LR corrections) and factorized at a few ranks with quantized factors (the whitened,
-Fisher-weighted SVD of :func:`rankwise.compress.factorize`, then
+Fisher-weighted SVD of :func:`rankwise.metric.factorize`, then
 :func:`rankwise.quantize.quantize_factors`); each candidate's stored bytes are counted from the layer it builds and its
 loss increase estimated from its output error on the calibration inputs, weighted per output channel
 by the loss-gradient second moment when calibration collected one (``tr(diag(g) D C D^T)`` for the
@@ -114,7 +114,8 @@ def layer_candidates(
 ) -> dict[str, list[Candidate]]:
     """Every layer of ``names`` quantized by every config of ``candidates``, and factorized at every fraction
     of ``lowrank_keeps`` with :data:`FACTOR_CONFIG` factors (``model`` is not modified)."""
-    from .compress import CompressConfig, factorize
+    from .compress import CompressConfig
+    from .metric import factorize
 
     method = CompressConfig(allocate="fisher" if stats.out_grad_sq else "uniform")
     built: dict[str, list[Candidate]] = {}
@@ -124,7 +125,7 @@ def layer_candidates(
         st = stats.inputs[name]
         cov = st.covariance.to(torch.float64)
         g = stats.out_grad_sq.get(name)
-        cache = {id(st): whitening_factor(st.covariance)}  # the form compress.factorize caches it in
+        cache = {id(st): whitening_factor(st.covariance)}  # the form metric.factorize caches it in
         total = max(candidate_loss(W, 0 * W, cov, None), 1e-300)
         made = [(c, None, quantize_dense(layer, cov, c, cache[id(st)])) for c in candidates]
         if lowrank_keeps:
