@@ -88,7 +88,7 @@ class LowRankEmbedding(nn.Module):
         _check_embedding(emb, "lowrank_embedding")
         E = emb.weight.detach().to(torch.float64)
         try:
-            r = min(E.shape) if rank is None else svd_rank(tuple(E.shape), rank)
+            r = svd_rank(tuple(E.shape), rank)
             svd = truncated_svd(E, r) if row_weights is None else whitened_svd(E, r, rows=row_weights)
         except ValueError as exc:
             raise ValueError(f"lowrank_embedding {E.shape[0]}x{E.shape[1]}: {exc}") from None
