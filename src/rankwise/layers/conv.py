@@ -135,12 +135,6 @@ class _FactorizedConv2d(nn.Module):
         ranks = ", ".join(f"{k}={v}" for k, v in self._rank_spec().items())
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, {ranks}"
 
-    @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> nn.Module:
-        """An uninitialized layer of ``spec`` on ``old``'s device and dtype (meta included)."""
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
-
 
 @LAYERS.register("tucker_conv2d", paper="https://arxiv.org/abs/1511.06530")
 class TuckerConv2d(_FactorizedConv2d):

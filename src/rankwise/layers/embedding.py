@@ -60,11 +60,6 @@ class LowRankEmbedding(nn.Module):
         }
 
     @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> LowRankEmbedding:
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
-
-    @classmethod
     def from_factors(cls, emb: nn.Embedding, svd: SVD) -> LowRankEmbedding:
         """Build from ``E ≈ U diag(S) Vh``, sqrt(S) on both sides."""
         dt, dev = emb.weight.dtype, emb.weight.device
@@ -155,11 +150,6 @@ class TTEmbedding(nn.Module):
             "ranks": list(self.ranks),
             "padding_idx": self.padding_idx,
         }
-
-    @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> TTEmbedding:
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
 
     @classmethod
     def from_factors(cls, emb: nn.Embedding, ttm: TTMatrix) -> TTEmbedding:
