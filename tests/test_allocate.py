@@ -113,3 +113,10 @@ def test_fisher_is_an_alias_of_loss_aware():
     assert "fisher" in ALLOCATORS and "fisher" not in ALLOCATORS.names()  # accepted, not advertised
     for keep in (0.3, 0.7):
         assert allocate_ranks("fisher", layers, keep) == allocate_ranks("loss-aware", layers, keep)
+
+
+def test_no_parameters_are_spent_where_no_loss_is_predicted():
+    exact = LayerCost((32, 32), 0, torch.cat([torch.ones(4), torch.zeros(28)]).double())  # exactly rank 4
+    other = LayerCost((32, 32), 0, torch.linspace(1.0, 0.1, 32, dtype=torch.float64))
+    # budget 1843: rank 4 (256) + dense (1024) fit; ranks 5..15 of the first layer would lower no predicted loss
+    assert allocate_ranks("loss-aware", [exact, other], 0.9) == [4, None]
