@@ -335,7 +335,6 @@ def resolve_ranks(
     clamp: bool = True,
     spread: Callable[[int], tuple[int, ...]] | None = None,
     entries: str | None = None,
-    name: str = "rank",
 ) -> tuple[int, ...]:
     """The formats' one rank resolver: a rank spec and the largest rank of every mode (bond, node) ->
     one validated int rank per mode.
@@ -352,7 +351,7 @@ def resolve_ranks(
     - a tuple or list: one int per mode, each within its maximum, no clamping (``entries`` describes
       the expected length in the error, default "N entries (one per mode)").
 
-    Errors are one line naming ``name``, what was given and what is accepted.
+    Errors are one line naming ``rank``, what was given and what is accepted.
     """
     n = len(max_ranks)
     top = max(max_ranks)
@@ -364,27 +363,25 @@ def resolve_ranks(
         return tuple(max_ranks)
     if isinstance(rank, float):
         spread = spread or clamped
-        keep = check_fraction(rank, name)
+        keep = check_fraction(rank, "rank")
         return spread(largest_within_budget(keep * dense, lambda R: num_params(spread(R)), top))
     if is_int(rank):
         if clamp:
-            return clamped(check_int_rank(rank, name, top))
-        return tuple(check_int_rank(rank, name, m) for m in max_ranks)
+            return clamped(check_int_rank(rank, "rank", top))
+        return tuple(check_int_rank(rank, "rank", m) for m in max_ranks)
     if isinstance(rank, (list, tuple)):
         if len(rank) != n:
             expected = entries or f"{n} entries (one per mode)"
-            raise ValueError(f"{name} must have {expected}, got {len(rank)}: {tuple(rank)!r}")
-        return tuple(check_int_rank(r, f"{name}[{i}]", m) for i, (r, m) in enumerate(zip(rank, max_ranks)))
-    raise ValueError(f"{name} must be an int, a tuple of {n} ints, a float in (0, 1] or None, got {rank!r}")
+            raise ValueError(f"rank must have {expected}, got {len(rank)}: {tuple(rank)!r}")
+        return tuple(check_int_rank(r, f"rank[{i}]", m) for i, (r, m) in enumerate(zip(rank, max_ranks)))
+    raise ValueError(f"rank must be an int, a tuple of {n} ints, a float in (0, 1] or None, got {rank!r}")
 
 
-def resolve_rank(
-    rank: int | float | None, max_rank: int, num_params: Callable[[int], float], dense: int, name: str = "rank"
-) -> int:
+def resolve_rank(rank: int | float | None, max_rank: int, num_params: Callable[[int], float], dense: int) -> int:
     """:func:`resolve_ranks` for a format with a single rank (SVD, CP, Kronecker): no tuple accepted."""
     if not (rank is None or isinstance(rank, float) or is_int(rank)):
-        check_int_rank(rank, name, max_rank)  # raises: "rank must be an int in [1, max_rank], got ..."
-    return resolve_ranks(rank, (max_rank,), lambda r: num_params(r[0]), dense, name=name)[0]
+        check_int_rank(rank, "rank", max_rank)  # raises: "rank must be an int in [1, max_rank], got ..."
+    return resolve_ranks(rank, (max_rank,), lambda r: num_params(r[0]), dense)[0]
 
 
 def largest_within_budget(budget: float, num_params: Callable[[int], int], max_value: int) -> int:
