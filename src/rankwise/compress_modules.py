@@ -8,7 +8,9 @@ weights, ``L`` the input whitening factor and ``s`` the mean output-gradient sec
 ``D W L``); for Tucker-2 and CP ``L`` whitens the input-channel mode by the channel covariance averaged over the
 kernel offsets (the patch metric without cross-offset correlations; exact for 1x1 kernels). One allocator
 (:func:`rankwise.allocate.allocate_options`) then picks the option of every layer minimising the summed
-prediction within ``keep`` of the targets' dense parameters.
+prediction within ``keep`` of the targets' dense parameters and, with ``keep_macs``, within that fraction of
+their dense MACs at the calibrated input sizes (:mod:`rankwise.macs`; for speed: parameters and time are not
+where each other are in a CNN, whose high-resolution layers hold few parameters and many MACs).
 
 References
 ----------
@@ -37,6 +39,7 @@ from .formats.tucker import Tucker, tucker_hooi, tucker_hosvd
 from .layers.conv import CPConv2d, SVDConv2d, TuckerConv2d
 from .layers.embedding import LowRankEmbedding
 from .layers.linear import LowRankLinear
+from .macs import allocate_budgets, conv_macs, matrix_macs
 from .targets import replace_module
 
 CONV_FORMATS = ("svd", "tucker", "cp")
@@ -49,6 +52,8 @@ class ModuleCompressConfig:
     """How :func:`compress_modules_` compresses; frozen, JSON-serializable with ``asdict``.
 
     keep : fraction in (0, 1] of the targets' dense parameters kept (one global budget).
+    keep_macs : None, or fraction in (0, 1] of the targets' dense MACs per calibration example kept (a second
+        budget, at the input sizes seen in calibration; ``keep=1`` leaves the MACs the only budget).
     format : conv format, "auto" (the allocator chooses among ``auto_formats``), "svd", "tucker" or "cp".
     auto_formats : formats "auto" compares (CP costs an ALS per candidate rank, so it is opt-in).
     method : "whiten" (data-aware) or "svd" (data-free; no calibration inputs needed).
@@ -62,6 +67,7 @@ class ModuleCompressConfig:
     """
 
     keep: float = 0.3
+    keep_macs: float | None = None
     format: str = "auto"
     auto_formats: tuple[str, ...] = ("svd", "tucker")
     method: str = "whiten"
@@ -79,6 +85,12 @@ class ModuleCompressConfig:
 
     def __post_init__(self):
         fraction(self.keep, "keep")
+        fraction(self.keep_macs, "keep_macs", none_ok=True)
+        if self.keep_macs is not None and self.method == "svd":
+            raise ValueError(
+                "keep_macs needs the layers' input sizes from calibration, which method='svd' (data-free) skips; "
+                "accepted: method='whiten' with keep_macs, or keep_macs=None"
+            )
         if self.format not in ("auto", *CONV_FORMATS):
             raise ValueError(f"format must be one of auto, {', '.join(CONV_FORMATS)}, got {self.format!r}")
         bad = [f for f in self.auto_formats if f not in CONV_FORMATS]
@@ -118,6 +130,7 @@ class Option:
     rank: int | tuple[int, ...] | None
     params: int
     loss: float
+    macs: float | None = None  # per calibration example; None where the input sizes are unknown
 
 
 def find_module_targets(model: nn.Module, config: ModuleCompressConfig) -> dict[str, nn.Module]:
@@ -143,17 +156,43 @@ def find_module_targets(model: nn.Module, config: ModuleCompressConfig) -> dict[
     return targets
 
 
-def _pareto(options: list[Option]) -> list[Option]:
-    """The options no cheaper option beats, thinned to at most ``_MAX_OPTIONS`` spread over the parameters."""
-    front, best = [], math.inf
-    for opt in sorted(options, key=lambda o: (o.params, o.loss)):
-        if opt.loss < best:
-            front.append(opt)
-            best = opt.loss
+def _front_index(cost: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    """Indices of the options no option of lower ``cost`` (ties: of lower loss, then earlier) beats, in cost
+    order, thinned to at most ``_MAX_OPTIONS`` (+ the last) spread over the front."""
+    order = torch.argsort(loss, stable=True)
+    order = order[torch.argsort(cost[order], stable=True)]
+    sorted_loss = loss[order]
+    best_before = torch.cat([sorted_loss.new_full((1,), math.inf), torch.cummin(sorted_loss, 0).values[:-1]])
+    front = order[sorted_loss < best_before]
     if len(front) > _MAX_OPTIONS:
         step = len(front) / _MAX_OPTIONS
-        front = [front[int(i * step)] for i in range(_MAX_OPTIONS)] + [front[-1]]
+        front = front[[*(int(i * step) for i in range(_MAX_OPTIONS)), len(front) - 1]]
     return front
+
+
+def _options(fmt: str, ranks: torch.Tensor, params, loss, macs, dense: Option, priced: bool) -> list[Option]:
+    """The options of one format (``ranks`` (n, k) ints; params, loss and macs (n,) tensors, macs None where
+    the sizes are unknown) that store fewer parameters than ``dense`` and, when ``priced`` by MACs, need fewer
+    MACs, on the front of loss against parameters and (when priced) against MACs."""
+    params, loss = params.to(torch.float64), loss.to(torch.float64)
+    mask = params < dense.params
+    if priced:
+        mask &= macs < dense.macs
+    keep = torch.nonzero(mask).flatten()
+    picked = keep[_front_index(params[keep], loss[keep])]
+    if priced:
+        extra = keep[_front_index(macs[keep], loss[keep])]
+        picked = torch.cat([picked, extra[~torch.isin(extra, picked)]])
+    rank_list = ranks[picked].tolist()
+    return [
+        Option(fmt, r[0] if len(r) == 1 else tuple(r), int(p), v, None if macs is None else m)
+        for r, p, v, m in zip(
+            rank_list,
+            params[picked].tolist(),
+            loss[picked].tolist(),
+            [None] * len(picked) if macs is None else macs[picked].tolist(),
+        )
+    ]
 
 
 class _Metric:
@@ -172,25 +211,32 @@ class _Metric:
             self.whitening = whitening_factor(stats.gram, damping=config.damping)
 
 
+def _sizes(stats: ModuleStats | None) -> torch.Tensor | None:
+    return None if stats is None else stats.sizes
+
+
 def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleCompressConfig):
     W = conv.weight.detach().double()
     out, cin, kh, kw = W.shape
     bias = 0 if conv.bias is None else out
-    dense = W.numel() + bias
+    dense_params = W.numel() + bias
+    sizes, priced = _sizes(stats), config.keep_macs is not None
     metric = _Metric(stats, config, out)
-    options, fits = [Option(None, None, dense, 0.0)], {}
+    dense = Option(None, None, dense_params, 0.0, None if sizes is None else conv_macs(conv, sizes, None))
+    options, fits = [dense], {}
+
+    def macs(fmt, r0, r1=None):
+        return None if sizes is None else conv_macs(conv, sizes, fmt, r0.double(), None if r1 is None else r1.double())
+
     if "svd" in config.formats:
         f = whitened_svd(W.reshape(out, -1), whitening=metric.whitening, rows=metric.rows)
         fits["svd"] = f
-        tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
         rmax = min(out, cin * kh * kw)
-        svd_opts = [
-            Option(
-                "svd", r, r * (cin * kh * kw + out) + bias, metric.scale * (float(tail[r]) if r < len(tail) else 0.0)
-            )
-            for r in range(1, rmax + 1)
-        ]
-        options += _pareto([o for o in svd_opts if o.params < dense])
+        tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
+        tail = torch.cat([tail, tail.new_zeros(max(rmax + 1 - len(tail), 0))])
+        r = torch.arange(1, rmax + 1)
+        loss = metric.scale * tail[r]
+        options += _options("svd", r[:, None], r * (cin * kh * kw + out) + bias, loss, macs("svd", r), dense, priced)
     if "tucker" in config.formats or "cp" in config.formats:
         L_in = None
         if metric.whitening is not None:
@@ -206,24 +252,22 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
         full = tucker_hosvd(Wp, (min(out, cin * kh * kw), min(cin, out * kh * kw)), modes=(0, 1))
         kept = torch.cumsum(torch.cumsum((full.core.double() ** 2).sum((2, 3)), 0), 1)
         r0s, r1s = torch.meshgrid(torch.arange(1, kept.shape[0] + 1), torch.arange(1, kept.shape[1] + 1), indexing="ij")
+        r0s, r1s = r0s.flatten(), r1s.flatten()
         params = out * r0s + r0s * r1s * kh * kw + r1s * cin + bias
-        loss = metric.scale * (energy - kept).clamp_min(0)
-        cand = [
-            Option("tucker", (int(a), int(b)), int(p), float(v))
-            for a, b, p, v in zip(r0s.flatten(), r1s.flatten(), params.flatten(), loss.flatten())
-            if p < dense
-        ]
-        options += _pareto(cand)
+        loss = metric.scale * (energy - kept.flatten()).clamp_min(0)
+        ranks = torch.stack([r0s, r1s], 1)
+        options += _options("tucker", ranks, params, loss, macs("tucker", r0s, r1s), dense, priced)
     if "cp" in config.formats:
-        cp_opts = []
+        ranks, losses = [], []
         for frac in config.cp_fractions:
             rank = max(1, int(frac * W.numel() // (out + cin + kh + kw)))
             cp = cp_als(Wp, rank, n_iter_max=config.cp_iters, seed=config.seed)
             fits[("cp", rank)] = cp
-            cp_opts.append(
-                Option("cp", rank, rank * (out + cin + kh + kw) + bias, metric.scale * energy * cp.errors[-1] ** 2)
-            )
-        options += _pareto([o for o in cp_opts if o.params < dense])
+            ranks.append(rank)
+            losses.append(metric.scale * energy * cp.errors[-1] ** 2)
+        r = torch.tensor(ranks)
+        params = r * (out + cin + kh + kw) + bias
+        options += _options("cp", r[:, None], params, torch.tensor(losses), macs("cp", r), dense, priced)
     return options, fits, metric
 
 
@@ -252,15 +296,18 @@ def _build_conv(conv: nn.Conv2d, opt: Option, fits: dict, metric: _Metric, confi
     return CPConv2d.from_factors(conv, CP(cp.weights, (a_out, a_in, *cp.factors[2:])))
 
 
-def _matrix_candidates(W: torch.Tensor, bias: int, metric: _Metric, scale_cols=None):
+def _matrix_candidates(layer: nn.Module, sizes, priced: bool, metric: _Metric, scale_cols=None):
+    W = layer.weight.detach().double()
     m, n = W.shape
+    bias = 0 if getattr(layer, "bias", None) is None else m
     f = whitened_svd(W, whitening=metric.whitening if scale_cols is None else None, scale=scale_cols, rows=metric.rows)
+    rmax = min(m, n)
     tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
-    opts = [
-        Option("svd", r, r * (m + n) + bias, metric.scale * (float(tail[r]) if r < len(tail) else 0.0))
-        for r in range(1, min(m, n) + 1)
-    ]
-    return [Option(None, None, m * n + bias, 0.0)] + _pareto([o for o in opts if o.params < m * n + bias]), f
+    tail = torch.cat([tail, tail.new_zeros(max(rmax + 1 - len(tail), 0))])
+    r = torch.arange(1, rmax + 1)
+    dense = Option(None, None, m * n + bias, 0.0, None if sizes is None else matrix_macs(layer, sizes))
+    macs = None if sizes is None else matrix_macs(layer, sizes, r.double())
+    return [dense] + _options("svd", r[:, None], r * (m + n) + bias, metric.scale * tail[r], macs, dense, priced), f
 
 
 def compress_modules_(
@@ -280,7 +327,8 @@ def compress_modules_(
     Returns
     -------
     One dict per target: name, kind, format (None: left dense), rank, params_before, params_after,
-    predicted_loss (in the units of the module docstring).
+    macs_before, macs_after (per calibration example; None without calibration), predicted_loss (in the
+    units of the module docstring).
     """
     if not isinstance(config, ModuleCompressConfig):
         raise ValueError(
@@ -309,6 +357,14 @@ def compress_modules_(
             batches=config.batches,
             seed=config.seed,
         )
+    if config.keep_macs is not None:
+        unsized = [n for n, st in stats.items() if st is None or st.sizes is None]
+        if unsized:
+            raise ValueError(
+                f"keep_macs needs the input size of every target from calibration; target {unsized[0]!r} has none "
+                "(statistics collected by an older rankwise?); accepted: stats from collect_module_stats, or inputs"
+            )
+    priced = config.keep_macs is not None
     all_options, builders = [], []
     for name, layer in targets.items():
         st = stats[name]
@@ -320,9 +376,7 @@ def compress_modules_(
                 )
             elif isinstance(layer, nn.Linear):
                 metric = _Metric(st, config, layer.out_features)
-                opts, f = _matrix_candidates(
-                    layer.weight.detach().double(), 0 if layer.bias is None else layer.out_features, metric
-                )
+                opts, f = _matrix_candidates(layer, _sizes(st), priced, metric)
                 builders.append(
                     lambda o, layer=layer, f=f: LowRankLinear.from_factors(
                         f.truncate(o.rank), layer.bias, dtype=layer.weight.dtype
@@ -337,11 +391,19 @@ def compress_modules_(
                     if config.fisher and st.grad_sq is not None:
                         g = st.grad_sq.double().clamp_min(max(float(st.grad_sq.mean()), 1e-300) * 1e-4)
                         cols, metric.scale = torch.sqrt(g / g.mean()), float(g.mean())
-                opts, f = _matrix_candidates(layer.weight.detach().double(), 0, metric, cols)
+                opts, f = _matrix_candidates(layer, _sizes(st), priced, metric, cols)
                 builders.append(lambda o, layer=layer, f=f: LowRankEmbedding.from_factors(layer, f.truncate(o.rank)))
         all_options.append(opts)
     budget = config.keep * sum(opts[0].params for opts in all_options)
-    chosen = allocate_options([[(o.params, o.loss) for o in opts] for opts in all_options], budget)
+    if priced:
+        mac_budget = config.keep_macs * sum(opts[0].macs for opts in all_options)
+        chosen = allocate_budgets(
+            *([[getattr(o, key) for o in opts] for opts in all_options] for key in ("params", "macs", "loss")),
+            budget,
+            mac_budget,
+        )
+    else:
+        chosen = allocate_options([[(o.params, o.loss) for o in opts] for opts in all_options], budget)
     report = []
     for (name, layer), opts, build, i in zip(targets.items(), all_options, builders, chosen):
         opt = opts[i]
@@ -361,6 +423,8 @@ def compress_modules_(
                 "rank": opt.rank,
                 "params_before": opts[0].params,
                 "params_after": params,
+                "macs_before": opts[0].macs,
+                "macs_after": opt.macs,
                 "predicted_loss": opt.loss,
             }
         )
