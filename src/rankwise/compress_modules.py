@@ -198,7 +198,7 @@ def _options(fmt: str, ranks: torch.Tensor, params, loss, macs, dense: Option, p
 class _Metric:
     """The loss metric of one layer: output weights ``rows`` (D), input factor ``whitening`` (L), scale s."""
 
-    def __init__(self, stats: ModuleStats | None, config: ModuleCompressConfig, n_out: int):
+    def __init__(self, stats: ModuleStats | None, config: ModuleCompressConfig, n_out: int, whiten: bool = True):
         self.rows, self.scale, self.whitening = None, 1.0, None
         if stats is None:
             return
@@ -207,7 +207,7 @@ class _Metric:
             g = g.clamp_min(max(float(g.mean()), 1e-300) * 1e-4)
             self.scale = float(g.mean())
             self.rows = torch.sqrt(g / self.scale)
-        if stats.gram is not None:
+        if stats.gram is not None and whiten:  # the full patch whitening serves the SVD only
             self.whitening = whitening_factor(stats.gram, damping=config.damping)
 
 
@@ -221,7 +221,7 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
     bias = 0 if conv.bias is None else out
     dense_params = W.numel() + bias
     sizes, priced = _sizes(stats), config.keep_macs is not None
-    metric = _Metric(stats, config, out)
+    metric = _Metric(stats, config, out, whiten="svd" in config.formats)
     dense = Option(None, None, dense_params, 0.0, None if sizes is None else conv_macs(conv, sizes, None))
     options, fits = [dense], {}
 
@@ -239,7 +239,7 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
         options += _options("svd", r[:, None], r * (cin * kh * kw + out) + bias, loss, macs("svd", r), dense, priced)
     if "tucker" in config.formats or "cp" in config.formats:
         L_in = None
-        if metric.whitening is not None:
+        if stats is not None and stats.gram is not None:
             gram = stats.gram.reshape(cin, kh * kw, cin, kh * kw)
             # the mean of the per-offset channel covariances: ||(W - W') x_1 L_in^T||^2 is then the patch metric
             # with the cross-offset correlations dropped (exact for 1x1 kernels), in the same units as the SVD's
