@@ -23,7 +23,6 @@ arXiv:1412.6553.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ from .calibrate_modules import ModuleStats, collect_module_stats
 from .formats.cp import CP, cp_als
 from .formats.svd import whitened_svd, whitening_factor
 from .formats.tucker import Tucker, tucker_hooi, tucker_hosvd
+from .layer_options import Option, format_options
 from .layers.conv import CPConv2d, SVDConv2d, TuckerConv2d
 from .layers.embedding import LowRankEmbedding
 from .layers.linear import LowRankLinear
@@ -44,7 +44,6 @@ from .targets import replace_module
 
 CONV_FORMATS = ("svd", "tucker", "cp")
 KINDS = {"conv2d": nn.Conv2d, "linear": nn.Linear, "embedding": nn.Embedding}
-_MAX_OPTIONS = 160  # per format and layer: enough resolution for the allocator, cheap for its greedy top-up
 
 
 @dataclass(frozen=True)
@@ -122,17 +121,6 @@ class ModuleCompressConfig:
         return self.auto_formats if self.format == "auto" else (self.format,)
 
 
-@dataclass
-class Option:
-    """One way to store a layer: ``format`` None is the dense layer."""
-
-    format: str | None
-    rank: int | tuple[int, ...] | None
-    params: int
-    loss: float
-    macs: float | None = None  # per calibration example; None where the input sizes are unknown
-
-
 def find_module_targets(model: nn.Module, config: ModuleCompressConfig) -> dict[str, nn.Module]:
     """Qualified name -> layer for every Conv2d (groups=1, >= min_in_channels inputs) / Linear / Embedding
     of the chosen kinds, in module order, filtered by ``include`` / ``exclude``."""
@@ -154,45 +142,6 @@ def find_module_targets(model: nn.Module, config: ModuleCompressConfig) -> dict[
             f"(include={config.include!r}, exclude={config.exclude!r})"
         )
     return targets
-
-
-def _front_index(cost: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """Indices of the options no option of lower ``cost`` (ties: of lower loss, then earlier) beats, in cost
-    order, thinned to at most ``_MAX_OPTIONS`` (+ the last) spread over the front."""
-    order = torch.argsort(loss, stable=True)
-    order = order[torch.argsort(cost[order], stable=True)]
-    sorted_loss = loss[order]
-    best_before = torch.cat([sorted_loss.new_full((1,), math.inf), torch.cummin(sorted_loss, 0).values[:-1]])
-    front = order[sorted_loss < best_before]
-    if len(front) > _MAX_OPTIONS:
-        step = len(front) / _MAX_OPTIONS
-        front = front[[*(int(i * step) for i in range(_MAX_OPTIONS)), len(front) - 1]]
-    return front
-
-
-def _options(fmt: str, ranks: torch.Tensor, params, loss, macs, dense: Option, priced: bool) -> list[Option]:
-    """The options of one format (``ranks`` (n, k) ints; params, loss and macs (n,) tensors, macs None where
-    the sizes are unknown) that store fewer parameters than ``dense`` and, when ``priced`` by MACs, need fewer
-    MACs, on the front of loss against parameters and (when priced) against MACs."""
-    params, loss = params.to(torch.float64), loss.to(torch.float64)
-    mask = params < dense.params
-    if priced:
-        mask &= macs < dense.macs
-    keep = torch.nonzero(mask).flatten()
-    picked = keep[_front_index(params[keep], loss[keep])]
-    if priced:
-        extra = keep[_front_index(macs[keep], loss[keep])]
-        picked = torch.cat([picked, extra[~torch.isin(extra, picked)]])
-    rank_list = ranks[picked].tolist()
-    return [
-        Option(fmt, r[0] if len(r) == 1 else tuple(r), int(p), v, None if macs is None else m)
-        for r, p, v, m in zip(
-            rank_list,
-            params[picked].tolist(),
-            loss[picked].tolist(),
-            [None] * len(picked) if macs is None else macs[picked].tolist(),
-        )
-    ]
 
 
 class _Metric:
@@ -236,7 +185,9 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
         tail = torch.cat([tail, tail.new_zeros(max(rmax + 1 - len(tail), 0))])
         r = torch.arange(1, rmax + 1)
         loss = metric.scale * tail[r]
-        options += _options("svd", r[:, None], r * (cin * kh * kw + out) + bias, loss, macs("svd", r), dense, priced)
+        options += format_options(
+            "svd", r[:, None], r * (cin * kh * kw + out) + bias, loss, macs("svd", r), dense, priced
+        )
     if "tucker" in config.formats or "cp" in config.formats:
         L_in = None
         if stats is not None and stats.gram is not None:
@@ -256,7 +207,7 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
         params = out * r0s + r0s * r1s * kh * kw + r1s * cin + bias
         loss = metric.scale * (energy - kept.flatten()).clamp_min(0)
         ranks = torch.stack([r0s, r1s], 1)
-        options += _options("tucker", ranks, params, loss, macs("tucker", r0s, r1s), dense, priced)
+        options += format_options("tucker", ranks, params, loss, macs("tucker", r0s, r1s), dense, priced)
     if "cp" in config.formats:
         ranks, losses = [], []
         for frac in config.cp_fractions:
@@ -267,7 +218,7 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
             losses.append(metric.scale * energy * cp.errors[-1] ** 2)
         r = torch.tensor(ranks)
         params = r * (out + cin + kh + kw) + bias
-        options += _options("cp", r[:, None], params, torch.tensor(losses), macs("cp", r), dense, priced)
+        options += format_options("cp", r[:, None], params, torch.tensor(losses), macs("cp", r), dense, priced)
     return options, fits, metric
 
 
@@ -307,7 +258,9 @@ def _matrix_candidates(layer: nn.Module, sizes, priced: bool, metric: _Metric, s
     r = torch.arange(1, rmax + 1)
     dense = Option(None, None, m * n + bias, 0.0, None if sizes is None else matrix_macs(layer, sizes))
     macs = None if sizes is None else matrix_macs(layer, sizes, r.double())
-    return [dense] + _options("svd", r[:, None], r * (m + n) + bias, metric.scale * tail[r], macs, dense, priced), f
+    return [dense] + format_options(
+        "svd", r[:, None], r * (m + n) + bias, metric.scale * tail[r], macs, dense, priced
+    ), f
 
 
 def compress_modules_(
