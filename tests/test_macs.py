@@ -2,6 +2,10 @@
 
 import copy
 import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +183,17 @@ def test_bad_mac_budgets_are_one_line_errors():
     with pytest.raises(ValueError, match=r"^keep_macs needs the input size of every target from calibration; "):
         compress_modules_(model, ModuleCompressConfig(keep_macs=0.5, include="^2$", fisher=False), stats=stats)
     assert isinstance(model[2], nn.Conv2d)  # nothing replaced
+
+
+def test_benchmark_flag_rejects_a_bad_mac_budget_in_one_line():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "cnn_craft.py"), "--keep-macs", "0.5", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr == "cnn_craft.py: error: --keep-macs: keep_macs must be a fraction in (0, 1] or None, got 0.0\n"
