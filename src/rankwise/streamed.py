@@ -20,7 +20,7 @@ from .io.atomic import atomic_output_dir
 from .io.checkpoint import REPORT_FILE, card_text, source_name
 from .io.lazy import ShardedWriter
 from .io.sidecar import copy_model_files, write_model_card
-from .io.stream import CheckpointSource, persistent_tensors
+from .io.stream import CheckpointSource, persistent_tensors, release_module
 from .pipeline import swap_in
 from .targets import find_targets
 from .workdir import WorkDir, check_free_disk, fingerprint, model_fingerprint
@@ -150,7 +150,10 @@ class StreamedRun:
 
         def write_block(i: int, factors) -> None:
             prefix = f"{source.stack_name}.{i}."
+            dense = [source.model.get_submodule(name) for name, f in factors.items() if f is not None]
             swap_in(source.model, factors, lambda name: torch.float32)
+            for layer in dense:  # swapped out, but the run's target list still holds them: free their weights
+                release_module(layer)
             for name, t in persistent_tensors(source.stack[i]).items():
                 full = prefix + name
                 layer = full.rsplit(".", 2)[0]  # <layer>.down.weight / <layer>.up.bias

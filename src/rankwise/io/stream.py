@@ -46,6 +46,12 @@ def persistent_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def release_module(module: nn.Module) -> None:
+    """Return every persistent tensor of ``module`` to the meta device (frees what a block load read)."""
+    for name, t in persistent_tensors(module).items():
+        _set_tensor(module, name, torch.empty_like(t, device="meta"))
+
+
 class CheckpointSource:
     """A model read from a transformers directory one block at a time.
 
@@ -131,9 +137,7 @@ class CheckpointSource:
         return t
 
     def release_block(self, i: int) -> None:
-        block = self.stack[i]
-        for name, t in persistent_tensors(block).items():
-            _set_tensor(block, name, torch.empty_like(t, device="meta"))
+        release_module(self.stack[i])
 
     def stored_dtype(self, name: str) -> torch.dtype:
         """The checkpoint's dtype of the tensor the model calls ``name``."""
