@@ -401,3 +401,46 @@ def test_bad_device_is_named(llama_dir, tmp_path, capsys, device, message):
         rf"^rankwise compress: error: {message}$",
     )
     assert no_output(tmp_path)
+
+
+def test_include_head_factorizes_the_tied_table_as_the_api_does(tmp_path, capsys):
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a table of rank 4 plus noise: cheap to factorize, so the allocator does
+        low = torch.randn(model.config.vocab_size, 4, generator=g) @ torch.randn(4, 32, generator=g) / 4
+        model.model.embed_tokens.weight.copy_(low + 1e-3 * torch.randn(low.shape, generator=g))
+    src = save_model_dir(model, tmp_path / "low")
+    out = tmp_path / "c"
+    assert main(["compress", str(src), "--keep", "0.5", "--include-head", "--out", str(out), *FAST]) == 0
+    api, tokenizer, _ = load_model(src)
+    config = CompressConfig(keep=0.5, seq_len=32, calib_seqs=8, include_head=True)
+    report = compress_(api, config, token_sequences(tokenizer, builtin_text("calib"), 32, 8), progress=False)
+    rank = next(layer.rank for layer in report.layers if layer.name == "lm_head")
+    assert rank is not None and api.model.embed_tokens.rank == rank
+    reloaded = rankwise.load(out)
+    assert type(reloaded.lm_head).__name__ == "TiedLowRankHead" and reloaded.model.embed_tokens.rank == rank
+    ids = token_ids(2, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, api(input_ids=ids).logits, rtol=0, atol=0)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    table = model.config.vocab_size * 32
+    assert re.search(
+        rf"^model\.embed_tokens +{model.config.vocab_size}x32 +{rank} +{rank * (table // 32 + 32):,} +"
+        rf"{table:,} ",
+        text,
+        re.M,
+    )
+    assert not re.search(r"^lm_head ", text, re.M)  # the tied head has no tensors of its own
+    assert main(["compress", str(src), "--include-head", "--allocate", "uniform", "--out", str(tmp_path / "d")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(
+            "include_head needs an allocator with loss gradients (the head is priced from the loss-head pass) "
+            "and update=False; got allocate='uniform', update=False"
+        )
+    )
+    assert not (tmp_path / "d").exists()

@@ -17,9 +17,10 @@ from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR, allocate_ranks
 from .blocks import BlockSource, InMemorySource
 from .calibrate import CalibStats, _bar
 from .formats.svd import SVD
+from .head import find_head, swap_head
 from .layers.linear import dense_weight
 from .metric import factorize, layer_cost, predicted_loss
-from .pipeline import Pipeline, swap_in
+from .pipeline import HEAD_NEEDS_CALIB, Pipeline, swap_in
 from .targets import block_stack, check_finite_weights, find_targets, replace_module
 from .workdir import WorkDir
 
@@ -43,6 +44,8 @@ class CompressConfig:
     min_rank : smallest rank a factorized layer may get.
     sequential : calibrate each block on the outputs of the blocks before it after their compression
         (a second calibration pass once the ranks are allocated).
+    include_head : the LM head (with the input embedding when they are tied) is one more target of the one
+        budget, priced from the loss-head pass (needs an allocator with loss gradients).
     """
 
     version: int = CONFIG_VERSION
@@ -59,6 +62,7 @@ class CompressConfig:
     min_rank: int = 8
     seed: int = 0
     sequential: bool = False
+    include_head: bool = False
 
     def __post_init__(self):
         if self.version != CONFIG_VERSION:
@@ -75,12 +79,17 @@ class CompressConfig:
             raise ValueError(
                 f"fisher_seqs must be >= 1 with allocate={self.allocate!r} (it needs loss gradients), got 0"
             )
-        for name in ("update", "sequential"):
+        for name in ("update", "sequential", "include_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.update and self.sequential:
             raise ValueError(
                 "update and sequential are alternatives (both recalibrate on the compressed model); choose one"
+            )
+        if self.include_head and (self.update or not self.needs_loss_gradients):
+            raise ValueError(
+                f"include_head needs an allocator with loss gradients (the head is priced from the loss-head pass) "
+                f"and update=False; got allocate={self.allocate!r}, update={self.update}"
             )
         number_in(self.asvd_alpha, "asvd_alpha", 0, 1)
         for name in ("include", "exclude"):
@@ -244,6 +253,8 @@ def compress_(
     _check_calib(calib, config.needs_data and (stats is None or config.update or config.sequential), config)
     targets = find_targets(model, config.include, config.exclude)
     check_finite_weights(targets)
+    if stats is not None and config.include_head:
+        raise ValueError(HEAD_NEEDS_CALIB)
     if stats is not None:
         missing = [n for n in targets if n not in stats.inputs]
         if missing:
@@ -276,6 +287,7 @@ def compress_(
                 dtype=param.dtype,
                 progress=progress,
                 emit=lambda i, factors: swap_in(model, factors, dtypes.get),
+                emit_head=lambda name, embedding, factors: swap_head(model, name, embedding, factors),
             )
     finally:
         for p, r in zip(model.parameters(), requires):
@@ -308,7 +320,15 @@ def plan_compression(
     progress: bool = True,
 ) -> tuple[Pipeline, list, dict[str, float]]:
     """Passes A-C over ``source``'s blocks: ``(pipeline, every layer's curve, timings)``; the factors wait
-    in ``work``. Any number of budgets can then be allocated (:func:`allocate_layers`) and written."""
+    in ``work``. Any number of budgets can then be allocated (:func:`allocate_layers`) and written.
+    With ``config.include_head`` the LM head's curve comes last (``pipe.head`` names it)."""
+    head = None
+    if config.include_head:
+        name, layer, _ = find_head(source.model)
+        if name in targets:
+            raise ValueError(f"include_head: {name!r} is also matched by include=; drop it from include= or exclude it")
+        check_finite_weights({name: layer})
+        head = (name, layer)
     pipe = Pipeline(
         source,
         targets,
@@ -319,6 +339,7 @@ def plan_compression(
         device=getattr(source, "device", torch.device("cpu")),
         dtype=dtype,
         progress=progress,
+        head=head,
     )
     t0 = time.perf_counter()
     curves = pipe.calibrate(calib, stats)
@@ -352,12 +373,16 @@ def run_compression(
     work: WorkDir,
     *,
     emit,
+    emit_head=None,
     stats: CalibStats | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> CompressReport:
     """The passes over ``source``'s blocks, the global allocation, then ``emit(i, {name: SVD or None})``
-    for every block in order, with block ``i`` loaded (factors truncated to their allocated ranks)."""
+    for every block in order, with block ``i`` loaded (factors truncated to their allocated ranks); with
+    ``config.include_head``, then ``emit_head(head name, tied embedding name or None, SVD or None)``."""
+    if config.include_head and emit_head is None:
+        raise ValueError("include_head: this compression path cannot write a factorized LM head (no emit_head)")
     pipe, curves, timings = plan_compression(
         source, targets, config, calib, work, stats=stats, dtype=dtype, progress=progress
     )
@@ -380,6 +405,10 @@ def run_compression(
         pipe.sequential(calib, rank_of, emit_refit)
     else:
         emit_blocks(pipe, rank_of, emit, progress)
+    if pipe.head is not None:
+        name = pipe.head[0]
+        r = rank_of[name]
+        emit_head(name, find_head(source.model)[2], None if r is None else pipe.factors("head")[name].truncate(r))
     timings["sequential" if config.sequential else "write"] = time.perf_counter() - t0
     layers = [layer_report(c, rank_of[c.name], errors.get(c.name)) for c in curves]
     return CompressReport(layers, config, timings, curve=curve)

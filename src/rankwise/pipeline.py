@@ -34,6 +34,7 @@ from .targets import replace_module
 from .workdir import WorkDir
 
 BATCH_SIZE = 4
+HEAD_NEEDS_CALIB = "the LM head's statistics come from the loss-head pass: pass calib, not stats= (include_head)"
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Pipeline:
     factorize : ``(W, stats, name, cache) -> SVD`` in the method's metric (``rankwise.metric.factorize``).
     cost : ``(layer, SVD, stats, name) -> LayerCost``.
     work : the spill directory.
+    head : ``(qualified name, nn.Linear)`` of the LM head, factorized as one more target from the loss-head
+        pass (its input: the final-norm output; its output gradient: the logits'), or None.
     """
 
     def __init__(
@@ -109,7 +112,11 @@ class Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         progress: bool = True,
+        head: tuple[str, nn.Module] | None = None,
     ):
+        self.head = head
+        if head is not None and not config.needs_loss_gradients:
+            raise ValueError(f"the LM head is priced from the loss-head pass; allocate={config.allocate!r} has none")
         self.source, self.config, self.work, self.progress = source, config, work, progress
         self.factorize, self.cost = factorize, cost
         self.device = torch.device(device)
@@ -179,9 +186,13 @@ class Pipeline:
             state = self.work.load("backward.pt")
         else:
             grads = []
-            for k, (a, b) in enumerate(spans):
-                _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
-                grads.append(g)
+            with LayerHooks(dict([self.head] if self.head else []), self.device) as hooks:
+                for k, (a, b) in enumerate(spans):
+                    hooks.new_forward()
+                    _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
+                    grads.append(g)
+            if self.head is not None:
+                self._factorize_head(hooks, sum((b - a) * calib.shape[1] for a, b in spans))
             state = {"next": self.source.num_blocks - 1, "grads": grads, "grad_sq": {}}
         grads, grad_sq = state["grads"], state["grad_sq"]
         for i in self._bar(range(state["next"], -1, -1), "loss gradients"):
@@ -202,7 +213,7 @@ class Pipeline:
         return self.grad_sq
 
     # -- pass C ------------------------------------------------------------------------------------------
-    def _factorize_block(self, i: int, targets: dict[str, nn.Module], stats: CalibStats | None) -> None:
+    def _factorize_block(self, i: int | str, targets: dict[str, nn.Module], stats: CalibStats | None) -> None:
         cache, out, curves = {}, {}, {}
         for name, layer in targets.items():
             t0 = time.perf_counter()
@@ -224,6 +235,12 @@ class Pipeline:
         self.work.save(f"factors-{i}.pt", out)
         self.work.save(f"curves-{i}.pt", curves)
 
+    def _factorize_head(self, hooks: LayerHooks, tokens: int) -> None:
+        """The head's factors and curve (spill key ``head``) in the block layers' metric."""
+        name, layer = self.head
+        grad_sq = {n: g / tokens for n, g in hooks.grad_sq.items()}
+        self._factorize_block("head", {name: layer}, CalibStats(hooks.stats, grad_sq))
+
     def _factorize_all(self, given: CalibStats | None) -> list[LayerCurve]:
         for i in self._bar(range(self.source.num_blocks), "factorize blocks"):
             if self.work.has(f"factors-{i}.pt"):
@@ -242,11 +259,16 @@ class Pipeline:
             for name in names:
                 d = data[name]
                 curves.append(LayerCurve(name, i, LayerCost(tuple(d["shape"]), d["bias"], d["gains"]), d["seconds"]))
+        if self.head is not None:
+            d = self.work.load("curves-head.pt")[self.head[0]]
+            curves.append(
+                LayerCurve(self.head[0], -1, LayerCost(tuple(d["shape"]), d["bias"], d["gains"]), d["seconds"])
+            )
         return curves
 
-    def factors(self, i: int) -> dict[str, SVD]:
-        """The spilled factors of block ``i`` (up to each layer's largest allocatable rank)."""
-        if not self.groups[i]:
+    def factors(self, i: int | str) -> dict[str, SVD]:
+        """The spilled factors of block ``i`` or of the ``"head"`` (up to each layer's largest allocatable rank)."""
+        if i != "head" and not self.groups[i]:
             return {}
         return {n: SVD(d["U"], d["S"], d["Vh"], d["spectrum"]) for n, d in self.work.load(f"factors-{i}.pt").items()}
 

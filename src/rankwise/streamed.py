@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from .compress import CompressConfig, CompressReport, _check_calib, run_compression
+from .head import swap_head
 from .io.atomic import atomic_output_dir
-from .io.checkpoint import REPORT_FILE, card_text, source_name
+from .io.checkpoint import REPORT_FILE, card_text, factorized_specs, source_name
 from .io.lazy import ShardedWriter
 from .io.sidecar import copy_model_files, write_model_card
 from .io.stream import CheckpointSource, persistent_tensors, release_module
@@ -112,6 +113,14 @@ class StreamedRun:
             self.source.close()
             raise
         self.stored = {name: self.source.stored_dtype(name) for name in self.source.keys}
+        self.head: tuple[str, str | None] | None = None  # (head, tied embedding) once factorized
+
+    def write_head(self, name: str, embedding: str | None, factors) -> None:
+        """``emit_head`` for :func:`rankwise.compress.run_compression`: swaps the factorized head (and its tied
+        embedding) into the model; :meth:`write` writes their tensors in place of the dense ones."""
+        swap_head(self.source.model, name, embedding, factors)
+        if factors is not None:
+            self.head = (name, embedding)
 
     def __enter__(self) -> StreamedRun:
         return self
@@ -144,6 +153,17 @@ class StreamedRun:
 
         return write_block
 
+    def _write_head(self, writer: ShardedWriter) -> tuple[str, ...]:
+        """Write the factorized head's (or tied embedding's) tensors; the prefixes of the dense ones they replace."""
+        if self.head is None:
+            return ()
+        replaced = tuple(n for n in self.head if n is not None)
+        dtype = next(self.stored[f"{n}.weight"] for n in replaced if f"{n}.weight" in self.stored)  # the table's
+        for module in replaced:
+            for name, t in persistent_tensors(self.source.model.get_submodule(module)).items():
+                writer.add(f"{module}.{name}", t.detach().to(dtype))
+        return tuple(m + "." for m in replaced)
+
     def write(self, out: Path, force: bool, emit_all) -> CompressReport:
         """Write a rankwise directory atomically: ``emit_all(block_writer) -> CompressReport`` writes the
         blocks, then the tensors outside the stack, the config, the input's other files and the report."""
@@ -155,13 +175,17 @@ class StreamedRun:
             writer = ShardedWriter(tmp)
             report = emit_all(self.block_writer(writer))
             report.peak_rss_mib = peak_rss_mib()
-            prefix = self.source.stack_name + "."
+            skip = (self.source.stack_name + ".", *self._write_head(writer))
             for name, key in self.source.keys.items():
-                if not name.startswith(prefix):
+                if not name.startswith(skip):
                     writer.add(name, self.source.ckpt.get(key))
             writer.close()
             cfg = AutoConfig.from_pretrained(self.hf_dir)  # the input's, stored dtype included
-            cfg.quantization_config = RankwiseConfig(report.ranks).to_dict()
+            specs = factorized_specs(self.source.model)
+            ranks = {n: r for n, r in report.ranks.items() if n not in specs}
+            cfg.quantization_config = RankwiseConfig(ranks, modules=specs).to_dict()
+            if self.head is not None and self.head[1] is not None:
+                cfg.tie_word_embeddings = False  # tied by the head's spec (see rankwise.head.swap_head)
             cfg.save_pretrained(tmp)
             copy_model_files(self.hf_dir, tmp)
             write_model_card(
@@ -212,7 +236,7 @@ def compress_checkpoint(
             out,
             force,
             lambda emit: run_compression(
-                run.source, run.targets, config, calib, run.work, emit=emit, progress=progress
+                run.source, run.targets, config, calib, run.work, emit=emit, emit_head=run.write_head, progress=progress
             ),
         )
     run.work.remove()

@@ -128,6 +128,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help=f"calibrate each block on the compressed blocks' outputs, a second pass (default {d.sequential})",
     )
     p.add_argument(
+        "--include-head",
+        action=argparse.BooleanOptionalAction,
+        help="put the LM head (with the input embedding when they are tied) inside the budget, as one more "
+        f"target of the loss-aware allocation (default {d.include_head})",
+    )
+    p.add_argument(
         "--heal-steps",
         type=int,
         metavar="N",
@@ -249,7 +255,7 @@ def run_compress(args) -> int:
     _positive(args.heal_steps, "--heal-steps")
     if args.heal_steps is not None and args.resume:
         raise ValueError("--resume cannot be combined with --heal-steps (the unhealed model is not kept)")
-    config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential"))
+    config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential", "include_head"))
     if args.heal_steps is not None:
         return compress_and_heal(args, config, hf_dir, calib)
     try:

@@ -207,6 +207,8 @@ def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
         bias = shapes.get(f"{stem}.up.bias", (0,))[0]
         rows.append((name, (m, n), rank, r * (m + n) + bias, m * n + bias))
     for name, spec in sorted(modules.items(), key=lambda item: natural(item[0])):
+        if spec["layer"] == "tied_lowrank_head":  # no tensors of its own: its table is the embedding's row
+            continue
         after = sum(math.prod(s) for k, s in shapes.items() if k.startswith(f"{name}.") or f".{name}." in k)
         rows.append((name, _dense_shape(spec), _rank_label(spec), after, _dense_params(spec)))
     stored = sum(math.prod(s) for s in shapes.values())

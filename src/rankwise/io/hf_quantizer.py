@@ -25,6 +25,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._validate import is_int
+from ..layers.embedding import TiedLowRankHead
 from ..layers.linear import LowRankLinear, is_conv1d
 from ..layers.registry import LAYERS, empty_layer
 from ..targets import replace_module
@@ -134,6 +135,14 @@ def replace_with_factorized(model: nn.Module, modules: dict[str, dict]) -> nn.Mo
     return model
 
 
+def tie_heads(model: nn.Module) -> nn.Module:
+    """Bind every tied low-rank LM head of ``model`` to the embedding its spec names (after loading)."""
+    for m in model.modules():
+        if isinstance(m, TiedLowRankHead):
+            m.bind(model.get_submodule(_resolve(model, m.embedding_name)))
+    return model
+
+
 class RankwiseHfQuantizer(HfQuantizer):
     """Loads a rankwise checkpoint: factorized layers are built before loading; weights load unchanged."""
 
@@ -142,6 +151,10 @@ class RankwiseHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         replace_with_low_rank(model, self.quantization_config.ranks)
         replace_with_factorized(model, getattr(self.quantization_config, "modules", {}))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        tie_heads(model)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

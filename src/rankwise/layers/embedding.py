@@ -211,3 +211,63 @@ class TTEmbedding(nn.Module):
 
 
 EMBEDDING_FORMATS = {"svd": LowRankEmbedding, "tt": TTEmbedding}
+
+
+@LAYERS.register("tied_lowrank_head")
+class TiedLowRankHead(nn.Module):
+    """An LM head tied to a :class:`LowRankEmbedding`: ``logits = (h @ B) @ A^T`` with the embedding's own
+    factors (``A = codes.weight`` (vocab, r), ``B = proj.weight`` (dim, r)), so the pair stores ``E ~ A B^T``
+    once. It owns no parameters; the embedding is held by reference (not a child: the state dict stays the
+    embedding's) and found again by its qualified name ``spec()["embedding"]`` when a checkpoint is loaded.
+    """
+
+    layer_type = "tied_lowrank_head"
+
+    def __init__(self, spec: dict, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = int(spec["in_features"]), int(spec["out_features"])
+        self.rank, self.embedding_name = int(spec["rank"]), str(spec["embedding"])
+        object.__setattr__(self, "_embedding", None)
+
+    def spec(self) -> dict:
+        return {
+            "layer": self.layer_type,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "embedding": self.embedding_name,
+        }
+
+    def bind(self, embedding: LowRankEmbedding) -> TiedLowRankHead:
+        """Tie this head to ``embedding`` (a LowRankEmbedding of this head's shape and rank)."""
+        shape = (embedding.num_embeddings, embedding.embedding_dim, embedding.rank)
+        if not isinstance(embedding, LowRankEmbedding) or shape != (self.out_features, self.in_features, self.rank):
+            raise ValueError(
+                f"tied_lowrank_head {self.out_features}x{self.in_features} rank {self.rank} must be tied to a "
+                f"lowrank_embedding of that shape and rank, got {type(embedding).__name__}"
+            )
+        object.__setattr__(self, "_embedding", embedding)
+        return self
+
+    @classmethod
+    def tied_to(cls, embedding: LowRankEmbedding, name: str) -> TiedLowRankHead:
+        """The head of ``embedding``, whose qualified name in the model is ``name``."""
+        spec = {
+            "in_features": embedding.embedding_dim,
+            "out_features": embedding.num_embeddings,
+            "rank": embedding.rank,
+            "embedding": name,
+        }
+        return cls(spec).bind(embedding)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self._embedding is None:
+            raise ValueError(f"tied_lowrank_head is not tied to its embedding {self.embedding_name!r}; call bind()")
+        return self._embedding.logits(hidden)
+
+    @property
+    def num_params(self) -> int:
+        return 0
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, tied"

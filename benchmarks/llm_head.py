@@ -1,0 +1,112 @@
+"""SmolLM2's tied embedding / LM head inside the budget (include_head) vs the blocks alone, same total parameters.
+
+One calibration (loss-aware whitening, the head priced from the loss-head pass) gives every layer's curve;
+at each whole-model keep K both variants are allocated from those same curves so that the model's total
+parameter count is K times the dense one: "blocks" spends it on the block linears only (the 49152x576 table
+untouched), "head" on the block linears and the tied table together. Perplexity, KL / top-1 agreement with
+the dense model on held-out text, then prefill throughput (one 512-token sequence) at the lowest K.
+
+    python benchmarks/llm_head.py --keeps 0.8 0.6 --calib-seqs 16 --eval-tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llm import smollm2  # noqa: E402
+
+from rankwise.allocate import allocate_ranks  # noqa: E402
+from rankwise.blocks import InMemorySource  # noqa: E402
+from rankwise.compress import CompressConfig, emit_blocks, plan_compression  # noqa: E402
+from rankwise.data import builtin_text, token_sequences  # noqa: E402
+from rankwise.eval import next_token_agreement, prefill_throughput  # noqa: E402
+from rankwise.head import find_head, swap_head  # noqa: E402
+from rankwise.pipeline import swap_in  # noqa: E402
+from rankwise.targets import block_stack, find_targets  # noqa: E402
+from rankwise.workdir import WorkDir  # noqa: E402
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(dense, pipe, curves, keep_targets: float, with_head: bool, config):
+    """A copy of ``dense`` compressed at ``keep_targets`` of the chosen curves' dense parameters."""
+    chosen = [c for c in curves if with_head or c.block >= 0]
+    ranks = allocate_ranks(config.allocate, [c.cost for c in chosen], keep_targets, min_rank=config.min_rank)
+    rank_of = {c.name: None for c in curves} | {c.name: r for c, r in zip(chosen, ranks)}
+    model = copy.deepcopy(dense)
+    emit_blocks(pipe, rank_of, lambda i, f: swap_in(model, f, lambda n: torch.float32), progress=False)
+    name, _, embedding = find_head(model)
+    r = rank_of[name]
+    swap_head(model, name, embedding, None if r is None else pipe.factors("head")[name].truncate(r))
+    return model, r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6])
+    p.add_argument("--calib-seqs", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dense, tok = smollm2()
+    dense.requires_grad_(False)
+    calib = token_sequences(tok, builtin_text("calib"), args.seq_len, args.calib_seqs)
+    evals = token_sequences(
+        tok, builtin_text("eval"), args.seq_len, max(1, args.eval_tokens // args.seq_len), what="evaluation"
+    )
+    config = CompressConfig(calib_seqs=calib.shape[0], seq_len=calib.shape[1], include_head=True)
+    total = count(dense)
+    targets = find_targets(dense)
+    blocks = sum(c.weight.numel() for c in targets.values())
+    head = find_head(dense)[1].weight.numel()
+    print(f"SmolLM2: {total:,} parameters, block linears {blocks:,}, tied table {head:,}; threads {args.threads}")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        source = InMemorySource(dense, block_stack(dense)[0], torch.device("cpu"))
+        pipe, curves, _ = plan_compression(source, targets, config, calib, WorkDir(Path(tmp) / "w", {}), progress=False)
+        print(f"calibration + factorization (with the head): {time.perf_counter() - t0:.1f}s", flush=True)
+        print("| whole-model keep | variant | params | head rank | perplexity | KL | top-1 |")
+        print("|---|---|---|---|---|---|---|")
+        models = {}
+        for keep in args.keeps:
+            outside = total - blocks - head  # norms
+            for variant, with_head in (("blocks", False), ("head", True)):
+                budget = keep * total - outside - (0 if with_head else head)
+                model, r = build(dense, pipe, curves, budget / (blocks + (head if with_head else 0)), with_head, config)
+                a = next_token_agreement(model, dense, evals, progress=False)
+                print(
+                    f"| {keep} | {variant} | {count(model) / total:.4f} | {r if r is not None else 'dense'} | "
+                    f"{a.perplexity:.2f} | {a.kl:.4f} | {a.top1:.4f} |  (dense ppl {a.ref_perplexity:.2f})",
+                    flush=True,
+                )
+                models[keep, variant] = model
+    low = min(args.keeps)
+    rounds = {"dense": [], "blocks": [], "head": []}
+    for _ in range(2):  # interleaved, the machine is shared
+        for name in rounds:
+            m = dense if name == "dense" else models[low, name]
+            rounds[name].append(prefill_throughput(m, args.seq_len, args.repeats))
+    tp = {k: max(v) for k, v in rounds.items()}
+    print(
+        f"prefill {args.seq_len} tokens at whole-model keep {low} (best of 2 interleaved rounds, median of "
+        f"{args.repeats}): dense {tp['dense']:.0f} tok/s, "
+        + ", ".join(f"{k} {tp[k]:.0f} ({tp[k] / tp['dense']:.2f}x)" for k in ("blocks", "head"))
+        + f"; all rounds {rounds}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""The LM head (tied to the input embedding or not) as one target of the global allocation: include_head."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rankwise
+from rankwise.calibrate import collect_stats
+from rankwise.compress import CompressConfig, compress_
+from rankwise.layers.embedding import LowRankEmbedding, TiedLowRankHead
+from rankwise.layers.linear import LowRankLinear
+from rankwise.metric import output_weights
+
+from _tiny_models import tiny_bert, tiny_model
+
+CALIB = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(5))
+CONFIG = CompressConfig(keep=0.3, fisher_seqs=8, min_rank=2, include_head=True)
+
+
+def llama(tied: bool = True, dtype=torch.float32):
+    """Vocabulary 96, hidden 64: the head (96x64) is a sizeable part of the budget, as in SmolLM2; its table
+    is of rank 12 plus noise (a random table's flat spectrum would always stay dense)."""
+    model = tiny_model(
+        "llama",
+        0,
+        dtype=dtype,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=112,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for table in {id(t): t for t in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
+            low = torch.randn(96, 12, generator=g) @ torch.randn(12, 64, generator=g) / 12
+            table.copy_(low + 0.02 * torch.randn(96, 64, generator=g))
+    return model
+
+
+def logits(model, ids=CALIB[:2]):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+def head_row(report):
+    return next(layer for layer in report.layers if layer.name == "lm_head")
+
+
+def test_tied_head_is_one_target_priced_in_the_block_layers_metric():
+    model, dense = llama(dtype=torch.float64), llama(dtype=torch.float64)
+    E = dense.model.embed_tokens.weight.detach().double()
+    report = compress_(model, CONFIG, CALIB, progress=False)
+    row = head_row(report)
+    assert row.shape == (96, 64) and row.rank is not None and row.rank < 38
+    emb, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(emb, LowRankEmbedding) and isinstance(head, TiedLowRankHead) and head._embedding is emb
+    assert emb.rank == row.rank and row.params_after == row.rank * (96 + 64)
+    # one budget over the blocks and the table, the table counted once
+    assert report.params_after <= 0.3 * report.params_before
+    before = sum(p.numel() for p in dense.parameters())
+    assert sum(p.numel() for p in model.parameters()) == before - report.params_before + report.params_after
+    # the head's output error on the calibration inputs, weighted by the logits' loss gradients, is the one the
+    # allocator predicted (relative error in the whitened, loss-weighted metric)
+    stats = collect_stats(dense, {"lm_head": dense.lm_head}, CALIB, fisher_seqs=8, progress=False)
+    inputs = []
+    hook = dense.lm_head.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().double()))
+    logits(dense, CALIB)
+    hook.remove()
+    X = torch.cat(inputs).reshape(-1, 64)
+    D = output_weights(stats, "lm_head")[0][:, None]
+    E_r = emb.dense_weight()
+    measured = (torch.linalg.norm(D * ((E - E_r) @ X.T)) / torch.linalg.norm(D * (E @ X.T))).item()
+    assert measured == pytest.approx(row.error, rel=1e-4)
+    # the embedding and the head compute with the same factors, without forming E_r
+    ids = CALIB[:2]
+    torch.testing.assert_close(emb(ids), E_r[ids], rtol=1e-12, atol=1e-12)
+    h = torch.randn(3, 64, dtype=torch.float64)
+    torch.testing.assert_close(head(h), h @ E_r.T, rtol=1e-12, atol=1e-12)
+
+
+def test_tied_head_beats_the_blocks_alone_at_the_same_total_parameters_on_calibration_loss():
+    with_head, blocks = llama(), llama()
+    report = compress_(with_head, CONFIG, CALIB, progress=False)
+    total_dense = sum(p.numel() for p in blocks.parameters())
+    total = sum(p.numel() for p in with_head.parameters())
+    block_params = report.params_before - 96 * 64
+    keep = (total - (total_dense - block_params)) / block_params  # the same total, spent on the blocks alone
+    compress_(blocks, CompressConfig(keep=keep, fisher_seqs=8, min_rank=2), CALIB, progress=False)
+    assert sum(p.numel() for p in blocks.parameters()) <= total
+
+    def loss(model):
+        out = logits(model, CALIB)
+        return torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, 96), CALIB[:, 1:].reshape(-1)).item()
+
+    assert loss(with_head) < loss(blocks)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_factorized_head_reloads_with_identical_logits(tmp_path, tied):
+    model = llama(tied)
+    report = compress_(model, CompressConfig(keep=0.3, fisher_seqs=8, min_rank=2, include_head=True), CALIB)
+    assert head_row(report).rank is not None
+    if not tied:
+        assert isinstance(model.lm_head, LowRankLinear) and isinstance(model.model.embed_tokens, torch.nn.Embedding)
+    ref = logits(model)
+    rankwise.save(model, tmp_path / "out")
+    for loaded in (rankwise.load(tmp_path / "out"), AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
+        torch.testing.assert_close(logits(loaded), ref, rtol=0, atol=0)
+        assert type(loaded.lm_head) is type(model.lm_head)
+        if tied:
+            assert loaded.lm_head._embedding is loaded.model.embed_tokens
+            assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_bad_include_head_inputs_are_named_and_leave_the_model_untouched():
+    with pytest.raises(
+        ValueError,
+        match=r"^include_head needs an allocator with loss gradients \(the head is priced from the loss-head pass\) "
+        r"and update=False; got allocate='uniform', update=False$",
+    ):
+        CompressConfig(include_head=True, allocate="uniform")
+    with pytest.raises(ValueError, match=r"^include_head must be True or False, got 1$"):
+        CompressConfig(include_head=1)
+    bert = tiny_bert()
+    before = copy.deepcopy(bert.state_dict())
+    with pytest.raises(
+        ValueError,
+        match=r"^include_head: BertModel has no LM head; accepted: a model whose get_output_embeddings\(\) is an "
+        r"nn.Linear \(a causal LM\)$",
+    ):
+        compress_(bert, CONFIG, CALIB, progress=False)
+    assert all(torch.equal(v, bert.state_dict()[k]) for k, v in before.items())
+    model = llama()
+    config = CompressConfig(keep=0.5, fisher_seqs=8, include=r"layers|lm_head", include_head=True)
+    with pytest.raises(ValueError, match=r"^include_head: 'lm_head' is also matched by include=; drop it"):
+        compress_(model, config, CALIB, progress=False)
+    stats = collect_stats(model, {"lm_head": model.lm_head}, CALIB, fisher_seqs=8, progress=False)
+    with pytest.raises(ValueError, match=r"^the LM head's statistics come from the loss-head pass: pass calib"):
+        compress_(model, CONFIG, CALIB, stats=stats, progress=False)
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
