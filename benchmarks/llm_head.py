@@ -4,7 +4,7 @@ One calibration (loss-aware whitening, the head priced from the loss-head pass) 
 at each whole-model keep K both variants are allocated from those same curves so that the model's total
 parameter count is K times the dense one: "blocks" spends it on the block linears only (the 49152x576 table
 untouched), "head" on the block linears and the tied table together. Perplexity, KL / top-1 agreement with
-the dense model on held-out text, then prefill throughput (one 512-token sequence) at the lowest K.
+the dense model on held-out text, then prefill throughput (one 512-token sequence; wall and CPU time) at the lowest K.
 
     python benchmarks/llm_head.py --keeps 0.8 0.6 --calib-seqs 16 --eval-tokens 8192
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ from rankwise.allocate import allocate_ranks  # noqa: E402
 from rankwise.blocks import InMemorySource  # noqa: E402
 from rankwise.compress import CompressConfig, emit_blocks, plan_compression  # noqa: E402
 from rankwise.data import builtin_text, token_sequences  # noqa: E402
-from rankwise.eval import next_token_agreement, prefill_throughput  # noqa: E402
+from rankwise.eval import next_token_agreement  # noqa: E402
 from rankwise.head import find_head, swap_head  # noqa: E402
 from rankwise.pipeline import swap_in  # noqa: E402
 from rankwise.targets import block_stack, find_targets  # noqa: E402
@@ -59,6 +60,7 @@ def main(argv=None):
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dense, tok = smollm2()
@@ -94,18 +96,40 @@ def main(argv=None):
                 )
                 models[keep, variant] = model
     low = min(args.keeps)
-    rounds = {"dense": [], "blocks": [], "head": []}
-    for _ in range(2):  # interleaved, the machine is shared
-        for name in rounds:
-            m = dense if name == "dense" else models[low, name]
-            rounds[name].append(prefill_throughput(m, args.seq_len, args.repeats))
-    tp = {k: max(v) for k, v in rounds.items()}
-    print(
-        f"prefill {args.seq_len} tokens at whole-model keep {low} (best of 2 interleaved rounds, median of "
-        f"{args.repeats}): dense {tp['dense']:.0f} tok/s, "
-        + ", ".join(f"{k} {tp[k]:.0f} ({tp[k] / tp['dense']:.2f}x)" for k in ("blocks", "head"))
-        + f"; all rounds {rounds}"
-    )
+    ratios = {"blocks": [], "head": []}
+    for _ in range(args.rounds):  # interleaved: the machine is shared, compare within a round
+        tp = {}
+        for name in ("dense", "blocks", "head"):
+            tp[name] = prefill_cpu_throughput(
+                dense if name == "dense" else models[low, name], args.seq_len, args.repeats
+            )
+        for name in ratios:
+            ratios[name].append([tp[name][k] / tp["dense"][k] for k in (0, 1)])
+        print(
+            f"prefill {args.seq_len} tokens, tok/s (wall, CPU): "
+            + ", ".join(f"{k} {v[0]:.0f} {v[1]:.0f}" for k, v in tp.items())
+        )
+    for name, rs in ratios.items():
+        wall, cpu = (statistics.median(r[k] for r in rs) for k in (0, 1))
+        print(
+            f"{name} at whole-model keep {low}: {wall:.2f}x dense (wall), {cpu:.2f}x (CPU time), "
+            f"median of {len(rs)} rounds"
+        )
+
+
+def prefill_cpu_throughput(model, seq_len: int, repeats: int) -> tuple[float, float]:
+    """Tokens/s of one forward over ``seq_len`` random ids: (wall, process CPU time), medians of ``repeats``
+    after a warm-up; with one thread the CPU time is what the forward itself cost, whatever else runs."""
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    walls, cpus = [], []
+    with torch.no_grad():
+        model(input_ids=ids)
+        for _ in range(repeats):
+            w, c = time.perf_counter(), time.process_time()
+            model(input_ids=ids)
+            walls.append(time.perf_counter() - w)
+            cpus.append(time.process_time() - c)
+    return seq_len / statistics.median(walls), seq_len / statistics.median(cpus)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,9 @@ class CompressConfig:
     sequential : calibrate each block on the outputs of the blocks before it after their compression
         (a second calibration pass once the ranks are allocated).
     include_head : the LM head (with the input embedding when they are tied) is one more target of the one
-        budget, priced from the loss-head pass (needs an allocator with loss gradients).
+        budget, priced from the loss-head pass (needs an allocator with loss gradients; with ``sequential``
+        the head keeps the factors of the dense model's statistics); a tied table is priced both as the head
+        and as the input embedding, and factorized in the head's metric.
     """
 
     version: int = CONFIG_VERSION
@@ -324,11 +326,11 @@ def plan_compression(
     With ``config.include_head`` the LM head's curve comes last (``pipe.head`` names it)."""
     head = None
     if config.include_head:
-        name, layer, _ = find_head(source.model)
+        name, layer, embedding = find_head(source.model)
         if name in targets:
             raise ValueError(f"include_head: {name!r} is also matched by include=; drop it from include= or exclude it")
         check_finite_weights({name: layer})
-        head = (name, layer)
+        head = (name, layer, embedding is not None)
     pipe = Pipeline(
         source,
         targets,

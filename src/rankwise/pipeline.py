@@ -30,6 +30,7 @@ from .blocks import BlockRunner, BlockSource
 from .calibrate import CalibStats, InputStats, LayerHooks, _bar, batch_spans
 from .formats.svd import SVD
 from .layers.linear import LowRankLinear, dense_weight
+from .metric import embedding_gains
 from .targets import replace_module
 from .workdir import WorkDir
 
@@ -96,8 +97,10 @@ class Pipeline:
     factorize : ``(W, stats, name, cache) -> SVD`` in the method's metric (``rankwise.metric.factorize``).
     cost : ``(layer, SVD, stats, name) -> LayerCost``.
     work : the spill directory.
-    head : ``(qualified name, nn.Linear)`` of the LM head, factorized as one more target from the loss-head
-        pass (its input: the final-norm output; its output gradient: the logits'), or None.
+    head : ``(qualified name, nn.Linear, tied)`` of the LM head, factorized as one more target from the loss-head
+        pass (its input: the final-norm output; its output gradient: the logits'), or None. A tied table is
+        also priced as the input embedding (:func:`rankwise.metric.embedding_gains`), from the loss gradient
+        at the block stack's input (taken as the embedding output: no scale in between, as in Llama).
     """
 
     def __init__(
@@ -112,7 +115,7 @@ class Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         progress: bool = True,
-        head: tuple[str, nn.Module] | None = None,
+        head: tuple[str, nn.Module, bool] | None = None,
     ):
         self.head = head
         if head is not None and not config.needs_loss_gradients:
@@ -186,7 +189,7 @@ class Pipeline:
             state = self.work.load("backward.pt")
         else:
             grads = []
-            with LayerHooks(dict([self.head] if self.head else []), self.device) as hooks:
+            with LayerHooks(dict([self.head[:2]] if self.head else []), self.device) as hooks:
                 for k, (a, b) in enumerate(spans):
                     hooks.new_forward()
                     _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
@@ -208,6 +211,8 @@ class Pipeline:
             grad_sq.update({n: g.cpu() for n, g in hooks.grad_sq.items()})
             self.source.release_block(i)
             self.work.save("backward.pt", {"next": i - 1, "grads": grads, "grad_sq": grad_sq})
+        if self.head is not None and self.head[2]:
+            self._price_embedding(calib, spans, grads)
         tokens = sum((b - a) * calib.shape[1] for a, b in spans)
         self.grad_sq = {n: g / tokens for n, g in grad_sq.items()}
         return self.grad_sq
@@ -219,7 +224,8 @@ class Pipeline:
             t0 = time.perf_counter()
             f = self.factorize(dense_weight(layer).detach(), stats, name, cache)
             cost = self.cost(layer, f, stats, name)
-            keep = min(max(cost.max_rank, 1), f.rank)  # the largest rank the allocator can give
+            # the largest rank the allocator can give; all of the head's (its embedding cost needs the whole tail)
+            keep = f.rank if i == "head" else min(max(cost.max_rank, 1), f.rank)
             out[name] = {
                 "U": f.U[:, :keep].contiguous().cpu(),
                 "S": f.S[:keep].cpu(),
@@ -237,9 +243,23 @@ class Pipeline:
 
     def _factorize_head(self, hooks: LayerHooks, tokens: int) -> None:
         """The head's factors and curve (spill key ``head``) in the block layers' metric."""
-        name, layer = self.head
+        name, layer, _ = self.head
         grad_sq = {n: g / tokens for n, g in hooks.grad_sq.items()}
         self._factorize_block("head", {name: layer}, CalibStats(hooks.stats, grad_sq))
+
+    def _price_embedding(self, calib, spans, grads) -> None:
+        """Add the tied table's cost as the input embedding to the head's curve (once: resumable)."""
+        name, curves = self.head[0], self.work.load("curves-head.pt")
+        if curves[name].get("embedding"):
+            return
+        ids = torch.cat([calib[a:b].reshape(-1) for a, b in spans])
+        g = torch.cat([gk.reshape(-1, gk.shape[-1]) for gk in grads]).double()
+        f = self.factors("head")[name]
+        freq = torch.bincount(ids, minlength=f.U.shape[0]).double() / ids.numel()
+        gains = embedding_gains(f, freq, g.T @ g / ids.numel())
+        curves[name]["gains"] = curves[name]["gains"].double() + gains
+        curves[name]["embedding"] = True
+        self.work.save("curves-head.pt", curves)
 
     def _factorize_all(self, given: CalibStats | None) -> list[LayerCurve]:
         for i in self._bar(range(self.source.num_blocks), "factorize blocks"):
