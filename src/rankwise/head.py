@@ -1,19 +1,21 @@
 """The LM head (tied to the input embedding or not) as one more target of the global allocation.
 
 A tied ``E`` (vocab, hidden) is factorized as ``A B^T`` (``A`` (vocab, r), ``B`` (hidden, r)): the embedding
-lookup becomes ``A[ids] @ B^T`` and the head ``(h @ B) @ A^T``, so one rank prices both uses. The head is
+lookup becomes ``A[ids] @ B^T`` and the head ``(h @ B) @ A^T``, so one rank prices both uses. An untied head is
 measured where the logits are computed (its input Gram is the final-norm output's, its output weights the
-logits' squared loss gradients), in the metric of the block layers; the embedding's own effect on the loss
-is not measured.
+logits' squared loss gradients), in the metric of the block layers. A tied table is priced both as the head
+and as the input embedding (:func:`factorize_tied_table`).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .formats.svd import SVD
+from .formats.svd import SVD, whitened_svd, whitening_factor
 from .layers.embedding import LowRankEmbedding, TiedLowRankHead
 from .layers.linear import LowRankLinear
+from .metric import kronecker_gains
 from .targets import replace_module
 
 
@@ -53,3 +55,26 @@ def swap_head(model: nn.Module, head_name: str, embedding_name: str | None, fact
         # the pair is tied by the head's spec now; transformers' own tying (``lm_head.weight = embed.weight``)
         # has no weight to tie and would fail when a saved checkpoint is loaded
         config.tie_word_embeddings = False
+
+
+def factorize_tied_table(
+    E: torch.Tensor, head_cov: torch.Tensor, head_grad_sq: torch.Tensor, freq: torch.Tensor, grad_gram: torch.Tensor
+) -> tuple[SVD, torch.Tensor]:
+    """Factors of a tied table ``E`` (vocab, dim) and their per-triplet loss increase ``gains`` (dim,).
+
+    The loss increase of an error ``dE`` is estimated as the sum of two Kronecker-factored terms,
+    ``sum_v g_v dE_v C_h dE_v^T`` (the head: ``g = E[(dL/dlogit_v)^2]``, ``C_h`` the final-norm output's
+    second moment, as for the block layers) and ``sum_v freq_v dE_v G dE_v^T`` (the input embedding: token
+    frequencies, ``G`` the mean outer product of the loss gradient at the embedding output). Their sum has
+    no closed-form truncation; the SVD is taken in one Kronecker metric that matches both in total (rows
+    weighted by ``g_v tr(C_h) + freq_v tr(G)``, columns whitened by ``sum(g) C_h + sum(freq) G``), and the
+    gains are the exact tail costs of both terms (:func:`rankwise.metric.kronecker_gains`).
+    """
+    C, g, fr, G = (t.to(torch.float64).cpu() for t in (head_cov, head_grad_sq, freq, grad_gram))
+    d = E.shape[1]
+    rows = g * (torch.trace(C) / d) + fr * (torch.trace(G) / d)
+    rows = rows.clamp_min(max(float(rows.mean()), 1e-300) * 1e-4)  # no row weighted (then divided) by zero
+    f = whitened_svd(
+        E.to(torch.float64).cpu(), whitening=whitening_factor(g.sum() * C + fr.sum() * G), rows=rows.sqrt()
+    )
+    return f, kronecker_gains(f, g, C) + kronecker_gains(f, fr, G)

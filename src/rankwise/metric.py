@@ -84,18 +84,17 @@ def layer_cost(layer: nn.Module, f: SVD, stats: CalibStats | None, name: str, lo
     return LayerCost((m, n), 0 if bias is None else int(bias.numel()), gains.cpu())
 
 
-def embedding_gains(f: SVD, freq: torch.Tensor, grad_gram: torch.Tensor) -> torch.Tensor:
-    """Per-triplet loss increase of a factorized table ``E ~ U diag(S) Vh`` used as an input embedding.
+def kronecker_gains(f: SVD, rows: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per-triplet increase of ``sum_v rows_v dW_v gram dW_v^T`` when ``W ~ U diag(S) Vh`` (shape (m, n)) is
+    truncated triplet by triplet: a Kronecker-factored second-order loss estimate (``rows`` (m,) output-side
+    weights, ``gram`` (n, n) input-side second moment), measured exactly whatever metric gave the SVD.
 
-    The second-order estimate of the loss change from the table error ``dE`` is
-    ``sum_v freq_v dE_v G dE_v^T`` (``freq`` (vocab,): token frequencies; ``G`` (dim, dim): the mean outer
-    product of the loss gradient at the embedding output). Dropping the triplets from ``r`` on leaves
-    ``dE = U_t diag(S_t) Vh_t``, whose cost is ``sum_{i,j>=r} P_ij`` with
-    ``P = (S S^T) * (U^T diag(freq) U) * (Vh G Vh^T)``: the tail costs are exact (cross terms included) and
-    ``gains[i] = tail(i) - tail(i + 1)``, zero past the factors kept. Shape (len(f.spectrum),), float64.
+    Dropping the triplets from ``r`` on leaves ``dW = U_t diag(S_t) Vh_t``, whose cost is
+    ``sum_{i,j>=r} P_ij`` with ``P = (S S^T) * (U^T diag(rows) U) * (Vh gram Vh^T)`` (cross terms included);
+    ``gains[i] = tail(i) - tail(i + 1)``, zero past the factors given. Shape (len(f.spectrum),), float64.
     """
     U, S, Vh = f.U.double(), f.S.double(), f.Vh.double()
-    P = (S[:, None] * S[None, :]) * ((U * freq.double()[:, None]).T @ U) * (Vh @ grad_gram.double() @ Vh.T)
+    P = (S[:, None] * S[None, :]) * ((U * rows.double()[:, None]).T @ U) * (Vh @ gram.double() @ Vh.T)
     tail = P.flip(0, 1).cumsum(0).cumsum(1).flip(0, 1).diagonal()  # tail[r] = sum_{i,j>=r} P_ij
     gains = torch.zeros(len(f.spectrum), dtype=torch.float64)
     gains[: len(S)] = tail - torch.cat([tail[1:], tail.new_zeros(1)])

@@ -29,8 +29,8 @@ from .allocate import LayerCost
 from .blocks import BlockRunner, BlockSource
 from .calibrate import CalibStats, InputStats, LayerHooks, _bar, batch_spans
 from .formats.svd import SVD
+from .head import factorize_tied_table
 from .layers.linear import LowRankLinear, dense_weight
-from .metric import embedding_gains
 from .targets import replace_module
 from .workdir import WorkDir
 
@@ -99,8 +99,8 @@ class Pipeline:
     work : the spill directory.
     head : ``(qualified name, nn.Linear, tied)`` of the LM head, factorized as one more target from the loss-head
         pass (its input: the final-norm output; its output gradient: the logits'), or None. A tied table is
-        also priced as the input embedding (:func:`rankwise.metric.embedding_gains`), from the loss gradient
-        at the block stack's input (taken as the embedding output: no scale in between, as in Llama).
+        also priced as the input embedding (:func:`rankwise.head.factorize_tied_table`), from the loss
+        gradient at the block stack's input (taken as the embedding output: no scale in between, as in Llama).
     """
 
     def __init__(
@@ -212,7 +212,7 @@ class Pipeline:
             self.source.release_block(i)
             self.work.save("backward.pt", {"next": i - 1, "grads": grads, "grad_sq": grad_sq})
         if self.head is not None and self.head[2]:
-            self._price_embedding(calib, spans, grads)
+            self._factorize_tied_table(calib, spans, grads)
         tokens = sum((b - a) * calib.shape[1] for a, b in spans)
         self.grad_sq = {n: g / tokens for n, g in grad_sq.items()}
         return self.grad_sq
@@ -224,8 +224,7 @@ class Pipeline:
             t0 = time.perf_counter()
             f = self.factorize(dense_weight(layer).detach(), stats, name, cache)
             cost = self.cost(layer, f, stats, name)
-            # the largest rank the allocator can give; all of the head's (its embedding cost needs the whole tail)
-            keep = f.rank if i == "head" else min(max(cost.max_rank, 1), f.rank)
+            keep = min(max(cost.max_rank, 1), f.rank)  # the largest rank the allocator can give
             out[name] = {
                 "U": f.U[:, :keep].contiguous().cpu(),
                 "S": f.S[:keep].cpu(),
@@ -242,24 +241,32 @@ class Pipeline:
         self.work.save(f"curves-{i}.pt", curves)
 
     def _factorize_head(self, hooks: LayerHooks, tokens: int) -> None:
-        """The head's factors and curve (spill key ``head``) in the block layers' metric."""
-        name, layer, _ = self.head
+        """An untied head's factors and curve (spill key ``head``) in the block layers' metric; a tied head's
+        statistics, kept until the embedding's gradients are known (end of pass B)."""
+        name, layer, tied = self.head
         grad_sq = {n: g / tokens for n, g in hooks.grad_sq.items()}
+        if tied:
+            self.work.save(
+                "head-stats.pt", {"covariance": hooks.stats[name].covariance.cpu(), "grad_sq": grad_sq[name]}
+            )
+            return
         self._factorize_block("head", {name: layer}, CalibStats(hooks.stats, grad_sq))
 
-    def _price_embedding(self, calib, spans, grads) -> None:
-        """Add the tied table's cost as the input embedding to the head's curve (once: resumable)."""
-        name, curves = self.head[0], self.work.load("curves-head.pt")
-        if curves[name].get("embedding"):
+    def _factorize_tied_table(self, calib, spans, grads) -> None:
+        """The tied table's factors and curve, priced as the head and as the input embedding (once: resumable)."""
+        if self.work.has("curves-head.pt"):
             return
+        t0 = time.perf_counter()
+        (name, layer, _), head = self.head, self.work.load("head-stats.pt")
         ids = torch.cat([calib[a:b].reshape(-1) for a, b in spans])
         g = torch.cat([gk.reshape(-1, gk.shape[-1]) for gk in grads]).double()
-        f = self.factors("head")[name]
-        freq = torch.bincount(ids, minlength=f.U.shape[0]).double() / ids.numel()
-        gains = embedding_gains(f, freq, g.T @ g / ids.numel())
-        curves[name]["gains"] = curves[name]["gains"].double() + gains
-        curves[name]["embedding"] = True
-        self.work.save("curves-head.pt", curves)
+        W = dense_weight(layer).detach()
+        freq = torch.bincount(ids, minlength=W.shape[0]).double() / ids.numel()
+        f, gains = factorize_tied_table(W, head["covariance"], head["grad_sq"], freq, g.T @ g / ids.numel())
+        parts = {"U": f.U, "S": f.S, "Vh": f.Vh, "spectrum": f.spectrum}
+        self.work.save("factors-head.pt", {name: {k: v.contiguous().cpu() for k, v in parts.items()}})
+        curve = {"shape": list(W.shape), "bias": 0, "gains": gains.cpu(), "seconds": time.perf_counter() - t0}
+        self.work.save("curves-head.pt", {name: curve})
 
     def _factorize_all(self, given: CalibStats | None) -> list[LayerCurve]:
         for i in self._bar(range(self.source.num_blocks), "factorize blocks"):
