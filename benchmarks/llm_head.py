@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import tempfile
@@ -24,7 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from llm import smollm2  # noqa: E402
 
-from rankwise.allocate import allocate_ranks  # noqa: E402
+from rankwise.allocate import (
+    LayerCost,  # noqa: E402
+    allocate_ranks,  # noqa: E402
+)
 from rankwise.blocks import InMemorySource  # noqa: E402
 from rankwise.compress import CompressConfig, emit_blocks, plan_compression  # noqa: E402
 from rankwise.data import builtin_text, token_sequences  # noqa: E402
@@ -33,6 +37,11 @@ from rankwise.head import find_head, swap_head  # noqa: E402
 from rankwise.pipeline import swap_in  # noqa: E402
 from rankwise.targets import block_stack, find_targets  # noqa: E402
 from rankwise.workdir import WorkDir  # noqa: E402
+
+
+def scaled(cost: LayerCost, weight: float) -> LayerCost:
+    """The head's curve times ``weight`` (what ``CompressConfig.head_weight`` does)."""
+    return LayerCost(cost.shape, cost.bias, cost.gains * weight)
 
 
 def count(model) -> int:
@@ -61,6 +70,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--head-weights", type=float, nargs="+", default=[1.0], help="CompressConfig.head_weight values")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     dense, tok = smollm2()
@@ -85,9 +95,12 @@ def main(argv=None):
         models = {}
         for keep in args.keeps:
             outside = total - blocks - head  # norms
-            for variant, with_head in (("blocks", False), ("head", True)):
+            variants = [("blocks", False, 1.0)] + [(f"head x{w:g}", True, w) for w in args.head_weights]
+            for variant, with_head, weight in variants:
                 budget = keep * total - outside - (0 if with_head else head)
-                model, r = build(dense, pipe, curves, budget / (blocks + (head if with_head else 0)), with_head, config)
+                weighted = [c if c.block >= 0 else dataclasses.replace(c, cost=scaled(c.cost, weight)) for c in curves]
+                share = budget / (blocks + (head if with_head else 0))
+                model, r = build(dense, pipe, weighted, share, with_head, config)
                 a = next_token_agreement(model, dense, evals, progress=False)
                 print(
                     f"| {keep} | {variant} | {count(model) / total:.4f} | {r if r is not None else 'dense'} | "
@@ -96,10 +109,10 @@ def main(argv=None):
                 )
                 models[keep, variant] = model
     low = min(args.keeps)
-    ratios = {"blocks": [], "head": []}
+    ratios = {name: [] for name in ("blocks", f"head x{args.head_weights[0]:g}")}
     for _ in range(args.rounds):  # interleaved: the machine is shared, compare within a round
         tp = {}
-        for name in ("dense", "blocks", "head"):
+        for name in ("dense", *ratios):
             tp[name] = prefill_cpu_throughput(
                 dense if name == "dense" else models[low, name], args.seq_len, args.repeats
             )

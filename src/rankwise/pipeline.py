@@ -288,9 +288,8 @@ class Pipeline:
                 curves.append(LayerCurve(name, i, LayerCost(tuple(d["shape"]), d["bias"], d["gains"]), d["seconds"]))
         if self.head is not None:
             d = self.work.load("curves-head.pt")[self.head[0]]
-            curves.append(
-                LayerCurve(self.head[0], -1, LayerCost(tuple(d["shape"]), d["bias"], d["gains"]), d["seconds"])
-            )
+            gains = d["gains"] * self.config.head_weight
+            curves.append(LayerCurve(self.head[0], -1, LayerCost(tuple(d["shape"]), d["bias"], gains), d["seconds"]))
         return curves
 
     def factors(self, i: int | str) -> dict[str, SVD]:

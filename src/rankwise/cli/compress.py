@@ -134,6 +134,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         f"target of the loss-aware allocation (default {d.include_head})",
     )
     p.add_argument(
+        "--head-weight",
+        type=float,
+        help=f"with --include-head: factor on the head's predicted loss (default {d.head_weight}; "
+        "4 beat the blocks alone on SmolLM2, see BENCHMARKS.md)",
+    )
+    p.add_argument(
         "--heal-steps",
         type=int,
         metavar="N",
@@ -255,7 +261,7 @@ def run_compress(args) -> int:
     _positive(args.heal_steps, "--heal-steps")
     if args.heal_steps is not None and args.resume:
         raise ValueError("--resume cannot be combined with --heal-steps (the unhealed model is not kept)")
-    config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential", "include_head"))
+    config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential", "include_head", "head_weight"))
     if args.heal_steps is not None:
         return compress_and_heal(args, config, hf_dir, calib)
     try:
