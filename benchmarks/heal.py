@@ -98,11 +98,25 @@ def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
         print(f"lr {lr:.0e}: " + "  ".join(f"{k} {sum(v) / seeds:.3f}" for k, v in ratios.items()))
 
 
+def gap_closed(before, after) -> float:
+    """The fraction of the compressed model's perplexity gap to dense that healing closed (nan without text)."""
+    if not before:
+        return float("nan")
+    return (before.perplexity - after.perplexity) / (before.perplexity - before.ref_perplexity)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--calib-seqs", type=int, default=8, help="compression calibration sequences of 512 tokens")
     p.add_argument("--tokens", type=int, default=61440, help="healing tokens (distinct), cut into --seq-len sequences")
+    p.add_argument(
+        "--held-out",
+        type=int,
+        default=0,
+        help="healing sequences after --tokens kept out of training: "
+        "the gap closed on them chooses the learning rate without reading the evaluation text",
+    )
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, help="optimizer steps (default: one pass over the healing tokens)")
@@ -122,22 +136,24 @@ def main(argv=None):
     dense, tokenizer, _ = load_model("smollm2", progress=False)
     dense.float()
     paths = compressed_models(args, tokenizer, lambda: load_model("smollm2", progress=False)[0].float())
-    heal_ids = token_sequences(
-        tokenizer, builtin_text("calib"), args.seq_len, args.tokens // args.seq_len, what="healing"
-    )
+    n_train = args.tokens // args.seq_len
+    heal_ids = token_sequences(tokenizer, builtin_text("calib"), args.seq_len, n_train + args.held_out, what="healing")
+    heal_ids, held_ids = heal_ids[:n_train], heal_ids[n_train:]
     eval_ids = token_sequences(tokenizer, builtin_text("eval"), 512, args.eval_tokens // 512, what="evaluation")
     print(
-        f"healing text {heal_ids.shape[0]} x {heal_ids.shape[1]} tokens (calib split); evaluation "
-        f"{eval_ids.shape[0]} x {eval_ids.shape[1]} tokens (eval split); torch threads {args.threads}"
+        f"healing text {heal_ids.shape[0]} x {heal_ids.shape[1]} tokens (calib split), {held_ids.shape[0]} more "
+        f"held out of training; evaluation {eval_ids.shape[0]} x {eval_ids.shape[1]} tokens (eval split); "
+        f"torch threads {args.threads}"
     )
     head = (
         f"{'keep':>4} {'lr':>7} {'orth':>4} {'top-k':>5} {'norms':>5} {'steps':>5} {'ppl dense':>9} "
         f"{'ppl comp':>9} {'ppl healed':>10} {'gap closed':>10} {'KL comp':>8} {'KL healed':>9} {'top1 comp':>9} "
-        f"{'top1 heal':>9} {'heal s':>7}"
+        f"{'top1 heal':>9} {'heal s':>7} {'heal cpu s':>10} {'held-out gap closed':>19}"
     )
     rows = []
     for keep, path in paths.items():
         before = next_token_agreement(rankwise.load(path), dense, eval_ids, progress=False)
+        held = args.held_out and next_token_agreement(rankwise.load(path), dense, held_ids, progress=False)
         for lr in args.lr:
             for orth in args.orthogonal:
                 for k in args.top_k:
@@ -151,14 +167,18 @@ def main(argv=None):
                         top_k=k,
                         checkpointing=args.checkpointing,
                     )
+                    cpu = time.process_time()
                     report = heal_(model, dense, heal_ids, config, progress=False)
+                    cpu = time.process_time() - cpu
                     after = next_token_agreement(model, dense, eval_ids, progress=False)
-                    closed = (before.perplexity - after.perplexity) / (before.perplexity - before.ref_perplexity)
+                    closed = gap_closed(before, after)
+                    held_closed = gap_closed(held, next_token_agreement(model, dense, held_ids, progress=False))
                     rows.append(
                         f"{keep:>4} {lr:>7.0e} {orth:>4} {k:>5} {int(args.train_norms):>5} "
                         f"{len(report.losses):>5} {before.ref_perplexity:>9.3f} {before.perplexity:>9.3f} "
                         f"{after.perplexity:>10.3f} {closed:>10.3f} {before.kl:>8.4f} {after.kl:>9.4f} "
-                        f"{before.top1:>9.4f} {after.top1:>9.4f} {report.seconds:>7.1f}"
+                        f"{before.top1:>9.4f} {after.top1:>9.4f} {report.seconds:>7.1f} {cpu:>10.1f} "
+                        f"{held_closed:>19.3f}"
                     )
                     print(rows[-1], flush=True)
     print(head)
