@@ -9,6 +9,7 @@ defaults); healing reads ``builtin_text("calib")`` too; evaluation reads the dis
     python benchmarks/heal.py --keeps 0.8 0.6 0.4 --tokens 61440 --seq-len 512
     python benchmarks/heal.py --keeps 0.6 --steps 24 --lr 1e-4 3e-4 1e-3     # a short learning-rate sweep
     python benchmarks/heal.py --tiny          # free vs orthonormal factors on tiny random Llamas (seconds)
+    python benchmarks/heal.py --keeps 0.6 --step-cost 4 --threads 1      # CPU time of a step, chunks vs whole
 """
 
 from __future__ import annotations
@@ -98,6 +99,26 @@ def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
         print(f"lr {lr:.0e}: " + "  ".join(f"{k} {sum(v) / seeds:.3f}" for k, v in ratios.items()))
 
 
+def step_cost(path: Path, dense, ids: torch.Tensor, steps: int) -> None:
+    """CPU (user + sys) and wall seconds per heal step of the model at ``path``, with the output layer and the KL
+    by chunks and with the whole logits, one after the other in this process (the same ``steps`` sequences)."""
+    import resource
+
+    import rankwise.heal
+
+    split = rankwise.heal.split_head
+    for variant in ("by chunks", "whole logits"):
+        rankwise.heal.split_head = split if variant == "by chunks" else (lambda model, ids: None)
+        model = rankwise.load(path)
+        r0, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        heal_(model, dense, ids[:steps], HealConfig(steps=steps, checkpointing=False), progress=False)
+        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall
+        user, system = ((getattr(r1, k) - getattr(r0, k)) / steps for k in ("ru_utime", "ru_stime"))
+        cpu = f"user {user:.2f} + sys {system:.2f} = {user + system:.2f} s CPU/step"
+        print(f"{variant}: {cpu}, wall {wall / steps:.2f} s/step", flush=True)
+    rankwise.heal.split_head = split
+
+
 def gap_closed(before, after) -> float:
     """The fraction of the compressed model's perplexity gap to dense that healing closed (nan without text)."""
     if not before:
@@ -128,6 +149,12 @@ def main(argv=None):
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/rankwise-heal-bench", help="where the compressed models are kept")
+    p.add_argument(
+        "--step-cost",
+        type=int,
+        metavar="STEPS",
+        help="only time STEPS heal steps of the first keep, output layer by chunks vs whole logits",
+    )
     p.add_argument("--tiny", action="store_true", help="only the free vs orthonormal comparison on tiny Llamas")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -150,6 +177,8 @@ def main(argv=None):
         f"{'ppl comp':>9} {'ppl healed':>10} {'gap closed':>10} {'KL comp':>8} {'KL healed':>9} {'top1 comp':>9} "
         f"{'top1 heal':>9} {'heal s':>7} {'heal cpu s':>10} {'held-out gap closed':>19}"
     )
+    if args.step_cost:
+        return step_cost(paths[args.keeps[0]], dense, heal_ids, args.step_cost)
     rows = []
     for keep, path in paths.items():
         before = next_token_agreement(rankwise.load(path), dense, eval_ids, progress=False)
