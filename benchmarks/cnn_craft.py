@@ -10,12 +10,16 @@ fractions of their parameters, no fine-tuning. Methods as in :mod:`cnn`:
   squared change of the score maps (the gradient of an MSE to the dense maps, zero at the dense model, has none);
 - ``tltorch-tucker2`` / ``tltorch-tucker`` / ``tltorch-cp``: TensorLy-Torch ``FactorizedConv.from_conv`` (data-free).
 
+``--keep-macs`` adds, per value, rankwise rows under a MAC budget alone (keep 1.0 of the parameters, that
+fraction of the targets' conv MACs at the calibration size; :mod:`rankwise.macs`); TensorLy-Torch has none.
+
 Reported: box F1 against the dense model's boxes (IoU 0.5, greedy matching) on ``--pages`` 768x768 evaluation
 pages, and the dense model's F1 against the rendered words' boxes; the targets' parameters; conv MACs of one page
 (forward hooks on nn.Conv2d; TensorLy-Torch's functional convolutions are not seen, so n/a); CPU latency of one
-768x768 page (median of ``--repeats``) and "x dense", the dense model's median timed interleaved call by call.
+768x768 page (median and min of ``--repeats``) and "x dense", the medians' ratio to the dense model's timed
+interleaved call by call (and "min x", the minima's).
 
-    PYTHONPATH=src python benchmarks/cnn_craft.py [--pages 8] [--keeps 0.5 0.3] [--methods ...] [--threads 1]
+    PYTHONPATH=src python benchmarks/cnn_craft.py [--pages 8] [--keeps 0.5 0.3] [--keep-macs 0.5] [--methods ...]
 """
 
 from __future__ import annotations
@@ -48,11 +52,18 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=4)
     ap.add_argument("--calib-size", type=int, default=512)
     ap.add_argument("--keeps", type=float, nargs="+", default=[0.5, 0.3])
+    ap.add_argument("--keep-macs", type=float, nargs="*", default=[])
     ap.add_argument("--methods", nargs="+", default=["rankwise-auto", "rankwise-tucker", "tltorch-tucker2"],
                     choices=METHODS)  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    for keep_macs in args.keep_macs:
+        try:
+            ModuleCompressConfig(keep=1.0, keep_macs=keep_macs)
+        except ValueError as err:
+            print(f"cnn_craft.py: error: --keep-macs: {err}", file=sys.stderr)
+            sys.exit(2)
     torch.set_num_threads(args.threads)
     dense = load_craft()
     calib_words, eval_words = word_lists(1200, 2000)
@@ -78,30 +89,34 @@ def main() -> None:
     truth = f1([match_counts(found, boxes) for found, (_, boxes) in zip(reference, evals)])
     print(f"dense vs rendered words: box F1 {truth:.3f} (IoU 0.5); {len(evals)} pages in {t_eval:.1f}s", flush=True)
     head = (
-        f"{'method':<16} {'keep':>5} {'params':>10} {'F1/dense':>8} {'GMAC/page':>9} {'s/page':>7} {'dense s':>7} "
-        f"{'x dense':>7} {'fit s':>6}  formats"
+        f"{'method':<16} {'keep':>5} {'MACs':>5} {'params':>10} {'F1/dense':>8} {'GMAC/page':>9} {'s/page':>7} "
+        f"{'dense s':>7} {'x dense':>7} {'min x':>6} {'fit s':>6}  formats"
     )
     print(head)
     print("-" * len(head))
     print(
-        f"{'dense':<16} {1.0:>5.2f} {target_params:>10,} {1.0:>8.3f} {conv_macs(dense, page) / 1e9:>9.1f} "
-        f"{'':>7} {'':>7} {1.0:>7.2f} {0:>6.1f}",
+        f"{'dense':<16} {1.0:>5.2f} {1.0:>5.2f} {target_params:>10,} {1.0:>8.3f} {conv_macs(dense, page) / 1e9:>9.1f} "
+        f"{'':>7} {'':>7} {1.0:>7.2f} {1.0:>6.2f} {0:>6.1f}",
         flush=True,
     )
-    for keep in args.keeps:
+    budgets = [(keep, None) for keep in args.keeps] + [(1.0, keep_macs) for keep_macs in args.keep_macs]
+    for keep, keep_macs in budgets:
         for method in args.methods:
+            if keep_macs is not None and not method.startswith("rankwise"):
+                continue
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            params, formats = compress(model, method, keep, list(targets), stats)
+            params, formats = compress(model, method, keep, list(targets), stats, keep_macs)
             fit = time.perf_counter() - t0
             model.eval()
             found = page_boxes(model, evals)
             score = f1([match_counts(f, r) for f, r in zip(found, reference)])
             macs = f"{conv_macs(model, page) / 1e9:>9.1f}" if method.startswith("rankwise") else f"{'n/a':>9}"
-            t, t_anchor = latency(model, page, args.repeats, dense)
+            t, t_anchor, t_min, anchor_min = latency(model, page, args.repeats, dense)
+            mac_keep = f"{keep_macs:>5.2f}" if keep_macs is not None else f"{'':>5}"
             print(
-                f"{method:<16} {keep:>5.2f} {params:>10,} {score:>8.3f} {macs} {t:>7.2f} {t_anchor:>7.2f} "
-                f"{t / t_anchor:>7.2f} {fit:>6.1f}  {formats}",
+                f"{method:<16} {keep:>5.2f} {mac_keep} {params:>10,} {score:>8.3f} {macs} {t:>7.2f} {t_anchor:>7.2f} "
+                f"{t / t_anchor:>7.2f} {t_min / anchor_min:>6.2f} {fit:>6.1f}  {formats}",
                 flush=True,
             )
 

@@ -32,8 +32,8 @@ VARIANTS = {
     "asvd": dict(method="asvd", allocate="uniform", update=False),
     "whiten": dict(method="whiten", allocate="uniform", update=False),  # SVD-LLM (truncation-aware whitening)
     "whiten+update": dict(method="whiten", allocate="uniform", update=True),
-    "fisher": dict(method="whiten", allocate="fisher", update=False),
-    "fisher+update": dict(method="whiten", allocate="fisher", update=True),
+    "loss-aware": dict(method="whiten", allocate="loss-aware", update=False),
+    "loss-aware+update": dict(method="whiten", allocate="loss-aware", update=True),
     "ours": {},  # CompressConfig defaults
     "whiten+sequential": dict(method="whiten", allocate="uniform", sequential=True),
     "ours+sequential": dict(sequential=True),  # each block calibrated on the compressed blocks' outputs
@@ -166,7 +166,7 @@ def main(argv=None):
     for keep in args.keeps:
         for name in args.methods:
             cfg = CompressConfig(**VARIANTS[name])
-            needs_fisher = cfg.allocate == "fisher"
+            needs_fisher = cfg.needs_loss_gradients
             stats = fisher if needs_fisher else plain
             model, report, secs, peak = run(load, name, keep, calib, stats)
             if cfg.method != "svd" or needs_fisher:  # wall time includes the calibration this method needs

@@ -8,7 +8,8 @@ measures it from the outside:
 - peak RSS, twice: the kernel's high-water mark of the CLI process (``ru_maxrss`` from ``wait4``,
   exact, the largest single process) and the largest sum of RSS over the process tree seen by polling
   with psutil every ``--poll`` seconds (catches worker processes, may miss a short spike);
-- wall time, and wall time per block.
+- wall time and CPU time (user + system, from ``wait4``: comparable on a loaded machine, where wall
+  time is not), each per block.
 
 Then the growth of peak RSS per added block, as a multiple of the float32 bytes of one block
 (issue 9's target: at most 0.15x from 12 to 48 blocks at hidden 1024), between consecutive depths
@@ -103,8 +104,8 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def run_measured(cmd: list[str], log: Path, poll: float, env: dict) -> tuple[int, float, int, int]:
-    """Run ``cmd`` with output to ``log``; returns (exit code, wall seconds, kernel peak RSS, polled tree peak)."""
+def run_measured(cmd: list[str], log: Path, poll: float, env: dict) -> tuple[int, float, float, int, int]:
+    """Run ``cmd`` with output to ``log``; returns (exit code, wall s, CPU s, kernel peak RSS, polled tree peak)."""
     with open(log, "wb") as out:
         t0 = time.perf_counter()
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -121,7 +122,7 @@ def run_measured(cmd: list[str], log: Path, poll: float, env: dict) -> tuple[int
             time.sleep(poll)
         wall = time.perf_counter() - t0
     child.returncode = os.waitstatus_to_exitcode(status)  # so Popen's destructor does not wait again
-    return child.returncode, wall, usage.ru_maxrss * 1024, polled
+    return child.returncode, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, polled
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rankwise compress DIR {' '.join(cli)} --out OUT; work dir {root}\n")
     print(
         f"{'blocks':>6} {'ckpt MiB':>9} {'build s':>8} {'peak RSS MiB':>13} {'tree MiB':>9} {'RSS/fp32 model':>15} "
-        f"{'wall s':>8} {'s/block':>8}"
+        f"{'wall s':>8} {'s/block':>8} {'CPU s':>8} {'CPU s/block':>11}"
     )
     rows = []
     try:
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             build = time.perf_counter() - t0
             size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
             cmd = [sys.executable, "-m", "rankwise.cli", "compress", str(ckpt), *cli, "--out", str(out), "--force"]
-            code, wall, peak, polled = run_measured(cmd, root / f"llama-{depth}.log", args.poll, env)
+            code, wall, cpu, peak, polled = run_measured(cmd, root / f"llama-{depth}.log", args.poll, env)
             if code != 0:
                 tail = (root / f"llama-{depth}.log").read_text(errors="replace").splitlines()[-15:]
                 print(f"`{shlex.join(cmd)}` exited with {code}; last lines of its output:", *tail, sep="\n")
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             model_fp32 = 2 * size  # the checkpoint is bfloat16: float32 is twice its bytes
             print(
                 f"{depth:>6} {size / 2**20:>9.0f} {build:>8.1f} {peak / 2**20:>13.0f} {polled / 2**20:>9.0f} "
-                f"{peak / model_fp32:>14.2f}x {wall:>8.1f} {wall / depth:>8.3f}",
+                f"{peak / model_fp32:>14.2f}x {wall:>8.1f} {wall / depth:>8.3f} {cpu:>8.1f} {cpu / depth:>11.3f}",
                 flush=True,
             )
             stages = [
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 if line.startswith("time ")
             ]  # the CLI's own per-stage seconds
             print(f"{'':>6} CLI: {stages[-1] if stages else '(no stage timings printed)'}", flush=True)
-            rows.append((depth, peak, polled, wall))
+            rows.append((depth, peak, polled, wall, cpu))
             if not args.keep_files:
                 shutil.rmtree(out, ignore_errors=True)
                 shutil.rmtree(ckpt, ignore_errors=True)
@@ -216,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def report_growth(rows: list[tuple[int, int, int, float]], block_bytes: int) -> None:
-    """Peak RSS added per block (a multiple of a block's float32 bytes); wall time per block vs the first depth."""
+def report_growth(rows: list[tuple[int, int, int, float, float]], block_bytes: int) -> None:
+    """Peak RSS added per block (a multiple of a block's float32 bytes); wall and CPU time per block vs the first
+    depth, and the seconds each added block costs."""
     if len(rows) < 2:
         print("\none depth only: no growth to report")
         return
@@ -225,25 +227,26 @@ def report_growth(rows: list[tuple[int, int, int, float]], block_bytes: int) -> 
     if len(rows) > 2:
         pairs.append((rows[0], rows[-1]))
     print(f"\ngrowth of peak RSS per added block, in float32 bytes of one block (target <= {TARGET_GROWTH}x):")
-    for (d0, peak0, tree0, _), (d1, peak1, tree1, _) in pairs:
+    for (d0, peak0, tree0, *_), (d1, peak1, tree1, *_) in pairs:
         kernel = (peak1 - peak0) / ((d1 - d0) * block_bytes)
         tree = (tree1 - tree0) / ((d1 - d0) * block_bytes)
         verdict = "meets" if kernel <= TARGET_GROWTH else "misses"
         print(f"  {d0:>3} -> {d1:<3} blocks: {kernel:6.2f}x (process tree, polled: {tree:6.2f}x)  {verdict} the target")
-    first = rows[0][3] / rows[0][0]
-    spread = [wall / depth / first for depth, _, _, wall in rows]
-    verdict = "within" if max(abs(s - 1) for s in spread) <= TARGET_TIME_SPREAD else "outside"
-    print(
-        f"wall time per block relative to {rows[0][0]} blocks: "
-        + ", ".join(f"{s:.2f}" for s in spread)
-        + f"  ({verdict} +-{TARGET_TIME_SPREAD:.0%}; includes start-up, embedding and head, which do not grow)"
-    )
-    # the seconds each added block costs, free of the fixed start-up: constant if the per-block work is
-    marginal = [(w1 - w0) / (d1 - d0) for (d0, _, _, w0), (d1, _, _, w1) in itertools.pairwise(rows)]
-    print(
-        "seconds per added block: "
-        + ", ".join(f"{d0}->{d1} {m:.2f}" for ((d0, *_), (d1, *_)), m in zip(itertools.pairwise(rows), marginal))
-    )
+    for label, col in (("wall", 3), ("CPU", 4)):
+        first = rows[0][col] / rows[0][0]
+        spread = [row[col] / row[0] / first for row in rows]
+        verdict = "within" if max(abs(x - 1) for x in spread) <= TARGET_TIME_SPREAD else "outside"
+        print(
+            f"{label} time per block relative to {rows[0][0]} blocks: "
+            + ", ".join(f"{x:.2f}" for x in spread)
+            + f"  ({verdict} +-{TARGET_TIME_SPREAD:.0%}; includes start-up, embedding and head, which do not grow)"
+        )
+        # the seconds each added block costs, free of the fixed start-up: constant if the per-block work is
+        marginal = [(r1[col] - r0[col]) / (r1[0] - r0[0]) for r0, r1 in itertools.pairwise(rows)]
+        print(
+            f"{label} seconds per added block: "
+            + ", ".join(f"{r0[0]}->{r1[0]} {m:.2f}" for (r0, r1), m in zip(itertools.pairwise(rows), marginal))
+        )
 
 
 if __name__ == "__main__":

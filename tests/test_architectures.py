@@ -36,7 +36,7 @@ def test_compressed_model_reloads_with_stock_from_pretrained_to_identical_logits
     dense = first_output(model)
     assert torch.equal(dense, first_output(tiny_model(arch)))  # the dense checkpoint round-trips first
 
-    config = CompressConfig(keep=KEEP, method="whiten", allocate="fisher", min_rank=2)
+    config = CompressConfig(keep=KEEP, method="whiten", allocate="loss-aware", min_rank=2)
     report = compress_(model, config, CALIB, progress=False)
     compressed = first_output(model)
     factorized = {n: r for n, r in report.ranks.items() if r is not None}

@@ -199,6 +199,15 @@ def test_missing_model(tmp_path, capsys):
     assert no_output(tmp_path)
 
 
+def test_allocate_takes_the_old_name_fisher_as_an_alias(tmp_path, capsys):
+    # the config is validated before the model is read: "fisher" passes, an unknown name does not
+    argv = ["compress", str(tmp_path / "nope"), "--out", str(tmp_path / "c"), "--allocate"]
+    run_bad([*argv, "fisher"], capsys, r"^rankwise compress: error: model '.*/nope' not found")
+    unknown = r"^rankwise compress: error: unknown allocator 'greedy'; known: loss-aware, uniform$"
+    run_bad([*argv, "greedy"], capsys, unknown)
+    assert no_output(tmp_path)
+
+
 def test_truncated_safetensors_is_named(llama_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()

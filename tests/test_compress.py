@@ -29,7 +29,7 @@ def count(model):
 
 
 @pytest.mark.parametrize(
-    "method, allocate", [("svd", "uniform"), ("asvd", "uniform"), ("whiten", "uniform"), ("whiten", "fisher")]
+    "method, allocate", [("svd", "uniform"), ("asvd", "uniform"), ("whiten", "uniform"), ("whiten", "loss-aware")]
 )
 def test_full_rank_factorization_reproduces_dense_logits(method, allocate):
     model = small_llama()
@@ -44,7 +44,7 @@ def test_full_rank_factorization_reproduces_dense_logits(method, allocate):
     torch.testing.assert_close(logits(model), dense, rtol=0, atol=1e-9)
 
 
-@pytest.mark.parametrize("allocate, keep", [("uniform", 0.5), ("fisher", 0.8)])
+@pytest.mark.parametrize("allocate, keep", [("uniform", 0.5), ("loss-aware", 0.8)])
 def test_compress_meets_the_budget_and_reports_what_it_did(allocate, keep):
     model = small_llama(dtype=torch.float32)
     before = count(model)
@@ -54,7 +54,7 @@ def test_compress_meets_the_budget_and_reports_what_it_did(allocate, keep):
         p.numel() for n, p in small_llama().named_parameters() if n.startswith("model.layers.") and "norm" not in n
     )
     assert before - count(model) == report.params_before - report.params_after
-    if allocate == "fisher":
+    if allocate == "loss-aware":
         assert report.params_after > keep * report.params_before - max(sum(row.shape) for row in report.layers)
     for name, rank in report.ranks.items():
         layer = model.get_submodule(name)
@@ -84,7 +84,7 @@ def test_fisher_weighted_truncation_minimises_the_fisher_weighted_error():
     W = dense_weight(targets[name]).detach()
     L = whitening_factor(stats.inputs[name].covariance)
     rows, mean = output_weights(stats, name)
-    fisher = factorize(W, CompressConfig(allocate="fisher"), stats, name).truncate(12)
+    fisher = factorize(W, CompressConfig(allocate="loss-aware"), stats, name).truncate(12)
     plain = factorize(W, CompressConfig(allocate="uniform"), stats, name).truncate(12)
     err = {k: float((rows[:, None] * (W - f.to_dense()) @ L).norm()) for k, f in (("fisher", fisher), ("plain", plain))}
     assert err["fisher"] < err["plain"]
@@ -164,11 +164,14 @@ def test_config_round_trips_through_json():
         ({"keep": 1.5}, r"^keep must be a fraction in \(0, 1\], got 1\.5$"),
         ({"keep": math.nan}, r"^keep must be a fraction in \(0, 1\], got nan$"),
         ({"method": "qr"}, r"^unknown method 'qr'; known: svd, asvd, whiten$"),
-        ({"allocate": "greedy"}, r"^unknown allocator 'greedy'; known: fisher, uniform$"),
+        ({"allocate": "greedy"}, r"^unknown allocator 'greedy'; known: loss-aware, uniform$"),
         ({"include": "("}, r"^include='\(' is not a valid regular expression: "),
         ({"calib_seqs": 0}, r"^calib_seqs must be an int >= 1, got 0$"),
         ({"update": 1}, r"^update must be True or False, got 1$"),
-        ({"fisher_seqs": 0}, r"^fisher_seqs must be >= 1 with allocate='fisher' \(it needs loss gradients\), got 0$"),
+        (
+            {"fisher_seqs": 0},
+            r"^fisher_seqs must be >= 1 with allocate='loss-aware' \(it needs loss gradients\), got 0$",
+        ),
         ({"asvd_alpha": 2.0}, r"^asvd_alpha must be a number in \[0, 1\], got 2\.0$"),
         ({"version": 2}, r"^version must be 1 \(the only config version\), got 2$"),
     ],
@@ -176,6 +179,13 @@ def test_config_round_trips_through_json():
 def test_bad_config_values_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CompressConfig(**kwargs)
+
+
+def test_old_allocator_name_in_a_saved_config_still_loads():
+    old = {**CompressConfig().to_dict(), "allocate": "fisher"}  # configs saved before the rename
+    config = CompressConfig.from_dict(old)
+    assert config.allocate == "loss-aware" and config.needs_loss_gradients
+    assert config == CompressConfig() and CompressConfig(allocate="fisher").to_dict()["allocate"] == "loss-aware"
 
 
 def test_bad_config_dicts_are_named():

@@ -35,7 +35,7 @@ def test_low_rank_linear_on_cuda_matches_cpu():
 
 def test_compress_on_cuda_gives_the_cpu_ranks_and_logits(tmp_path):
     # float64 so that CPU and GPU round-off (~1e-15) cannot change a rank or move the logits visibly
-    config = CompressConfig(keep=0.6, method="whiten", allocate="fisher", min_rank=2)
+    config = CompressConfig(keep=0.6, method="whiten", allocate="loss-aware", min_rank=2)
     cpu = tiny_model("llama", dtype=torch.float64)
     gpu = tiny_model("llama", dtype=torch.float64).cuda()
     cpu_report = compress_(cpu, config, CALIB, progress=False)

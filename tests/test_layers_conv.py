@@ -16,7 +16,7 @@ from rankwise.layers.conv import (
     conv_from_dense,
     conv_output,
 )
-from rankwise.layers.registry import LAYERS
+from rankwise.layers.registry import empty_layer
 
 GEOMETRIES = [
     {"in_channels": 6, "out_channels": 8, "kernel_size": 3, "padding": 1},
@@ -126,12 +126,12 @@ def test_spec_and_empty_rebuild_the_same_layer(fmt, rank):
     layer = conv_from_dense(conv, fmt, rank)
     spec = layer.spec()
     assert spec["layer"] == f"{fmt}_conv2d"
-    empty = LAYERS.get(spec["layer"]).fn.empty(conv, spec)
+    empty = empty_layer(conv, spec)
     assert set(empty.state_dict()) == set(layer.state_dict())
     empty.load_state_dict(layer.state_dict())
     x = _x(conv)
     assert torch.equal(empty(x), layer(x))
-    meta = LAYERS.get(spec["layer"]).fn.empty(conv.to("meta"), spec)
+    meta = empty_layer(conv.to("meta"), spec)
     assert all(p.is_meta for p in meta.parameters())
 
 

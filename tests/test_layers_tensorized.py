@@ -11,7 +11,7 @@ from rankwise.formats.svd import truncated_svd
 from rankwise.formats.tt import tt_matrix
 from rankwise.layers.embedding import LowRankEmbedding, TTEmbedding
 from rankwise.layers.kron import KronLinear
-from rankwise.layers.registry import LAYERS
+from rankwise.layers.registry import empty_layer
 from rankwise.layers.tt import TTLinear, balanced_factors
 
 
@@ -125,14 +125,14 @@ def test_spec_empty_round_trip_and_fine_tuning(make):
     layer = make()
     spec = layer.spec()
     old = nn.Linear(2, 2)
-    empty = LAYERS.get(spec["layer"]).fn.empty(old, spec)
+    empty = empty_layer(old, spec)
     assert set(empty.state_dict()) == set(layer.state_dict())
     empty.load_state_dict(layer.state_dict())
     inp = IDS if "embedding" in spec["layer"] else X
     assert torch.equal(empty(inp), layer(inp))
     layer(inp).square().sum().backward()
     assert all(p.grad is not None for p in layer.parameters())
-    meta = LAYERS.get(spec["layer"]).fn.empty(old.to("meta"), spec)
+    meta = empty_layer(old.to("meta"), spec)
     assert all(p.is_meta for p in meta.parameters())
 
 

@@ -7,10 +7,10 @@ import torch
 import rankwise
 from rankwise.blocks import InMemorySource
 from rankwise.calibrate import collect_stats
-from rankwise.compress import CompressConfig, compress_
+from rankwise.compress import CompressConfig, compress_, run_compression
 from rankwise.metric import factorize, layer_cost
 from rankwise.pipeline import Pipeline
-from rankwise.streamed import compress_checkpoint
+from rankwise.streamed import StreamedRun, compress_checkpoint, run_dir
 from rankwise.targets import block_stack, find_targets
 from rankwise.workdir import WorkDir
 
@@ -85,6 +85,28 @@ def test_streamed_checkpoint_equals_in_memory_compression(arch, tmp_path):
         b = memory(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert torch.equal(a[0], b[0])  # logits of a causal LM, last hidden state of an encoder
     assert not (tmp_path / "out.rankwise-run").exists()
+
+
+def test_a_streamed_run_holds_no_block_weights_once_written(tmp_path):
+    """Each written block is freed, the dense layers it swapped out included (the run's target list still
+    names them: holding their weights made memory grow by their bytes with every block written)."""
+    src = save_model_dir(tiny_llama(), tmp_path / "in")
+    calib, out = token_ids(4, 16, seed=2), tmp_path / "out"
+    config = CompressConfig(keep=0.5, fisher_seqs=2, min_rank=2)
+    with StreamedRun(src, run_dir(out), config, calib, device="cpu", progress=False) as run:
+        report = run.write(
+            out,
+            False,
+            lambda emit: run_compression(run.source, run.targets, config, calib, run.work, emit=emit, progress=False),
+        )
+        swapped = [n for n, r in report.ranks.items() if r is not None]
+        held = [
+            f"{n}.{p}"
+            for n, layer in [*run.targets.items(), (run.source.stack_name, run.source.stack)]
+            for p, t in layer.named_parameters()
+            if t.device.type != "meta"
+        ]
+    assert len(swapped) >= 2 and held == []
 
 
 def dataclass_row(layer):

@@ -95,6 +95,15 @@ def test_compress_report_figures_and_budget_curve(runs):
     assert "peak memory (RSS)" in (c / "report.html").read_text()
 
 
+def test_compress_run_saved_with_the_old_allocator_name_reads_the_same(runs, tmp_path):
+    old = shutil.copytree(runs / "c", tmp_path / "old")
+    r = json.loads((old / REPORT_FILE).read_text())
+    assert r["config"]["allocate"] == "loss-aware"
+    r["config"]["allocate"] = "fisher"  # what checkpoints wrote before the rename
+    (old / REPORT_FILE).write_text(json.dumps(r))
+    assert load_run(old).metric == load_run(runs / "c").metric == "whitened (SVD-LLM), Fisher-weighted rows weight"
+
+
 def test_sweep_report_shows_quality_and_the_same_curve_as_compress(runs, tmp_path, capsys):
     out = tmp_path / "sweep.html"
     assert main(["report", str(runs / "s"), "--out", str(out)]) == 0

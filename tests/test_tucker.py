@@ -146,7 +146,10 @@ def test_input_is_not_modified():
         ),
         (lambda: tucker_hosvd(torch.ones(3, 4, 5), (2, 2)), "rank must have 3 entries (one per mode), got 2"),
         (lambda: tucker_hosvd(torch.ones(3, 4, 5), 0.0), "rank as a float must be a fraction"),
-        (lambda: tucker_hosvd(torch.ones(3, 4, 5), "2"), "rank must be an int, a tuple of 3 ints or a float"),
+        (
+            lambda: tucker_hosvd(torch.ones(3, 4, 5), "2"),
+            "rank must be an int, a tuple of 3 ints, a float in (0, 1] or None, got '2'",
+        ),
         (
             lambda: tucker_hosvd(torch.ones(3, 4, 5), 2, modes=(0, 0)),
             "modes must be a non-empty sequence of distinct ints in [0, 2], got (0, 0)",

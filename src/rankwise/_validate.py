@@ -6,7 +6,7 @@ given. ``bool`` is never an int or a number here, although Python makes it one.
 
 Ints where a fraction is expected: accepted (``keep=1`` is ``1.0``; ``0`` fails the range) — except in
 the decomposition formats, where an int ``rank`` is a rank and only a float is a fraction
-(:func:`rankwise.formats._ops.check_fraction`).
+(:func:`rankwise.formats._ops.resolve_ranks`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Rank allocation under one global parameter budget: uniform (SVD-LLM) and loss-aware (Fisher-weighted)."""
+"""Rank allocation under one global parameter budget: uniform (SVD-LLM) and loss-aware (Fisher-weighted),
+and the one multiple-choice knapsack solver behind the loss-aware and per-option allocations."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from .registry import Registry
 
 ALLOCATORS = Registry("allocator")
+DEFAULT_ALLOCATOR = "loss-aware"  # the default of CompressConfig.allocate
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def uniform(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> lis
     return ranks
 
 
-@ALLOCATORS.register("fisher", paper="https://arxiv.org/abs/2207.00112", loss_gradients=True)
+@ALLOCATORS.register("loss-aware", paper="https://arxiv.org/abs/2207.00112", aliases=("fisher",), loss_gradients=True)
 def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> list[int | None]:
     """Minimise the summed estimated loss increase ``sum_l gains_l[r_l:].sum()`` under the budget.
 
@@ -77,10 +79,9 @@ def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> 
     Fisher-weighted whitened weight ``diag(sqrt(E[g^2])) W L``, i.e. a Kronecker-factored Fisher
     estimate of the loss increase of dropping each triplet, comparable across layers.
 
-    Each layer chooses among ranks ``min_rank..max_rank`` and "dense". A Lagrange multiplier ``lam``
-    (price of a parameter) is bisected so that every layer's ``argmin loss + lam * params`` fits the
-    budget (exact for the convex hull of each layer's loss curve); the budget left over is then spent
-    greedily, one rank step at a time, on the largest loss decrease per parameter.
+    Each layer chooses among ranks ``min_rank..max_rank`` and "dense", by :func:`choose_options` (a
+    Lagrangian price per parameter, then the budget left over spent greedily on the largest loss
+    decrease per parameter).
 
     References
     ----------
@@ -89,62 +90,80 @@ def loss_aware(layers: list[LayerCost], budget: float, *, min_rank: int = 1) -> 
     H. Everett, "Generalized Lagrange multiplier method for solving problems of optimum allocation of
     resources", Operations Research 11 (1963).
     """
-    tails, params, options = [], [], []
+    costs, losses, options = [], [], []
     for layer in layers:
         lo = min(max(min_rank, 1), layer.max_rank)
         g = layer.gains.to(torch.float64).clamp_min(0)
         tail = torch.cat([torch.flip(torch.cumsum(torch.flip(g, [0]), 0), [0]), g.new_zeros(1)])  # tail[r]: loss at r
         ranks = torch.arange(lo, layer.max_rank + 1)
-        opts = ranks.tolist() + [None]
-        loss = torch.cat([tail[ranks.clamp_max(len(tail) - 1)], g.new_zeros(1)])  # options, then dense (no loss)
-        cost = torch.cat([ranks * layer.step + layer.bias, torch.tensor([layer.dense_params])]).to(torch.float64)
-        tails.append(loss), params.append(cost), options.append(opts)
-    # every layer's options in one padded matrix: a price lam is one argmin per row (padding never wins)
-    width = max(len(o) for o in options)
-    loss_m = torch.stack([torch.cat([t, t.new_full((width - len(t),), torch.inf)]) for t in tails])
-    cost_m = torch.stack([torch.cat([c, c.new_zeros(width - len(c))]) for c in params])
-
-    def choose(lam: float) -> list[int]:
-        return torch.argmin(loss_m + lam * cost_m, dim=1).tolist()
-
-    def total(idx: list[int]) -> float:
-        return float(cost_m.gather(1, torch.tensor(idx)[:, None]).sum())
-
-    floor = [0] * len(layers)
-    if total(floor) > budget:
+        options.append(ranks.tolist() + [None])
+        losses.append(torch.cat([tail[ranks.clamp_max(len(tail) - 1)], g.new_zeros(1)]))  # ranks, then dense
+        costs.append(torch.cat([ranks * layer.step + layer.bias, torch.tensor([layer.dense_params])]).double())
+    if sum(float(c[0]) for c in costs) > budget:
         raise ValueError(
             f"keep is too small: even rank {min_rank} for every layer exceeds the budget of {int(budget)} parameters"
         )
-    hi = max(float(t[0]) for t in tails) + 1.0
-    while total(choose(hi)) > budget:
+    return [opts[i] for opts, i in zip(options, choose_options(costs, losses, budget))]
+
+
+def choose_options(costs: list[torch.Tensor], losses: list[torch.Tensor], budget: float) -> list[int]:
+    """One option per layer minimising the summed loss with the summed cost within ``budget`` (a
+    multiple-choice knapsack): the one solver behind :func:`loss_aware` and :func:`allocate_options`.
+
+    ``costs[k]``, ``losses[k]``: float64 tensors of the same length, layer ``k``'s options (any order,
+    losses finite); the cheapest options together must fit (the callers check it and word the error).
+    A Lagrange multiplier ``lam`` (the price of a parameter) is bisected to the smallest price at which
+    every layer's ``argmin loss + lam * cost`` fits, ties going to the cheaper option (optimal on the
+    lower convex hull of each layer's options, Everett 1963); the budget left over then buys, one move
+    at a time, the option change of largest loss decrease per parameter among those that fit and lower
+    the loss (any option of any layer, so a layer may also jump to a non-adjacent or dense option).
+    Returns the chosen index per layer, into its own ``costs[k]``.
+
+    References
+    ----------
+    H. Everett, "Generalized Lagrange multiplier method for solving problems of optimum allocation of
+    resources", Operations Research 11 (1963).
+    """
+    n = len(costs)
+    width = max(len(c) for c in costs)
+    order = [torch.sort(c, stable=True).indices for c in costs]  # cheapest first: argmin's ties go to it
+    cost = torch.zeros(n, width, dtype=torch.float64)
+    loss = torch.full((n, width), torch.inf, dtype=torch.float64)
+    valid = torch.zeros(n, width, dtype=torch.bool)
+    for k, (c, v, o) in enumerate(zip(costs, losses, order)):
+        cost[k, : len(o)], loss[k, : len(o)], valid[k, : len(o)] = c[o], v[o], True
+
+    def choose(lam: float) -> torch.Tensor:
+        return torch.argmin((loss + lam * cost).masked_fill(~valid, torch.inf), dim=1)
+
+    def total(idx: torch.Tensor) -> float:
+        return float(cost.gather(1, idx[:, None]).sum())
+
+    hi = 1.0
+    while total(choose(hi)) > budget:  # ends: a high enough price picks every layer's cheapest option
         hi *= 2
     lo = 0.0
-    for _ in range(100):
+    for _ in range(200):
         mid = (lo + hi) / 2
+        if not lo < mid < hi:
+            break
         if total(choose(mid)) > budget:
             lo = mid
         else:
             hi = mid
     idx = choose(hi)
     spent = total(idx)
-    # top-up: the best next option per layer (one rank step, or dense from max_rank) while it fits
     while True:
-        best, best_rate = None, 0.0
-        for k, (loss, cost) in enumerate(zip(tails, params)):
-            i = idx[k]
-            if i + 1 >= len(cost):
-                continue
-            extra = float(cost[i + 1] - cost[i])
-            if spent + extra > budget:
-                continue
-            rate = float(loss[i] - loss[i + 1]) / extra
-            if best is None or rate > best_rate:
-                best, best_rate = k, rate
-        if best is None:
+        extra = cost - cost.gather(1, idx[:, None])
+        gain = loss.gather(1, idx[:, None]) - loss
+        fits = valid & (gain > 0) & (spent + extra <= budget)
+        if not bool(fits.any()):
             break
-        spent += float(params[best][idx[best] + 1] - params[best][idx[best]])
-        idx[best] += 1
-    return [opts[i] for opts, i in zip(options, idx)]
+        rate = torch.where(extra > 0, gain / extra.clamp_min(1e-300), torch.inf).masked_fill(~fits, -torch.inf)
+        k, j = divmod(int(torch.argmax(rate)), width)  # ties: the first layer, then its cheapest option
+        spent += float(extra[k, j])
+        idx[k] = j
+    return [int(o[i]) for o, i in zip(order, idx.tolist())]
 
 
 # Deltas: the spectra are exact (the delta's own singular values), so the allocation is a greedy knapsack
@@ -202,16 +221,8 @@ def allocate_options(options: list[list[tuple[int, float]]], budget: float) -> l
     loss with the summed parameters within ``budget``: a multiple-choice knapsack, for choosing format and rank
     together (``format="auto"`` in :func:`rankwise.compress_modules.compress_modules_`).
 
-    A Lagrange multiplier ``lam`` (the price of a parameter) is bisected so that every layer's
-    ``argmin loss + lam * params`` fits (optimal on the lower convex hull of each layer's options); the
-    budget left over then buys, greedily by loss decrease per parameter, each layer's next cheaper-loss
-    option that fits. Returns the chosen index per layer; ``ValueError`` if even the cheapest options
-    exceed the budget.
-
-    References
-    ----------
-    H. Everett, "Generalized Lagrange multiplier method for solving problems of optimum allocation of
-    resources", Operations Research 11 (1963).
+    Solved by :func:`choose_options`, as the loss-aware rank allocator is. Returns the chosen index per
+    layer; ``ValueError`` if even the cheapest options exceed the budget.
     """
     if any(not opts for opts in options):
         raise ValueError("allocate_options needs at least one option per layer")
@@ -223,43 +234,4 @@ def allocate_options(options: list[list[tuple[int, float]]], budget: float) -> l
             f"the budget of {int(budget)} parameters is below the {int(cheapest)} that the smallest "
             "factorization of every layer needs; accepted: a larger keep"
         )
-
-    def choose(lam: float) -> list[int]:
-        # ties broken towards fewer parameters, so that a huge lam gives the cheapest options
-        return [int(torch.argmin(v + lam * p + 1e-12 * p / max(float(p.max()), 1.0))) for v, p in zip(losses, params)]
-
-    def total(idx: list[int]) -> float:
-        return sum(float(p[i]) for p, i in zip(params, idx))
-
-    hi = 1.0
-    while total(choose(hi)) > budget:
-        hi *= 2
-        if hi > 1e300:
-            idx = [int(torch.argmin(p)) for p in params]
-            break
-    else:
-        lo = 0.0
-        for _ in range(200):
-            mid = (lo + hi) / 2
-            if total(choose(mid)) > budget:
-                lo = mid
-            else:
-                hi = mid
-        idx = choose(hi)
-    spent = total(idx)
-    while True:
-        best, best_rate = None, 0.0
-        for k, (v, p) in enumerate(zip(losses, params)):
-            now_v, now_p = float(v[idx[k]]), float(p[idx[k]])
-            for j in range(len(p)):
-                extra, gain = float(p[j]) - now_p, now_v - float(v[j])
-                if gain <= 0 or spent + extra > budget:
-                    continue
-                rate = gain / max(extra, 1e-300) if extra > 0 else float("inf")
-                if best is None or rate > best_rate:
-                    best, best_rate = (k, j), rate
-        if best is None:
-            return idx
-        k, j = best
-        spent += float(params[k][j]) - float(params[k][idx[k]])
-        idx[k] = j
+    return choose_options(params, losses, budget)

@@ -3,7 +3,8 @@ of Embeddings, and output loss-gradient second moments, from the model's own inp
 
 Units are per calibration example, so that the loss estimates of different layers add up: ``gram`` is the sum
 over an example's positions of ``p p^T`` (``p`` a conv patch, shape (in/groups * kh * kw,), or a linear input),
-averaged over examples; ``grad_sq`` is the mean over examples and positions of ``(dL/dy)^2`` per output channel.
+averaged over examples; ``grad_sq`` is the mean over examples and positions of ``(dL/dy)^2`` per output
+channel; ``sizes`` the mean number of positions per example at which a layer runs (to price options in MACs).
 Then ``||diag(sqrt(grad_sq)) (W - W') L||_F^2`` with ``L L^T = gram`` estimates the loss increase of replacing
 ``W`` by ``W'`` (a Kronecker-factored Fisher, as for Linear layers in :mod:`rankwise.compress`).
 """
@@ -11,7 +12,7 @@ Then ``||diag(sqrt(grad_sq)) (W - W') L||_F^2`` with ``L L^T = gram`` estimates 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,21 @@ class ModuleStats:
     grad_sq: torch.Tensor | None = None  # (out,) float64 sum of (dL/dy)^2 until finished
     grad_count: int = 0
     examples: int = 0
-    extra: dict = field(default_factory=dict)
+    # (3,) float64 positions per example: a conv's input H*W, output Ho*Wo and Ho*W (CP's vertical conv);
+    # a Linear's / Embedding's rows (tokens), three times
+    sizes: torch.Tensor | None = None
 
     def finish(self) -> ModuleStats:
         n = max(self.examples, 1)
         gram = None if self.gram is None else self.gram / n
         counts = None if self.counts is None else self.counts / n
         grad = None if self.grad_sq is None else self.grad_sq / max(self.grad_count, 1)
-        return ModuleStats(gram, counts, grad, self.grad_count, self.examples)
+        sizes = None if self.sizes is None else self.sizes / n
+        return ModuleStats(gram, counts, grad, self.grad_count, self.examples, sizes)
+
+    def add_sizes(self, positions: tuple[int, int, int]) -> None:
+        step = torch.tensor(positions, dtype=torch.float64)
+        self.sizes = step if self.sizes is None else self.sizes + step
 
 
 def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -57,6 +65,20 @@ def conv_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=padding, stride=conv.stride)
     b, _, positions = cols.shape
     return cols.reshape(b, conv.groups, -1, positions).transpose(2, 3)
+
+
+def conv_output_size(conv: nn.Conv2d, h: int, w: int) -> tuple[int, int]:
+    """The (height, width) of ``conv``'s output on an (h, w) input."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "same":
+            return h, w
+        padding = (0, 0)
+    else:
+        padding = conv.padding
+    return tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, p, d, k, s in zip((h, w), padding, conv.dilation, conv.kernel_size, conv.stride)
+    )
 
 
 def _first_tensor(out):
@@ -194,6 +216,7 @@ def _add_input(layer: nn.Module, x: torch.Tensor, st: ModuleStats) -> None:
         counts = torch.bincount(x.reshape(-1), minlength=layer.num_embeddings).double()
         st.counts = counts if st.counts is None else st.counts + counts
         st.examples += x.shape[0] if x.ndim > 1 else 1
+        st.add_sizes((x.numel(),) * 3)
         return
     if isinstance(layer, nn.Conv2d):
         x = x if x.ndim == 4 else x[None]
@@ -204,11 +227,14 @@ def _add_input(layer: nn.Module, x: torch.Tensor, st: ModuleStats) -> None:
             g = (chunk.T.to(dtype) @ chunk.to(dtype)).double()
             st.gram = g if st.gram is None else st.gram + g
         st.examples += x.shape[0]
+        (h, w), (ho, wo) = x.shape[-2:], conv_output_size(layer, *x.shape[-2:])
+        st.add_sizes((x.shape[0] * h * w, x.shape[0] * ho * wo, x.shape[0] * ho * w))
         return
     rows = x.reshape(-1, x.shape[-1]).double()
     g = rows.T @ rows
     st.gram = g if st.gram is None else st.gram + g
     st.examples += x.shape[0] if x.ndim > 1 else 1
+    st.add_sizes((rows.shape[0],) * 3)
 
 
 def _watch_grad(out: torch.Tensor, st: ModuleStats) -> None:

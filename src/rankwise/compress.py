@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._validate import fraction, int_at_least, number_in
-from .allocate import ALLOCATORS, allocate_ranks
+from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR, allocate_ranks
 from .blocks import BlockSource, InMemorySource
 from .calibrate import CalibStats, _bar
 from .formats.svd import SVD
@@ -34,7 +34,8 @@ class CompressConfig:
 
     keep : fraction in (0, 1] of the targeted layers' parameters kept (one global budget).
     method : "svd" (data-free), "asvd" (scale by mean|x|^asvd_alpha) or "whiten" (SVD-LLM).
-    allocate : rank allocator, see ``rankwise.allocate.ALLOCATORS`` ("uniform", "fisher").
+    allocate : rank allocator, a name in ``rankwise.allocate.ALLOCATORS`` (an alias is replaced by the
+        current name).
     include, exclude : regexes over qualified module names (default: linear layers of the block stack).
     calib_seqs, seq_len : calibration size used by callers that build ``calib`` from text.
     update : closed-form refit of each layer's up factor on the compressed model's own inputs.
@@ -47,7 +48,7 @@ class CompressConfig:
     version: int = CONFIG_VERSION
     keep: float = 0.8
     method: str = "whiten"
-    allocate: str = "fisher"
+    allocate: str = DEFAULT_ALLOCATOR
     include: str | None = None
     exclude: str | None = None
     calib_seqs: int = 32
@@ -65,7 +66,7 @@ class CompressConfig:
         fraction(self.keep, "keep")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHODS)}")
-        ALLOCATORS.get(self.allocate)
+        object.__setattr__(self, "allocate", ALLOCATORS.get(self.allocate).name)  # frozen: an alias -> its name
         for name in ("calib_seqs", "seq_len", "fisher_seqs", "min_rank", "seed"):
             v = getattr(self, name)
             low = 0 if name in ("fisher_seqs", "seed") else (2 if name == "seq_len" else 1)

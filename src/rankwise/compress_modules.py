@@ -8,7 +8,9 @@ weights, ``L`` the input whitening factor and ``s`` the mean output-gradient sec
 ``D W L``); for Tucker-2 and CP ``L`` whitens the input-channel mode by the channel covariance averaged over the
 kernel offsets (the patch metric without cross-offset correlations; exact for 1x1 kernels). One allocator
 (:func:`rankwise.allocate.allocate_options`) then picks the option of every layer minimising the summed
-prediction within ``keep`` of the targets' dense parameters.
+prediction within ``keep`` of the targets' dense parameters and, with ``keep_macs``, within that fraction of
+their dense MACs at the calibrated input sizes (:mod:`rankwise.macs`; for speed: parameters and time are not
+where each other are in a CNN, whose high-resolution layers hold few parameters and many MACs).
 
 References
 ----------
@@ -21,7 +23,6 @@ arXiv:1412.6553.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -34,14 +35,15 @@ from .calibrate_modules import ModuleStats, collect_module_stats
 from .formats.cp import CP, cp_als
 from .formats.svd import whitened_svd, whitening_factor
 from .formats.tucker import Tucker, tucker_hooi, tucker_hosvd
+from .layer_options import Option, format_options
 from .layers.conv import CPConv2d, SVDConv2d, TuckerConv2d
 from .layers.embedding import LowRankEmbedding
 from .layers.linear import LowRankLinear
+from .macs import allocate_budgets, conv_macs, matrix_macs
 from .targets import replace_module
 
 CONV_FORMATS = ("svd", "tucker", "cp")
 KINDS = {"conv2d": nn.Conv2d, "linear": nn.Linear, "embedding": nn.Embedding}
-_MAX_OPTIONS = 160  # per format and layer: enough resolution for the allocator, cheap for its greedy top-up
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class ModuleCompressConfig:
     """How :func:`compress_modules_` compresses; frozen, JSON-serializable with ``asdict``.
 
     keep : fraction in (0, 1] of the targets' dense parameters kept (one global budget).
+    keep_macs : None, or fraction in (0, 1] of the targets' dense MACs per calibration example kept (a second
+        budget, at the input sizes seen in calibration; ``keep=1`` leaves the MACs the only budget).
     format : conv format, "auto" (the allocator chooses among ``auto_formats``), "svd", "tucker" or "cp".
     auto_formats : formats "auto" compares (CP costs an ALS per candidate rank, so it is opt-in).
     method : "whiten" (data-aware) or "svd" (data-free; no calibration inputs needed).
@@ -62,6 +66,7 @@ class ModuleCompressConfig:
     """
 
     keep: float = 0.3
+    keep_macs: float | None = None
     format: str = "auto"
     auto_formats: tuple[str, ...] = ("svd", "tucker")
     method: str = "whiten"
@@ -79,6 +84,12 @@ class ModuleCompressConfig:
 
     def __post_init__(self):
         fraction(self.keep, "keep")
+        fraction(self.keep_macs, "keep_macs", none_ok=True)
+        if self.keep_macs is not None and self.method == "svd":
+            raise ValueError(
+                "keep_macs needs the layers' input sizes from calibration, which method='svd' (data-free) skips; "
+                "accepted: method='whiten' with keep_macs, or keep_macs=None"
+            )
         if self.format not in ("auto", *CONV_FORMATS):
             raise ValueError(f"format must be one of auto, {', '.join(CONV_FORMATS)}, got {self.format!r}")
         bad = [f for f in self.auto_formats if f not in CONV_FORMATS]
@@ -110,16 +121,6 @@ class ModuleCompressConfig:
         return self.auto_formats if self.format == "auto" else (self.format,)
 
 
-@dataclass
-class Option:
-    """One way to store a layer: ``format`` None is the dense layer."""
-
-    format: str | None
-    rank: int | tuple[int, ...] | None
-    params: int
-    loss: float
-
-
 def find_module_targets(model: nn.Module, config: ModuleCompressConfig) -> dict[str, nn.Module]:
     """Qualified name -> layer for every Conv2d (groups=1, >= min_in_channels inputs) / Linear / Embedding
     of the chosen kinds, in module order, filtered by ``include`` / ``exclude``."""
@@ -143,23 +144,10 @@ def find_module_targets(model: nn.Module, config: ModuleCompressConfig) -> dict[
     return targets
 
 
-def _pareto(options: list[Option]) -> list[Option]:
-    """The options no cheaper option beats, thinned to at most ``_MAX_OPTIONS`` spread over the parameters."""
-    front, best = [], math.inf
-    for opt in sorted(options, key=lambda o: (o.params, o.loss)):
-        if opt.loss < best:
-            front.append(opt)
-            best = opt.loss
-    if len(front) > _MAX_OPTIONS:
-        step = len(front) / _MAX_OPTIONS
-        front = [front[int(i * step)] for i in range(_MAX_OPTIONS)] + [front[-1]]
-    return front
-
-
 class _Metric:
     """The loss metric of one layer: output weights ``rows`` (D), input factor ``whitening`` (L), scale s."""
 
-    def __init__(self, stats: ModuleStats | None, config: ModuleCompressConfig, n_out: int):
+    def __init__(self, stats: ModuleStats | None, config: ModuleCompressConfig, n_out: int, whiten: bool = True):
         self.rows, self.scale, self.whitening = None, 1.0, None
         if stats is None:
             return
@@ -168,32 +156,41 @@ class _Metric:
             g = g.clamp_min(max(float(g.mean()), 1e-300) * 1e-4)
             self.scale = float(g.mean())
             self.rows = torch.sqrt(g / self.scale)
-        if stats.gram is not None:
+        if stats.gram is not None and whiten:  # the full patch whitening serves the SVD only
             self.whitening = whitening_factor(stats.gram, damping=config.damping)
+
+
+def _sizes(stats: ModuleStats | None) -> torch.Tensor | None:
+    return None if stats is None else stats.sizes
 
 
 def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleCompressConfig):
     W = conv.weight.detach().double()
     out, cin, kh, kw = W.shape
     bias = 0 if conv.bias is None else out
-    dense = W.numel() + bias
-    metric = _Metric(stats, config, out)
-    options, fits = [Option(None, None, dense, 0.0)], {}
+    dense_params = W.numel() + bias
+    sizes, priced = _sizes(stats), config.keep_macs is not None
+    metric = _Metric(stats, config, out, whiten="svd" in config.formats)
+    dense = Option(None, None, dense_params, 0.0, None if sizes is None else conv_macs(conv, sizes, None))
+    options, fits = [dense], {}
+
+    def macs(fmt, r0, r1=None):
+        return None if sizes is None else conv_macs(conv, sizes, fmt, r0.double(), None if r1 is None else r1.double())
+
     if "svd" in config.formats:
         f = whitened_svd(W.reshape(out, -1), whitening=metric.whitening, rows=metric.rows)
         fits["svd"] = f
-        tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
         rmax = min(out, cin * kh * kw)
-        svd_opts = [
-            Option(
-                "svd", r, r * (cin * kh * kw + out) + bias, metric.scale * (float(tail[r]) if r < len(tail) else 0.0)
-            )
-            for r in range(1, rmax + 1)
-        ]
-        options += _pareto([o for o in svd_opts if o.params < dense])
+        tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
+        tail = torch.cat([tail, tail.new_zeros(max(rmax + 1 - len(tail), 0))])
+        r = torch.arange(1, rmax + 1)
+        loss = metric.scale * tail[r]
+        options += format_options(
+            "svd", r[:, None], r * (cin * kh * kw + out) + bias, loss, macs("svd", r), dense, priced
+        )
     if "tucker" in config.formats or "cp" in config.formats:
         L_in = None
-        if metric.whitening is not None:
+        if stats is not None and stats.gram is not None:
             gram = stats.gram.reshape(cin, kh * kw, cin, kh * kw)
             # the mean of the per-offset channel covariances: ||(W - W') x_1 L_in^T||^2 is then the patch metric
             # with the cross-offset correlations dropped (exact for 1x1 kernels), in the same units as the SVD's
@@ -206,24 +203,22 @@ def _conv_candidates(conv: nn.Conv2d, stats: ModuleStats | None, config: ModuleC
         full = tucker_hosvd(Wp, (min(out, cin * kh * kw), min(cin, out * kh * kw)), modes=(0, 1))
         kept = torch.cumsum(torch.cumsum((full.core.double() ** 2).sum((2, 3)), 0), 1)
         r0s, r1s = torch.meshgrid(torch.arange(1, kept.shape[0] + 1), torch.arange(1, kept.shape[1] + 1), indexing="ij")
+        r0s, r1s = r0s.flatten(), r1s.flatten()
         params = out * r0s + r0s * r1s * kh * kw + r1s * cin + bias
-        loss = metric.scale * (energy - kept).clamp_min(0)
-        cand = [
-            Option("tucker", (int(a), int(b)), int(p), float(v))
-            for a, b, p, v in zip(r0s.flatten(), r1s.flatten(), params.flatten(), loss.flatten())
-            if p < dense
-        ]
-        options += _pareto(cand)
+        loss = metric.scale * (energy - kept.flatten()).clamp_min(0)
+        ranks = torch.stack([r0s, r1s], 1)
+        options += format_options("tucker", ranks, params, loss, macs("tucker", r0s, r1s), dense, priced)
     if "cp" in config.formats:
-        cp_opts = []
+        ranks, losses = [], []
         for frac in config.cp_fractions:
             rank = max(1, int(frac * W.numel() // (out + cin + kh + kw)))
             cp = cp_als(Wp, rank, n_iter_max=config.cp_iters, seed=config.seed)
             fits[("cp", rank)] = cp
-            cp_opts.append(
-                Option("cp", rank, rank * (out + cin + kh + kw) + bias, metric.scale * energy * cp.errors[-1] ** 2)
-            )
-        options += _pareto([o for o in cp_opts if o.params < dense])
+            ranks.append(rank)
+            losses.append(metric.scale * energy * cp.errors[-1] ** 2)
+        r = torch.tensor(ranks)
+        params = r * (out + cin + kh + kw) + bias
+        options += format_options("cp", r[:, None], params, torch.tensor(losses), macs("cp", r), dense, priced)
     return options, fits, metric
 
 
@@ -252,15 +247,20 @@ def _build_conv(conv: nn.Conv2d, opt: Option, fits: dict, metric: _Metric, confi
     return CPConv2d.from_factors(conv, CP(cp.weights, (a_out, a_in, *cp.factors[2:])))
 
 
-def _matrix_candidates(W: torch.Tensor, bias: int, metric: _Metric, scale_cols=None):
+def _matrix_candidates(layer: nn.Module, sizes, priced: bool, metric: _Metric, scale_cols=None):
+    W = layer.weight.detach().double()
     m, n = W.shape
+    bias = 0 if getattr(layer, "bias", None) is None else m
     f = whitened_svd(W, whitening=metric.whitening if scale_cols is None else None, scale=scale_cols, rows=metric.rows)
+    rmax = min(m, n)
     tail = torch.flip(torch.cumsum(torch.flip(f.spectrum.double() ** 2, [0]), 0), [0])
-    opts = [
-        Option("svd", r, r * (m + n) + bias, metric.scale * (float(tail[r]) if r < len(tail) else 0.0))
-        for r in range(1, min(m, n) + 1)
-    ]
-    return [Option(None, None, m * n + bias, 0.0)] + _pareto([o for o in opts if o.params < m * n + bias]), f
+    tail = torch.cat([tail, tail.new_zeros(max(rmax + 1 - len(tail), 0))])
+    r = torch.arange(1, rmax + 1)
+    dense = Option(None, None, m * n + bias, 0.0, None if sizes is None else matrix_macs(layer, sizes))
+    macs = None if sizes is None else matrix_macs(layer, sizes, r.double())
+    return [dense] + format_options(
+        "svd", r[:, None], r * (m + n) + bias, metric.scale * tail[r], macs, dense, priced
+    ), f
 
 
 def compress_modules_(
@@ -280,7 +280,8 @@ def compress_modules_(
     Returns
     -------
     One dict per target: name, kind, format (None: left dense), rank, params_before, params_after,
-    predicted_loss (in the units of the module docstring).
+    macs_before, macs_after (per calibration example; None without calibration), predicted_loss (in the
+    units of the module docstring).
     """
     if not isinstance(config, ModuleCompressConfig):
         raise ValueError(
@@ -309,6 +310,14 @@ def compress_modules_(
             batches=config.batches,
             seed=config.seed,
         )
+    if config.keep_macs is not None:
+        unsized = [n for n, st in stats.items() if st is None or st.sizes is None]
+        if unsized:
+            raise ValueError(
+                f"keep_macs needs the input size of every target from calibration; target {unsized[0]!r} has none "
+                "(statistics collected by an older rankwise?); accepted: stats from collect_module_stats, or inputs"
+            )
+    priced = config.keep_macs is not None
     all_options, builders = [], []
     for name, layer in targets.items():
         st = stats[name]
@@ -320,9 +329,7 @@ def compress_modules_(
                 )
             elif isinstance(layer, nn.Linear):
                 metric = _Metric(st, config, layer.out_features)
-                opts, f = _matrix_candidates(
-                    layer.weight.detach().double(), 0 if layer.bias is None else layer.out_features, metric
-                )
+                opts, f = _matrix_candidates(layer, _sizes(st), priced, metric)
                 builders.append(
                     lambda o, layer=layer, f=f: LowRankLinear.from_factors(
                         f.truncate(o.rank), layer.bias, dtype=layer.weight.dtype
@@ -337,11 +344,19 @@ def compress_modules_(
                     if config.fisher and st.grad_sq is not None:
                         g = st.grad_sq.double().clamp_min(max(float(st.grad_sq.mean()), 1e-300) * 1e-4)
                         cols, metric.scale = torch.sqrt(g / g.mean()), float(g.mean())
-                opts, f = _matrix_candidates(layer.weight.detach().double(), 0, metric, cols)
+                opts, f = _matrix_candidates(layer, _sizes(st), priced, metric, cols)
                 builders.append(lambda o, layer=layer, f=f: LowRankEmbedding.from_factors(layer, f.truncate(o.rank)))
         all_options.append(opts)
     budget = config.keep * sum(opts[0].params for opts in all_options)
-    chosen = allocate_options([[(o.params, o.loss) for o in opts] for opts in all_options], budget)
+    if priced:
+        mac_budget = config.keep_macs * sum(opts[0].macs for opts in all_options)
+        chosen = allocate_budgets(
+            *([[getattr(o, key) for o in opts] for opts in all_options] for key in ("params", "macs", "loss")),
+            budget,
+            mac_budget,
+        )
+    else:
+        chosen = allocate_options([[(o.params, o.loss) for o in opts] for opts in all_options], budget)
     report = []
     for (name, layer), opts, build, i in zip(targets.items(), all_options, builders, chosen):
         opt = opts[i]
@@ -361,6 +376,8 @@ def compress_modules_(
                 "rank": opt.rank,
                 "params_before": opts[0].params,
                 "params_after": params,
+                "macs_before": opts[0].macs,
+                "macs_after": opt.macs,
                 "predicted_loss": opt.loss,
             }
         )

@@ -32,11 +32,11 @@ def factorize(
     """Full-rank SVD of ``D W M`` (``W`` shape (m, n)) in the method's metric, returned as factors of ``W``.
 
     ``M`` is the identity ("svd"), ``diag(mean|x|^alpha)`` ("asvd") or the whitening factor of the
-    input covariance ("whiten"). With allocate "fisher", ``D = diag(sqrt(E[g^2]))`` weights each output
-    row by its loss gradient (both sides whitened), so that truncating the SVD minimises the
-    Kronecker-factored Fisher estimate of the loss increase ``sum_j E[g_j^2] ||((W - W_r) M)_j||^2``;
-    otherwise ``D = I``. Truncate later with ``SVD.truncate``. ``cache`` (a dict kept across calls)
-    holds one whitening factor per shared input (q/k/v, gate/up).
+    input covariance ("whiten"). With an allocator that needs loss gradients ("loss-aware"),
+    ``D = diag(sqrt(E[g^2]))`` weights each output row by its loss gradient (both sides whitened), so
+    that truncating the SVD minimises the Kronecker-factored Fisher estimate of the loss increase
+    ``sum_j E[g_j^2] ||((W - W_r) M)_j||^2``; otherwise ``D = I``. Truncate later with ``SVD.truncate``.
+    ``cache`` (a dict kept across calls) holds one whitening factor per shared input (q/k/v, gate/up).
 
     References
     ----------
@@ -64,7 +64,7 @@ def output_weights(stats: CalibStats | None, name: str) -> tuple[torch.Tensor, f
     so that no output row is weighted (and later divided) by zero."""
     g = stats.out_grad_sq.get(name) if stats is not None else None
     if g is None:
-        raise ValueError(f"allocate='fisher' needs loss gradients for {name}, but calibration gave none")
+        raise ValueError(f"the loss-aware metric needs loss gradients for {name}, but calibration gave none")
     g = g.to(torch.float64)
     mean = max(float(g.mean()), 1e-300)
     g = g.clamp_min(mean * 1e-4)
@@ -73,8 +73,9 @@ def output_weights(stats: CalibStats | None, name: str) -> tuple[torch.Tensor, f
 
 
 def layer_cost(layer: nn.Module, f: SVD, stats: CalibStats | None, name: str, loss_weighted: bool) -> LayerCost:
-    """Per-triplet loss increase ``S_i^2`` in the factorization's metric; for "fisher" scaled by the
-    mean output-gradient second moment, so that it estimates the loss change (comparable across layers)."""
+    """Per-triplet loss increase ``S_i^2`` in the factorization's metric; with ``loss_weighted`` (an allocator
+    that needs loss gradients) scaled by the mean output-gradient second moment, so that it estimates the
+    loss change (comparable across layers)."""
     m, n = layer_shape(layer)
     bias = getattr(layer, "bias", None)
     gains = f.spectrum.double() ** 2

@@ -117,7 +117,7 @@ def layer_candidates(
     from .compress import CompressConfig
     from .metric import factorize
 
-    method = CompressConfig(allocate="fisher" if stats.out_grad_sq else "uniform")
+    method = CompressConfig(allocate="loss-aware" if stats.out_grad_sq else "uniform")
     built: dict[str, list[Candidate]] = {}
     for name in _bar(names, progress, "quantize candidates"):
         layer = model.get_submodule(name)

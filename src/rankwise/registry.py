@@ -29,24 +29,32 @@ class Registry:
     def __init__(self, kind: str):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._aliases: dict[str, str] = {}
 
-    def register(self, name: str, *, paper: str = "", **meta: Any) -> Callable[[Callable], Callable]:
+    def register(
+        self, name: str, *, paper: str = "", aliases: tuple[str, ...] = (), **meta: Any
+    ) -> Callable[[Callable], Callable]:
+        """``aliases``: older names that keep resolving to this entry (saved configs, scripts), never listed."""
+
         def decorate(fn: Callable) -> Callable:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            for key in (name, *aliases):
+                if key in self:
+                    raise ValueError(f"{self.kind} {key!r} is registered twice")
             self._entries[name] = Entry(name, fn, paper, dict(meta))
+            self._aliases.update(dict.fromkeys(aliases, name))
             return fn
 
         return decorate
 
     def get(self, name: str) -> Entry:
+        """The entry registered as ``name`` or under one of its aliases (``Entry.name`` is the current name)."""
         try:
-            return self._entries[name]
-        except KeyError:
+            return self._entries[self._aliases.get(name, name)]
+        except (KeyError, TypeError):
             raise ValueError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._aliases

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .allocate import ALLOCATORS
 from .io.atomic import atomic_output_files
 from .io.checkpoint import REPORT_FILE
 
@@ -120,7 +121,12 @@ def _metric(config: dict) -> str:
     metric = {"svd": "plain", "asvd": "activation-scaled (ASVD)", "whiten": "whitened (SVD-LLM)"}.get(
         config.get("method"), str(config.get("method"))
     )
-    return metric + (", Fisher-weighted rows" if config.get("allocate") == "fisher" else "") + " weight"
+    return metric + (", Fisher-weighted rows" if _loss_weighted(config.get("allocate")) else "") + " weight"
+
+
+def _loss_weighted(allocate: object) -> bool:
+    """Whether the allocator named in a saved config (current name or alias) weighted rows by loss gradients."""
+    return allocate in ALLOCATORS and bool(ALLOCATORS.get(allocate).meta.get("loss_gradients", False))
 
 
 def _kept(point: dict, total: int) -> float:

@@ -20,7 +20,7 @@ from .io.atomic import atomic_output_dir
 from .io.checkpoint import REPORT_FILE, card_text, source_name
 from .io.lazy import ShardedWriter
 from .io.sidecar import copy_model_files, write_model_card
-from .io.stream import CheckpointSource, persistent_tensors
+from .io.stream import CheckpointSource, persistent_tensors, release_module
 from .pipeline import swap_in
 from .targets import find_targets
 from .workdir import WorkDir, check_free_disk, fingerprint, model_fingerprint
@@ -37,27 +37,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but torch sees no CUDA device; use --device cpu or auto")
     return dev
-
-
-def return_freed_memory() -> None:
-    """Make glibc give freed tensor memory back to the OS instead of keeping it in the heap (no-op elsewhere).
-
-    glibc serves an allocation above ``M_MMAP_THRESHOLD`` with its own ``mmap`` (returned on free), but
-    raises that threshold to the size of every such block freed, up to 32 MiB: after the first freed
-    weight, block-sized tensors come from the heap, whose freed space is rarely returned, and peak RSS
-    grows with each block processed (1.16x the float32 bytes of a block per added block, measured by
-    ``benchmarks/scale.py``; 0.05x with a fixed threshold). A fixed 1 MiB threshold keeps every
-    tensor of a block in its own mapping. Process-wide: it applies to what the process allocates after.
-    """
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
-    except (OSError, AttributeError, TypeError):  # not glibc: macOS, Windows, musl
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    mallopt(m_mmap_threshold, 1 << 20)
-    mallopt(m_trim_threshold, 1 << 20)
 
 
 def peak_rss_mib() -> float:
@@ -111,7 +90,6 @@ class StreamedRun:
         if not isinstance(config, CompressConfig):
             raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
         _check_calib(calib, config.needs_data, config)
-        return_freed_memory()
         self.config, self.calib, self.progress = config, calib, progress
         dev = resolve_device(device)
         self.hf_dir = model_dir(model, progress=progress)
@@ -150,7 +128,10 @@ class StreamedRun:
 
         def write_block(i: int, factors) -> None:
             prefix = f"{source.stack_name}.{i}."
+            dense = [source.model.get_submodule(name) for name, f in factors.items() if f is not None]
             swap_in(source.model, factors, lambda name: torch.float32)
+            for layer in dense:  # swapped out, but the run's target list still holds them: free their weights
+                release_module(layer)
             for name, t in persistent_tensors(source.stack[i]).items():
                 full = prefix + name
                 layer = full.rsplit(".", 2)[0]  # <layer>.down.weight / <layer>.up.bias

@@ -326,16 +326,62 @@ def check_tolerance(value: object, name: str = "eps") -> float:
     return float(value)
 
 
-def per_mode_ranks(rank: RankSpec, name: str, max_ranks: Sequence[int]) -> tuple[int, ...]:
-    """Expand an int or tuple rank into one int per mode, each within its bound (no clamping)."""
+def resolve_ranks(
+    rank: RankSpec | None,
+    max_ranks: Sequence[int],
+    num_params: Callable[[tuple[int, ...]], float],
+    dense: int,
+    *,
+    clamp: bool = True,
+    spread: Callable[[int], tuple[int, ...]] | None = None,
+    entries: str | None = None,
+) -> tuple[int, ...]:
+    """The formats' one rank resolver: a rank spec and the largest rank of every mode (bond, node) ->
+    one validated int rank per mode.
+
+    One rule for every format (TensorLy's ``validate_<fmt>_rank`` vocabulary):
+
+    - ``None``: every mode at its largest rank.
+    - an int ``R`` (never a bool) is a rank, in [1, max(max_ranks)], given to every mode: clamped to
+      what each mode allows with ``clamp`` (TT, HT: the bonds near the ends cannot reach R), or required
+      to fit every mode without (Tucker: ``R`` must be at most every mode's maximum).
+    - a float is a fraction of the ``dense`` parameter count, in (0, 1] (``2.0`` is a bad fraction, not a
+      rank): the largest common ``R`` whose per-mode ranks ``spread(R)`` (default: ``R`` clamped per mode)
+      store at most that many parameters by ``num_params``; ``R = 1`` when even that exceeds it.
+    - a tuple or list: one int per mode, each within its maximum, no clamping (``entries`` describes
+      the expected length in the error, default "N entries (one per mode)").
+
+    Errors are one line naming ``rank``, what was given and what is accepted.
+    """
     n = len(max_ranks)
+    top = max(max_ranks)
+
+    def clamped(R: int) -> tuple[int, ...]:
+        return tuple(min(R, m) for m in max_ranks)
+
+    if rank is None:
+        return tuple(max_ranks)
+    if isinstance(rank, float):
+        spread = spread or clamped
+        keep = check_fraction(rank, "rank")
+        return spread(largest_within_budget(keep * dense, lambda R: num_params(spread(R)), top))
+    if is_int(rank):
+        if clamp:
+            return clamped(check_int_rank(rank, "rank", top))
+        return tuple(check_int_rank(rank, "rank", m) for m in max_ranks)
     if isinstance(rank, (list, tuple)):
         if len(rank) != n:
-            raise ValueError(f"{name} must have {n} entries (one per mode), got {len(rank)}: {tuple(rank)!r}")
-        return tuple(check_int_rank(r, f"{name}[{i}]", m) for i, (r, m) in enumerate(zip(rank, max_ranks)))
-    if is_int(rank):
-        return tuple(check_int_rank(rank, name, m) for m in max_ranks)
-    raise ValueError(f"{name} must be an int, a tuple of {n} ints or a float in (0, 1], got {rank!r}")
+            expected = entries or f"{n} entries (one per mode)"
+            raise ValueError(f"rank must have {expected}, got {len(rank)}: {tuple(rank)!r}")
+        return tuple(check_int_rank(r, f"rank[{i}]", m) for i, (r, m) in enumerate(zip(rank, max_ranks)))
+    raise ValueError(f"rank must be an int, a tuple of {n} ints, a float in (0, 1] or None, got {rank!r}")
+
+
+def resolve_rank(rank: int | float | None, max_rank: int, num_params: Callable[[int], float], dense: int) -> int:
+    """:func:`resolve_ranks` for a format with a single rank (SVD, CP, Kronecker): no tuple accepted."""
+    if not (rank is None or isinstance(rank, float) or is_int(rank)):
+        check_int_rank(rank, "rank", max_rank)  # raises: "rank must be an int in [1, max_rank], got ..."
+    return resolve_ranks(rank, (max_rank,), lambda r: num_params(r[0]), dense)[0]
 
 
 def largest_within_budget(budget: float, num_params: Callable[[int], int], max_value: int) -> int:

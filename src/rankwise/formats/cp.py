@@ -12,13 +12,11 @@ import torch
 from .._validate import int_at_least, is_int, non_negative
 from ._ops import (
     Tensor,
-    check_fraction,
-    check_int_rank,
     check_tensor,
     compute_dtype,
-    largest_within_budget,
     leading_left_singular_vectors,
     matmul,
+    resolve_rank,
 )
 from .protocol import FORMATS
 
@@ -64,16 +62,17 @@ class CP:
 
 
 def cp_rank(shape: Sequence[int], rank: int | float) -> int:
-    """Resolve an int rank, or a float fraction of ``prod(shape)`` parameters, for a CP of ``shape``.
+    """Resolve an int rank, or a float fraction of ``prod(shape)`` parameters, for a CP of ``shape``
+    (:func:`~rankwise.formats._ops.resolve_rank`).
 
     The rank of any tensor is at most the product of all its sizes but the largest, so that is the
-    largest rank accepted.
+    largest rank accepted. None is not: CP has no rank that is exact for every tensor it can reach.
     """
-    max_rank = math.prod(shape) // max(shape)
-    if isinstance(rank, float):
-        keep = check_fraction(rank, "rank")
-        return largest_within_budget(keep * math.prod(shape), lambda r: r * (1 + sum(shape)), max_rank)
-    return check_int_rank(rank, "rank", max_rank)
+    total = math.prod(shape)
+    max_rank = total // max(shape)
+    if rank is None:
+        raise ValueError(f"rank must be an int in [1, {max_rank}] or a float in (0, 1] (CP has no full rank), got None")
+    return resolve_rank(rank, max_rank, lambda r: r * (1 + sum(shape)), total)
 
 
 def _init_factors(majors: Sequence[Tensor], rank: int, init: str, seed: int) -> list[Tensor]:

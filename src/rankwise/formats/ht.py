@@ -9,17 +9,14 @@ from typing import ClassVar
 
 import torch
 
-from .._validate import is_int
 from ._ops import (
     RankSpec,
     Tensor,
-    check_fraction,
-    check_int_rank,
     check_tensor,
     check_tolerance,
     compute_dtype,
     fold,
-    largest_within_budget,
+    resolve_ranks,
     unfold,
 )
 from .protocol import FORMATS
@@ -134,22 +131,9 @@ def ht_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
     """
     tree = dimension_tree(len(shape))
     bounds = _node_bounds(shape, tree)
-    clamp = lambda R: tuple(min(R, b) for b in bounds)  # noqa: E731
-    top = max(bounds[1:])
-    if rank is None:
-        return bounds
-    if isinstance(rank, float):
-        keep = check_fraction(rank, "rank")
-        return clamp(largest_within_budget(keep * math.prod(shape), lambda R: ht_num_params(shape, clamp(R)), top))
-    if is_int(rank):
-        return clamp(check_int_rank(rank, "rank", top))
+    entries = f"2d-1 = {len(tree)} entries (one per tree node, root first)"
+    ranks = resolve_ranks(rank, bounds, lambda r: ht_num_params(shape, r), math.prod(shape), entries=entries)
     if isinstance(rank, (list, tuple)):
-        if len(rank) != len(tree):
-            raise ValueError(
-                f"rank must have 2d-1 = {len(tree)} entries (one per tree node, root first), "
-                f"got {len(rank)}: {tuple(rank)!r}"
-            )
-        ranks = tuple(check_int_rank(r, f"rank[{i}]", b) for i, (r, b) in enumerate(zip(rank, bounds)))
         for i, (_, kids) in enumerate(tree):
             if kids and ranks[i] > ranks[kids[0]] * ranks[kids[1]]:
                 raise ValueError(
@@ -160,8 +144,7 @@ def ht_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
         a, b = tree[0][1]
         if ranks[a] != ranks[b]:
             raise ValueError(f"rank[{a}]={ranks[a]} and rank[{b}]={ranks[b]} (the root's children) must be equal")
-        return ranks
-    raise ValueError(f"rank must be an int, a tuple of {len(tree)} ints, a float in (0, 1] or None, got {rank!r}")
+    return ranks
 
 
 def _post_order(tree, index: int = 0) -> list[int]:

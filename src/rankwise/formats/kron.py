@@ -11,13 +11,12 @@ import torch
 from .._validate import is_int
 from ._ops import (
     Tensor,
-    check_fraction,
     check_int_rank,
     check_tensor,
     check_tolerance,
     compute_dtype,
-    largest_within_budget,
     rank_for_tolerance,
+    resolve_rank,
 )
 from .protocol import FORMATS
 
@@ -114,14 +113,7 @@ def kron_decompose(
             f"accepted: shapes with a_shape[0]*b_shape[0] = {W.shape[0]} and "
             f"a_shape[1]*b_shape[1] = {W.shape[1]} (W's shape)"
         )
-    full = min(m1 * n1, m2 * n2)
-    if rank is None:
-        r = full
-    elif isinstance(rank, float):
-        keep = check_fraction(rank, "rank")
-        r = largest_within_budget(keep * W.numel(), lambda k: k * (m1 * n1 + m2 * n2), full)
-    else:
-        r = check_int_rank(rank, "rank", full)
+    r = resolve_rank(rank, min(m1 * n1, m2 * n2), lambda k: k * (m1 * n1 + m2 * n2), W.numel())
     R = W.to(compute_dtype(W)).reshape(m1, m2, n1, n2).permute(0, 2, 1, 3).reshape(m1 * n1, m2 * n2)
     U, S, Vh = torch.linalg.svd(R, full_matrices=False)
     if eps is not None:

@@ -10,14 +10,13 @@ import torch
 from .._validate import int_at_least
 from ._ops import (
     Tensor,
-    check_fraction,
     check_int_rank,
     check_tensor,
     check_tolerance,
     compute_dtype,
-    largest_within_budget,
     leading_svd,
     rank_for_tolerance,
+    resolve_rank,
 )
 from .protocol import FORMATS
 
@@ -84,17 +83,14 @@ class SVD:
         )
 
 
-def svd_rank(shape: tuple[int, int], rank: int | float) -> int:
-    """Resolve an int rank, or a float fraction of ``m*n`` parameters, into an int rank for ``shape``.
+def svd_rank(shape: tuple[int, int], rank: int | float | None) -> int:
+    """Resolve an int rank, a float fraction of ``m*n`` parameters, or None (full rank) into an int rank
+    for ``shape`` (:func:`~rankwise.formats._ops.resolve_rank`).
 
     The fraction counts what :attr:`SVD.num_params` counts, ``r (m + n + 1)`` (U, S and Vh). A layer
     folds S into a factor and stores ``r (m + n)``: the layer allocators count that instead."""
     m, n = shape
-    full = min(m, n)
-    if isinstance(rank, float):
-        keep = check_fraction(rank, "rank")
-        return largest_within_budget(keep * m * n, lambda r: r * (m + n + 1), full)
-    return check_int_rank(rank, "rank", full)
+    return resolve_rank(rank, min(m, n), lambda r: r * (m + n + 1), m * n)
 
 
 def _check_matrix(W: Tensor) -> None:
@@ -138,7 +134,7 @@ def truncated_svd(W: Tensor, rank: int | float | None = None, *, eps: float | No
     (:data:`~rankwise.formats._ops.GRAM_FLOOR`) :func:`~rankwise.formats._ops.leading_svd` takes a full SVD.
     """
     _check_matrix(W)
-    r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
+    r = svd_rank(tuple(W.shape), rank)
     A = W.to(compute_dtype(W))
     if eps is None and rank is not None and 3 * r <= min(A.shape):  # the Gram route's speed range
         U, S, Vh = leading_svd(A, r)
@@ -238,7 +234,7 @@ def whitened_svd(
             "scale= (shape (n,)) or whitening= (shape (n, n)), not both"
         )
     m, n = W.shape
-    r = min(W.shape) if rank is None else svd_rank(tuple(W.shape), rank)
+    r = svd_rank(tuple(W.shape), rank)
     # float64: the whitening factor can be ill-conditioned and its inverse multiplies the error back.
     A = W.detach().to(torch.float64)
     if rows is not None:

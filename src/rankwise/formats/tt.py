@@ -9,17 +9,15 @@ from typing import ClassVar
 
 import torch
 
-from .._validate import is_int, positive_ints
+from .._validate import positive_ints
 from ._ops import (
     RankSpec,
     Tensor,
-    check_fraction,
-    check_int_rank,
     check_tensor,
     check_tolerance,
     compute_dtype,
-    largest_within_budget,
     leading_svd,
+    resolve_ranks,
     short_side_basis,
 )
 from .protocol import FORMATS
@@ -155,22 +153,9 @@ def tt_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
     (R = 1 when even that exceeds the budget).
     """
     bounds = bond_bounds(shape)
-    if rank is None:
-        return bounds
-    clamp = lambda R: tuple(min(R, b) for b in bounds)  # noqa: E731
-    if isinstance(rank, float):
-        keep = check_fraction(rank, "rank")
-        R = largest_within_budget(keep * math.prod(shape), lambda R: tt_num_params(shape, clamp(R)), max(bounds))
-        return clamp(R)
-    if is_int(rank):
-        return clamp(check_int_rank(rank, "rank", max(bounds)))
+    entries = f"d-1 = {len(bounds)} bond ranks for shape {tuple(shape)}"
+    ranks = resolve_ranks(rank, bounds, lambda r: tt_num_params(shape, r), math.prod(shape), entries=entries)
     if isinstance(rank, (list, tuple)):
-        if len(rank) != len(bounds):
-            raise ValueError(
-                f"rank must have d-1 = {len(bounds)} bond ranks for shape {tuple(shape)}, "
-                f"got {len(rank)}: {tuple(rank)!r}"
-            )
-        ranks = tuple(check_int_rank(r, f"rank[{k}]", b) for k, (r, b) in enumerate(zip(rank, bounds)))
         full = (1, *ranks, 1)
         for k in range(1, len(full) - 1):
             lo, hi = full[k - 1] * shape[k - 1], shape[k] * full[k + 1]
@@ -180,8 +165,7 @@ def tt_ranks(shape: Sequence[int], rank: RankSpec | None) -> tuple[int, ...]:
                     f"rank[{k - 1}] <= min(r_prev * n_{k}, n_{k + 1} * r_next) = min({lo}, {hi}) "
                     f"in rank={tuple(rank)!r}"
                 )
-        return ranks
-    raise ValueError(f"rank must be an int, a tuple of {len(bounds)} ints, a float in (0, 1] or None, got {rank!r}")
+    return ranks
 
 
 def tt_svd(x: Tensor, rank: RankSpec | None = None, *, eps: float | None = None) -> TT:

@@ -11,13 +11,11 @@ from .._validate import int_at_least, is_int, non_negative
 from ._ops import (
     RankSpec,
     Tensor,
-    check_fraction,
     check_tensor,
     compute_dtype,
-    largest_within_budget,
     leading_left_singular_vectors,
     multi_mode_dot,
-    per_mode_ranks,
+    resolve_ranks,
     unfold,
 )
 from .protocol import FORMATS
@@ -61,11 +59,12 @@ class Tucker:
     def truncate(self, rank: RankSpec) -> Tucker:
         """The leading ``rank`` columns of every factor and the matching block of the core.
 
-        ``rank`` is an int (every decomposed mode) or one int per decomposed mode, at most the current
-        ranks. The factors being orthonormal, the discarded part is orthogonal to the kept one and
+        ``rank`` as in :func:`tucker_ranks` with the current ranks as the maxima: an int (every decomposed
+        mode), one int per decomposed mode, or a fraction of the dense parameter count. The factors
+        being orthonormal, the discarded part is orthogonal to the kept one and
         ``||to_dense() - truncate(r).to_dense()||_F^2 = ||core||_F^2 - ||kept block||_F^2`` exactly.
         """
-        ranks = per_mode_ranks(rank, "rank", self.ranks)
+        ranks = tucker_ranks(self.shape, rank, self.modes, self.ranks)
         index = [slice(None)] * self.core.ndim
         for r, mode in zip(ranks, self.modes):
             index[mode] = slice(0, r)
@@ -92,25 +91,28 @@ def tucker_num_params(shape: Sequence[int], ranks: Sequence[int], modes: Sequenc
     return math.prod(core) + sum(shape[m] * r for m, r in zip(modes, ranks))
 
 
-def tucker_ranks(shape: Sequence[int], rank: RankSpec, modes: Sequence[int]) -> tuple[int, ...]:
-    """Resolve ``rank`` into one rank per decomposed mode.
+def tucker_ranks(
+    shape: Sequence[int], rank: RankSpec | None, modes: Sequence[int], max_ranks: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """Resolve ``rank`` into one rank per decomposed mode (:func:`~rankwise.formats._ops.resolve_ranks`).
 
-    The rank of mode ``n`` is at most ``min(shape[n], prod of the other sizes)``. A float ``f`` in (0, 1]
-    gives the largest ranks with the same ratio ``rank_n / max_rank_n`` for every mode (rounded, at least
-    1) whose parameter count stays within ``f * prod(shape)``; 1 per mode if even that exceeds it.
+    The rank of mode ``n`` is at most ``min(shape[n], prod of the other sizes)`` (or ``max_ranks``, one
+    per decomposed mode, e.g. the current ranks when truncating). None: those maxima. An int must fit
+    every mode (no clamping). A float ``f`` in (0, 1] gives the largest ranks with the same ratio
+    ``rank_n / max_rank_n`` for every mode (rounded, at least 1) whose parameter count stays within
+    ``f * prod(shape)``; 1 per mode if even that exceeds it.
     """
     total = math.prod(shape)
-    max_ranks = [min(shape[m], total // shape[m]) for m in modes]
-    if isinstance(rank, float):
-        keep = check_fraction(rank, "rank")
-        top = max(max_ranks)
+    if max_ranks is None:
+        max_ranks = [min(shape[m], total // shape[m]) for m in modes]
+    top = max(max_ranks)
 
-        def uniform(k: int) -> tuple[int, ...]:
-            return tuple(max(1, min(m, round(k * m / top))) for m in max_ranks)
+    def proportional(k: int) -> tuple[int, ...]:
+        return tuple(max(1, min(m, round(k * m / top))) for m in max_ranks)
 
-        k = largest_within_budget(keep * total, lambda k: tucker_num_params(shape, uniform(k), modes), top)
-        return uniform(k)
-    return per_mode_ranks(rank, "rank", max_ranks)
+    return resolve_ranks(
+        rank, max_ranks, lambda r: tucker_num_params(shape, r, modes), total, clamp=False, spread=proportional
+    )
 
 
 def _prepare(x: Tensor, rank: RankSpec, modes: Sequence[int] | None) -> tuple[Tensor, tuple[int, ...], tuple[int, ...]]:

@@ -8,7 +8,7 @@ before the weights are read, the quantizer swaps each listed ``nn.Linear`` (or t
 rank, so the stored ``down.weight`` / ``up.weight`` / ``up.bias`` tensors load as they are: no
 conversion, no ``trust_remote_code``. Other factorized layer types (Tucker/CP/SVD convolutions, TT and
 Kronecker linears, low-rank and TT embeddings) are listed under an optional ``"modules": {name: spec}``
-and rebuilt empty with ``LAYERS.get(spec["layer"]).fn.empty(old, spec)``. Importing this module
+and rebuilt empty with ``rankwise.layers.registry.empty_layer(old, spec)``. Importing this module
 registers both classes (once).
 """
 
@@ -26,7 +26,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._validate import is_int
 from ..layers.linear import LowRankLinear, is_conv1d
-from ..layers.registry import LAYERS
+from ..layers.registry import LAYERS, empty_layer
 from ..targets import replace_module
 
 QUANT_METHOD = "rankwise"
@@ -74,14 +74,18 @@ class RankwiseConfig(QuantizationConfigMixin):
             self.modules = {name: dict(spec) for name, spec in modules.items()}
 
 
-def _resolve(model: nn.Module, name: str) -> str | None:
-    """``name`` as it is called in ``model``, allowing for a base model saved inside a task model or vice versa."""
+def _resolve(model: nn.Module, name: str) -> str:
+    """``name`` as it is called in ``model``, allowing for a base model saved inside a task model or vice versa;
+    ``ValueError`` when the model has no such module."""
     modules = dict(model.named_modules())
     prefix = getattr(model, "base_model_prefix", "")
     candidates = [name]
     if prefix:
         candidates += [name.removeprefix(prefix + "."), f"{prefix}.{name}"]
-    return next((c for c in candidates if c in modules), None)
+    found = next((c for c in candidates if c in modules), None)
+    if found is None:
+        raise ValueError(f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have")
+    return found
 
 
 def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
@@ -93,10 +97,6 @@ def replace_with_low_rank(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
     """
     for name, rank in ranks.items():
         resolved = _resolve(model, name)
-        if resolved is None:
-            raise ValueError(
-                f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have"
-            )
         old = model.get_submodule(resolved)
         if isinstance(old, nn.Linear):
             n_in, n_out = old.in_features, old.out_features
@@ -123,14 +123,10 @@ def replace_with_factorized(model: nn.Module, modules: dict[str, dict]) -> nn.Mo
     """Swap each module named in ``modules`` for an empty factorized layer of its spec, in place."""
     for name, spec in modules.items():
         resolved = _resolve(model, name)
-        if resolved is None:
-            raise ValueError(
-                f"rankwise checkpoint lists module {name!r}, which this {type(model).__name__} does not have"
-            )
         old = model.get_submodule(resolved)
         if callable(getattr(old, "spec", None)) and old.spec() == spec:
             continue
-        new = LAYERS.get(spec["layer"]).fn.empty(old, spec)
+        new = empty_layer(old, spec)
         replace_module(model, resolved, new)
         # Every tensor of the new layer is stored; the parent is left to its _init_weights, which may set up
         # non-persistent buffers (BERT's position_ids) that loading does not restore.

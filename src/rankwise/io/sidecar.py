@@ -159,7 +159,7 @@ def write_model_card(
     ----------
     out_dir : an existing model directory (its sidecars already copied).
     base_model : the model the directory was made from (a Hub id or a path).
-    method : what rankwise did, e.g. ``"compress: whiten + fisher allocation"`` or ``"merge: ties"``.
+    method : what rankwise did, e.g. ``"compress: whiten + loss-aware allocation"`` or ``"merge: ties"``.
     budget : the budget in words, e.g. ``"keep 0.8 of the block linears' parameters"``.
     quality : ``{measure: value}`` measured on this directory (perplexity, KL divergence to the base, ...),
         or ``None`` when not measured; the card then says how to measure it.

@@ -135,12 +135,6 @@ class _FactorizedConv2d(nn.Module):
         ranks = ", ".join(f"{k}={v}" for k, v in self._rank_spec().items())
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, {ranks}"
 
-    @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> nn.Module:
-        """An uninitialized layer of ``spec`` on ``old``'s device and dtype (meta included)."""
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
-
 
 @LAYERS.register("tucker_conv2d", paper="https://arxiv.org/abs/1511.06530")
 class TuckerConv2d(_FactorizedConv2d):
@@ -212,7 +206,7 @@ def tucker_conv_ranks(conv: nn.Conv2d, rank) -> tuple[int, int]:
     shape = tuple(conv.weight.shape)
     out, cin, kh, kw = shape
     try:
-        return tucker_ranks(shape, (min(out, cin * kh * kw), min(cin, out * kh * kw)) if rank is None else rank, (0, 1))
+        return tucker_ranks(shape, rank, (0, 1))
     except ValueError as exc:
         raise ValueError(f"tucker_conv2d {out}x{cin}x{kh}x{kw}: {exc}") from None
 
@@ -378,7 +372,7 @@ def _group_matrices(conv: nn.Conv2d, rank) -> list[tuple[torch.Tensor, int]]:
     mats = list(W.reshape(g, W.shape[0] // g, -1))
     shape = tuple(mats[0].shape)
     try:
-        r = min(shape) if rank is None else svd_rank(shape, rank)
+        r = svd_rank(shape, rank)
     except ValueError as exc:
         raise ValueError(f"svd_conv2d {'x'.join(map(str, W.shape))} (groups={g}): {exc}") from None
     return [(m, r) for m in mats]

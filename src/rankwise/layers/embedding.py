@@ -60,11 +60,6 @@ class LowRankEmbedding(nn.Module):
         }
 
     @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> LowRankEmbedding:
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
-
-    @classmethod
     def from_factors(cls, emb: nn.Embedding, svd: SVD) -> LowRankEmbedding:
         """Build from ``E ≈ U diag(S) Vh``, sqrt(S) on both sides."""
         dt, dev = emb.weight.dtype, emb.weight.device
@@ -88,7 +83,7 @@ class LowRankEmbedding(nn.Module):
         _check_embedding(emb, "lowrank_embedding")
         E = emb.weight.detach().to(torch.float64)
         try:
-            r = min(E.shape) if rank is None else svd_rank(tuple(E.shape), rank)
+            r = svd_rank(tuple(E.shape), rank)
             svd = truncated_svd(E, r) if row_weights is None else whitened_svd(E, r, rows=row_weights)
         except ValueError as exc:
             raise ValueError(f"lowrank_embedding {E.shape[0]}x{E.shape[1]}: {exc}") from None
@@ -155,11 +150,6 @@ class TTEmbedding(nn.Module):
             "ranks": list(self.ranks),
             "padding_idx": self.padding_idx,
         }
-
-    @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> TTEmbedding:
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
 
     @classmethod
     def from_factors(cls, emb: nn.Embedding, ttm: TTMatrix) -> TTEmbedding:

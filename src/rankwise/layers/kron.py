@@ -69,11 +69,6 @@ class KronLinear(nn.Module):
         }
 
     @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> KronLinear:
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
-
-    @classmethod
     def from_factors(cls, kron: Kronecker, bias: torch.Tensor | None = None, dtype=None) -> KronLinear:
         dtype = dtype or kron.A.dtype
         out, cin = kron.shape

@@ -79,11 +79,6 @@ class QuantLinear(nn.Module):
         }
 
     @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> QuantLinear:
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
-
-    @classmethod
     def from_quantized(
         cls, q: QuantizedMatrix, bias: torch.Tensor | None = None, correction=None, dtype: torch.dtype = torch.float32
     ) -> QuantLinear:
@@ -176,11 +171,6 @@ class QuantLowRankLinear(nn.Module):
             "symmetric": self.down.symmetric,
             "bias": self.up.bias is not None,
         }
-
-    @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> QuantLowRankLinear:
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
 
     @classmethod
     def from_layers(cls, down: QuantLinear, up: QuantLinear) -> QuantLowRankLinear:

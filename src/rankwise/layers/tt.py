@@ -108,11 +108,6 @@ class TTLinear(nn.Module):
         }
 
     @classmethod
-    def empty(cls, old: nn.Module, spec: dict) -> TTLinear:
-        ref = next(iter(old.parameters()))
-        return cls(spec, device=ref.device, dtype=ref.dtype)
-
-    @classmethod
     def from_factors(cls, ttm: TTMatrix, bias: torch.Tensor | None = None, dtype=None) -> TTLinear:
         dtype = dtype or ttm.cores[0].dtype
         out, cin = ttm.shape
