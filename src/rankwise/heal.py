@@ -67,7 +67,7 @@ class HealConfig:
 
     steps: int | None = None
     batch_size: int = 1
-    lr: float = 1e-4  # SmolLM2, keep 0.8, 16 steps: 3e-4 and 1e-3 made it worse (BENCHMARKS.md)
+    lr: float = 1e-4  # SmolLM2 keep 0.6, 128 x 512 tokens: beat 2e-4 on held-out healing text (BENCHMARKS.md)
     warmup: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
