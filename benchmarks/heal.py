@@ -7,6 +7,7 @@ calibration as ``benchmarks/llm.py`` (default 8 x 512 tokens of ``builtin_text("
 defaults); healing reads ``builtin_text("calib")`` too; evaluation reads the disjoint ``builtin_text("eval")``.
 
     python benchmarks/heal.py --keeps 0.8 0.6 0.4 --tokens 61440 --seq-len 512
+    python benchmarks/heal.py --keeps 0.6 --tokens 57344 --held-out 8 --steps 128 --lr 1e-4 --eval-tokens 2048
     python benchmarks/heal.py --keeps 0.6 --steps 24 --lr 1e-4 3e-4 1e-3     # a short learning-rate sweep
     python benchmarks/heal.py --tiny          # free vs orthonormal factors on tiny random Llamas (seconds)
     python benchmarks/heal.py --keeps 0.6 --step-cost 4 --threads 1      # CPU time of a step, chunks vs whole
