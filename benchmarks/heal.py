@@ -7,8 +7,10 @@ calibration as ``benchmarks/llm.py`` (default 8 x 512 tokens of ``builtin_text("
 defaults); healing reads ``builtin_text("calib")`` too; evaluation reads the disjoint ``builtin_text("eval")``.
 
     python benchmarks/heal.py --keeps 0.8 0.6 0.4 --tokens 61440 --seq-len 512
+    python benchmarks/heal.py --keeps 0.6 --tokens 57344 --held-out 8 --steps 128 --lr 1e-4 --eval-tokens 2048
     python benchmarks/heal.py --keeps 0.6 --steps 24 --lr 1e-4 3e-4 1e-3     # a short learning-rate sweep
     python benchmarks/heal.py --tiny          # free vs orthonormal factors on tiny random Llamas (seconds)
+    python benchmarks/heal.py --keeps 0.6 --step-cost 4 --threads 1      # CPU time of a step, chunks vs whole
 """
 
 from __future__ import annotations
@@ -98,11 +100,45 @@ def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
         print(f"lr {lr:.0e}: " + "  ".join(f"{k} {sum(v) / seeds:.3f}" for k, v in ratios.items()))
 
 
+def step_cost(path: Path, dense, ids: torch.Tensor, steps: int) -> None:
+    """CPU (user + sys) and wall seconds per heal step of the model at ``path``, with the output layer and the KL
+    by chunks and with the whole logits, one after the other in this process (the same ``steps`` sequences)."""
+    import resource
+
+    import rankwise.heal
+
+    split = rankwise.heal.split_head
+    for variant in ("by chunks", "whole logits"):
+        rankwise.heal.split_head = split if variant == "by chunks" else (lambda model, ids: None)
+        model = rankwise.load(path)
+        r0, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        heal_(model, dense, ids[:steps], HealConfig(steps=steps, checkpointing=False), progress=False)
+        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall
+        user, system = ((getattr(r1, k) - getattr(r0, k)) / steps for k in ("ru_utime", "ru_stime"))
+        cpu = f"user {user:.2f} + sys {system:.2f} = {user + system:.2f} s CPU/step"
+        print(f"{variant}: {cpu}, wall {wall / steps:.2f} s/step", flush=True)
+    rankwise.heal.split_head = split
+
+
+def gap_closed(before, after) -> float:
+    """The fraction of the compressed model's perplexity gap to dense that healing closed (nan without text)."""
+    if not before:
+        return float("nan")
+    return (before.perplexity - after.perplexity) / (before.perplexity - before.ref_perplexity)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.4])
     p.add_argument("--calib-seqs", type=int, default=8, help="compression calibration sequences of 512 tokens")
     p.add_argument("--tokens", type=int, default=61440, help="healing tokens (distinct), cut into --seq-len sequences")
+    p.add_argument(
+        "--held-out",
+        type=int,
+        default=0,
+        help="healing sequences after --tokens kept out of training: "
+        "the gap closed on them chooses the learning rate without reading the evaluation text",
+    )
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, help="optimizer steps (default: one pass over the healing tokens)")
@@ -114,6 +150,12 @@ def main(argv=None):
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/rankwise-heal-bench", help="where the compressed models are kept")
+    p.add_argument(
+        "--step-cost",
+        type=int,
+        metavar="STEPS",
+        help="only time STEPS heal steps of the first keep, output layer by chunks vs whole logits",
+    )
     p.add_argument("--tiny", action="store_true", help="only the free vs orthonormal comparison on tiny Llamas")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -122,22 +164,26 @@ def main(argv=None):
     dense, tokenizer, _ = load_model("smollm2", progress=False)
     dense.float()
     paths = compressed_models(args, tokenizer, lambda: load_model("smollm2", progress=False)[0].float())
-    heal_ids = token_sequences(
-        tokenizer, builtin_text("calib"), args.seq_len, args.tokens // args.seq_len, what="healing"
-    )
+    n_train = args.tokens // args.seq_len
+    heal_ids = token_sequences(tokenizer, builtin_text("calib"), args.seq_len, n_train + args.held_out, what="healing")
+    heal_ids, held_ids = heal_ids[:n_train], heal_ids[n_train:]
     eval_ids = token_sequences(tokenizer, builtin_text("eval"), 512, args.eval_tokens // 512, what="evaluation")
     print(
-        f"healing text {heal_ids.shape[0]} x {heal_ids.shape[1]} tokens (calib split); evaluation "
-        f"{eval_ids.shape[0]} x {eval_ids.shape[1]} tokens (eval split); torch threads {args.threads}"
+        f"healing text {heal_ids.shape[0]} x {heal_ids.shape[1]} tokens (calib split), {held_ids.shape[0]} more "
+        f"held out of training; evaluation {eval_ids.shape[0]} x {eval_ids.shape[1]} tokens (eval split); "
+        f"torch threads {args.threads}"
     )
     head = (
         f"{'keep':>4} {'lr':>7} {'orth':>4} {'top-k':>5} {'norms':>5} {'steps':>5} {'ppl dense':>9} "
         f"{'ppl comp':>9} {'ppl healed':>10} {'gap closed':>10} {'KL comp':>8} {'KL healed':>9} {'top1 comp':>9} "
-        f"{'top1 heal':>9} {'heal s':>7}"
+        f"{'top1 heal':>9} {'heal s':>7} {'heal cpu s':>10} {'held-out gap closed':>19}"
     )
+    if args.step_cost:
+        return step_cost(paths[args.keeps[0]], dense, heal_ids, args.step_cost)
     rows = []
     for keep, path in paths.items():
         before = next_token_agreement(rankwise.load(path), dense, eval_ids, progress=False)
+        held = args.held_out and next_token_agreement(rankwise.load(path), dense, held_ids, progress=False)
         for lr in args.lr:
             for orth in args.orthogonal:
                 for k in args.top_k:
@@ -151,14 +197,18 @@ def main(argv=None):
                         top_k=k,
                         checkpointing=args.checkpointing,
                     )
+                    cpu = time.process_time()
                     report = heal_(model, dense, heal_ids, config, progress=False)
+                    cpu = time.process_time() - cpu
                     after = next_token_agreement(model, dense, eval_ids, progress=False)
-                    closed = (before.perplexity - after.perplexity) / (before.perplexity - before.ref_perplexity)
+                    closed = gap_closed(before, after)
+                    held_closed = gap_closed(held, next_token_agreement(model, dense, held_ids, progress=False))
                     rows.append(
                         f"{keep:>4} {lr:>7.0e} {orth:>4} {k:>5} {int(args.train_norms):>5} "
                         f"{len(report.losses):>5} {before.ref_perplexity:>9.3f} {before.perplexity:>9.3f} "
                         f"{after.perplexity:>10.3f} {closed:>10.3f} {before.kl:>8.4f} {after.kl:>9.4f} "
-                        f"{before.top1:>9.4f} {after.top1:>9.4f} {report.seconds:>7.1f}"
+                        f"{before.top1:>9.4f} {after.top1:>9.4f} {report.seconds:>7.1f} {cpu:>10.1f} "
+                        f"{held_closed:>19.3f}"
                     )
                     print(rows[-1], flush=True)
     print(head)

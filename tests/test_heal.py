@@ -9,12 +9,22 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import rankwise
+import rankwise.heal
 from rankwise.cli import main
 from rankwise.eval import next_token_agreement
-from rankwise.heal import HealConfig, heal_, kl_full, kl_top_k, lr_factor, teacher_top_k
+from rankwise.heal import (
+    HealConfig,
+    backward_in_chunks,
+    heal_,
+    kl_full,
+    kl_top_k,
+    lr_factor,
+    split_head,
+    teacher_top_k,
+)
 from rankwise.heal_checkpoint import heal_checkpoint
 from rankwise.heal_orthogonal import OrthonormalLowRank, orthonormal_factors
 from rankwise.layers import LowRankLinear
@@ -91,6 +101,55 @@ def test_gradient_checkpointing_gives_the_same_factors():
         s = copy.deepcopy(student)
         heal_(s, teacher, ids, HealConfig(steps=4, lr=1e-2, checkpointing=checkpointing), progress=False)
         states.append(s.state_dict())
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6, rtol=0) for k in states[0])
+
+
+def test_backward_in_chunks_gives_the_whole_loss_and_its_gradients():
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 50)
+    x, teacher = torch.randn(3, 7, 6), torch.randn(21, 50) * 3  # the KL is computed in float32
+    whole = kl_full(head(body(x)), teacher.view(3, 7, 50))
+    whole.backward()
+    expected = [p.grad.clone() for p in (*body.parameters(), *head.parameters())]
+    body.zero_grad(), head.zero_grad()
+    loss = backward_in_chunks(body(x), head, lambda z, rows: kl_full(z, teacher[rows], reduction="sum"), chunk=4)
+    assert float(loss) == pytest.approx(float(whole), rel=1e-6)
+    got = [p.grad for p in (*body.parameters(), *head.parameters())]
+    assert all(torch.allclose(g, e, rtol=1e-5, atol=1e-8) for g, e in zip(got, expected))
+
+
+class ScaledLogits(LlamaForCausalLM):
+    """A Llama whose logits are scaled after the output layer (as Cohere's logit_scale does)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+
+def test_split_head_only_where_the_logits_are_the_output_layer_of_the_last_hidden_state():
+    teacher, _ = teacher_and_student()
+    ids = token_ids(1, 16)
+    body, head = split_head(teacher, ids)
+    assert body is teacher.model and head is teacher.lm_head
+    scaled = ScaledLogits(teacher.config).eval()
+    scaled.load_state_dict(teacher.state_dict())
+    assert split_head(scaled, ids) is None
+
+
+@pytest.mark.parametrize("top_k", [0, 16])
+def test_output_layer_by_chunks_heals_as_the_whole_logits(monkeypatch, top_k):
+    teacher, student = teacher_and_student()
+    ids = token_ids(3, 160)  # 160 positions: one whole chunk of 128 and a partial one
+    config = HealConfig(steps=3, lr=1e-2, top_k=top_k)
+    states, losses = [], []
+    for chunks in (True, False):
+        if not chunks:
+            monkeypatch.setattr(rankwise.heal, "split_head", lambda model, ids: None)
+        s = copy.deepcopy(student)
+        losses.append(heal_(s, teacher, ids, config, progress=False).losses)
+        states.append(s.state_dict())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6, rtol=0) for k in states[0])
 
 
