@@ -90,7 +90,7 @@ def tiny_llama(seed: int = 0, **overrides):
     return tiny_model("llama", seed, **{"tie_word_embeddings": True, **overrides})
 
 
-def small_llama(seed: int = 0, dtype: torch.dtype = torch.float64):
+def small_llama(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides):
     """The Llama of the compression and calibration tests: vocabulary 96, hidden 64, 4 heads / 2 KV heads."""
     return tiny_model(
         "llama",
@@ -101,6 +101,7 @@ def small_llama(seed: int = 0, dtype: torch.dtype = torch.float64):
         intermediate_size=112,
         num_attention_heads=4,
         num_key_value_heads=2,
+        **overrides,
     )
 
 

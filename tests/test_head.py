@@ -14,7 +14,7 @@ from rankwise.layers.embedding import LowRankEmbedding, TiedLowRankHead
 from rankwise.layers.linear import LowRankLinear
 from rankwise.metric import output_weights
 
-from _tiny_models import tiny_bert, tiny_model
+from _tiny_models import small_llama, tiny_bert
 
 CALIB = torch.randint(0, 96, (8, 24), generator=torch.Generator().manual_seed(5))
 CONFIG = CompressConfig(keep=0.3, fisher_seqs=8, min_rank=2, include_head=True)
@@ -23,17 +23,7 @@ CONFIG = CompressConfig(keep=0.3, fisher_seqs=8, min_rank=2, include_head=True)
 def llama(tied: bool = True, dtype=torch.float32):
     """Vocabulary 96, hidden 64: the head (96x64) is a sizeable part of the budget, as in SmolLM2; its table
     is of rank 12 plus noise (a random table's flat spectrum would always stay dense)."""
-    model = tiny_model(
-        "llama",
-        0,
-        dtype=dtype,
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=112,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    model = small_llama(0, dtype, tie_word_embeddings=tied)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for table in {id(t): t for t in (model.model.embed_tokens.weight, model.lm_head.weight)}.values():
