@@ -11,6 +11,7 @@ defaults); healing reads ``builtin_text("calib")`` too; evaluation reads the dis
     python benchmarks/heal.py --keeps 0.6 --steps 24 --lr 1e-4 3e-4 1e-3     # a short learning-rate sweep
     python benchmarks/heal.py --tiny          # free vs orthonormal factors on tiny random Llamas (seconds)
     python benchmarks/heal.py --keeps 0.6 --step-cost 4 --threads 1      # CPU time of a step, chunks vs whole
+    python benchmarks/heal.py --keeps 0.6 --step-cost 2 --orthogonal 0 1 --seq-len 128 --threads 1  # orth. vs free
 """
 
 from __future__ import annotations
@@ -100,23 +101,28 @@ def tiny_comparison(steps: int = 60, seeds: int = 3) -> None:
         print(f"lr {lr:.0e}: " + "  ".join(f"{k} {sum(v) / seeds:.3f}" for k, v in ratios.items()))
 
 
-def step_cost(path: Path, dense, ids: torch.Tensor, steps: int) -> None:
-    """CPU (user + sys) and wall seconds per heal step of the model at ``path``, with the output layer and the KL
-    by chunks and with the whole logits, one after the other in this process (the same ``steps`` sequences)."""
+def step_cost(path: Path, dense, ids: torch.Tensor, steps: int, orthogonal: list[int]) -> None:
+    """CPU (user + sys) and wall seconds per heal step of the model at ``path`` (setup included: loading excluded,
+    the orthonormal factors' SVDs included), free and/or orthonormal factors (``orthogonal``), each with the output
+    layer and the KL by chunks and with the whole logits, one after the other in this process (the same ``steps``
+    sequences)."""
     import resource
 
     import rankwise.heal
 
     split = rankwise.heal.split_head
-    for variant in ("by chunks", "whole logits"):
-        rankwise.heal.split_head = split if variant == "by chunks" else (lambda model, ids: None)
-        model = rankwise.load(path)
-        r0, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-        heal_(model, dense, ids[:steps], HealConfig(steps=steps, checkpointing=False), progress=False)
-        r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall
-        user, system = ((getattr(r1, k) - getattr(r0, k)) / steps for k in ("ru_utime", "ru_stime"))
-        cpu = f"user {user:.2f} + sys {system:.2f} = {user + system:.2f} s CPU/step"
-        print(f"{variant}: {cpu}, wall {wall / steps:.2f} s/step", flush=True)
+    for orth in orthogonal:
+        for variant in ("by chunks", "whole logits"):
+            rankwise.heal.split_head = split if variant == "by chunks" else (lambda model, ids: None)
+            model = rankwise.load(path)
+            r0, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            config = HealConfig(steps=steps, orthogonal=bool(orth), checkpointing=False)
+            heal_(model, dense, ids[:steps], config, progress=False)
+            r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall
+            user, system = ((getattr(r1, k) - getattr(r0, k)) / steps for k in ("ru_utime", "ru_stime"))
+            cpu = f"user {user:.2f} + sys {system:.2f} = {user + system:.2f} s CPU/step"
+            factors = "orthonormal" if orth else "free"
+            print(f"{factors} factors, {variant}: {cpu}, wall {wall / steps:.2f} s/step", flush=True)
     rankwise.heal.split_head = split
 
 
@@ -154,7 +160,8 @@ def main(argv=None):
         "--step-cost",
         type=int,
         metavar="STEPS",
-        help="only time STEPS heal steps of the first keep, output layer by chunks vs whole logits",
+        help="only time STEPS heal steps of the first keep, output layer by chunks vs whole logits "
+        "(free and/or orthonormal factors: --orthogonal)",
     )
     p.add_argument("--tiny", action="store_true", help="only the free vs orthonormal comparison on tiny Llamas")
     args = p.parse_args(argv)
@@ -179,7 +186,7 @@ def main(argv=None):
         f"{'top1 heal':>9} {'heal s':>7} {'heal cpu s':>10} {'held-out gap closed':>19}"
     )
     if args.step_cost:
-        return step_cost(paths[args.keeps[0]], dense, heal_ids, args.step_cost)
+        return step_cost(paths[args.keeps[0]], dense, heal_ids, args.step_cost, args.orthogonal)
     rows = []
     for keep, path in paths.items():
         before = next_token_agreement(rankwise.load(path), dense, eval_ids, progress=False)

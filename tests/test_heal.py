@@ -26,7 +26,7 @@ from rankwise.heal import (
     teacher_top_k,
 )
 from rankwise.heal_checkpoint import heal_checkpoint
-from rankwise.heal_orthogonal import OrthonormalLowRank, orthonormal_factors
+from rankwise.heal_orthogonal import OrthonormalLowRank, orthonormal_factors, qr_retraction, tangent_projection
 from rankwise.layers import LowRankLinear
 
 from _tiny_models import factorize_some, save_model_dir, tiny_llama, token_ids, tree_digest
@@ -159,18 +159,59 @@ def test_orthonormal_factors_keep_the_layer_and_stay_orthonormal():
     x = torch.randn(5, 24)
     wrapper = OrthonormalLowRank(layer)
     torch.testing.assert_close(wrapper(x), layer(x), atol=1e-6, rtol=0)
-    opt = torch.optim.SGD(wrapper.parameters(), lr=0.1)
+    opt = torch.optim.AdamW(wrapper.parameters(), lr=0.05)
+    eye = torch.eye(6)
     for _ in range(5):
         opt.zero_grad()
         (wrapper(x) ** 2).sum().backward()
+        # the hooks left the Euclidean gradients' tangent projections (to float32 rounding of the Euclidean ones)
+        u, vh, s = (t.detach().clone().requires_grad_() for t in (wrapper.u.weight, wrapper.vh.weight, wrapper.s))
+        ((x @ vh.T * s) @ u.T + wrapper.bias.detach()).pow(2).sum().backward()
+        for w, g, euclid in ((u, wrapper.u.weight.grad, u.grad), (vh.T, wrapper.vh.weight.grad.T, vh.grad.T)):
+            tangent = tangent_projection(w.detach().double(), euclid.double())
+            torch.testing.assert_close(g.double(), tangent, atol=1e-6 * float(euclid.norm()), rtol=0)
         opt.step()
-    eye = torch.eye(6)
-    torch.testing.assert_close(wrapper.u.weight.T @ wrapper.u.weight, eye, atol=1e-5, rtol=0)
-    torch.testing.assert_close(wrapper.vh.weight @ wrapper.vh.weight.T, eye, atol=1e-5, rtol=0)
+        assert (wrapper.u.weight.T @ wrapper.u.weight - eye).abs().max() > 1e-3  # the step left the manifold
+        wrapper.retract_()
+        torch.testing.assert_close(wrapper.u.weight.T @ wrapper.u.weight, eye, atol=1e-6, rtol=0)
+        torch.testing.assert_close(wrapper.vh.weight @ wrapper.vh.weight.T, eye, atol=1e-6, rtol=0)
     with torch.no_grad():
         y = wrapper(x)
         wrapper.fold_into(layer)
         torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=0)
+
+
+def test_qr_retraction_is_the_q_with_a_positive_diagonal_and_fixes_orthonormal_matrices():
+    torch.manual_seed(0)
+    x = torch.randn(9, 4, dtype=torch.float64)
+    q = qr_retraction(x)
+    r = q.T @ x  # x = q r with r upper triangular, positive diagonal
+    torch.testing.assert_close(q @ r, x, atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.tril(r, -1), torch.zeros(4, 4, dtype=torch.float64), atol=1e-12, rtol=0)
+    assert (torch.diagonal(r) > 0).all()
+    torch.testing.assert_close(qr_retraction(q), q, atol=1e-12, rtol=0)
+    g = torch.randn(9, 4, dtype=torch.float64)
+    xi = tangent_projection(q, g)
+    torch.testing.assert_close(q.T @ xi + xi.T @ q, torch.zeros(4, 4, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(tangent_projection(q, xi), xi, atol=1e-12, rtol=0)  # a projection
+
+
+def test_orthonormal_heal_folds_back_orthogonal_factors():
+    """After an orthonormal heal each layer is U |s|^1/2 sign(s) times |s|^1/2 Vh: ``up``'s columns and ``down``'s
+    rows are orthogonal, with squared norms |s| on both sides."""
+    teacher, student = teacher_and_student()
+    heal_(
+        student, teacher, token_ids(8, 32), HealConfig(steps=8, batch_size=2, lr=1e-2, orthogonal=True), progress=False
+    )
+    layers = [m for m in student.modules() if isinstance(m, LowRankLinear)]
+    assert len(layers) == 14
+    for m in layers:
+        gu, gd = (w.double().T @ w.double() for w in (m.up.weight, m.down.weight.T))
+        norms = torch.diagonal(gu)
+        torch.testing.assert_close(torch.diagonal(gd), norms, atol=0, rtol=1e-6)
+        scale = torch.outer(norms, norms).sqrt()
+        torch.testing.assert_close(gu / scale, torch.eye(len(norms), dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(gd / scale, torch.eye(len(norms), dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_orthonormal_context_restores_the_layers_after_an_error():

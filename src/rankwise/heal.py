@@ -41,7 +41,7 @@ from torch import nn
 
 from ._validate import is_int, is_number
 from .calibrate import _bar
-from .heal_orthogonal import OrthonormalLowRank, orthonormal_factors
+from .heal_orthogonal import OrthonormalLowRank, orthonormal_factors, retract_
 from .layers.linear import LowRankLinear
 
 
@@ -368,6 +368,8 @@ def heal_(
                     loss = _backward_by_chunks(parts, batch, top, rows)
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 opt.step()
+                if config.orthogonal:
+                    retract_(student)
                 sched.step()
                 report.losses.append(float(loss.detach()))
                 report.tokens += batch.numel()
