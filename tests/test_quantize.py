@@ -12,7 +12,7 @@ from rankwise.quant import hessian_error, quantize_with_correction
 from rankwise.quantize import QuantizeConfig, layer_weight, module_bytes, quantize_, quantize_factors
 from rankwise.targets import find_targets
 
-from _tiny_models import factorize_some, tiny_llama, token_ids
+from _tiny_models import factorize_some, tiny_bert, tiny_llama, token_ids
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +182,23 @@ def test_budget_spends_within_budget_and_more_bytes_lose_less(calibrated):
     assert losses[0] > losses[1] > losses[2]
     kinds = {c.kind for cands in built.values() for c in cands}
     assert kinds == {"quant", "quant+lr", "lowrank+quant"}
+
+
+def test_budget_candidates_of_biased_layers_keep_the_model_dtype():
+    """Every candidate of a float32 BERT's biased linears (the low-rank ones included) stores float32 biases and runs
+    on float32 inputs, giving its dense equivalent's output."""
+    from rankwise.quant_budget import layer_candidates
+
+    model = tiny_bert()
+    names = list(find_targets(model))
+    stats = collect_stats(model, find_targets(model), token_ids(4, 32), fisher_seqs=2, progress=False)
+    built = layer_candidates(model, names, stats, progress=False)
+    x = torch.randn(3, model.config.hidden_size)
+    for name in names[:2]:
+        assert {c.kind for c in built[name]} == {"quant", "quant+lr", "lowrank+quant"}
+        for c in built[name]:
+            biases = [t for n, t in c.layer.named_parameters() if n.endswith("bias")]
+            assert [b.dtype for b in biases] == [torch.float32]
+            torch.testing.assert_close(
+                c.layer(x).double(), x.double() @ c.layer.dense_weight().T + biases[0].double(), atol=1e-5, rtol=0
+            )

@@ -18,8 +18,8 @@ most causal LMs; checked once, :func:`split_head`), the output layers and the KL
 step unchanged within the noise (BENCHMARKS.md); other models use the whole logits.
 
 ``orthogonal=True`` trains every ``LowRankLinear`` as ``U diag(s) Vh`` with ``U`` and ``Vh`` kept
-orthonormal by torch's orthogonal parametrization and ``s`` free, folded back into ``up``/``down``
-afterwards (:mod:`rankwise.heal_orthogonal`).
+orthonormal by Riemannian steps (gradients projected onto the tangent space, a QR retraction after each
+optimizer step) and ``s`` free, folded back into ``up``/``down`` afterwards (:mod:`rankwise.heal_orthogonal`).
 
 References
 ----------

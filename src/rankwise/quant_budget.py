@@ -134,7 +134,8 @@ def layer_candidates(
             for keep in lowrank_keeps:
                 r = max(1, int(keep * m * n / (m + n)))
                 if r < min(m, n):
-                    low = LowRankLinear.from_factors(f.truncate(r), getattr(layer, "bias", None), dtype=W.dtype)
+                    bias = getattr(layer, "bias", None)  # in the layer's dtype, as every candidate stores it
+                    low = LowRankLinear.from_factors(f.truncate(r), bias, dtype=dense_weight(layer).dtype)
                     made.append((FACTOR_CONFIG, r, quantize_factors(low, cov, FACTOR_CONFIG)))
         built[name] = []
         for config, rank, new in made:
