@@ -185,10 +185,12 @@ def main() -> None:
                 mix[key] = mix.get(key, 0) + 1
             print("    layers by choice: " + ", ".join(f"{k} x{v}" for k, v in sorted(mix.items())))
         del model
-    for t in TARGETS:
+    for name, ours in results.items():  # every budget row run (the targets', and e.g. budget-3.25 at a baseline's bpw)
+        if not name.startswith("budget-"):
+            continue
+        t = float(name.split("-")[1])
         base = {n: v for n, v in results.items() if n.split("-")[0] in ("rtn", "gptq") and t - 0.5 < v[0] <= t + 0.25}
-        ours = results.get(f"budget-{t}")
-        if not base or ours is None:
+        if not base:
             continue
         best = min(base, key=lambda n: base[n][1])
         gap = base[best][1]

@@ -60,13 +60,15 @@ def test_loss_falls_and_held_out_kl_drops(orthogonal):
     teacher, student = teacher_and_student()
     held_out = token_ids(4, 32, seed=5)
     before = next_token_agreement(student, teacher, held_out, progress=False).kl
-    config = HealConfig(steps=30, batch_size=2, lr=1e-2, orthogonal=orthogonal)
+    # lr 3e-3: at 1e-2 the orthonormal factors (entries ~ 1/sqrt(n), moved ~lr per AdamW step) overfit these 16
+    # random sequences: training loss 0.76 of its start, held-out KL 1.009 of its start
+    config = HealConfig(steps=30, batch_size=2, lr=3e-3, orthogonal=orthogonal)
     report = heal_(student, teacher, token_ids(16, 32), config, progress=False)
     after = next_token_agreement(student, teacher, held_out, progress=False).kl
     assert len(report.losses) == 30 and report.tokens == 30 * 2 * 32
     first, last = sum(report.losses[:5]) / 5, sum(report.losses[-5:]) / 5
-    assert last < 0.85 * first  # measured 0.76 (free) and 0.81 (orthonormal)
-    assert after < 0.99 * before  # measured 0.935 and 0.985 on random held-out tokens
+    assert last < 0.85 * first  # measured 0.805 (free) and 0.787 (orthonormal)
+    assert after < 0.99 * before  # measured 0.931 and 0.933 on random held-out tokens
     assert not student.training and all(not p.requires_grad for p in student.parameters())
     assert all(isinstance(m, LowRankLinear) for n, m in student.named_modules() if n.endswith("_proj"))
 
