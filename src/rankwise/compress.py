@@ -335,7 +335,7 @@ def plan_compression(
         if name in targets:
             raise ValueError(f"include_head: {name!r} is also matched by include=; drop it from include= or exclude it")
         check_finite_weights({name: layer})
-        head = (name, layer, embedding is not None)
+        head = (name, layer, embedding)
     pipe = Pipeline(
         source,
         targets,
