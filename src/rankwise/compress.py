@@ -1,7 +1,13 @@
-"""compress_(model, config, calib): walk -> calibrate block by block -> factorize -> allocate -> swap, in place."""
+"""compress_(model, config, calib): the one entry point, its handler chosen by the config's type.
+
+``CompressConfig``: a transformers model's block stack, walk -> calibrate block by block -> factorize ->
+allocate -> swap, in place (this module). ``ModuleCompressConfig``: the Conv2d / Linear / Embedding layers of
+any nn.Module (:mod:`rankwise.compress_modules`).
+"""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import tempfile
@@ -16,6 +22,7 @@ from ._validate import fraction, int_at_least, number_in
 from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR, allocate_ranks
 from .blocks import BlockSource, InMemorySource
 from .calibrate import CalibStats, _bar
+from .compress_modules import ModuleCompressConfig, compress_module_tree_
 from .formats.svd import SVD
 from .head import find_head, swap_head
 from .layers.linear import dense_weight
@@ -222,6 +229,43 @@ class CompressReport:
 
 def compress_(
     model: nn.Module,
+    config: CompressConfig | ModuleCompressConfig,
+    calib=None,
+    *,
+    stats=None,
+    progress: bool = True,
+) -> CompressReport | list[dict]:
+    """Compress ``model`` in place as ``config`` says; the handler is chosen by the config's type.
+
+    Parameters
+    ----------
+    model : nn.Module.
+    config : :class:`CompressConfig` (a transformers model, compressed block by block: see
+        :func:`compress_blocks_`) or :class:`rankwise.compress_modules.ModuleCompressConfig` (the Conv2d /
+        Linear / Embedding layers of any nn.Module: see :func:`rankwise.compress_modules.compress_module_tree_`).
+    calib : the model's own calibration inputs: token ids for a ``CompressConfig``; for a
+        ``ModuleCompressConfig`` a tensor of examples (images, token ids) or a callable ``run(model, i)``.
+    stats : statistics collected once on this dense model, to compress at several budgets (the handler's).
+    progress : show progress bars.
+
+    Returns
+    -------
+    The handler's report: a :class:`CompressReport` (``CompressConfig``) or one dict per target layer
+    (``ModuleCompressConfig``).
+
+    Raises
+    ------
+    TypeError for a config of another type (the accepted config classes are named).
+    """
+    handler = HANDLERS.get(type(config))
+    if handler is None:
+        accepted = " or ".join(f"rankwise.{cls.__name__}" for cls in HANDLERS)
+        raise TypeError(f"config must be a {accepted}, got {type(config).__name__}")
+    return handler(model, config, calib, stats=stats, progress=progress)
+
+
+def compress_blocks_(
+    model: nn.Module,
     config: CompressConfig,
     calib: torch.Tensor | None = None,
     *,
@@ -255,8 +299,7 @@ def compress_(
     X. Wang et al., "SVD-LLM: Truncation-aware SVD for LLM compression", arXiv:2403.07378.
     Z. Yuan et al., "ASVD: Activation-aware SVD for compressing LLMs", arXiv:2312.05821.
     """
-    if not isinstance(config, CompressConfig):
-        raise ValueError(f"config must be a rankwise.CompressConfig, got {type(config).__name__}")
+    stack = _block_model_stack(model, calib)
     _check_calib(calib, config.needs_data and (stats is None or config.update or config.sequential), config)
     targets = find_targets(model, config.include, config.exclude)
     check_finite_weights(targets)
@@ -269,12 +312,6 @@ def compress_(
                 f"stats has no statistics for layer {missing[0]} ({len(missing)} missing); "
                 "collect them on this model's targets"
             )
-    stack = block_stack(model)
-    if stack is None:
-        raise ValueError(
-            f"{type(model).__name__} has no block stack (an nn.ModuleList of identical blocks) "
-            "to compress block by block"
-        )
     param = next(model.parameters())
     source = InMemorySource(model, stack[0], param.device)  # computed where the model is
     dtypes = {n: dense_weight(m).dtype for n, m in targets.items()}
@@ -313,6 +350,9 @@ def compress_(
             replace_module(model, name, layer)
         report.timings["update"] = time.perf_counter() - t0
     return report
+
+
+HANDLERS = {CompressConfig: compress_blocks_, ModuleCompressConfig: compress_module_tree_}  # config type -> handler
 
 
 def plan_compression(
@@ -461,6 +501,24 @@ def layer_report(curve, rank: int | None, error: float | None = None) -> LayerRe
         loss,
         [float(f"{v:.5g}") for v in spectrum.tolist()],
     )
+
+
+def _block_model_stack(model: nn.Module, calib) -> tuple[str, nn.ModuleList]:
+    """The block stack of a model that ``CompressConfig`` can compress (and, when calibration data will run
+    through it, whose forward takes ``input_ids``); ``ValueError`` pointing at ``ModuleCompressConfig`` otherwise."""
+    any_module = "for the Conv2d / Linear / Embedding layers of any nn.Module use rankwise.ModuleCompressConfig"
+    stack = block_stack(model)
+    if stack is None:
+        raise ValueError(
+            f"{type(model).__name__} has no block stack (an nn.ModuleList of identical blocks) to compress block by "
+            f"block; {any_module}"
+        )
+    params = inspect.signature(model.forward).parameters
+    if calib is not None and "input_ids" not in params and all(p.kind != p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no input_ids (CompressConfig calibrates on token ids); {any_module}"
+        )
+    return stack
 
 
 def _check_calib(calib, needs_data: bool, config: CompressConfig) -> None:
