@@ -158,3 +158,20 @@ def test_bad_include_head_inputs_are_named_and_leave_the_model_untouched():
     with pytest.raises(ValueError, match=r"^the LM head's statistics come from the loss-head pass: pass calib"):
         compress_(model, CONFIG, CALIB, stats=stats, progress=False)
     assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_reports_name_a_tied_table_by_both_of_its_uses(tmp_path, tied):
+    from rankwise.io.checkpoint import REPORT_FILE
+    from rankwise.report import load_run
+
+    report = compress_(llama(tied), CONFIG, CALIB, progress=False)
+    row = head_row(report)
+    label = "model.embed_tokens + lm_head (tied)" if tied else "lm_head"
+    assert row.tied == ("model.embed_tokens" if tied else None) and row.label == label
+    assert "lm_head" in report.ranks and "model.embed_tokens" not in report.ranks  # module names, the table once
+    rows = [line for line in report.summary().splitlines() if "96x64" in line]
+    assert len(rows) == 1 and rows[0].startswith(f"{label} ") and rows[0].split()[-3] == f"{row.rank}-{row.rank}"
+    (tmp_path / REPORT_FILE).write_text(report.to_json())  # what `rankwise compress` writes, `rankwise report` reads
+    shown = {layer.name: layer.rank for layer in load_run(tmp_path).layers}
+    assert shown[label] == row.rank and len(shown) == len(report.layers)

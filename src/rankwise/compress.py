@@ -141,9 +141,16 @@ class CompressConfig:
         return cls(**d)
 
 
+def tied_label(name: str, tied: str | None) -> str:
+    """How summaries and reports name a layer: a tied LM head as its table's two uses, ``"<embedding> + <head>
+    (tied)"``."""
+    return name if tied is None else f"{tied} + {name} (tied)"
+
+
 @dataclass
 class LayerReport:
-    """One target layer: ``rank`` None means it was left dense (no rank would save parameters)."""
+    """One target layer: ``rank`` None means it was left dense (no rank would save parameters); ``tied`` names
+    the input embedding that shares a tied LM head's table (factorized with it), else None."""
 
     name: str
     shape: tuple[int, int]
@@ -156,6 +163,11 @@ class LayerReport:
     spectrum: list[float] = field(
         default_factory=list, repr=False
     )  # singular values in the truncated metric / the first
+    tied: str | None = None
+
+    @property
+    def label(self) -> str:
+        return tied_label(self.name, self.tied)
 
 
 @dataclass
@@ -170,7 +182,8 @@ class CompressReport:
 
     @property
     def ranks(self) -> dict[str, int]:
-        """name -> rank of every layer replaced by a LowRankLinear (dense-kept layers are absent)."""
+        """Module name -> rank of every factorized target (dense-kept layers are absent); a tied table is listed
+        once, under the head's name (its embedding, ``LayerReport.tied``, has the same rank)."""
         return {layer.name: layer.rank for layer in self.layers if layer.rank is not None}
 
     @property
@@ -205,7 +218,7 @@ class CompressReport:
         """A one-screen table: one row per layer kind (block index replaced by ``*``), then totals."""
         groups: dict[str, list[LayerReport]] = {}
         for layer in self.layers:
-            groups.setdefault(re.sub(r"\.\d+\.", ".*.", layer.name), []).append(layer)
+            groups.setdefault(re.sub(r"\.\d+\.", ".*.", layer.label), []).append(layer)
         head = f"{'layers':<44} {'n':>4} {'shape':>11} {'ranks (min-max)':>16} {'kept':>6} {'err':>6}"
         lines = [head, "-" * len(head)]
         for key, ls in groups.items():
@@ -452,12 +465,13 @@ def run_compression(
         pipe.sequential(calib, rank_of, emit_refit)
     else:
         emit_blocks(pipe, rank_of, emit, progress)
+    head, tied = None, None
     if pipe.head is not None:
-        name = pipe.head[0]
-        r = rank_of[name]
-        emit_head(name, find_head(source.model)[2], None if r is None else pipe.factors("head")[name].truncate(r))
+        head, tied = pipe.head[0], find_head(source.model)[2]
+        r = rank_of[head]
+        emit_head(head, tied, None if r is None else pipe.factors("head")[head].truncate(r))
     timings["sequential" if config.sequential else "write"] = time.perf_counter() - t0
-    layers = [layer_report(c, rank_of[c.name], errors.get(c.name)) for c in curves]
+    layers = [layer_report(c, rank_of[c.name], errors.get(c.name), tied if c.name == head else None) for c in curves]
     return CompressReport(layers, config, timings, curve=curve)
 
 
@@ -481,9 +495,10 @@ def budget_curve(config: CompressConfig, curves: list, keeps=CURVE_KEEPS) -> lis
     return points
 
 
-def layer_report(curve, rank: int | None, error: float | None = None) -> LayerReport:
+def layer_report(curve, rank: int | None, error: float | None = None, tied: str | None = None) -> LayerReport:
     """A :class:`LayerReport` from a layer's allocator curve and its rank (None: left dense); the relative
-    error in the truncated metric is the curve's (``sqrt(tail / total)``) unless given."""
+    error in the truncated metric is the curve's (``sqrt(tail / total)``) unless given; ``tied``: the input
+    embedding sharing a tied head's table."""
     cost = curve.cost
     gains = cost.gains.double().clamp_min(0)
     loss = predicted_loss(cost, rank)
@@ -500,6 +515,7 @@ def layer_report(curve, rank: int | None, error: float | None = None) -> LayerRe
         curve.seconds,
         loss,
         [float(f"{v:.5g}") for v in spectrum.tolist()],
+        tied,
     )
 
 
