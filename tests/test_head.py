@@ -175,3 +175,42 @@ def test_reports_name_a_tied_table_by_both_of_its_uses(tmp_path, tied):
     (tmp_path / REPORT_FILE).write_text(report.to_json())  # what `rankwise compress` writes, `rankwise report` reads
     shown = {layer.name: layer.rank for layer in load_run(tmp_path).layers}
     assert shown[label] == row.rank and len(shown) == len(report.layers)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_disk_estimate_of_a_streamed_run_covers_what_include_head_spills(tmp_path, monkeypatch, tied):
+    import rankwise.streamed
+    from rankwise.io.stream import CheckpointSource
+    from rankwise.streamed import _spill_bytes, compress_checkpoint, head_spill_bytes
+    from rankwise.targets import find_targets
+    from rankwise.workdir import WorkDir
+
+    from _tiny_models import save_model_dir
+
+    src = save_model_dir(llama(tied), tmp_path / "m")
+    source = CheckpointSource(src, AutoModelForCausalLM, None, torch.device("cpu"), torch.float32)
+    try:
+        targets = find_targets(source.model)
+        extra = _spill_bytes(source, targets, CONFIG, CALIB) - _spill_bytes(
+            source, targets, dataclasses.replace(CONFIG, include_head=False), CALIB
+        )
+        assert extra == head_spill_bytes(source.model)
+    finally:
+        source.close()
+    # tied: statistics 64^2 + 96 and factors U 96x64, S 64, Vh 64x64, spectrum 64, all float64;
+    # untied: float32 factors below the dense 96x64 plus S and the spectrum (64 each)
+    assert extra == (8 * (64 * 64 + 96) + 8 * (96 * 64 + 64 + 64 * 64 + 64) if tied else 4 * (96 * 64 + 2 * 64))
+    written = {}  # tensor bytes of every spill file, as the run saves them
+    save = WorkDir.save
+
+    def recording_save(self, name, obj):
+        tensors = obj.values() if isinstance(obj, dict) else ()
+        tensors = [t for v in tensors for t in (v.values() if isinstance(v, dict) else [v])]
+        written[name] = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        save(self, name, obj)
+
+    monkeypatch.setattr(rankwise.streamed.WorkDir, "save", recording_save)
+    compress_checkpoint(src, tmp_path / "out", CONFIG, CALIB, device="cpu", progress=False)
+    head = sum(n for name, n in written.items() if name in ("head-stats.pt", "factors-head.pt"))
+    # untied: the largest allocatable rank 38 (38 * (96 + 64) < 96 * 64 < 39 * (96 + 64)), float32
+    assert head == extra if tied else head == 4 * (96 * 38 + 38 + 38 * 64 + 64) <= extra
