@@ -214,3 +214,18 @@ def test_the_disk_estimate_of_a_streamed_run_covers_what_include_head_spills(tmp
     head = sum(n for name, n in written.items() if name in ("head-stats.pt", "factors-head.pt"))
     # untied: the largest allocatable rank 38 (38 * (96 + 64) < 96 * 64 < 39 * (96 + 64)), float32
     assert head == extra if tied else head == 4 * (96 * 38 + 38 + 38 * 64 + 64) <= extra
+
+
+def test_sweep_refuses_include_head_before_writing(tmp_path):
+    from rankwise.sweep import sweep
+
+    from _tiny_models import save_model_dir
+
+    src = save_model_dir(llama(), tmp_path / "m")
+    with pytest.raises(
+        ValueError,
+        match=r"^include_head: sweep measures and writes the block layers only; accepted: include_head=False, or "
+        r"rankwise\.streamed\.compress_checkpoint at each keep$",
+    ):
+        sweep(src, tmp_path / "s", [0.3], CONFIG, CALIB, choose=lambda rows: 0.3, device="cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
