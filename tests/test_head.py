@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -229,3 +230,16 @@ def test_sweep_refuses_include_head_before_writing(tmp_path):
     ):
         sweep(src, tmp_path / "s", [0.3], CONFIG, CALIB, choose=lambda rows: 0.3, device="cpu", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_info_says_which_head_computes_with_a_tied_table(tmp_path, capsys):
+    from rankwise.cli import main
+
+    model = llama()
+    rank = head_row(compress_(model, CONFIG, CALIB, progress=False)).rank
+    rankwise.save(model, tmp_path / "c")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "c")]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"^model\.embed_tokens +96x64 +{rank} +{rank * 160:,} +6,144 ", text, re.M)
+    assert re.search(r"^tied: lm_head computes with the factors of model\.embed_tokens above \(no tensors", text, re.M)
