@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -228,3 +229,87 @@ def test_an_embedding_that_is_not_its_rows_times_a_constant_is_named():
         LowRankEmbedding.from_dense(Shifted(10, 4), rank=2)
     plain = torch.nn.Embedding(10, 4)
     assert "scale" not in LowRankEmbedding.from_dense(plain, rank=2).spec()  # plain tables' specs unchanged
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_reports_name_a_tied_table_by_both_of_its_uses(tmp_path, tied):
+    from rankwise.io.checkpoint import REPORT_FILE
+    from rankwise.report import load_run
+
+    report = compress_(llama(tied), CONFIG, CALIB, progress=False)
+    row = head_row(report)
+    label = "model.embed_tokens + lm_head (tied)" if tied else "lm_head"
+    assert row.tied == ("model.embed_tokens" if tied else None) and row.label == label
+    assert "lm_head" in report.ranks and "model.embed_tokens" not in report.ranks  # module names, the table once
+    rows = [line for line in report.summary().splitlines() if "96x64" in line]
+    assert len(rows) == 1 and rows[0].startswith(f"{label} ") and rows[0].split()[-3] == f"{row.rank}-{row.rank}"
+    (tmp_path / REPORT_FILE).write_text(report.to_json())  # what `rankwise compress` writes, `rankwise report` reads
+    shown = {layer.name: layer.rank for layer in load_run(tmp_path).layers}
+    assert shown[label] == row.rank and len(shown) == len(report.layers)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_disk_estimate_of_a_streamed_run_covers_what_include_head_spills(tmp_path, monkeypatch, tied):
+    import rankwise.streamed
+    from rankwise.io.stream import CheckpointSource
+    from rankwise.streamed import _spill_bytes, compress_checkpoint, head_spill_bytes
+    from rankwise.targets import find_targets
+    from rankwise.workdir import WorkDir
+
+    from _tiny_models import save_model_dir
+
+    src = save_model_dir(llama(tied), tmp_path / "m")
+    source = CheckpointSource(src, AutoModelForCausalLM, None, torch.device("cpu"), torch.float32)
+    try:
+        targets = find_targets(source.model)
+        extra = _spill_bytes(source, targets, CONFIG, CALIB) - _spill_bytes(
+            source, targets, dataclasses.replace(CONFIG, include_head=False), CALIB
+        )
+        assert extra == head_spill_bytes(source.model)
+    finally:
+        source.close()
+    # tied: statistics 64^2 + 2 * 96 and factors U 96x64, S 64, Vh 64x64, spectrum 64, all float64;
+    # untied: float32 factors below the dense 96x64 plus S and the spectrum (64 each)
+    assert extra == (8 * (64 * 64 + 2 * 96) + 8 * (96 * 64 + 64 + 64 * 64 + 64) if tied else 4 * (96 * 64 + 2 * 64))
+    written = {}  # tensor bytes of every spill file, as the run saves them
+    save = WorkDir.save
+
+    def recording_save(self, name, obj):
+        tensors = obj.values() if isinstance(obj, dict) else ()
+        tensors = [t for v in tensors for t in (v.values() if isinstance(v, dict) else [v])]
+        written[name] = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        save(self, name, obj)
+
+    monkeypatch.setattr(rankwise.streamed.WorkDir, "save", recording_save)
+    compress_checkpoint(src, tmp_path / "out", CONFIG, CALIB, device="cpu", progress=False)
+    head = sum(n for name, n in written.items() if name in ("head-stats.pt", "factors-head.pt"))
+    # untied: the largest allocatable rank 38 (38 * (96 + 64) < 96 * 64 < 39 * (96 + 64)), float32
+    assert head == extra if tied else head == 4 * (96 * 38 + 38 + 38 * 64 + 64) <= extra
+
+
+def test_sweep_refuses_include_head_before_writing(tmp_path):
+    from rankwise.sweep import sweep
+
+    from _tiny_models import save_model_dir
+
+    src = save_model_dir(llama(), tmp_path / "m")
+    with pytest.raises(
+        ValueError,
+        match=r"^include_head: sweep measures and writes the block layers only; accepted: include_head=False, or "
+        r"rankwise\.streamed\.compress_checkpoint at each keep$",
+    ):
+        sweep(src, tmp_path / "s", [0.3], CONFIG, CALIB, choose=lambda rows: 0.3, device="cpu", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_info_says_which_head_computes_with_a_tied_table(tmp_path, capsys):
+    from rankwise.cli import main
+
+    model = llama()
+    rank = head_row(compress_(model, CONFIG, CALIB, progress=False)).rank
+    rankwise.save(model, tmp_path / "c")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "c")]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"^model\.embed_tokens +96x64 +{rank} +{rank * 160:,} +6,144 ", text, re.M)
+    assert re.search(r"^tied: lm_head computes with the factors of model\.embed_tokens above \(no tensors", text, re.M)
