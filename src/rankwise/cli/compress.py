@@ -137,7 +137,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--head-weight",
         type=float,
         help=f"with --include-head: factor on the head's predicted loss (default {d.head_weight}; "
-        "4 beat the blocks alone on SmolLM2, see BENCHMARKS.md)",
+        "1 and 4 beat the blocks alone on SmolLM2, 4 more, see BENCHMARKS.md)",
     )
     p.add_argument(
         "--heal-steps",
