@@ -55,9 +55,11 @@ class HealConfig:
     lr : peak AdamW learning rate, reached after ``warmup`` (a fraction of the steps), then cosine decay to 0.
     weight_decay, max_grad_norm : AdamW's decoupled weight decay; the clipping threshold of the gradient norm.
     train_norms : also train the normalization layers (weights and biases of every module named ``*Norm*``).
-    orthogonal : keep each LowRankLinear's factors orthonormal (singular values free) while training. Off by
-        default: on tiny Llamas it healed as well as free factors at the best learning rate, not better, and
-        its parametrization is rebuilt at every step (BENCHMARKS.md).
+    orthogonal : keep each LowRankLinear's factors orthonormal (singular values free) while training, by
+        Riemannian steps (:mod:`rankwise.heal_orthogonal`). Off by default: on SmolLM2 at keep 0.6 (32 steps of
+        512 tokens, learning rate chosen on held-out healing text) it closed less of the perplexity gap than free
+        factors, at 1.3-1.4x their CPU time per step; on tiny Llamas the two heal equally at their best learning
+        rates (BENCHMARKS.md).
     top_k : 0 = KL on the whole vocabulary with the teacher run on the fly; k > 0 = KL on the teacher's k most
         likely tokens plus one bucket for the rest, cached before training.
     checkpointing : gradient checkpointing of the student's blocks (transformers models that support it): each

@@ -6,12 +6,11 @@ While :func:`orthonormal_factors` is active, every ``LowRankLinear`` of the mode
 their gradients are projected onto the manifold's tangent space as the backward pass computes them, the
 optimizer takes its step, and :func:`retract_` maps them back onto the manifold with the QR retraction
 (``qf(X)``: the Q of ``X = QR`` with a positive diagonal in ``R``). That costs two QRs of (n, r) matrices per
-layer and step (and two products of that size for the projections): on SmolLM2 at keep 0.6, 1.31x the CPU time
-of a free step at 512 tokens, where torch's orthogonal parametrization, which rebuilt every factor from Householder
-reflectors in every forward and backward pass, took ~175 CPU s for one 128-token step against ~3 s for free
-factors (BENCHMARKS.md). On exit
-the trained factors are folded back into the original layers (``up = U |s|^1/2 sign(s)``,
-``down = |s|^1/2 Vh``), so the model saves as before.
+layer and step, and two products of that size for the projections: on SmolLM2 at keep 0.6 a 512-token step
+costs 1.3-1.4x the CPU time of a free step. torch's orthogonal parametrization, used before, rebuilt every factor
+from Householder reflectors in every forward and backward pass and took ~175 CPU s for one 128-token step,
+against ~3 s with free factors (BENCHMARKS.md). On exit the trained factors are folded back into the original
+layers (``up = U |s|^1/2 sign(s)``, ``down = |s|^1/2 Vh``), so the model saves as before.
 
 References
 ----------
