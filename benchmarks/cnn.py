@@ -104,8 +104,15 @@ def tltorch_compress(model: nn.Module, targets: dict, factorization: str, keep: 
 
     for name, conv in targets.items():
         kwargs = {"fixed_rank_modes": "spatial"} if spatial else {}
+        t0, c0 = time.perf_counter(), time.process_time()
         new = tltorch.FactorizedConv.from_conv(
             conv, rank=keep, factorization=factorization, implementation="factorized", **kwargs
+        )
+        # progress on stderr: TensorLy-Torch's CP (parafac) takes many minutes per layer here
+        print(
+            f"  {factorization} {name}: {time.perf_counter() - t0:.1f}s wall, {time.process_time() - c0:.1f}s CPU",
+            file=sys.stderr,
+            flush=True,
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
