@@ -19,11 +19,12 @@ of a batch of 32 words (median of ``--repeats``); "x dense" divides it by the de
 interleaved with it, call by call (the shared machine's load drifts).
 
 ``--fisher layer`` weights each layer's predicted loss by its mean loss-gradient second moment only
-(``ModuleCompressConfig.fisher_channels=False``); ``--heldout N`` evaluates on N held-out calibration-pool words
+(``ModuleCompressConfig.fisher_channels=False``); ``--sequential`` refits each chosen layer on its inputs in
+the model compressed so far (``sequential=True``); ``--heldout N`` evaluates on N held-out calibration-pool words
 instead of the evaluation words, to choose such settings on calibration data.
 
     PYTHONPATH=src python benchmarks/cnn.py [--words 400] [--keeps 0.3 0.2] [--methods ...] [--threads 1]
-        [--fisher channels layer] [--heldout 256]
+        [--fisher channels layer] [--sequential] [--heldout 256]
 """
 
 from __future__ import annotations
@@ -132,19 +133,24 @@ def compress(
     stats,
     keep_macs: float | None = None,
     fisher_channels: bool = True,
+    sequential=None,
 ) -> tuple[int, str]:
     """Compress ``model``'s ``targets`` in place by ``method`` (one of METHODS) at ``keep`` of their parameters
-    (and, for rankwise, ``keep_macs`` of their MACs, ``fisher_channels`` as in ModuleCompressConfig); returns the
-    targets' parameters after and, for rankwise, the format and rank per layer ("" for TensorLy-Torch)."""
+    (and, for rankwise, ``keep_macs`` of their MACs, ``fisher_channels`` as in ModuleCompressConfig, and with
+    ``sequential`` = (calibration callable, its number of batches) the sequential refit); returns the targets'
+    parameters after and, for rankwise, the format and rank per layer ("" for TensorLy-Torch)."""
     if method.startswith("rankwise"):
+        runner, batches = sequential or (None, 8)
         config = ModuleCompressConfig(
             keep=keep,
             keep_macs=keep_macs,
             format=method.split("-")[1],
             kinds=("conv2d",),
             fisher_channels=fisher_channels,
+            sequential=runner is not None,
+            batches=batches,
         )
-        report = compress_modules_(model, config, stats=stats)
+        report = compress_modules_(model, config, runner, stats=stats)
         return sum(r["params_after"] for r in report), " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
     fact, spatial = TLTORCH[method]
     tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact, keep, spatial)
@@ -166,6 +172,11 @@ def main() -> None:
         default=["channels"],
         help="rankwise's loss-gradient weights: per output channel, and/or the layer's mean only "
         "(fisher_channels=False); with both, every rankwise method gets a row for each",
+    )
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="rankwise refits each chosen layer on its inputs in the model compressed so far (sequential=True)",
     )
     ap.add_argument(
         "--heldout",
@@ -191,6 +202,7 @@ def main() -> None:
         f"CRNN english_g2: {len(targets)} target convs, {target_params:,} params; {len(eval_words)} "
         f"{'held-out calibration-pool' if args.heldout else 'eval'} words, {len(calib_words)} calibration words; "
         f"timing batch {tuple(timing_batch.shape)}; threads {args.threads}; rankwise fisher: {' '.join(args.fisher)}"
+        f"{', sequential' if args.sequential else ''}"
     )
     stats = None
     if any(m.startswith("rankwise") for m in args.methods):
@@ -221,7 +233,15 @@ def main() -> None:
         for method, fisher in rows:
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            params, formats = compress(model, method, keep, list(targets), stats, fisher_channels=fisher == "channels")
+            params, formats = compress(
+                model,
+                method,
+                keep,
+                list(targets),
+                stats,
+                fisher_channels=fisher == "channels",
+                sequential=(ctc_runner(calib), len(calib)) if args.sequential else None,
+            )
             rankwise = method.startswith("rankwise")
             label = f"{method}/{fisher}" if rankwise and len(args.fisher) > 1 else method
             macs = f"{conv_macs(model, timing_batch) / 1e6:>10.1f}" if rankwise else f"{'n/a':>10}"
