@@ -3,7 +3,7 @@
 Targets: every Conv2d with more than one input channel (6 of the 7), at ``--keeps`` fractions of their parameters,
 no fine-tuning. Methods:
 
-- ``rankwise-auto``: :func:`rankwise.compress_modules.compress_modules_`, data-aware (patch-whitened inputs,
+- ``rankwise-auto``: :func:`rankwise.compress_` with a ``ModuleCompressConfig``, data-aware (patch-whitened inputs,
   CTC-loss gradient weights on the output channels, from ``--calib`` rendered words disjoint from the evaluation
   words), format and rank per layer chosen under the one budget among SVD and Tucker-2;
 - ``rankwise-tucker`` / ``rankwise-svd``: the same with one format;
@@ -44,11 +44,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/crnn.py, the model 
 from crnn import CHARACTERS, evaluate, load_crnn, make_batches, word_lists
 
 from rankwise.calibrate_modules import collect_module_stats
-from rankwise.compress_modules import (
-    ModuleCompressConfig,
-    compress_modules_,
-    find_module_targets,
-)
+from rankwise.compress import compress_
+from rankwise.compress_modules import ModuleCompressConfig, find_module_targets
 
 METHODS = ("rankwise-auto", "rankwise-tucker", "rankwise-svd", "tltorch-cp", "tltorch-tucker", "tltorch-tucker2")
 TLTORCH = {"tltorch-cp": ("cp", False), "tltorch-tucker": ("tucker", False), "tltorch-tucker2": ("tucker", True)}
@@ -150,7 +147,7 @@ def compress(
             sequential=runner is not None,
             batches=batches,
         )
-        report = compress_modules_(model, config, runner, stats=stats)
+        report = compress_(model, config, runner, stats=stats)
         return sum(r["params_after"] for r in report), " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
     fact, spatial = TLTORCH[method]
     tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact, keep, spatial)

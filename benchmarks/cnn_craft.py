@@ -3,7 +3,7 @@
 Targets: every Conv2d with more than one input channel (all 27 convolutions; the first reads RGB), at ``--keeps``
 fractions of their parameters, no fine-tuning. Methods as in :mod:`cnn`:
 
-- ``rankwise-auto`` / ``rankwise-tucker`` / ``rankwise-svd``: :func:`rankwise.compress_modules.compress_modules_`,
+- ``rankwise-auto`` / ``rankwise-tucker`` / ``rankwise-svd``: :func:`rankwise.compress_` (``ModuleCompressConfig``),
   data-aware, calibrated on ``--calib`` rendered pages (``--calib-size`` pixels; their words disjoint from the
   evaluation pages'); the calibration output is the score maps themselves, which ``collect_module_stats``
   contracts with a fixed Gaussian draw: the output-channel weights are then the Gauss-Newton diagonal of the

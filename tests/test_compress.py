@@ -212,7 +212,9 @@ def test_bad_compress_inputs_are_named_and_leave_the_model_untouched():
         r"got torch\.float32 tensor of shape \(2, 3\)$",
     ):
         compress_(model, CompressConfig(), torch.zeros(2, 3), progress=False)
-    with pytest.raises(ValueError, match=r"^config must be a rankwise\.CompressConfig, got dict$"):
+    with pytest.raises(
+        TypeError, match=r"^config must be a rankwise\.CompressConfig or rankwise\.ModuleCompressConfig, got dict$"
+    ):
         compress_(model, {"keep": 0.5}, CALIB, progress=False)
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")

@@ -1,4 +1,5 @@
-"""compress_modules_ on a small CNN: predicted losses are exact where the metric is, one budget, clear errors."""
+"""compress_ with a ModuleCompressConfig on a small CNN: predicted losses exact where the metric is, one budget,
+clear errors."""
 
 import copy
 import itertools
@@ -7,12 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from rankwise import CompressConfig, compress_
 from rankwise.allocate import allocate_options
-from rankwise.compress_modules import (
-    ModuleCompressConfig,
-    compress_modules_,
-    find_module_targets,
-)
+from rankwise.compress_modules import ModuleCompressConfig, compress_module_tree_, find_module_targets
 
 
 def _cnn():
@@ -55,7 +53,7 @@ def test_predicted_loss_is_the_output_error_on_the_calibration_inputs(fmt):
     model = copy.deepcopy(dense)
     include = r"^5$" if fmt == "tucker" else None  # Tucker's prediction is exact for the 1x1 conv only
     config = ModuleCompressConfig(keep=0.5, format=fmt, fisher=False, damping=0.0, kinds=("conv2d",), include=include)
-    report = compress_modules_(model, config, IMAGES)
+    report = compress_(model, config, IMAGES)
     inputs = _layer_inputs(dense, [r["name"] for r in report])
     checked = 0
     for r in report:
@@ -78,7 +76,7 @@ def test_predicted_loss_is_the_output_error_on_the_calibration_inputs(fmt):
 def test_one_budget_over_all_targets(fmt, keep):
     model = _cnn()
     config = ModuleCompressConfig(keep=keep, format=fmt, kinds=("conv2d", "linear"), cp_iters=5)
-    report = compress_modules_(model, config, IMAGES)
+    report = compress_(model, config, IMAGES)
     assert [r["name"] for r in report] == ["2", "5", "7", "9"]  # the 1-channel first conv stays out
     before = sum(r["params_before"] for r in report)
     assert sum(r["params_after"] for r in report) <= keep * before
@@ -93,10 +91,10 @@ def test_one_budget_over_all_targets(fmt, keep):
 
 def test_keep_one_leaves_the_model_dense_and_data_free_needs_no_inputs():
     model = _cnn()
-    report = compress_modules_(model, ModuleCompressConfig(keep=1.0, kinds=("conv2d", "linear")), IMAGES)
+    report = compress_(model, ModuleCompressConfig(keep=1.0, kinds=("conv2d", "linear")), IMAGES)
     assert all(r["format"] is None for r in report)
     assert all(type(m) in (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten) for m in model)
-    report = compress_modules_(model, ModuleCompressConfig(keep=0.5, method="svd", format="svd"))
+    report = compress_(model, ModuleCompressConfig(keep=0.5, method="svd", format="svd"))
     assert sum(r["params_after"] for r in report) <= 0.5 * sum(r["params_before"] for r in report)
 
 
@@ -107,7 +105,7 @@ def test_embedding_targets_weight_rows_by_token_counts():
     ids = torch.cat([torch.arange(50), torch.randint(0, 5, (250,), generator=torch.Generator().manual_seed(3))])
     ids = ids.reshape(30, 10)
     dense = copy.deepcopy(model)
-    report = compress_modules_(model, ModuleCompressConfig(keep=0.5, kinds=("embedding",), fisher=False), ids)
+    report = compress_(model, ModuleCompressConfig(keep=0.5, kinds=("embedding",), fisher=False), ids)
     assert report[0]["format"] == "svd" and report[0]["rank"] == 6  # 6 * (50 + 16) <= 400 < 7 * 66
     counts = torch.bincount(ids.reshape(-1), minlength=50).double() / 30  # per example, as the metric counts
     row_err = ((model[0].dense_weight() - dense[0].weight.detach()) ** 2).sum(1)
@@ -118,6 +116,73 @@ def test_embedding_targets_weight_rows_by_token_counts():
     assert float((counts * row_err).sum()) < float((counts * plain).sum())
 
 
+def test_compress_with_a_module_config_is_the_module_walk_bit_for_bit():
+    expected, model = _cnn(), _cnn()
+    expected_report = compress_module_tree_(expected, ModuleCompressConfig(keep=0.3), IMAGES, progress=False)
+    report = compress_(model, ModuleCompressConfig(keep=0.3), calib=IMAGES)
+    assert report == expected_report
+    assert [(r["name"], r["format"], r["rank"]) for r in report] == [
+        ("2", "svd", 8),
+        ("5", None, None),
+        ("7", "tucker", (10, 2)),
+    ]
+    assert [type(m) for m in model] == [type(m) for m in expected]
+    state, expected_state = model.state_dict(), expected.state_dict()
+    assert state.keys() == expected_state.keys()
+    assert all(torch.equal(state[k], expected_state[k]) for k in state)
+
+
+def test_compress_with_a_data_free_module_config_keeps_the_truncated_svd_of_each_kernel():
+    dense, model = _cnn(), _cnn()
+    report = compress_(model, ModuleCompressConfig(keep=0.5, method="svd", format="svd", kinds=("conv2d", "linear")))
+    assert [(r["name"], r["format"], r["rank"]) for r in report] == [
+        ("2", None, None),
+        ("5", None, None),
+        ("7", "svd", 14),
+        ("9", "svd", 1),
+    ]
+    for r in report[2:]:
+        W = dense.get_submodule(r["name"]).weight.detach()
+        U, S, Vh = torch.linalg.svd(W.reshape(W.shape[0], -1), full_matrices=False)
+        k = r["rank"]
+        expected = (U[:, :k] * S[:k]) @ Vh[:k]
+        got = model.get_submodule(r["name"]).to_dense().weight.detach().reshape(W.shape[0], -1)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_compress_names_the_accepted_configs_and_points_a_plain_module_at_module_compress_config():
+    model = _cnn()
+    with pytest.raises(
+        TypeError, match=r"^config must be a rankwise\.CompressConfig or rankwise\.ModuleCompressConfig, got dict$"
+    ):
+        compress_(model, {"keep": 0.3}, IMAGES)
+    any_module = r"; for the Conv2d / Linear / Embedding layers of any nn\.Module use rankwise\.ModuleCompressConfig$"
+    with pytest.raises(
+        ValueError,
+        match=r"^Sequential has no block stack \(an nn\.ModuleList of identical blocks\) to compress "
+        r"block by block" + any_module,
+    ):
+        compress_(model, CompressConfig(keep=0.3), IMAGES)
+
+    class Stack(nn.Module):  # a block stack, but a forward that takes no token ids
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    with pytest.raises(
+        ValueError, match=r"^Stack\.forward takes no input_ids \(CompressConfig calibrates on token ids\)" + any_module
+    ):
+        compress_(Stack(), CompressConfig(keep=0.3), torch.randn(4, 8))
+    dense = _cnn()  # nothing replaced or changed
+    assert [type(m) for m in model] == [type(m) for m in dense]
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_bad_inputs_name_the_failing_layer_and_the_accepted_values():
     model = _cnn()
     with pytest.raises(
@@ -125,9 +190,9 @@ def test_bad_inputs_name_the_failing_layer_and_the_accepted_values():
         match=r"^calibration batch 0 could not run through the model: layer '0' \(Conv2d\) "
         r"failed: .*expected input\[32, 3, 16, 16\] to have 1 channels",
     ):
-        compress_modules_(model, ModuleCompressConfig(), torch.randn(48, 3, 16, 16, dtype=torch.float64))
+        compress_(model, ModuleCompressConfig(), torch.randn(48, 3, 16, 16, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"^inputs are required for method='whiten'"):
-        compress_modules_(model, ModuleCompressConfig())
+        compress_(model, ModuleCompressConfig())
     with pytest.raises(ValueError, match=r"^format must be one of auto, svd, tucker, cp, got 'tt'$"):
         ModuleCompressConfig(format="tt")
     with pytest.raises(ValueError, match=r"^no target layer of kinds embedding in this Sequential"):
@@ -168,8 +233,8 @@ def test_sequential_refits_each_layer_on_the_compressed_models_inputs():
     dense = _cnn()
     config = ModuleCompressConfig(keep=0.4, format="svd", fisher=False, damping=0.0, include=r"^(2|5)$")
     plain, seq = copy.deepcopy(dense), copy.deepcopy(dense)
-    report_plain = compress_modules_(plain, config, IMAGES)
-    report = compress_modules_(seq, ModuleCompressConfig(**{**config.__dict__, "sequential": True}), IMAGES)
+    report_plain = compress_(plain, config, IMAGES)
+    report = compress_(seq, ModuleCompressConfig(**{**config.__dict__, "sequential": True}), IMAGES)
     assert [(r["format"], r["rank"]) for r in report] == [(r["format"], r["rank"]) for r in report_plain]
     assert [r["format"] for r in report] == ["svd", "svd"]
     assert torch.equal(
@@ -185,7 +250,7 @@ def test_sequential_refits_each_layer_on_the_compressed_models_inputs():
     assert err_seq == pytest.approx(tail, rel=1e-7)
     assert err_plain > 1.01 * err_seq
     with pytest.raises(ValueError, match=r"^sequential=True refits on the compressed model's inputs and needs inputs"):
-        compress_modules_(copy.deepcopy(dense), ModuleCompressConfig(sequential=True), stats={})
+        compress_(copy.deepcopy(dense), ModuleCompressConfig(sequential=True), stats={})
     with pytest.raises(ValueError, match=r"^sequential refits on input statistics, which method='svd'"):
         ModuleCompressConfig(sequential=True, method="svd")
     with pytest.raises(ValueError, match=r"^sequential must be True or False, got 1$"):
@@ -201,8 +266,8 @@ def test_fisher_channels_false_scales_each_layer_by_its_mean_gradient_moment_onl
     config = ModuleCompressConfig(keep=0.3, format="svd", damping=0.0, fisher_channels=False)
     stats = collect_module_stats(dense, find_module_targets(dense, config), IMAGES)
     model, weighted = copy.deepcopy(dense), copy.deepcopy(dense)
-    report = compress_modules_(model, config, stats=stats)
-    compress_modules_(weighted, ModuleCompressConfig(**{**config.__dict__, "fisher_channels": True}), stats=stats)
+    report = compress_(model, config, stats=stats)
+    compress_(weighted, ModuleCompressConfig(**{**config.__dict__, "fisher_channels": True}), stats=stats)
     inputs = _layer_inputs(dense, [r["name"] for r in report])
     checked = 0
     for r in report:

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from rankwise import compress_
 from rankwise.allocate import allocate_options
 from rankwise.calibrate_modules import collect_module_stats
-from rankwise.compress_modules import ModuleCompressConfig, _conv_candidates, compress_modules_
+from rankwise.compress_modules import ModuleCompressConfig, _conv_candidates
 from rankwise.layers.conv import CPConv2d, SVDConv2d, TuckerConv2d
 from rankwise.macs import allocate_budgets, conv_macs, matrix_macs
 
@@ -119,7 +120,7 @@ def test_compress_under_a_mac_budget_stays_within_both_budgets(keep, keep_macs):
     dense = _strided_cnn()
     model = copy.deepcopy(dense)
     config = ModuleCompressConfig(keep=keep, keep_macs=keep_macs, fisher=False)
-    report = compress_modules_(model, config, IMAGES)
+    report = compress_(model, config, IMAGES)
     assert [r["name"] for r in report] == ["0", "2", "4", "6"]
     assert sum(r["macs_after"] for r in report) <= keep_macs * sum(r["macs_before"] for r in report)
     assert sum(r["params_after"] for r in report) <= keep * sum(r["params_before"] for r in report)
@@ -181,7 +182,7 @@ def test_bad_mac_budgets_are_one_line_errors():
     stats = collect_module_stats(model, {"2": model[2]}, IMAGES, fisher=False)
     stats["2"].sizes = None  # as from statistics that did not record the sizes
     with pytest.raises(ValueError, match=r"^keep_macs needs the input size of every target from calibration; "):
-        compress_modules_(model, ModuleCompressConfig(keep_macs=0.5, include="^2$", fisher=False), stats=stats)
+        compress_(model, ModuleCompressConfig(keep_macs=0.5, include="^2$", fisher=False), stats=stats)
     assert isinstance(model[2], nn.Conv2d)  # nothing replaced
 
 

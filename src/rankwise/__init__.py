@@ -23,7 +23,6 @@ _EXPORTS = {
     "compress_": "rankwise.compress",
     "compress_checkpoint": "rankwise.streamed",
     "ModuleCompressConfig": "rankwise.compress_modules",
-    "compress_modules_": "rankwise.compress_modules",
     # quantization
     "QuantizeConfig": "rankwise.quantize",
     "quantize_": "rankwise.quantize",

@@ -219,7 +219,7 @@ def allocate_delta_ranks(
 def allocate_options(options: list[list[tuple[int, float]]], budget: float) -> list[int]:
     """Pick one option per layer, each a ``(parameters, estimated loss increase)`` pair, minimising the summed
     loss with the summed parameters within ``budget``: a multiple-choice knapsack, for choosing format and rank
-    together (``format="auto"`` in :func:`rankwise.compress_modules.compress_modules_`).
+    together (``format="auto"`` of :class:`rankwise.compress_modules.ModuleCompressConfig`).
 
     Solved by :func:`choose_options`, as the loss-aware rank allocator is. Returns the chosen index per
     layer; ``ValueError`` if even the cheapest options exceed the budget.

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .calibrate import calibration_loss, model_inputs
+from .calibrate import calibration_loss, is_causal_lm, model_inputs
 
 Tensor = torch.Tensor
 
@@ -151,8 +151,7 @@ class BlockRunner:
         Causal LMs score one sequence at a time (the logits of a whole batch can be larger than the
         model); the summed per-sequence losses are those of :func:`rankwise.calibrate.collect_stats`.
         """
-        causal = "CausalLM" in type(self.model).__name__ or bool(getattr(self.model.config, "is_decoder", False))
-        pieces = [(j, j + 1) for j in range(batch.shape[0])] if causal else [(0, batch.shape[0])]
+        pieces = [(j, j + 1) for j in range(batch.shape[0])] if is_causal_lm(self.model) else [(0, batch.shape[0])]
         grads, total = [], 0.0
         for a, b in pieces:
             h = last[a:b].to(self.device, self.dtype).requires_grad_(True)
@@ -163,6 +162,27 @@ class BlockRunner:
             grads.append(g.detach().to("cpu"))
             total += float(loss.detach())
         return total / batch.shape[0], torch.cat(grads)
+
+    def embedding_grad(self, batch: Tensor, embedding: nn.Module, grad: Tensor) -> Tensor:
+        """The loss gradient at ``embedding``'s output given ``grad``, the one at the block stack's input.
+
+        Backpropagates through what the model computes between the two (Gemma scales the embedding by
+        ``sqrt(hidden)``; Llama passes it unchanged), recording the stack's input with autograd on.
+        """
+        out = []
+
+        def leaf(module, args, y):  # the embedding's output, as a leaf the gradient is taken at
+            out.append(y.detach().requires_grad_(True))
+            return out[-1]
+
+        hook = embedding.register_forward_hook(leaf)
+        try:
+            with torch.enable_grad():
+                self._forward_with_stand_ins(batch, "record")
+                (g,) = torch.autograd.grad(self._record["hidden"], out[0], grad.to(out[0].device, out[0].dtype))
+        finally:
+            hook.remove()
+        return g.detach().to("cpu")
 
     def _probe_output_type(self, batch: Tensor) -> None:
         """Whether blocks return a tuple (older transformers) or a tensor: run the real block 0 once."""

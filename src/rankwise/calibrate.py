@@ -72,6 +72,30 @@ def model_inputs(batch: Tensor) -> dict[str, Tensor]:
     return {"input_ids": batch, "attention_mask": torch.ones_like(batch)}
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` predicts the next token (a transformers ``*ForCausalLM`` or a decoder config)."""
+    return "CausalLM" in type(model).__name__ or bool(getattr(getattr(model, "config", None), "is_decoder", False))
+
+
+def predicted_token_moments(logits: Tensor, chunk: int = 128) -> tuple[Tensor, Tensor]:
+    """``(sum_t p_t, sum_t p_t (1 - p_t))`` over the positions the causal calibration loss scores.
+
+    ``p_t = softmax(logits[:, t])`` for every position but the last of each row; float64, shape (vocab,).
+    ``p_t(v)`` is the expectation of the indicator that token ``v`` comes next, and ``p_t(v)(1 - p_t(v))`` that
+    of the squared cross-entropy gradient ``(p_t(v) - [y = v])^2`` for ``y ~ p_t`` (the diagonal of the
+    Gauss-Newton matrix of the logits): every vocabulary entry gets a weight, not only those the calibration
+    text happens to contain.
+    """
+    scored = logits[:, :-1].reshape(-1, logits.shape[-1])
+    p_sum = torch.zeros(logits.shape[-1], dtype=torch.float64, device=logits.device)
+    pq_sum = torch.zeros_like(p_sum)
+    for i in range(0, scored.shape[0], chunk):
+        p = torch.softmax(scored[i : i + chunk].detach().float(), dim=-1)
+        p_sum += p.sum(0, dtype=torch.float64)
+        pq_sum += (p * (1 - p)).sum(0, dtype=torch.float64)
+    return p_sum.cpu(), pq_sum.cpu()
+
+
 def calibration_loss(model: nn.Module, batch: Tensor, output, seed: int) -> Tensor:
     """The scalar whose gradient defines the Fisher weights.
 
@@ -80,8 +104,7 @@ def calibration_loss(model: nn.Module, batch: Tensor, output, seed: int) -> Tens
     expected squared output gradient is that of the squared error of ``h`` (Gauss-Newton).
     """
     logits = getattr(output, "logits", None)
-    causal = "CausalLM" in type(model).__name__ or bool(getattr(getattr(model, "config", None), "is_decoder", False))
-    if causal and logits is not None:
+    if is_causal_lm(model) and logits is not None:
         return nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1).to(logits.device)
         )

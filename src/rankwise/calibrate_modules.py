@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibrate import _bar
+
 Runner = Callable[[nn.Module, int], torch.Tensor]
 
 
@@ -128,6 +130,7 @@ def collect_module_stats(
     batch_size: int = 32,
     batches: int = 8,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, ModuleStats]:
     """Run the calibration inputs through ``model`` and collect :class:`ModuleStats` for every target.
 
@@ -139,6 +142,7 @@ def collect_module_stats(
         a tensor input) is contracted with a fixed Gaussian draw, so that ``E[(dL/dy)^2]`` is the output
         sensitivity (the Gauss-Newton diagonal of the squared output change).
     fisher : also run backward passes for ``grad_sq``.
+    progress : show a progress bar over the batches.
 
     Raises ``ValueError`` naming the layer in which a calibration batch failed to run.
 
@@ -176,7 +180,7 @@ def collect_module_stats(
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     try:
-        for i in range(n_batches):
+        for i in _bar(range(n_batches), progress, "calibration batches"):
             try:
                 with torch.set_grad_enabled(fisher):
                     out = run(model, i)

@@ -1,5 +1,5 @@
-"""compress_modules_(model, config, inputs): factorize the Conv2d / Linear / Embedding layers of any nn.Module
-under one parameter budget, data-aware, choosing each layer's format (SVD, Tucker-2, CP) and rank together.
+"""compress_(model, ModuleCompressConfig(...), inputs): factorize the Conv2d / Linear / Embedding layers of any
+nn.Module under one parameter budget, data-aware, choosing each layer's format (SVD, Tucker-2, CP) and rank together.
 
 Per layer, every candidate (format, rank) gets a predicted loss increase in one unit (see
 :mod:`rankwise.calibrate_modules`): ``s * ||D (W - W') L||_F^2`` with ``D`` the output-channel loss-gradient
@@ -50,7 +50,7 @@ KINDS = {"conv2d": nn.Conv2d, "linear": nn.Linear, "embedding": nn.Embedding}
 
 @dataclass(frozen=True)
 class ModuleCompressConfig:
-    """How :func:`compress_modules_` compresses; frozen, JSON-serializable with ``asdict``.
+    """How :func:`rankwise.compress_` compresses any nn.Module; frozen, JSON-serializable with ``asdict``.
 
     keep : fraction in (0, 1] of the targets' dense parameters kept (one global budget).
     keep_macs : None, or fraction in (0, 1] of the targets' dense MACs per calibration example kept (a second
@@ -317,10 +317,16 @@ def _refreshed(model, name: str, layer: nn.Module, st: ModuleStats, inputs, conf
     return replace(st, gram=fresh.gram, examples=fresh.examples)
 
 
-def compress_modules_(
-    model: nn.Module, config: ModuleCompressConfig, inputs=None, *, stats: dict[str, ModuleStats] | None = None
+def compress_module_tree_(
+    model: nn.Module,
+    config: ModuleCompressConfig,
+    inputs=None,
+    *,
+    stats: dict[str, ModuleStats] | None = None,
+    progress: bool = True,
 ) -> list[dict]:
-    """Factorize ``model``'s target layers in place under ``config.keep`` of their parameters.
+    """Factorize ``model``'s target layers in place under ``config.keep`` of their parameters: the handler of
+    :func:`rankwise.compress_` for a :class:`ModuleCompressConfig`.
 
     Parameters
     ----------
@@ -331,6 +337,7 @@ def compress_modules_(
         not ``sequential``).
     stats : statistics from :func:`rankwise.calibrate_modules.collect_module_stats` on this same dense model
         (with ``fisher`` as in ``config``), to compress at several budgets while calibrating once.
+    progress : show a progress bar over the calibration batches.
 
     Returns
     -------
@@ -338,10 +345,6 @@ def compress_modules_(
     macs_before, macs_after (per calibration example; None without calibration), predicted_loss (in the
     units of the module docstring).
     """
-    if not isinstance(config, ModuleCompressConfig):
-        raise ValueError(
-            f"config must be a rankwise.compress_modules.ModuleCompressConfig, got {type(config).__name__}"
-        )
     targets = find_module_targets(model, config)
     if config.sequential and inputs is None:
         raise ValueError(
@@ -369,6 +372,7 @@ def compress_modules_(
             batch_size=config.batch_size,
             batches=config.batches,
             seed=config.seed,
+            progress=progress,
         )
     if config.keep_macs is not None:
         unsized = [n for n, st in stats.items() if st is None or st.sizes is None]

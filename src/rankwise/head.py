@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .calibrate import is_causal_lm
 from .formats.svd import SVD, whitened_svd, whitening_factor
 from .layers.embedding import LowRankEmbedding, TiedLowRankHead
 from .layers.linear import LowRankLinear
@@ -20,12 +21,16 @@ from .targets import replace_module
 
 
 def find_head(model: nn.Module) -> tuple[str, nn.Linear, str | None]:
-    """``(head name, head, tied embedding name or None)`` of a model whose ``get_output_embeddings()`` is an
-    nn.Linear; ``ValueError`` otherwise."""
+    """``(head name, head, tied embedding name or None)`` of a causal LM whose ``get_output_embeddings()`` is an
+    nn.Linear; ``ValueError`` otherwise (the head is priced by next-token predictions)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
+    kind = None
     if not isinstance(head, nn.Linear):
         kind = "no LM head" if head is None else f"a {type(head).__name__} LM head"
+    elif not is_causal_lm(model):
+        kind = "an LM head but is not a causal LM"
+    if kind is not None:
         raise ValueError(
             f"include_head: {type(model).__name__} has {kind}; accepted: a model whose get_output_embeddings() "
             "is an nn.Linear (a causal LM)"

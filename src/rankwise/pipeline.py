@@ -27,9 +27,10 @@ from torch import nn
 
 from .allocate import LayerCost
 from .blocks import BlockRunner, BlockSource
-from .calibrate import CalibStats, InputStats, LayerHooks, _bar, batch_spans
+from .calibrate import CalibStats, InputStats, LayerHooks, _bar, batch_spans, predicted_token_moments
 from .formats.svd import SVD
 from .head import factorize_tied_table
+from .layers.embedding import embedding_scale
 from .layers.linear import LowRankLinear, dense_weight
 from .targets import replace_module
 from .workdir import WorkDir
@@ -97,10 +98,10 @@ class Pipeline:
     factorize : ``(W, stats, name, cache) -> SVD`` in the method's metric (``rankwise.metric.factorize``).
     cost : ``(layer, SVD, stats, name) -> LayerCost``.
     work : the spill directory.
-    head : ``(qualified name, nn.Linear, tied)`` of the LM head, factorized as one more target from the loss-head
-        pass (its input: the final-norm output; its output gradient: the logits'), or None. A tied table is
-        also priced as the input embedding (:func:`rankwise.head.factorize_tied_table`), from the loss
-        gradient at the block stack's input (taken as the embedding output: no scale in between, as in Llama).
+    head : ``(qualified name, nn.Linear, tied embedding's name or None)`` of the LM head, factorized as one more
+        target from the loss-head pass (its input: the final-norm output; its output weights: the logits'
+        expected squared loss gradients), or None. A tied table is also priced as the input embedding
+        (:func:`rankwise.head.factorize_tied_table`), from the loss gradient at the embedding's output.
     """
 
     def __init__(
@@ -188,14 +189,24 @@ class Pipeline:
         if self.work.has("backward.pt"):
             state = self.work.load("backward.pt")
         else:
-            grads = []
-            with LayerHooks(dict([self.head[:2]] if self.head else []), self.device) as hooks:
-                for k, (a, b) in enumerate(spans):
-                    hooks.new_forward()
-                    _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
-                    grads.append(g)
+            grads, moments = [], []
+            hook = self.head and self.head[1].register_forward_hook(
+                lambda m, args, logits: moments.append(predicted_token_moments(logits))
+            )
+            try:
+                with LayerHooks(dict([self.head[:2]] if self.head else []), self.device) as hooks:
+                    for k, (a, b) in enumerate(spans):
+                        hooks.new_forward()
+                        _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
+                        grads.append(g)
+            finally:
+                if hook:
+                    hook.remove()
             if self.head is not None:
-                self._factorize_head(hooks, sum((b - a) * calib.shape[1] for a, b in spans))
+                p_sum, pq_sum = (sum(m[j] for m in moments) for j in (0, 1))
+                self._factorize_head(
+                    hooks, sum((b - a) * calib.shape[1] for a, b in spans), calib.shape[1], p_sum, pq_sum
+                )
             state = {"next": self.source.num_blocks - 1, "grads": grads, "grad_sq": {}}
         grads, grad_sq = state["grads"], state["grad_sq"]
         for i in self._bar(range(state["next"], -1, -1), "loss gradients"):
@@ -240,15 +251,22 @@ class Pipeline:
         self.work.save(f"factors-{i}.pt", out)
         self.work.save(f"curves-{i}.pt", curves)
 
-    def _factorize_head(self, hooks: LayerHooks, tokens: int) -> None:
+    def _factorize_head(self, hooks: LayerHooks, tokens: int, seq_len: int, p_sum, pq_sum) -> None:
         """An untied head's factors and curve (spill key ``head``) in the block layers' metric; a tied head's
-        statistics, kept until the embedding's gradients are known (end of pass B)."""
+        statistics, kept until the embedding's gradients are known (end of pass B).
+
+        The head's output weights are the squared logit gradients in expectation over the model's own
+        prediction, ``p (1 - p)`` (:func:`rankwise.calibrate.predicted_token_moments`), not at the calibration
+        text's next tokens: a sampled token prices only the few hundred rows the text contains, and the rest
+        of the vocabulary (15% of the tokens of SmolLM2's evaluation text are absent from 8k calibration
+        tokens) would be truncated for free. ``calibration_loss`` averages a row's ``seq_len - 1`` scored
+        positions, hence the scale.
+        """
         name, layer, tied = self.head
-        grad_sq = {n: g / tokens for n, g in hooks.grad_sq.items()}
+        grad_sq = {name: pq_sum / ((seq_len - 1) ** 2 * tokens)}
         if tied:
-            self.work.save(
-                "head-stats.pt", {"covariance": hooks.stats[name].covariance.cpu(), "grad_sq": grad_sq[name]}
-            )
+            state = {"covariance": hooks.stats[name].covariance.cpu(), "grad_sq": grad_sq[name], "p_sum": p_sum}
+            self.work.save("head-stats.pt", state)
             return
         self._factorize_block("head", {name: layer}, CalibStats(hooks.stats, grad_sq))
 
@@ -257,12 +275,20 @@ class Pipeline:
         if self.work.has("curves-head.pt"):
             return
         t0 = time.perf_counter()
-        (name, layer, _), head = self.head, self.work.load("head-stats.pt")
-        ids = torch.cat([calib[a:b].reshape(-1) for a, b in spans])
-        g = torch.cat([gk.reshape(-1, gk.shape[-1]) for gk in grads]).double()
+        (name, layer, embedding), head = self.head, self.work.load("head-stats.pt")
+        emb = self.source.model.get_submodule(embedding)
+        # the gradient at the embedding's output (not the stack's input: BERT normalizes in between), then at its
+        # table's rows (Gemma scales them)
+        g = torch.cat(
+            [self.runner.embedding_grad(calib[a:b], emb, gk).flatten(0, -2) for (a, b), gk in zip(spans, grads)]
+        )
+        g = g.double() * embedding_scale(emb)
         W = dense_weight(layer).detach()
-        freq = torch.bincount(ids, minlength=W.shape[0]).double() / ids.numel()
-        f, gains = factorize_tied_table(W, head["covariance"], head["grad_sq"], freq, g.T @ g / ids.numel())
+        # how often each token is embedded: at a row's first position the token itself, elsewhere the model's
+        # prediction of it from the positions before (its expectation: no row of the vocabulary priced at zero)
+        first = torch.cat([calib[a:b, 0] for a, b in spans])
+        freq = (torch.bincount(first, minlength=W.shape[0]).double() + head["p_sum"]) / g.shape[0]
+        f, gains = factorize_tied_table(W, head["covariance"], head["grad_sq"], freq, g.T @ g / g.shape[0])
         parts = {"U": f.U, "S": f.S, "Vh": f.Vh, "spectrum": f.spectrum}
         self.work.save("factors-head.pt", {name: {k: v.contiguous().cpu() for k, v in parts.items()}})
         curve = {"shape": list(W.shape), "bias": 0, "gains": gains.cpu(), "seconds": time.perf_counter() - t0}

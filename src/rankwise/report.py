@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .allocate import ALLOCATORS
+from .compress import tied_label
 from .io.atomic import atomic_output_files
 from .io.checkpoint import REPORT_FILE
 
@@ -28,8 +29,9 @@ _BLOCK = re.compile(r"^(?P<stack>.*?)\.(?P<block>\d+)\.(?P<type>.+)$")
 
 @dataclass
 class LayerView:
-    """One factorized layer: ``rank`` None means it was left dense; ``spectrum`` its singular values in
-    the truncated metric divided by the first (possibly only the leading ones)."""
+    """One factorized layer (a tied LM head named as its table's two uses, see :func:`rankwise.compress.tied_label`):
+    ``rank`` None means it was left dense; ``spectrum`` its singular values in the truncated metric divided by the
+    first (possibly only the leading ones)."""
 
     name: str
     shape: tuple[int, int]
@@ -102,7 +104,7 @@ def _compress_layers(report: dict, path: Path) -> list[LayerView]:
         try:
             layers.append(
                 LayerView(
-                    d["name"],
+                    tied_label(d["name"], d.get("tied")),
                     tuple(d["shape"]),
                     d["rank"],
                     int(d["params_before"]),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .compress import CompressConfig, CompressReport, _check_calib, run_compression
-from .head import swap_head
+from .head import find_head, swap_head
 from .io.atomic import atomic_output_dir
 from .io.checkpoint import REPORT_FILE, card_text, factorized_specs, source_name
 from .io.lazy import ShardedWriter
@@ -61,7 +61,22 @@ def _spill_bytes(source: CheckpointSource, targets, config: CompressConfig, cali
     stats = sum(source.ckpt.shape(source.keys[f"{n}.weight"])[-1] ** 2 * 8 for n in targets)
     factors = sum(4 * torch.Size(source.ckpt.shape(source.keys[f"{n}.weight"])).numel() for n in targets)
     output = sum(f.stat().st_size for f in source.hf_dir.glob("*.safetensors"))
-    return 2 * acts + grads + stats + factors + output
+    head = head_spill_bytes(source.model) if config.include_head else 0
+    return 2 * acts + grads + stats + factors + head + output
+
+
+def head_spill_bytes(model) -> int:
+    """Upper bound of what ``include_head`` spills. A tied table (vocab, hidden): its statistics (the head input's
+    second moment, hidden^2, the logits' expected squared gradients and the predicted token frequencies, vocab
+    each) and its factors at full rank ``k`` (U, S,
+    Vh and the spectrum), float64 as :mod:`rankwise.pipeline` keeps them. An untied head: its float32 factors, up
+    to its largest allocatable rank (U and Vh smaller than the dense weight, S and the spectrum ``k`` each)."""
+    _, head, tied = find_head(model)
+    vocab, hidden = head.weight.shape
+    k = min(vocab, hidden)
+    if tied is None:
+        return 4 * (vocab * hidden + 2 * k)
+    return 8 * (hidden * hidden + 2 * vocab) + 8 * (vocab * k + k + k * hidden + k)
 
 
 class StreamedRun:

@@ -118,6 +118,11 @@ def sweep(
     ``(rows, reports, chosen keep or None)``.
     """
     keeps = check_keeps(keeps)
+    if config.include_head:  # measure_at and the saved keep swap in the block layers' factors only
+        raise ValueError(
+            "include_head: sweep measures and writes the block layers only; accepted: include_head=False, or "
+            "rankwise.streamed.compress_checkpoint at each keep"
+        )
     out = Path(out_dir)
     if out.exists() and not force:
         raise FileExistsError(f"output directory {str(out)!r} already exists; pass --force to overwrite it")

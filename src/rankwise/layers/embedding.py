@@ -20,6 +20,11 @@ from .registry import LAYERS
 from .tt import check_tt_dims
 
 
+def _scale_spec(scale: float) -> dict:
+    """The spec entry of an output scale: none for 1 (the specs of plain tables stay as they were)."""
+    return {} if scale == 1.0 else {"scale": scale}
+
+
 def _check_embedding(emb: nn.Module, layer: str) -> None:
     if not isinstance(emb, nn.Embedding):
         raise ValueError(f"{layer}.from_dense expects an nn.Embedding, got {type(emb).__name__}")
@@ -29,6 +34,21 @@ def _check_embedding(emb: nn.Module, layer: str) -> None:
             "factorized (its rows are renormalized / updated sparsely in place); accepted: max_norm=None, "
             "sparse=False"
         )
+
+
+def embedding_scale(emb: nn.Embedding) -> float:
+    """The constant ``s`` with ``emb(ids) = s * emb.weight[ids]``: 1 for nn.Embedding, ``sqrt(hidden)`` for
+    Gemma's scaled embedding. ValueError naming the module when its output is not its rows times a constant."""
+    ids = torch.arange(min(emb.num_embeddings, 16), device=emb.weight.device)
+    with torch.no_grad():
+        out, rows = emb(ids).to(torch.float64), emb.weight[ids].to(torch.float64)
+    s = float((out * rows).sum() / (rows * rows).sum().clamp_min(1e-300))
+    if float(torch.linalg.norm(out - s * rows)) > 1e-3 * float(torch.linalg.norm(out)):
+        raise ValueError(
+            f"{type(emb).__name__}: its output is not its table's rows times a constant, so a factorized table "
+            "cannot stand in for it; accepted: nn.Embedding and subclasses that scale its rows"
+        )
+    return 1.0 if s == 1.0 else s
 
 
 @LAYERS.register("lowrank_embedding", paper="https://arxiv.org/abs/1806.06950")
@@ -45,6 +65,7 @@ class LowRankEmbedding(nn.Module):
         super().__init__()
         self.num_embeddings, self.embedding_dim = int(spec["num_embeddings"]), int(spec["embedding_dim"])
         self.rank, self.padding_idx = int(spec["rank"]), spec.get("padding_idx")
+        self.scale = float(spec.get("scale", 1.0))  # the output's factor (Gemma's scaled embedding)
         self.codes = nn.Embedding(
             self.num_embeddings, self.rank, padding_idx=self.padding_idx, device=device, dtype=dtype
         )
@@ -57,18 +78,18 @@ class LowRankEmbedding(nn.Module):
             "embedding_dim": self.embedding_dim,
             "rank": self.rank,
             "padding_idx": self.padding_idx,
-        }
+        } | _scale_spec(self.scale)
 
     @classmethod
     def from_factors(cls, emb: nn.Embedding, svd: SVD) -> LowRankEmbedding:
-        """Build from ``E ≈ U diag(S) Vh``, sqrt(S) on both sides."""
+        """Build from ``E ≈ U diag(S) Vh``, sqrt(S) on both sides; ``emb``'s output scale is kept."""
         dt, dev = emb.weight.dtype, emb.weight.device
         spec = {
             "num_embeddings": emb.num_embeddings,
             "embedding_dim": emb.embedding_dim,
             "rank": svd.rank,
             "padding_idx": emb.padding_idx,
-        }
+        } | _scale_spec(embedding_scale(emb))
         layer = cls(spec, device=dev, dtype=dt)
         root = svd.S.to(torch.float64).sqrt()
         with torch.no_grad():
@@ -90,7 +111,8 @@ class LowRankEmbedding(nn.Module):
         return cls.from_factors(emb, svd)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.codes(ids))
+        out = self.proj(self.codes(ids))
+        return out if self.scale == 1.0 else out * self.scale
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden @ E^T`` (a tied LM head) as two thin products."""
@@ -109,7 +131,7 @@ class LowRankEmbedding(nn.Module):
             self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=ref.device, dtype=ref.dtype
         )
         with torch.no_grad():
-            dense.weight.copy_(self.dense_weight().to(ref.dtype))
+            dense.weight.copy_((self.scale * self.dense_weight()).to(ref.dtype))
         return dense
 
 
@@ -133,6 +155,7 @@ class TTEmbedding(nn.Module):
             tuple(spec["ranks"]),
         )
         self.padding_idx = spec.get("padding_idx")
+        self.scale = float(spec.get("scale", 1.0))  # the output's factor (Gemma's scaled embedding)
         full = (1, *self.ranks, 1)
         self.cores = nn.ParameterList(
             nn.Parameter(torch.empty(full[k], m, n, full[k + 1], device=device, dtype=dtype))
@@ -149,7 +172,7 @@ class TTEmbedding(nn.Module):
             "col_dims": list(self.col_dims),
             "ranks": list(self.ranks),
             "padding_idx": self.padding_idx,
-        }
+        } | _scale_spec(self.scale)
 
     @classmethod
     def from_factors(cls, emb: nn.Embedding, ttm: TTMatrix) -> TTEmbedding:
@@ -161,7 +184,7 @@ class TTEmbedding(nn.Module):
             "col_dims": ttm.col_dims,
             "ranks": ttm.ranks,
             "padding_idx": emb.padding_idx,
-        }
+        } | _scale_spec(embedding_scale(emb))
         layer = cls(spec, device=dev, dtype=dt)
         with torch.no_grad():
             for p, core in zip(layer.cores, ttm.cores):
@@ -191,7 +214,8 @@ class TTEmbedding(nn.Module):
         for k in range(1, len(self.cores)):
             piece = self.cores[k].permute(1, 0, 2, 3)[digits[k]]  # (B, r_{k-1}, n_k, r_k)
             state = torch.einsum("bar,brns->bans", state, piece).reshape(flat.shape[0], -1, piece.shape[-1])
-        return state.reshape(*ids.shape, self.embedding_dim)
+        out = state.reshape(*ids.shape, self.embedding_dim)
+        return out if self.scale == 1.0 else out * self.scale
 
     @property
     def num_params(self) -> int:
@@ -206,7 +230,7 @@ class TTEmbedding(nn.Module):
             self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx, device=ref.device, dtype=ref.dtype
         )
         with torch.no_grad():
-            dense.weight.copy_(self.dense_weight().to(ref.dtype))
+            dense.weight.copy_((self.scale * self.dense_weight()).to(ref.dtype))
         return dense
 
 
