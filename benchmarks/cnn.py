@@ -18,7 +18,13 @@ forward hooks on every nn.Conv2d; TensorLy-Torch's functional convolutions are n
 of a batch of 32 words (median of ``--repeats``); "x dense" divides it by the dense model's median timed
 interleaved with it, call by call (the shared machine's load drifts).
 
+``--fisher layer`` weights each layer's predicted loss by its mean loss-gradient second moment only
+(``ModuleCompressConfig.fisher_channels=False``); ``--sequential`` refits each chosen layer on its inputs in
+the model compressed so far (``sequential=True``); ``--heldout N`` evaluates on N held-out calibration-pool words
+instead of the evaluation words, to choose such settings on calibration data.
+
     PYTHONPATH=src python benchmarks/cnn.py [--words 400] [--keeps 0.3 0.2] [--methods ...] [--threads 1]
+        [--fisher channels layer] [--sequential] [--heldout 256]
 """
 
 from __future__ import annotations
@@ -101,8 +107,15 @@ def tltorch_compress(model: nn.Module, targets: dict, factorization: str, keep: 
 
     for name, conv in targets.items():
         kwargs = {"fixed_rank_modes": "spatial"} if spatial else {}
+        t0, c0 = time.perf_counter(), time.process_time()
         new = tltorch.FactorizedConv.from_conv(
             conv, rank=keep, factorization=factorization, implementation="factorized", **kwargs
+        )
+        # progress on stderr: TensorLy-Torch's CP (parafac) takes many minutes per layer here
+        print(
+            f"  {factorization} {name}: {time.perf_counter() - t0:.1f}s wall, {time.process_time() - c0:.1f}s CPU",
+            file=sys.stderr,
+            flush=True,
         )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
@@ -110,14 +123,31 @@ def tltorch_compress(model: nn.Module, targets: dict, factorization: str, keep: 
 
 
 def compress(
-    model: nn.Module, method: str, keep: float, targets: list[str], stats, keep_macs: float | None = None
+    model: nn.Module,
+    method: str,
+    keep: float,
+    targets: list[str],
+    stats,
+    keep_macs: float | None = None,
+    fisher_channels: bool = True,
+    sequential=None,
 ) -> tuple[int, str]:
     """Compress ``model``'s ``targets`` in place by ``method`` (one of METHODS) at ``keep`` of their parameters
-    (and, for rankwise, ``keep_macs`` of their MACs); returns the targets' parameters after and, for rankwise,
-    the format and rank per layer ("" for TensorLy-Torch)."""
+    (and, for rankwise, ``keep_macs`` of their MACs, ``fisher_channels`` as in ModuleCompressConfig, and with
+    ``sequential`` = (calibration callable, its number of batches) the sequential refit); returns the targets'
+    parameters after and, for rankwise, the format and rank per layer ("" for TensorLy-Torch)."""
     if method.startswith("rankwise"):
-        config = ModuleCompressConfig(keep=keep, keep_macs=keep_macs, format=method.split("-")[1], kinds=("conv2d",))
-        report = compress_(model, config, stats=stats)
+        runner, batches = sequential or (None, 8)
+        config = ModuleCompressConfig(
+            keep=keep,
+            keep_macs=keep_macs,
+            format=method.split("-")[1],
+            kinds=("conv2d",),
+            fisher_channels=fisher_channels,
+            sequential=runner is not None,
+            batches=batches,
+        )
+        report = compress_(model, config, runner, stats=stats)
         return sum(r["params_after"] for r in report), " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
     fact, spatial = TLTORCH[method]
     tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact, keep, spatial)
@@ -132,19 +162,44 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--fisher",
+        nargs="+",
+        choices=("channels", "layer"),
+        default=["channels"],
+        help="rankwise's loss-gradient weights: per output channel, and/or the layer's mean only "
+        "(fisher_channels=False); with both, every rankwise method gets a row for each",
+    )
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="rankwise refits each chosen layer on its inputs in the model compressed so far (sequential=True)",
+    )
+    ap.add_argument(
+        "--heldout",
+        type=int,
+        default=0,
+        help="evaluate on this many held-out calibration-pool words (the words after the --calib words; disjoint "
+        "from both) instead of the --words evaluation words: to choose settings without the evaluation words",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dense = load_crnn()
-    calib_words, eval_words = word_lists(args.calib, args.words)
+    pool, eval_words = word_lists(args.calib + args.heldout, args.words)
+    calib_words = pool[: args.calib]
     calib = make_batches(calib_words, offset=0)
-    evals = make_batches(eval_words, offset=10_000)
+    if args.heldout:
+        eval_words = pool[args.calib :]
+    evals = make_batches(eval_words, offset=args.calib if args.heldout else 10_000)
     timing_batch = max((b for b, w in evals if len(w) == 32), key=lambda b: b.shape[-1])
     config = ModuleCompressConfig(kinds=("conv2d",), min_in_channels=2)
     targets = find_module_targets(dense, config)
     target_params = sum(sum(p.numel() for p in m.parameters()) for m in targets.values())
     print(
-        f"CRNN english_g2: {len(targets)} target convs, {target_params:,} params; {len(eval_words)} eval words, "
-        f"{len(calib_words)} calibration words; timing batch {tuple(timing_batch.shape)}; threads {args.threads}"
+        f"CRNN english_g2: {len(targets)} target convs, {target_params:,} params; {len(eval_words)} "
+        f"{'held-out calibration-pool' if args.heldout else 'eval'} words, {len(calib_words)} calibration words; "
+        f"timing batch {tuple(timing_batch.shape)}; threads {args.threads}; rankwise fisher: {' '.join(args.fisher)}"
+        f"{', sequential' if args.sequential else ''}"
     )
     stats = None
     if any(m.startswith("rankwise") for m in args.methods):
@@ -166,19 +221,33 @@ def main() -> None:
         f"{'dense':<17} {1.0:>5.2f} {target_params:>10,} {acc:>8.3f} {cer:>6.3f} "
         f"{conv_macs(dense, timing_batch) / 1e6:>10.1f} {t_dense * 1e3:>9.1f} {1.0:>7.2f} {1.0:>6.2f} {0:>6.1f}"
     )
+    rows = [
+        (method, fisher)
+        for method in args.methods
+        for fisher in (args.fisher if method.startswith("rankwise") else ["channels"])
+    ]
     for keep in args.keeps:
-        for method in args.methods:
+        for method, fisher in rows:
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            params, formats = compress(model, method, keep, list(targets), stats)
+            params, formats = compress(
+                model,
+                method,
+                keep,
+                list(targets),
+                stats,
+                fisher_channels=fisher == "channels",
+                sequential=(ctc_runner(calib), len(calib)) if args.sequential else None,
+            )
             rankwise = method.startswith("rankwise")
+            label = f"{method}/{fisher}" if rankwise and len(args.fisher) > 1 else method
             macs = f"{conv_macs(model, timing_batch) / 1e6:>10.1f}" if rankwise else f"{'n/a':>10}"
             fit = time.perf_counter() - t0
             model.eval()
             acc, cer = evaluate(model, evals)
             t, t_anchor, t_min, anchor_min = latency(model, timing_batch, args.repeats, dense)
             print(
-                f"{method:<17} {keep:>5.2f} {params:>10,} {acc:>8.3f} {cer:>6.3f} {macs} {t * 1e3:>9.1f} "
+                f"{label:<17} {keep:>5.2f} {params:>10,} {acc:>8.3f} {cer:>6.3f} {macs} {t * 1e3:>9.1f} "
                 f"{t / t_anchor:>7.2f} {t_min / anchor_min:>6.2f} {fit:>6.1f}  {formats}",
                 flush=True,
             )

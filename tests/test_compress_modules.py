@@ -222,3 +222,64 @@ def test_allocate_options_matches_brute_force_and_rejects_too_small_budgets():
         assert got <= best + max(o[0][1] - o[-1][1] for o in options)  # within one layer's range of the optimum
     with pytest.raises(ValueError, match=r"^the budget of 5 parameters is below the 8 that the smallest"):
         allocate_options([[(4, 1.0), (9, 0.0)], [(4, 1.0)]], 5)
+
+
+def test_sequential_refits_each_layer_on_the_compressed_models_inputs():
+    # format svd without Fisher weights: a refitted layer is the best rank-r kernel on its inputs in the model
+    # compressed so far, so its squared output error there is the tail of the singular values of W P^T (P those
+    # inputs' patches, computed here with F.unfold); the layer fitted on the dense model's inputs does worse
+    import torch.nn.functional as F
+
+    dense = _cnn()
+    config = ModuleCompressConfig(keep=0.4, format="svd", fisher=False, damping=0.0, include=r"^(2|5)$")
+    plain, seq = copy.deepcopy(dense), copy.deepcopy(dense)
+    report_plain = compress_(plain, config, IMAGES)
+    report = compress_(seq, ModuleCompressConfig(**{**config.__dict__, "sequential": True}), IMAGES)
+    assert [(r["format"], r["rank"]) for r in report] == [(r["format"], r["rank"]) for r in report_plain]
+    assert [r["format"] for r in report] == ["svd", "svd"]
+    assert torch.equal(
+        seq[2].to_dense().weight, plain[2].to_dense().weight
+    )  # the first target's inputs are the dense ones
+    x = _layer_inputs(seq, ["5"])["5"]  # layer 5's inputs after layer 2 was compressed
+    W = dense[5].weight.detach().reshape(16, -1)
+    patches = F.unfold(x, 1).transpose(1, 2).reshape(-1, 16)
+    tail = float((torch.linalg.svdvals(W @ patches.T)[report[1]["rank"] :] ** 2).sum()) / len(x)
+    with torch.no_grad():
+        err_seq = float((seq[5](x) - dense[5](x)).norm() ** 2) / len(x)
+        err_plain = float((plain[5](x) - dense[5](x)).norm() ** 2) / len(x)
+    assert err_seq == pytest.approx(tail, rel=1e-7)
+    assert err_plain > 1.01 * err_seq
+    with pytest.raises(ValueError, match=r"^sequential=True refits on the compressed model's inputs and needs inputs"):
+        compress_(copy.deepcopy(dense), ModuleCompressConfig(sequential=True), stats={})
+    with pytest.raises(ValueError, match=r"^sequential refits on input statistics, which method='svd'"):
+        ModuleCompressConfig(sequential=True, method="svd")
+    with pytest.raises(ValueError, match=r"^sequential must be True or False, got 1$"):
+        ModuleCompressConfig(sequential=1)
+
+
+def test_fisher_channels_false_scales_each_layer_by_its_mean_gradient_moment_only():
+    # the factors then fit the unweighted whitened kernel, and the predicted loss is the layer's squared output
+    # error on its calibration inputs times the mean squared output gradient of the layer
+    from rankwise.calibrate_modules import collect_module_stats
+
+    dense = _cnn()
+    config = ModuleCompressConfig(keep=0.3, format="svd", damping=0.0, fisher_channels=False)
+    stats = collect_module_stats(dense, find_module_targets(dense, config), IMAGES)
+    model, weighted = copy.deepcopy(dense), copy.deepcopy(dense)
+    report = compress_(model, config, stats=stats)
+    compress_(weighted, ModuleCompressConfig(**{**config.__dict__, "fisher_channels": True}), stats=stats)
+    inputs = _layer_inputs(dense, [r["name"] for r in report])
+    checked = 0
+    for r in report:
+        if r["format"] is None:
+            continue
+        x, name = inputs[r["name"]], r["name"]
+        with torch.no_grad():
+            err = float((model.get_submodule(name)(x) - dense.get_submodule(name)(x)).norm() ** 2) / len(x)
+        assert err * float(stats[name].grad_sq.mean()) == pytest.approx(r["predicted_loss"], rel=1e-7)
+        checked += 1
+    assert checked >= 2
+    assert [r["rank"] for r in report] == [9, None, 2]
+    assert not torch.allclose(model[2].to_dense().weight, weighted[2].to_dense().weight)  # same rank, other weights
+    with pytest.raises(ValueError, match=r"^fisher_channels must be True or False, got 'no'$"):
+        ModuleCompressConfig(fisher_channels="no")
