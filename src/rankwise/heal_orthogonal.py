@@ -15,9 +15,9 @@ layers (``up = U |s|^1/2 sign(s)``, ``down = |s|^1/2 Vh``), so the model saves a
 References
 ----------
 P.-A. Absil, R. Mahony and R. Sepulchre, "Optimization Algorithms on Matrix Manifolds", Princeton University
-Press, 2008: the Riemannian gradient of a submanifold as the projection of the Euclidean one (section 3.6.1;
-for the Stiefel manifold, ``G - X sym(X^T G)``, example 3.6.2) and the QR-based retraction on the Stiefel
-manifold (example 4.1.3).
+Press, 2008: the Riemannian gradient of a Riemannian submanifold as the projection of the Euclidean one
+(section 3.6; for the Stiefel manifold ``G - X sym(X^T G)``) and the QR-based retraction ``qf`` on the Stiefel
+manifold (section 4.1).
 A. Stathopoulos and K. Wu, "A block orthogonalization procedure with constant synchronization requirements",
 SIAM J. Sci. Comput. 23(6), 2002 (Cholesky QR).
 """
@@ -50,7 +50,7 @@ def qr_retraction(x: torch.Tensor) -> torch.Tensor:
     x : (n, r) with n >= r; computed in float64 and returned in ``x``'s dtype. Computed as Cholesky QR
     (``R = chol(x^T x)^T``, ``Q = x R^-1``), the same Q as a Householder QR with the signs fixed and 1.6x faster
     on SmolLM2's factors; its accuracy degrades with ``cond(x)^2``, harmless here: after a tangent step ``d`` from
-    an orthonormal ``x0``, ``x^T x = I + d^T d``, whose condition number is ``1 + |d|^2``.
+    an orthonormal ``x0``, ``x^T x = I + d^T d``, whose condition number is at most ``1 + ||d||_2^2``.
     """
     xd = x.double()
     lower = torch.linalg.cholesky(xd.T @ xd)
