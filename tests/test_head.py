@@ -74,12 +74,15 @@ def head_row(report):
     return next(layer for layer in report.layers if layer.name == "lm_head")
 
 
-@pytest.mark.parametrize(("arch", "weight"), [("llama", 1.0), ("llama", 0.5), ("gemma2", 1.0)])
-def test_tied_head_is_one_target_priced_in_the_block_layers_metric(arch, weight):
+@pytest.mark.parametrize(
+    ("arch", "weight", "fisher_seqs"), [("llama", 1.0, 8), ("llama", 0.5, 8), ("gemma2", 1.0, 8), ("llama", 1.0, 4)]
+)
+def test_tied_head_is_one_target_priced_in_the_block_layers_metric(arch, weight, fisher_seqs):
     build = {"llama": llama, "gemma2": gemma2}[arch]
     model, dense = build(dtype=torch.float64), build(dtype=torch.float64)
     E = dense.model.embed_tokens.weight.detach().double()
-    report = compress_(model, dataclasses.replace(CONFIG, head_weight=weight), CALIB, progress=False)
+    config = dataclasses.replace(CONFIG, head_weight=weight, fisher_seqs=fisher_seqs)
+    report = compress_(model, config, CALIB, progress=False)
     row = head_row(report)
     assert row.shape == (96, 64) and row.rank is not None and row.rank < 38
     emb, head = model.model.embed_tokens, model.lm_head
@@ -92,9 +95,12 @@ def test_tied_head_is_one_target_priced_in_the_block_layers_metric(arch, weight)
     # the allocator's predicted loss of the table at its rank is, exactly, the head's output error on the
     # calibration inputs weighted by the logits' expected squared loss gradients p (1 - p) (the Gauss-Newton
     # diagonal: every row priced, not only the calibration text's next tokens) plus the second-order cost of
-    # the same error in the input embedding, each token weighted by how often the model predicts it
+    # the same error in the input embedding, each token weighted by how often the model predicts it; all but
+    # the embedding's gradients from every calibration sequence (a forward suffices), not only the first
+    # fisher_seqs
     X, G, P = head_inputs_embedding_gradients_and_predictions(dense)
     n, L = CALIB.shape
+    G = G[: fisher_seqs * L]
     scale = 8.0 if arch == "gemma2" else 1.0  # Gemma2's embedding output: its rows times sqrt(hidden)
     assert emb.scale == scale
     E_r = emb.dense_weight()

@@ -151,9 +151,8 @@ class BlockRunner:
         Causal LMs score one sequence at a time (the logits of a whole batch can be larger than the
         model); the summed per-sequence losses are those of :func:`rankwise.calibrate.collect_stats`.
         """
-        pieces = [(j, j + 1) for j in range(batch.shape[0])] if is_causal_lm(self.model) else [(0, batch.shape[0])]
         grads, total = [], 0.0
-        for a, b in pieces:
+        for a, b in self._pieces(batch):
             h = last[a:b].to(self.device, self.dtype).requires_grad_(True)
             with torch.enable_grad():
                 out = self._forward_with_stand_ins(batch[a:b], "inject", inject=h)
@@ -162,6 +161,19 @@ class BlockRunner:
             grads.append(g.detach().to("cpu"))
             total += float(loss.detach())
         return total / batch.shape[0], torch.cat(grads)
+
+    def head_forward(self, batch: Tensor, last: Tensor) -> None:
+        """The model's forward after the block stack (final norm, head) on ``last``, without gradients: for the
+        hooks of a caller that measures the head."""
+        with torch.no_grad():
+            for a, b in self._pieces(batch):
+                self._forward_with_stand_ins(batch[a:b], "inject", inject=last[a:b].to(self.device, self.dtype))
+
+    def _pieces(self, batch: Tensor) -> list[tuple[int, int]]:
+        """Rows run together after the stack: one at a time for a causal LM (a batch's logits can outgrow the
+        model), all at once otherwise."""
+        n = batch.shape[0]
+        return [(j, j + 1) for j in range(n)] if is_causal_lm(self.model) else [(0, n)]
 
     def embedding_grad(self, batch: Tensor, embedding: nn.Module, grad: Tensor) -> Tensor:
         """The loss gradient at ``embedding``'s output given ``grad``, the one at the block stack's input.

@@ -174,7 +174,7 @@ class Pipeline:
             self.source.release_block(i)
             self.work.save("forward.pt", {"next": i + 1, "hidden": hidden})
         if self.needs_grad:
-            grad_sq = self._backward(calib, spans[:n_grad], hidden[:n_grad], calls)
+            grad_sq = self._backward(calib, spans, hidden, calls, n_grad)
             for i in self._bar(range(self.source.num_blocks), "factorize blocks"):
                 if not self.work.has(f"factors-{i}.pt"):
                     block_stats = _stats_from_state(self.work.load(f"stats-{i}.pt"), self.device)
@@ -184,30 +184,14 @@ class Pipeline:
         return self._curves()
 
     # -- pass B ------------------------------------------------------------------------------------------
-    def _backward(self, calib, spans, last_hidden, calls) -> dict[str, torch.Tensor]:
-        """Squared output gradients of every target, mean over the gradient sequences' tokens."""
+    def _backward(self, calib, spans, last_hidden, calls, n_grad: int) -> dict[str, torch.Tensor]:
+        """Squared output gradients of every target, mean over the tokens of the first ``n_grad`` batches."""
         if self.work.has("backward.pt"):
             state = self.work.load("backward.pt")
         else:
-            grads, moments = [], []
-            hook = self.head and self.head[1].register_forward_hook(
-                lambda m, args, logits: moments.append(predicted_token_moments(logits))
-            )
-            try:
-                with LayerHooks(dict([self.head[:2]] if self.head else []), self.device) as hooks:
-                    for k, (a, b) in enumerate(spans):
-                        hooks.new_forward()
-                        _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
-                        grads.append(g)
-            finally:
-                if hook:
-                    hook.remove()
-            if self.head is not None:
-                p_sum, pq_sum = (sum(m[j] for m in moments) for j in (0, 1))
-                self._factorize_head(
-                    hooks, sum((b - a) * calib.shape[1] for a, b in spans), calib.shape[1], p_sum, pq_sum
-                )
+            grads = self._loss_head(calib, spans, last_hidden, n_grad)
             state = {"next": self.source.num_blocks - 1, "grads": grads, "grad_sq": {}}
+        spans = spans[:n_grad]
         grads, grad_sq = state["grads"], state["grad_sq"]
         for i in self._bar(range(state["next"], -1, -1), "loss gradients"):
             block = self.source.load_block(i)
@@ -227,6 +211,33 @@ class Pipeline:
         tokens = sum((b - a) * calib.shape[1] for a, b in spans)
         self.grad_sq = {n: g / tokens for n, g in grad_sq.items()}
         return self.grad_sq
+
+    def _loss_head(self, calib, spans, last_hidden, n_grad: int) -> list[torch.Tensor]:
+        """The loss gradients at the last block's output of the first ``n_grad`` batches. With the LM head a
+        target, its statistics on *every* calibration batch (its input second moment and the model's next-token
+        moments need no gradient: the forward suffices past ``n_grad``), then its factors or, tied, its kept
+        statistics (:meth:`_factorize_head`)."""
+        grads, moments = [], []
+        hook = self.head and self.head[1].register_forward_hook(
+            lambda m, args, logits: moments.append(predicted_token_moments(logits))
+        )
+        try:
+            with LayerHooks(dict([self.head[:2]] if self.head else []), self.device) as hooks:
+                for k, (a, b) in enumerate(spans[:n_grad]):
+                    hooks.new_forward()
+                    _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
+                    grads.append(g)
+                for k, (a, b) in enumerate(spans[n_grad:] if self.head else [], start=n_grad):
+                    hooks.new_forward()
+                    self.runner.head_forward(calib[a:b], last_hidden[k])
+        finally:
+            if hook:
+                hook.remove()
+        if self.head is not None:
+            p_sum, pq_sum = (sum(m[j] for m in moments) for j in (0, 1))
+            first = torch.cat([calib[a:b, 0] for a, b in spans])
+            self._factorize_head(hooks, calib.shape[1], first, p_sum, pq_sum)
+        return grads
 
     # -- pass C ------------------------------------------------------------------------------------------
     def _factorize_block(self, i: int | str, targets: dict[str, nn.Module], stats: CalibStats | None) -> None:
@@ -251,21 +262,25 @@ class Pipeline:
         self.work.save(f"factors-{i}.pt", out)
         self.work.save(f"curves-{i}.pt", curves)
 
-    def _factorize_head(self, hooks: LayerHooks, tokens: int, seq_len: int, p_sum, pq_sum) -> None:
+    def _factorize_head(self, hooks: LayerHooks, seq_len: int, first: torch.Tensor, p_sum, pq_sum) -> None:
         """An untied head's factors and curve (spill key ``head``) in the block layers' metric; a tied head's
-        statistics, kept until the embedding's gradients are known (end of pass B).
+        statistics, kept until the embedding's gradients are known (end of pass B). ``first``: the token ids at
+        the rows' first positions; ``p_sum`` / ``pq_sum``: :func:`rankwise.calibrate.predicted_token_moments`
+        summed over every calibration row.
 
         The head's output weights are the squared logit gradients in expectation over the model's own
-        prediction, ``p (1 - p)`` (:func:`rankwise.calibrate.predicted_token_moments`), not at the calibration
-        text's next tokens: a sampled token prices only the few hundred rows the text contains, and the rest
-        of the vocabulary (15% of the tokens of SmolLM2's evaluation text are absent from 8k calibration
-        tokens) would be truncated for free. ``calibration_loss`` averages a row's ``seq_len - 1`` scored
-        positions, hence the scale.
+        prediction, ``p (1 - p)``, not at the calibration text's next tokens: a sampled token prices only the
+        few hundred rows the text contains, and the rest of the vocabulary (15% of the tokens of SmolLM2's
+        evaluation text are absent from 8k calibration tokens) would be truncated for free. ``calibration_loss``
+        averages a row's ``seq_len - 1`` scored positions, hence the scale. A tied table's token frequencies
+        are likewise the model's predictions of each position's token (the token itself at a row's start).
         """
         name, layer, tied = self.head
+        tokens = first.numel() * seq_len
         grad_sq = {name: pq_sum / ((seq_len - 1) ** 2 * tokens)}
         if tied:
-            state = {"covariance": hooks.stats[name].covariance.cpu(), "grad_sq": grad_sq[name], "p_sum": p_sum}
+            freq = (torch.bincount(first, minlength=p_sum.shape[0]).double() + p_sum) / tokens
+            state = {"covariance": hooks.stats[name].covariance.cpu(), "grad_sq": grad_sq[name], "freq": freq}
             self.work.save("head-stats.pt", state)
             return
         self._factorize_block("head", {name: layer}, CalibStats(hooks.stats, grad_sq))
@@ -284,11 +299,7 @@ class Pipeline:
         )
         g = g.double() * embedding_scale(emb)
         W = dense_weight(layer).detach()
-        # how often each token is embedded: at a row's first position the token itself, elsewhere the model's
-        # prediction of it from the positions before (its expectation: no row of the vocabulary priced at zero)
-        first = torch.cat([calib[a:b, 0] for a, b in spans])
-        freq = (torch.bincount(first, minlength=W.shape[0]).double() + head["p_sum"]) / g.shape[0]
-        f, gains = factorize_tied_table(W, head["covariance"], head["grad_sq"], freq, g.T @ g / g.shape[0])
+        f, gains = factorize_tied_table(W, head["covariance"], head["grad_sq"], head["freq"], g.T @ g / g.shape[0])
         parts = {"U": f.U, "S": f.S, "Vh": f.Vh, "spectrum": f.spectrum}
         self.work.save("factors-head.pt", {name: {k: v.contiguous().cpu() for k, v in parts.items()}})
         curve = {"shape": list(W.shape), "bias": 0, "gains": gains.cpu(), "seconds": time.perf_counter() - t0}
