@@ -135,6 +135,16 @@ def test_size_budget_is_met(llama_dir, tmp_path, capsys):
         (["--size", "1MB", "--bits", "4"], "a byte budget chooses bit widths and corrections per layer; drop --bits"),
         (["--size", "1MB", "--bits-per-weight", "3"], "give one byte budget: --bits-per-weight or --size, not both"),
         (
+            ["--bits", "4", "--include-head"],
+            "--include-head is not supported by quantizing runs (--bits, --method qlr, --bits-per-weight, --size); "
+            "accepted: a low-rank compression without them",
+        ),
+        (
+            ["--bits", "4", "--sequential"],
+            "--sequential is not supported by quantizing runs (--bits, --method qlr, --bits-per-weight, --size); "
+            "accepted: a low-rank compression without them",
+        ),
+        (
             ["--size", "1MB"],
             "size 1,000,000 bytes is below the 3,907,456 bytes the model's untouched tensors "
             "(embeddings, norms, layers not quantized) need; the minimum is more than 3,907,456",

@@ -51,6 +51,17 @@ def run_quantized_compress(args) -> int:
     plain = argparse.Namespace(**{**vars(args), "method": None if args.method == "qlr" else args.method})
     if not lowrank and (args.keep is not None or args.sequential):
         raise ValueError("--keep and --sequential apply to low-rank factorization (--bits without --method qlr)")
+    flags = (
+        ("--sequential", args.sequential),
+        ("--include-head", args.include_head),
+        ("--head-weight", args.head_weight),
+    )
+    unsupported = [flag for flag, value in flags if value not in (None, False)]
+    if unsupported:
+        raise ValueError(
+            f"{unsupported[0]} is not supported by quantizing runs (--bits, --method qlr, --bits-per-weight, --size); "
+            "accepted: a low-rank compression without them"
+        )
     config, hf_dir, _, calib = config_and_calibration(plain, ("keep",) if lowrank else ())
     report = compress_quantized(hf_dir, args.out, calib, config=config, force=args.force, **settings)
     out = Path(args.out)
