@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rankwise.calibrate import collect_stats
+from rankwise.calibrate import collect_stats, predicted_token_moments
 from rankwise.targets import find_targets
 
 from _tiny_models import small_llama, tiny_model
@@ -135,3 +135,21 @@ def test_unused_target_is_reported():
     targets["unused"] = extra
     with pytest.raises(ValueError, match=r"^calibration never reached layer\(s\) unused: they are not used"):
         collect_stats(model, targets, torch.zeros(1, 4, dtype=torch.long), progress=False)
+
+
+def test_predicted_token_moments_are_expected_squared_cross_entropy_gradients():
+    # E_{y ~ p}[(dCE/dlogit)^2] over the scored positions (all but each row's last), from autograd for every label
+    logits = torch.randn(2, 4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p_sum, pq_sum = predicted_token_moments(logits, chunk=2)  # chunks across rows: the sums do not depend on them
+    expected_p, expected_pq = torch.zeros(7, dtype=torch.float64), torch.zeros(7, dtype=torch.float64)
+    for row in logits:
+        for z in row[:-1]:
+            p = torch.softmax(z, -1)
+            expected_p += p
+            for y in range(7):
+                x = z.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x[None], torch.tensor([y])), x)
+                expected_pq += p[y] * g**2
+    # the softmax is taken in float32 (SmolLM2's logits rows are 49,152 wide), the sums in float64
+    torch.testing.assert_close(p_sum, expected_p, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(pq_sum, expected_pq, rtol=1e-6, atol=1e-9)
