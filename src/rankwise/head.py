@@ -3,8 +3,8 @@
 A tied ``E`` (vocab, hidden) is factorized as ``A B^T`` (``A`` (vocab, r), ``B`` (hidden, r)): the embedding
 lookup becomes ``A[ids] @ B^T`` and the head ``(h @ B) @ A^T``, so one rank prices both uses. An untied head is
 measured where the logits are computed (its input Gram is the final-norm output's, its output weights the
-logits' squared loss gradients), in the metric of the block layers. A tied table is priced both as the head
-and as the input embedding (:func:`factorize_tied_table`).
+logits' squared loss gradients in expectation over the model's prediction, ``p (1 - p)``), in the metric of the
+block layers. A tied table is priced both as the head and as the input embedding (:func:`factorize_tied_table`).
 """
 
 from __future__ import annotations
@@ -68,9 +68,10 @@ def factorize_tied_table(
     """Factors of a tied table ``E`` (vocab, dim) and their per-triplet loss increase ``gains`` (dim,).
 
     The loss increase of an error ``dE`` is estimated as the sum of two Kronecker-factored terms,
-    ``sum_v g_v dE_v C_h dE_v^T`` (the head: ``g = E[(dL/dlogit_v)^2]``, ``C_h`` the final-norm output's
-    second moment, as for the block layers) and ``sum_v freq_v dE_v G dE_v^T`` (the input embedding: token
-    frequencies, ``G`` the mean outer product of the loss gradient at the embedding output). Their sum has
+    ``sum_v g_v dE_v C_h dE_v^T`` (the head: ``g = E[(dL/dlogit_v)^2]`` for next tokens drawn from the model,
+    ``C_h`` the final-norm output's second moment, as for the block layers) and ``sum_v freq_v dE_v G dE_v^T``
+    (the input embedding: token frequencies as the model predicts them, ``G`` the mean outer product of the loss
+    gradient at the table's rows). Their sum has
     no closed-form truncation; the SVD is taken in one Kronecker metric that matches both in total (rows
     weighted by ``g_v tr(C_h) + freq_v tr(G)``, columns whitened by ``sum(g) C_h + sum(freq) G``), and the
     gains are the exact tail costs of both terms (:func:`rankwise.metric.kronecker_gains`).
