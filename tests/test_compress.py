@@ -8,7 +8,8 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rankwise.calibrate import collect_stats
-from rankwise.compress import CompressConfig, CompressReport, compress_
+from rankwise.compress import CompressConfig, compress_
+from rankwise.compress_report import CompressReport
 from rankwise.formats.svd import truncated_svd
 from rankwise.layers.linear import LowRankLinear, dense_weight
 from rankwise.metric import factorize

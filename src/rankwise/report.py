@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .allocate import ALLOCATORS
-from .compress import tied_label
+from .compress_report import tied_label
 from .io.atomic import atomic_output_files
 from .io.checkpoint import REPORT_FILE
 
@@ -29,9 +29,9 @@ _BLOCK = re.compile(r"^(?P<stack>.*?)\.(?P<block>\d+)\.(?P<type>.+)$")
 
 @dataclass
 class LayerView:
-    """One factorized layer (a tied LM head named as its table's two uses, see :func:`rankwise.compress.tied_label`):
-    ``rank`` None means it was left dense; ``spectrum`` its singular values in the truncated metric divided by the
-    first (possibly only the leading ones)."""
+    """One factorized layer (a tied LM head named as its table's two uses, see
+    :func:`rankwise.compress_report.tied_label`): ``rank`` None means it was left dense; ``spectrum`` its
+    singular values in the truncated metric divided by the first (possibly only the leading ones)."""
 
     name: str
     shape: tuple[int, int]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .compress import CompressConfig, CompressReport, _check_calib, run_compression
+from .compress import CompressConfig, _check_calib, run_compression
+from .compress_report import CompressReport
 from .head import find_head, swap_head
 from .io.atomic import atomic_output_dir
 from .io.checkpoint import REPORT_FILE, card_text, factorized_specs, source_name

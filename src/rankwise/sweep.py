@@ -21,15 +21,8 @@ import torch
 from torch import nn
 
 from ._validate import fraction
-from .compress import (
-    CompressConfig,
-    CompressReport,
-    allocate_layers,
-    budget_curve,
-    emit_blocks,
-    layer_report,
-    plan_compression,
-)
+from .compress import CompressConfig, allocate_layers, budget_curve, emit_blocks, plan_compression
+from .compress_report import CompressReport, layer_report
 from .io.atomic import atomic_output_dir
 from .pipeline import swap_in
 from .streamed import StreamedRun, peak_rss_mib
