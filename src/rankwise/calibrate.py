@@ -117,16 +117,16 @@ def calibration_loss(model: nn.Module, batch: Tensor, output, seed: int) -> Tens
 
 
 class LayerHooks:
-    """Forward hooks on ``targets`` that stream :class:`InputStats` (and, when gradients flow, the squared
-    output gradients) of each layer, in a ``with`` block.
+    """Forward hooks on ``targets`` that stream :class:`InputStats` (``inputs``) and, when gradients flow, the
+    squared output gradients (``grads``) of each layer, in a ``with`` block.
 
     A layer whose input is the very tensor object the previous target read (q/k/v, gate/up) shares that
     layer's :class:`InputStats`; call :meth:`new_forward` before each forward so that sharing is only
     detected within one forward. Used on a whole model and on one block at a time alike.
     """
 
-    def __init__(self, targets: dict[str, nn.Module], device: torch.device, *, inputs: bool = True):
-        self.targets, self.device, self.inputs = targets, device, inputs
+    def __init__(self, targets: dict[str, nn.Module], device: torch.device, *, inputs: bool = True, grads: bool = True):
+        self.targets, self.device, self.inputs, self.grads = targets, device, inputs, grads
         self.stats: dict[str, InputStats] = {}
         self.grad_sq: dict[str, Tensor] = {}
         self._followers: set[str] = set()
@@ -163,7 +163,8 @@ class LayerHooks:
         for name, m in self.targets.items():
             if self.inputs:
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook(name)))
-            self._handles.append(m.register_forward_hook(self._fwd_hook(name)))
+            if self.grads:
+                self._handles.append(m.register_forward_hook(self._fwd_hook(name)))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -222,7 +222,8 @@ class Pipeline:
             lambda m, args, logits: moments.append(predicted_token_moments(logits))
         )
         try:
-            with LayerHooks(dict([self.head[:2]] if self.head else []), self.device) as hooks:
+            # the head's input statistics only: its output weights are the expected ones, from the logits
+            with LayerHooks(dict([self.head[:2]] if self.head else []), self.device, grads=False) as hooks:
                 for k, (a, b) in enumerate(spans[:n_grad]):
                     hooks.new_forward()
                     _, g = self.runner.head_grad(calib[a:b], last_hidden[k], self.config.seed + k)
