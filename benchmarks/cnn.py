@@ -148,7 +148,7 @@ def compress(
             batches=batches,
         )
         report = compress_(model, config, runner, stats=stats)
-        return sum(r["params_after"] for r in report), " ".join(f"{r['format'] or 'dense'}:{r['rank']}" for r in report)
+        return report.params_after, " ".join(f"{r.format or 'dense'}:{r.rank}" for r in report.layers)
     fact, spatial = TLTORCH[method]
     tltorch_compress(model, {n: model.get_submodule(n) for n in targets}, fact, keep, spatial)
     return sum(sum(p.numel() for p in model.get_submodule(n).parameters()) for n in targets), ""

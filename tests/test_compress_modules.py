@@ -3,6 +3,7 @@ clear errors."""
 
 import copy
 import itertools
+import json
 
 import pytest
 import torch
@@ -54,19 +55,19 @@ def test_predicted_loss_is_the_output_error_on_the_calibration_inputs(fmt):
     include = r"^5$" if fmt == "tucker" else None  # Tucker's prediction is exact for the 1x1 conv only
     config = ModuleCompressConfig(keep=0.5, format=fmt, fisher=False, damping=0.0, kinds=("conv2d",), include=include)
     report = compress_(model, config, IMAGES)
-    inputs = _layer_inputs(dense, [r["name"] for r in report])
+    inputs = _layer_inputs(dense, [r.name for r in report.layers])
     checked = 0
-    for r in report:
-        if r["format"] is None or (fmt == "tucker" and dense.get_submodule(r["name"]).kernel_size != (1, 1)):
+    for r in report.layers:
+        if r.format is None or (fmt == "tucker" and dense.get_submodule(r.name).kernel_size != (1, 1)):
             continue
-        x = inputs[r["name"]]
+        x = inputs[r.name]
         with torch.no_grad():
-            measured = float((model.get_submodule(r["name"])(x) - dense.get_submodule(r["name"])(x)).norm() ** 2)
+            measured = float((model.get_submodule(r.name)(x) - dense.get_submodule(r.name)(x)).norm() ** 2)
         if fmt == "svd":
-            assert measured / len(x) == pytest.approx(r["predicted_loss"], rel=1e-7)
+            assert measured / len(x) == pytest.approx(r.loss, rel=1e-7)
         else:  # the prediction is the truncated HOSVD's; the layer is its HOOI refinement, never worse
-            assert measured / len(x) <= r["predicted_loss"] * (1 + 1e-9)
-            assert measured / len(x) >= 0.5 * r["predicted_loss"]
+            assert measured / len(x) <= r.loss * (1 + 1e-9)
+            assert measured / len(x) >= 0.5 * r.loss
         checked += 1
     assert checked >= 1
 
@@ -77,25 +78,30 @@ def test_one_budget_over_all_targets(fmt, keep):
     model = _cnn()
     config = ModuleCompressConfig(keep=keep, format=fmt, kinds=("conv2d", "linear"), cp_iters=5)
     report = compress_(model, config, IMAGES)
-    assert [r["name"] for r in report] == ["2", "5", "7", "9"]  # the 1-channel first conv stays out
-    before = sum(r["params_before"] for r in report)
-    assert sum(r["params_after"] for r in report) <= keep * before
-    for r in report:
-        layer = model.get_submodule(r["name"])
-        assert r["params_after"] == sum(p.numel() for p in layer.parameters())
-        if r["format"] is not None and r["kind"] == "conv2d":
+    assert [r.name for r in report.layers] == ["2", "5", "7", "9"]  # the 1-channel first conv stays out
+    dense = _cnn()
+    assert report.params_before == sum(
+        p.numel() for n in ("2", "5", "7", "9") for p in dense.get_submodule(n).parameters()
+    )
+    assert report.params_after <= keep * report.params_before
+    assert report.ranks == {r.name: r.rank for r in report.layers if r.format is not None}
+    for r in report.layers:
+        layer = model.get_submodule(r.name)
+        assert r.params_after == sum(p.numel() for p in layer.parameters())
+        if r.format is not None and r.kind == "conv2d":
             allowed = {"svd", "tucker"} if fmt == "auto" else {fmt}
-            assert r["format"] in allowed and type(layer).__name__.lower().startswith(r["format"])
+            assert r.format in allowed and type(layer).__name__.lower().startswith(r.format)
     assert torch.isfinite(model(IMAGES)).all()
 
 
 def test_keep_one_leaves_the_model_dense_and_data_free_needs_no_inputs():
     model = _cnn()
     report = compress_(model, ModuleCompressConfig(keep=1.0, kinds=("conv2d", "linear")), IMAGES)
-    assert all(r["format"] is None for r in report)
+    assert all(r.format is None for r in report.layers) and report.ranks == {}
     assert all(type(m) in (nn.Conv2d, nn.Linear, nn.ReLU, nn.MaxPool2d, nn.Flatten) for m in model)
     report = compress_(model, ModuleCompressConfig(keep=0.5, method="svd", format="svd"))
-    assert sum(r["params_after"] for r in report) <= 0.5 * sum(r["params_before"] for r in report)
+    assert report.params_after <= 0.5 * report.params_before
+    assert report.macs_before is None  # data-free: no input sizes
 
 
 def test_embedding_targets_weight_rows_by_token_counts():
@@ -106,10 +112,10 @@ def test_embedding_targets_weight_rows_by_token_counts():
     ids = ids.reshape(30, 10)
     dense = copy.deepcopy(model)
     report = compress_(model, ModuleCompressConfig(keep=0.5, kinds=("embedding",), fisher=False), ids)
-    assert report[0]["format"] == "svd" and report[0]["rank"] == 6  # 6 * (50 + 16) <= 400 < 7 * 66
+    assert report.layers[0].format == "svd" and report.layers[0].rank == 6  # 6 * (50 + 16) <= 400 < 7 * 66
     counts = torch.bincount(ids.reshape(-1), minlength=50).double() / 30  # per example, as the metric counts
     row_err = ((model[0].dense_weight() - dense[0].weight.detach()) ** 2).sum(1)
-    assert float((counts * row_err).sum()) == pytest.approx(report[0]["predicted_loss"], rel=1e-9)
+    assert float((counts * row_err).sum()) == pytest.approx(report.layers[0].loss, rel=1e-9)
     from rankwise.layers.embedding import LowRankEmbedding
 
     plain = ((LowRankEmbedding.from_dense(dense[0], 6).dense_weight() - dense[0].weight.detach()) ** 2).sum(1)
@@ -121,7 +127,7 @@ def test_compress_with_a_module_config_is_the_module_walk_bit_for_bit():
     expected_report = compress_module_tree_(expected, ModuleCompressConfig(keep=0.3), IMAGES, progress=False)
     report = compress_(model, ModuleCompressConfig(keep=0.3), calib=IMAGES)
     assert report == expected_report
-    assert [(r["name"], r["format"], r["rank"]) for r in report] == [
+    assert [(r.name, r.format, r.rank) for r in report.layers] == [
         ("2", "svd", 8),
         ("5", None, None),
         ("7", "tucker", (10, 2)),
@@ -132,21 +138,47 @@ def test_compress_with_a_module_config_is_the_module_walk_bit_for_bit():
     assert all(torch.equal(state[k], expected_state[k]) for k in state)
 
 
+def test_module_report_totals_summary_and_json():
+    report = compress_(_cnn(), ModuleCompressConfig(keep=0.3), calib=IMAGES)
+    lines = report.summary().splitlines()
+    assert lines[0].split() == ["layer", "kind", "format", "rank", "kept", "macs"]
+    assert [line.split()[:4] for line in lines[2:5]] == [
+        ["2", "conv2d", "svd", "8"],
+        ["5", "conv2d", "dense", "-"],
+        ["7", "conv2d", "tucker", "10x2"],
+    ]
+    kept = report.params_after / report.params_before
+    macs = report.macs_after / report.macs_before
+    assert lines[-1] == (
+        f"params {report.params_before:,} -> {report.params_after:,} (kept {kept:.3f}, target 0.3); "
+        f"macs kept {macs:.3f}; format=auto method=whiten sequential=False"
+    )
+    assert report.macs_after == sum(r.macs_after for r in report.layers) < report.macs_before
+    assert report.predicted_loss == sum(r.loss for r in report.layers) > 0
+    d = json.loads(report.to_json())
+    assert d["layers"][2]["rank"] == [10, 2] and d["layers"][1]["format"] is None
+    assert (d["params_before"], d["params_after"], d["config"]["keep"]) == (
+        report.params_before,
+        report.params_after,
+        0.3,
+    )
+
+
 def test_compress_with_a_data_free_module_config_keeps_the_truncated_svd_of_each_kernel():
     dense, model = _cnn(), _cnn()
     report = compress_(model, ModuleCompressConfig(keep=0.5, method="svd", format="svd", kinds=("conv2d", "linear")))
-    assert [(r["name"], r["format"], r["rank"]) for r in report] == [
+    assert [(r.name, r.format, r.rank) for r in report.layers] == [
         ("2", None, None),
         ("5", None, None),
         ("7", "svd", 14),
         ("9", "svd", 1),
     ]
-    for r in report[2:]:
-        W = dense.get_submodule(r["name"]).weight.detach()
+    for r in report.layers[2:]:
+        W = dense.get_submodule(r.name).weight.detach()
         U, S, Vh = torch.linalg.svd(W.reshape(W.shape[0], -1), full_matrices=False)
-        k = r["rank"]
+        k = r.rank
         expected = (U[:, :k] * S[:k]) @ Vh[:k]
-        got = model.get_submodule(r["name"]).to_dense().weight.detach().reshape(W.shape[0], -1)
+        got = model.get_submodule(r.name).to_dense().weight.detach().reshape(W.shape[0], -1)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
@@ -235,15 +267,15 @@ def test_sequential_refits_each_layer_on_the_compressed_models_inputs():
     plain, seq = copy.deepcopy(dense), copy.deepcopy(dense)
     report_plain = compress_(plain, config, IMAGES)
     report = compress_(seq, ModuleCompressConfig(**{**config.__dict__, "sequential": True}), IMAGES)
-    assert [(r["format"], r["rank"]) for r in report] == [(r["format"], r["rank"]) for r in report_plain]
-    assert [r["format"] for r in report] == ["svd", "svd"]
+    assert [(r.format, r.rank) for r in report.layers] == [(r.format, r.rank) for r in report_plain.layers]
+    assert [r.format for r in report.layers] == ["svd", "svd"]
     assert torch.equal(
         seq[2].to_dense().weight, plain[2].to_dense().weight
     )  # the first target's inputs are the dense ones
     x = _layer_inputs(seq, ["5"])["5"]  # layer 5's inputs after layer 2 was compressed
     W = dense[5].weight.detach().reshape(16, -1)
     patches = F.unfold(x, 1).transpose(1, 2).reshape(-1, 16)
-    tail = float((torch.linalg.svdvals(W @ patches.T)[report[1]["rank"] :] ** 2).sum()) / len(x)
+    tail = float((torch.linalg.svdvals(W @ patches.T)[report.layers[1].rank :] ** 2).sum()) / len(x)
     with torch.no_grad():
         err_seq = float((seq[5](x) - dense[5](x)).norm() ** 2) / len(x)
         err_plain = float((plain[5](x) - dense[5](x)).norm() ** 2) / len(x)
@@ -268,18 +300,18 @@ def test_fisher_channels_false_scales_each_layer_by_its_mean_gradient_moment_onl
     model, weighted = copy.deepcopy(dense), copy.deepcopy(dense)
     report = compress_(model, config, stats=stats)
     compress_(weighted, ModuleCompressConfig(**{**config.__dict__, "fisher_channels": True}), stats=stats)
-    inputs = _layer_inputs(dense, [r["name"] for r in report])
+    inputs = _layer_inputs(dense, [r.name for r in report.layers])
     checked = 0
-    for r in report:
-        if r["format"] is None:
+    for r in report.layers:
+        if r.format is None:
             continue
-        x, name = inputs[r["name"]], r["name"]
+        x, name = inputs[r.name], r.name
         with torch.no_grad():
             err = float((model.get_submodule(name)(x) - dense.get_submodule(name)(x)).norm() ** 2) / len(x)
-        assert err * float(stats[name].grad_sq.mean()) == pytest.approx(r["predicted_loss"], rel=1e-7)
+        assert err * float(stats[name].grad_sq.mean()) == pytest.approx(r.loss, rel=1e-7)
         checked += 1
     assert checked >= 2
-    assert [r["rank"] for r in report] == [9, None, 2]
+    assert [r.rank for r in report.layers] == [9, None, 2]
     assert not torch.allclose(model[2].to_dense().weight, weighted[2].to_dense().weight)  # same rank, other weights
     with pytest.raises(ValueError, match=r"^fisher_channels must be True or False, got 'no'$"):
         ModuleCompressConfig(fisher_channels="no")

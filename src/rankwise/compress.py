@@ -22,7 +22,7 @@ from .allocate import ALLOCATORS, DEFAULT_ALLOCATOR, allocate_ranks
 from .blocks import BlockSource, InMemorySource
 from .calibrate import CalibStats, _bar
 from .compress_modules import ModuleCompressConfig, compress_module_tree_
-from .compress_report import CompressReport, layer_report
+from .compress_report import CompressReport, ModuleCompressReport, layer_report
 from .formats.svd import SVD
 from .head import find_head, swap_head
 from .layers.linear import dense_weight
@@ -148,7 +148,7 @@ def compress_(
     *,
     stats=None,
     progress: bool = True,
-) -> CompressReport | list[dict]:
+) -> CompressReport | ModuleCompressReport:
     """Compress ``model`` in place as ``config`` says; the handler is chosen by the config's type.
 
     Parameters
@@ -164,8 +164,10 @@ def compress_(
 
     Returns
     -------
-    The handler's report: a :class:`CompressReport` (``CompressConfig``) or one dict per target layer
-    (``ModuleCompressConfig``).
+    The handler's report: a :class:`CompressReport` (``CompressConfig``) or a
+    :class:`rankwise.compress_report.ModuleCompressReport` (``ModuleCompressConfig``); both list their
+    targets in ``layers`` and give ``ranks``, ``params_before`` / ``params_after``, ``summary()`` and
+    ``to_json()``.
 
     Raises
     ------

@@ -34,6 +34,7 @@ from torch import nn
 from ._validate import fraction
 from .allocate import allocate_options
 from .calibrate_modules import ModuleStats, collect_module_stats
+from .compress_report import ModuleCompressReport, ModuleLayerReport
 from .formats.cp import CP, cp_als
 from .formats.svd import whitened_svd, whitening_factor
 from .formats.tucker import Tucker, tucker_hooi, tucker_hosvd
@@ -324,7 +325,7 @@ def compress_module_tree_(
     *,
     stats: dict[str, ModuleStats] | None = None,
     progress: bool = True,
-) -> list[dict]:
+) -> ModuleCompressReport:
     """Factorize ``model``'s target layers in place under ``config.keep`` of their parameters: the handler of
     :func:`rankwise.compress_` for a :class:`ModuleCompressConfig`.
 
@@ -341,9 +342,9 @@ def compress_module_tree_(
 
     Returns
     -------
-    One dict per target: name, kind, format (None: left dense), rank, params_before, params_after,
-    macs_before, macs_after (per calibration example; None without calibration), predicted_loss (in the
-    units of the module docstring).
+    A :class:`rankwise.compress_report.ModuleCompressReport`: one
+    :class:`~rankwise.compress_report.ModuleLayerReport` per target (its predicted loss in the units of the
+    module docstring), totals, ``summary()`` and ``to_json()``.
     """
     targets = find_module_targets(model, config)
     if config.sequential and inputs is None:
@@ -397,7 +398,7 @@ def compress_module_tree_(
         )
     else:
         chosen = allocate_options([[(o.params, o.loss) for o in opts] for opts in all_options], budget)
-    report, replaced = [], False
+    layers, replaced = [], False
     for (name, layer), opts, build, i in zip(targets.items(), all_options, builders, chosen):
         opt = opts[i]
         if opt.format is not None:
@@ -413,17 +414,9 @@ def compress_module_tree_(
         else:
             params = opt.params
         kind = next(k for k, cls in KINDS.items() if type(layer) is cls)
-        report.append(
-            {
-                "name": name,
-                "kind": kind,
-                "format": opt.format,
-                "rank": opt.rank,
-                "params_before": opts[0].params,
-                "params_after": params,
-                "macs_before": opts[0].macs,
-                "macs_after": opt.macs,
-                "predicted_loss": opt.loss,
-            }
+        layers.append(
+            ModuleLayerReport(
+                name, kind, opt.format, opt.rank, opts[0].params, params, opts[0].macs, opt.macs, opt.loss
+            )
         )
-    return report
+    return ModuleCompressReport(layers, config)
