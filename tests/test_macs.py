@@ -121,15 +121,15 @@ def test_compress_under_a_mac_budget_stays_within_both_budgets(keep, keep_macs):
     model = copy.deepcopy(dense)
     config = ModuleCompressConfig(keep=keep, keep_macs=keep_macs, fisher=False)
     report = compress_(model, config, IMAGES)
-    assert [r["name"] for r in report] == ["0", "2", "4", "6"]
-    assert sum(r["macs_after"] for r in report) <= keep_macs * sum(r["macs_before"] for r in report)
-    assert sum(r["params_after"] for r in report) <= keep * sum(r["params_before"] for r in report)
-    assert any(r["format"] is not None for r in report)
-    for r in report:
-        if r["format"] is not None:
-            assert r["macs_after"] < r["macs_before"] and r["params_after"] < r["params_before"]
+    assert [r.name for r in report.layers] == ["0", "2", "4", "6"]
+    assert report.macs_after <= keep_macs * report.macs_before
+    assert report.params_after <= keep * report.params_before
+    assert any(r.format is not None for r in report.layers)
+    for r in report.layers:
+        if r.format is not None:
+            assert r.macs_after < r.macs_before and r.params_after < r.params_before
         # the priced MACs are the MACs the replaced layer runs on a calibration example
-        assert _hook_macs(model.get_submodule(r["name"]), _input_of(dense, r["name"])) == r["macs_after"]
+        assert _hook_macs(model.get_submodule(r.name), _input_of(dense, r.name)) == r.macs_after
 
 
 def _brute_force(params, macs, losses, pb, mb):
