@@ -4,7 +4,8 @@ One calibration (loss-aware whitening, the head priced from the loss-head pass) 
 at each whole-model keep K both variants are allocated from those same curves so that the model's total
 parameter count is K times the dense one: "blocks" spends it on the block linears only (the 49152x576 table
 untouched), "head" on the block linears and the tied table together. Perplexity, KL / top-1 agreement with
-the dense model on held-out text, then prefill throughput (one 512-token sequence; wall and CPU time) at the lowest K.
+the dense model on held-out text, then speed at the lowest K (CPU time, one 512-token prompt): the forward with
+every position's logits, generate's prefill (the last position's logits only) and greedy decoding with the KV cache.
 
     python benchmarks/llm_head.py --keeps 0.8 0.6 --calib-seqs 16 --eval-tokens 8192
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import statistics
 import sys
 import tempfile
@@ -70,6 +72,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--decode-tokens", type=int, default=32, help="greedy steps timed after the prompt")
     p.add_argument("--head-weights", type=float, nargs="+", default=[1.0], help="CompressConfig.head_weight values")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -109,40 +112,54 @@ def main(argv=None):
                 )
                 models[keep, variant] = model
     low = min(args.keeps)
-    ratios = {name: [] for name in ("blocks", f"head x{args.head_weights[0]:g}")}
+    variants = ("blocks", f"head x{args.head_weights[0]:g}")
+    ratios = {name: [] for name in variants}
     for _ in range(args.rounds):  # interleaved: the machine is shared, compare within a round
-        tp = {}
-        for name in ("dense", *ratios):
-            tp[name] = prefill_cpu_throughput(
-                dense if name == "dense" else models[low, name], args.seq_len, args.repeats
-            )
-        for name in ratios:
-            ratios[name].append([tp[name][k] / tp["dense"][k] for k in (0, 1)])
-        print(
-            f"prefill {args.seq_len} tokens, tok/s (wall, CPU): "
-            + ", ".join(f"{k} {v[0]:.0f} {v[1]:.0f}" for k, v in tp.items())
-        )
+        tp = {name: speeds(dense if name == "dense" else models[low, name], args) for name in ("dense", *variants)}
+        for name in variants:
+            ratios[name].append({k: tp[name][k] / tp["dense"][k] for k in SPEEDS})
+        rows = (f"{k} " + " ".join(f"{m} {v[m]:.1f}" for m in SPEEDS) for k, v in tp.items())
+        print("tok/s (CPU time): " + "; ".join(rows), flush=True)
     for name, rs in ratios.items():
-        wall, cpu = (statistics.median(r[k] for r in rs) for k in (0, 1))
         print(
-            f"{name} at whole-model keep {low}: {wall:.2f}x dense (wall), {cpu:.2f}x (CPU time), "
-            f"median of {len(rs)} rounds"
+            f"{name} at whole-model keep {low}, x dense (median of {len(rs)} rounds): "
+            + ", ".join(f"{m} {statistics.median(r[m] for r in rs):.2f}x" for m in SPEEDS)
         )
 
 
-def prefill_cpu_throughput(model, seq_len: int, repeats: int) -> tuple[float, float]:
-    """Tokens/s of one forward over ``seq_len`` random ids: (wall, process CPU time), medians of ``repeats``
-    after a warm-up; with one thread the CPU time is what the forward itself cost, whatever else runs."""
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
-    walls, cpus = [], []
+SPEEDS = ("forward", "prefill", "decode")
+
+
+def speeds(model, args) -> dict[str, float]:
+    """Tokens per second of process CPU time (with one thread, what the model itself cost whatever else runs),
+    medians of ``args.repeats`` after a warm-up, on ``args.seq_len`` random ids:
+
+    - ``forward``: one forward computing the logits at every position (what perplexity evaluation runs);
+    - ``prefill``: the same with ``logits_to_keep=1``, the prompt pass of ``generate`` (transformers asks for the
+      last position's logits only, so the LM head costs one row);
+    - ``decode``: ``args.decode_tokens`` greedy steps with the KV cache after that prompt (the head runs per token).
+    """
+    ids = torch.randint(0, model.config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(0))
+    runs = {m: [] for m in SPEEDS}
+    new_name = "cache" in inspect.signature(model.forward).parameters  # transformers 5.2x: past_key_values -> cache
     with torch.no_grad():
-        model(input_ids=ids)
-        for _ in range(repeats):
-            w, c = time.perf_counter(), time.process_time()
+        for i in range(args.repeats + 1):
+            c = time.process_time()
             model(input_ids=ids)
-            walls.append(time.perf_counter() - w)
-            cpus.append(time.process_time() - c)
-    return seq_len / statistics.median(walls), seq_len / statistics.median(cpus)
+            forward = time.process_time() - c
+            c = time.process_time()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            prefill = time.process_time() - c
+            c = time.process_time()
+            for _ in range(args.decode_tokens):
+                cache = {"cache": out.cache} if new_name else {"past_key_values": out.past_key_values}
+                out = model(input_ids=out.logits[:, -1:].argmax(-1), use_cache=True, **cache)
+            decode = time.process_time() - c
+            if i:  # the first round warms up
+                tokens = (args.seq_len, args.seq_len, args.decode_tokens)
+                for m, t, n in zip(SPEEDS, (forward, prefill, decode), tokens):
+                    runs[m].append(n / t)
+    return {m: statistics.median(v) for m, v in runs.items()}
 
 
 if __name__ == "__main__":
