@@ -21,10 +21,12 @@ interleaved with it, call by call (the shared machine's load drifts).
 ``--fisher layer`` weights each layer's predicted loss by its mean loss-gradient second moment only
 (``ModuleCompressConfig.fisher_channels=False``); ``--sequential`` refits each chosen layer on its inputs in
 the model compressed so far (``sequential=True``); ``--heldout N`` evaluates on N held-out calibration-pool words
-instead of the evaluation words, to choose such settings on calibration data.
+instead of the evaluation words, to choose such settings on calibration data. ``--damping`` sets the input
+whitening's relative ridge (``ModuleCompressConfig.damping``; several values: a rankwise row for each), which
+shrinks the calibration words' channel covariance towards the identity (data-free at the limit).
 
     PYTHONPATH=src python benchmarks/cnn.py [--words 400] [--keeps 0.3 0.2] [--methods ...] [--threads 1]
-        [--fisher channels layer] [--sequential] [--heldout 256]
+        [--fisher channels layer] [--sequential] [--heldout 256] [--damping 1e-6 1e-1]
 """
 
 from __future__ import annotations
@@ -131,11 +133,13 @@ def compress(
     keep_macs: float | None = None,
     fisher_channels: bool = True,
     sequential=None,
+    damping: float = 1e-6,
 ) -> tuple[int, str]:
     """Compress ``model``'s ``targets`` in place by ``method`` (one of METHODS) at ``keep`` of their parameters
-    (and, for rankwise, ``keep_macs`` of their MACs, ``fisher_channels`` as in ModuleCompressConfig, and with
-    ``sequential`` = (calibration callable, its number of batches) the sequential refit); returns the targets'
-    parameters after and, for rankwise, the format and rank per layer ("" for TensorLy-Torch)."""
+    (and, for rankwise, ``keep_macs`` of their MACs, ``fisher_channels`` and ``damping`` as in
+    ModuleCompressConfig, and with ``sequential`` = (calibration callable, its number of batches) the sequential
+    refit); returns the targets' parameters after and, for rankwise, the format and rank per layer ("" for
+    TensorLy-Torch)."""
     if method.startswith("rankwise"):
         runner, batches = sequential or (None, 8)
         config = ModuleCompressConfig(
@@ -144,6 +148,7 @@ def compress(
             format=method.split("-")[1],
             kinds=("conv2d",),
             fisher_channels=fisher_channels,
+            damping=damping,
             sequential=runner is not None,
             batches=batches,
         )
@@ -169,6 +174,13 @@ def main() -> None:
         default=["channels"],
         help="rankwise's loss-gradient weights: per output channel, and/or the layer's mean only "
         "(fisher_channels=False); with both, every rankwise method gets a row for each",
+    )
+    ap.add_argument(
+        "--damping",
+        type=float,
+        nargs="+",
+        default=[1e-6],
+        help="relative ridge of rankwise's input whitening (ModuleCompressConfig.damping); several: a row for each",
     )
     ap.add_argument(
         "--sequential",
@@ -212,22 +224,23 @@ def main() -> None:
     acc, cer = evaluate(dense, evals)
     t_dense = latency(dense, timing_batch, args.repeats)[0]
     head = (
-        f"{'method':<17} {'keep':>5} {'params':>10} {'word acc':>8} {'CER':>6} {'MMAC/word':>10} {'ms/batch':>9} "
+        f"{'method':<26} {'keep':>5} {'params':>10} {'word acc':>8} {'CER':>6} {'MMAC/word':>10} {'ms/batch':>9} "
         f"{'x dense':>7} {'min x':>6} {'fit s':>6}  formats"
     )
     print(head)
     print("-" * len(head))
     print(
-        f"{'dense':<17} {1.0:>5.2f} {target_params:>10,} {acc:>8.3f} {cer:>6.3f} "
+        f"{'dense':<26} {1.0:>5.2f} {target_params:>10,} {acc:>8.3f} {cer:>6.3f} "
         f"{conv_macs(dense, timing_batch) / 1e6:>10.1f} {t_dense * 1e3:>9.1f} {1.0:>7.2f} {1.0:>6.2f} {0:>6.1f}"
     )
     rows = [
-        (method, fisher)
+        (method, fisher, damping)
         for method in args.methods
         for fisher in (args.fisher if method.startswith("rankwise") else ["channels"])
+        for damping in (args.damping if method.startswith("rankwise") else [None])
     ]
     for keep in args.keeps:
-        for method, fisher in rows:
+        for method, fisher, damping in rows:
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
             params, formats = compress(
@@ -237,17 +250,22 @@ def main() -> None:
                 list(targets),
                 stats,
                 fisher_channels=fisher == "channels",
+                damping=damping,
                 sequential=(ctc_runner(calib), len(calib)) if args.sequential else None,
             )
             rankwise = method.startswith("rankwise")
-            label = f"{method}/{fisher}" if rankwise and len(args.fisher) > 1 else method
+            label = method
+            if rankwise and len(args.fisher) > 1:
+                label += f"/{fisher}"
+            if rankwise and len(args.damping) > 1:
+                label += f"/d{damping:g}"
             macs = f"{conv_macs(model, timing_batch) / 1e6:>10.1f}" if rankwise else f"{'n/a':>10}"
             fit = time.perf_counter() - t0
             model.eval()
             acc, cer = evaluate(model, evals)
             t, t_anchor, t_min, anchor_min = latency(model, timing_batch, args.repeats, dense)
             print(
-                f"{label:<17} {keep:>5.2f} {params:>10,} {acc:>8.3f} {cer:>6.3f} {macs} {t * 1e3:>9.1f} "
+                f"{label:<26} {keep:>5.2f} {params:>10,} {acc:>8.3f} {cer:>6.3f} {macs} {t * 1e3:>9.1f} "
                 f"{t / t_anchor:>7.2f} {t_min / anchor_min:>6.2f} {fit:>6.1f}  {formats}",
                 flush=True,
             )
