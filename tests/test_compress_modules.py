@@ -227,6 +227,8 @@ def test_bad_inputs_name_the_failing_layer_and_the_accepted_values():
         compress_(model, ModuleCompressConfig())
     with pytest.raises(ValueError, match=r"^format must be one of auto, svd, tucker, cp, got 'tt'$"):
         ModuleCompressConfig(format="tt")
+    with pytest.raises(ValueError, match=r"^damping must be a relative tolerance in \[0, 1\), got 1.0$"):
+        ModuleCompressConfig(damping=1.0)
     with pytest.raises(ValueError, match=r"^no target layer of kinds embedding in this Sequential"):
         find_module_targets(model, ModuleCompressConfig(kinds=("embedding",)))
     assert isinstance(model[2], nn.Conv2d) and model[1].inplace  # nothing replaced, in-place ReLUs restored

@@ -35,6 +35,7 @@ from ._validate import fraction
 from .allocate import allocate_options
 from .calibrate_modules import ModuleStats, collect_module_stats
 from .compress_report import ModuleCompressReport, ModuleLayerReport
+from .formats._ops import check_tolerance
 from .formats.cp import CP, cp_als
 from .formats.svd import whitened_svd, whitening_factor
 from .formats.tucker import Tucker, tucker_hooi, tucker_hosvd
@@ -97,6 +98,7 @@ class ModuleCompressConfig:
     def __post_init__(self):
         fraction(self.keep, "keep")
         fraction(self.keep_macs, "keep_macs", none_ok=True)
+        check_tolerance(self.damping, "damping")
         if self.keep_macs is not None and self.method == "svd":
             raise ValueError(
                 "keep_macs needs the layers' input sizes from calibration, which method='svd' (data-free) skips; "
