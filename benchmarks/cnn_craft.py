@@ -10,6 +10,8 @@ fractions of their parameters, no fine-tuning. Methods as in :mod:`cnn`:
   squared change of the score maps (the gradient of an MSE to the dense maps, zero at the dense model, has none);
 - ``tltorch-tucker2`` / ``tltorch-tucker`` / ``tltorch-cp``: TensorLy-Torch ``FactorizedConv.from_conv`` (data-free).
 
+``--fisher layer`` weights each layer's predicted loss by its mean output sensitivity only
+(``ModuleCompressConfig.fisher_channels=False``; with ``channels layer`` every rankwise row twice).
 ``--keep-macs`` adds, per value, rankwise rows under a MAC budget alone (keep 1.0 of the parameters, that
 fraction of the targets' conv MACs at the calibration size; :mod:`rankwise.macs`); TensorLy-Torch has none.
 
@@ -20,6 +22,7 @@ pages, and the dense model's F1 against the rendered words' boxes; the targets' 
 interleaved call by call (and "min x", the minima's).
 
     PYTHONPATH=src python benchmarks/cnn_craft.py [--pages 8] [--keeps 0.5 0.3] [--keep-macs 0.5] [--methods ...]
+        [--fisher channels layer]
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ def main() -> None:
                     choices=METHODS)  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--fisher",
+        nargs="+",
+        choices=("channels", "layer"),
+        default=["channels"],
+        help="rankwise's output weights per channel and/or the layer's mean only (fisher_channels=False)",
+    )
     args = ap.parse_args()
     for keep_macs in args.keep_macs:
         try:
@@ -101,12 +111,16 @@ def main() -> None:
     )
     budgets = [(keep, None) for keep in args.keeps] + [(1.0, keep_macs) for keep_macs in args.keep_macs]
     for keep, keep_macs in budgets:
-        for method in args.methods:
+        rows = [(m, f) for m in args.methods for f in (args.fisher if m.startswith("rankwise") else ["channels"])]
+        for method, fisher in rows:
             if keep_macs is not None and not method.startswith("rankwise"):
                 continue
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
-            params, formats = compress(model, method, keep, list(targets), stats, keep_macs)
+            params, formats = compress(
+                model, method, keep, list(targets), stats, keep_macs, fisher_channels=fisher == "channels"
+            )
+            label = f"{method}/{fisher}" if method.startswith("rankwise") and len(args.fisher) > 1 else method
             fit = time.perf_counter() - t0
             model.eval()
             found = page_boxes(model, evals)
@@ -115,7 +129,7 @@ def main() -> None:
             t, t_anchor, t_min, anchor_min = latency(model, page, args.repeats, dense)
             mac_keep = f"{keep_macs:>5.2f}" if keep_macs is not None else f"{'':>5}"
             print(
-                f"{method:<16} {keep:>5.2f} {mac_keep} {params:>10,} {score:>8.3f} {macs} {t:>7.2f} {t_anchor:>7.2f} "
+                f"{label:<16} {keep:>5.2f} {mac_keep} {params:>10,} {score:>8.3f} {macs} {t:>7.2f} {t_anchor:>7.2f} "
                 f"{t / t_anchor:>7.2f} {t_min / anchor_min:>6.2f} {fit:>6.1f}  {formats}",
                 flush=True,
             )
