@@ -19,9 +19,10 @@ of a batch of 32 words (median of ``--repeats``); "x dense" divides it by the de
 interleaved with it, call by call (the shared machine's load drifts).
 
 ``--fisher layer`` weights each layer's predicted loss by its mean loss-gradient second moment only
-(``ModuleCompressConfig.fisher_channels=False``); ``--sequential`` refits each chosen layer on its inputs in
-the model compressed so far (``sequential=True``); ``--heldout N`` evaluates on N held-out calibration-pool words
-instead of the evaluation words, to choose such settings on calibration data. ``--damping`` sets the input
+(``ModuleCompressConfig.fisher_channels=False``); ``--sequential`` refits each chosen layer so that its
+outputs on its inputs in the model compressed so far match the dense layer's (``sequential=True``);
+``--heldout N`` evaluates on N held-out calibration-pool words instead of the evaluation words, to choose such
+settings on calibration data. ``--damping`` sets the input
 whitening's relative ridge (``ModuleCompressConfig.damping``; several values: a rankwise row for each), which
 shrinks the calibration words' channel covariance towards the identity (data-free at the limit).
 
@@ -185,7 +186,8 @@ def main() -> None:
     ap.add_argument(
         "--sequential",
         action="store_true",
-        help="rankwise refits each chosen layer on its inputs in the model compressed so far (sequential=True)",
+        help="rankwise refits each chosen layer to the dense layer's outputs from its inputs in the model "
+        "compressed so far (sequential=True)",
     )
     ap.add_argument(
         "--heldout",

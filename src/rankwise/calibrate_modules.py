@@ -121,6 +121,23 @@ class _LayerTracker:
             h.remove()
 
 
+def batch_runner(inputs, batch_size: int, batches: int):
+    """``(run, n_batches)`` for calibration inputs: a tensor of examples run in chunks of ``batch_size``, or a
+    callable ``run(model, i)`` called ``batches`` times."""
+    if isinstance(inputs, torch.Tensor):
+        if inputs.ndim < 1 or inputs.shape[0] == 0:
+            raise ValueError(f"inputs must be a non-empty tensor of examples (N, ...), got shape {tuple(inputs.shape)}")
+        chunks = list(torch.split(inputs, batch_size))
+
+        def run(m: nn.Module, i: int) -> torch.Tensor:
+            return m(chunks[i])
+
+        return run, len(chunks)
+    if callable(inputs):
+        return inputs, batches
+    raise ValueError(f"inputs must be a tensor of examples or a callable run(model, i), got {type(inputs).__name__}")
+
+
 def collect_module_stats(
     model: nn.Module,
     targets: dict[str, nn.Module],
@@ -151,21 +168,7 @@ def collect_module_stats(
     Y.-C. Hsu et al., "Language model compression with weighted low-rank factorization", ICLR 2022,
     arXiv:2207.00112; X. Wang et al., "SVD-LLM", arXiv:2403.07378 (input whitening).
     """
-    if isinstance(inputs, torch.Tensor):
-        if inputs.ndim < 1 or inputs.shape[0] == 0:
-            raise ValueError(f"inputs must be a non-empty tensor of examples (N, ...), got shape {tuple(inputs.shape)}")
-        chunks = list(torch.split(inputs, batch_size))
-
-        def run(m: nn.Module, i: int) -> torch.Tensor:
-            return m(chunks[i])
-
-        n_batches = len(chunks)
-    elif callable(inputs):
-        run, n_batches = inputs, batches
-    else:
-        raise ValueError(
-            f"inputs must be a tensor of examples or a callable run(model, i), got {type(inputs).__name__}"
-        )
+    run, n_batches = batch_runner(inputs, batch_size, batches)
     stats = {name: ModuleStats() for name in targets}
     handles = []
     for name, layer in targets.items():
@@ -222,23 +225,34 @@ def _add_input(layer: nn.Module, x: torch.Tensor, st: ModuleStats) -> None:
         st.examples += x.shape[0] if x.ndim > 1 else 1
         st.add_sizes((x.numel(),) * 3)
         return
+    rows, examples = layer_rows(layer, x)
+    g = row_products(rows, rows)
+    st.gram = g if st.gram is None else st.gram + g
+    st.examples += examples
     if isinstance(layer, nn.Conv2d):
         x = x if x.ndim == 4 else x[None]
-        rows = conv_patches(layer, x)[:, 0].reshape(-1, layer.weight[0].numel())  # targets have groups=1
-        # products in the input's precision (at least float32) over chunks of positions, float64 running sums
-        dtype = torch.promote_types(rows.dtype, torch.float32)
-        for chunk in torch.split(rows, max(1, (1 << 24) // rows.shape[1])):
-            g = (chunk.T.to(dtype) @ chunk.to(dtype)).double()
-            st.gram = g if st.gram is None else st.gram + g
-        st.examples += x.shape[0]
         (h, w), (ho, wo) = x.shape[-2:], conv_output_size(layer, *x.shape[-2:])
         st.add_sizes((x.shape[0] * h * w, x.shape[0] * ho * wo, x.shape[0] * ho * w))
-        return
-    rows = x.reshape(-1, x.shape[-1]).double()
-    g = rows.T @ rows
-    st.gram = g if st.gram is None else st.gram + g
-    st.examples += x.shape[0] if x.ndim > 1 else 1
-    st.add_sizes((rows.shape[0],) * 3)
+    else:
+        st.add_sizes((rows.shape[0],) * 3)
+
+
+def layer_rows(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The rows a Conv2d (its patches, in the input's dtype; targets have groups=1) or Linear (float64) multiplies
+    by its weight's transpose for the input ``x``, and the number of examples in ``x``."""
+    if isinstance(layer, nn.Conv2d):
+        x = x if x.ndim == 4 else x[None]
+        return conv_patches(layer, x)[:, 0].reshape(-1, layer.weight[0].numel()), x.shape[0]
+    return x.reshape(-1, x.shape[-1]).double(), x.shape[0] if x.ndim > 1 else 1
+
+
+def row_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^T b`` in float64, the products in the inputs' precision (at least float32) over chunks of rows."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    total = 0
+    for ca, cb in zip(*(torch.split(t, max(1, (1 << 24) // max(a.shape[1], b.shape[1]))) for t in (a, b))):
+        total = total + (ca.T.to(dtype) @ cb.to(dtype)).double()
+    return total
 
 
 def _watch_grad(out: torch.Tensor, st: ModuleStats) -> None:

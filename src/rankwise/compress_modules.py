@@ -11,8 +11,9 @@ kernel offsets (the patch metric without cross-offset correlations; exact for 1x
 prediction within ``keep`` of the targets' dense parameters and, with ``keep_macs``, within that fraction of
 their dense MACs at the calibrated input sizes (:mod:`rankwise.macs`; for speed: parameters and time are not
 where each other are in a CNN, whose high-resolution layers hold few parameters and many MACs). With
-``sequential`` the chosen layers are then refitted in module order, each on its inputs in the model compressed
-so far (as the LLM path's ``sequential``; SVD-LLM V2's and llm-compressor's sequential calibration).
+``sequential`` the chosen layers are then refitted in module order so that each one's outputs on its inputs in
+the model compressed so far match the dense layer's outputs on the dense model's inputs (asymmetric
+reconstruction, Zhang et al.: the error of the layers before it is compensated, not inherited).
 
 References
 ----------
@@ -21,10 +22,13 @@ Y.-C. Hsu et al., "Language model compression with weighted low-rank factorizati
 Y.-D. Kim et al., "Compression of deep convolutional neural networks ...", arXiv:1511.06530 (Tucker-2).
 V. Lebedev et al., "Speeding-up convolutional neural networks using fine-tuned CP-decomposition",
 arXiv:1412.6553.
+X. Zhang, J. Zou, K. He, J. Sun, "Accelerating very deep convolutional networks for classification and
+detection", TPAMI 2016, arXiv:1505.06798 (asymmetric reconstruction).
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, replace
 
@@ -33,7 +37,7 @@ from torch import nn
 
 from ._validate import fraction
 from .allocate import allocate_options
-from .calibrate_modules import ModuleStats, collect_module_stats
+from .calibrate_modules import ModuleStats, batch_runner, collect_module_stats, layer_rows, row_products
 from .compress_report import ModuleCompressReport, ModuleLayerReport
 from .formats._ops import check_tolerance
 from .formats.cp import CP, cp_als
@@ -72,8 +76,10 @@ class ModuleCompressConfig:
     batch_size, batches : calibration batching (tensor inputs / callable inputs).
     cp_fractions : the parameter fractions at which CP candidates are fitted.
     damping : relative ridge of the input whitening (see :func:`rankwise.formats.whitening_factor`).
-    sequential : after the allocation, refit each chosen layer at its option on input statistics taken again
-        with the targets before it (in module order) already compressed; needs ``inputs`` even with ``stats``.
+    sequential : after the allocation, refit each chosen layer at its option, in module order, so that its
+        outputs on its inputs in the model compressed so far match the dense layer's on the dense model's inputs
+        (two forwards of the calibration batches per refitted layer, each stopped at that layer; the ridge of
+        that least-squares fit is ``damping``); needs ``inputs`` even with ``stats``.
     """
 
     keep: float = 0.3
@@ -311,13 +317,73 @@ def _layer_options(layer: nn.Module, st: ModuleStats | None, config: ModuleCompr
         return opts, lambda o: LowRankEmbedding.from_factors(layer, f.truncate(o.rank))
 
 
-def _refreshed(model, name: str, layer: nn.Module, st: ModuleStats, inputs, config: ModuleCompressConfig):
-    """``st`` with the input statistics taken again on ``model`` as it is now (the earlier targets compressed);
-    the output weights stay those of the dense model."""
-    fresh = collect_module_stats(
-        model, {name: layer}, inputs, fisher=False, batch_size=config.batch_size, batches=config.batches
-    )[name]
-    return replace(st, gram=fresh.gram, examples=fresh.examples)
+class _Taken(Exception):
+    """Raised by the input hook once the refitted layer's input is taken: the rest of the forward is not needed."""
+
+
+def _layer_input(model: nn.Module, layer: nn.Module, run, i: int) -> torch.Tensor:
+    """``layer``'s input when calibration batch ``i`` runs through ``model`` (the forward stops there)."""
+    taken = []
+
+    def hook(module, args):
+        taken.append(args[0].detach())
+        raise _Taken
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            run(model, i)
+    except _Taken:
+        pass
+    finally:
+        handle.remove()
+    if not taken:
+        raise ValueError(f"calibration batch {i} never reached the layer being refitted ({type(layer).__name__})")
+    return taken[0]
+
+
+def _refit_target(
+    model, layer: nn.Module, st: ModuleStats, inputs, config, replaced: dict
+) -> tuple[nn.Module, ModuleStats]:
+    """What the sequential refit fits ``layer``'s option to (asymmetric reconstruction, Zhang et al. 2016): its
+    outputs on its inputs ``x'`` in the model compressed so far should match the dense layer's on the dense
+    model's inputs ``x``. ``E||W x - W' x'||^2 = E||(W_t - W') x'||^2 + const`` with
+    ``W_t = W E[x x'^T] E[x' x'^T]^{-1}`` (ridge ``damping`` relative to the mean diagonal), so the option is
+    fitted to ``W_t`` in the metric of ``x'``. ``replaced`` maps every target replaced so far to its
+    (dense, compressed) modules; the dense ones are swapped back in for the ``x`` pass. Returns a copy of
+    ``layer`` holding ``W_t`` and the statistics of ``x'`` (the output weights stay the dense model's)."""
+    run, n_batches = batch_runner(inputs, config.batch_size, config.batches)
+    cross = gram = 0
+    examples = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(n_batches):
+            for n, (dense, _) in replaced.items():
+                replace_module(model, n, dense)
+            try:
+                x = _layer_input(model, layer, run, i)
+            finally:
+                for n, (_, new) in replaced.items():
+                    replace_module(model, n, new)
+            rows, count = layer_rows(layer, x)
+            rows_now, _ = layer_rows(layer, _layer_input(model, layer, run, i))
+            cross = cross + row_products(rows, rows_now)
+            gram = gram + row_products(rows_now, rows_now)
+            examples += count
+    finally:
+        model.train(was_training)
+    W = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
+    ridge = config.damping * float(torch.diagonal(gram).mean().clamp_min(1e-300))
+    evals, evecs = torch.linalg.eigh(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
+    # the pseudo-inverse: no component along inputs the compressed model never produces (dead channels); an
+    # arbitrary one there (LAPACK's least squares gave a different one per call) would enter the fit
+    inverse = torch.where(evals > float(evals.max()) * 1e-12, 1 / evals, torch.zeros_like(evals))
+    target = ((W @ cross) @ evecs) * inverse @ evecs.T
+    fitted = copy.deepcopy(layer)
+    with torch.no_grad():
+        fitted.weight.copy_(target.reshape(layer.weight.shape))
+    return fitted, replace(st, gram=gram / examples, examples=examples)
 
 
 def compress_module_tree_(
@@ -400,18 +466,18 @@ def compress_module_tree_(
         )
     else:
         chosen = allocate_options([[(o.params, o.loss) for o in opts] for opts in all_options], budget)
-    layers, replaced = [], False
+    layers, replaced = [], {}
     for (name, layer), opts, build, i in zip(targets.items(), all_options, builders, chosen):
         opt = opts[i]
         if opt.format is not None:
             if config.sequential and replaced and not isinstance(layer, nn.Embedding):
                 build = _layer_options(
-                    layer, _refreshed(model, name, layer, stats[name], inputs, config), config, priced
+                    *_refit_target(model, layer, stats[name], inputs, config, replaced), config, priced
                 )[1]
-            replaced = True
             with torch.no_grad():
                 new = build(opt).to(next(layer.parameters()).device)
             replace_module(model, name, new)
+            replaced[name] = (layer, new)
             params = sum(p.numel() for p in new.parameters())
         else:
             params = opt.params
