@@ -11,7 +11,9 @@ fractions of their parameters, no fine-tuning. Methods as in :mod:`cnn`:
 - ``tltorch-tucker2`` / ``tltorch-tucker`` / ``tltorch-cp``: TensorLy-Torch ``FactorizedConv.from_conv`` (data-free).
 
 ``--fisher layer`` weights each layer's predicted loss by its mean output sensitivity only
-(``ModuleCompressConfig.fisher_channels=False``; with ``channels layer`` every rankwise row twice).
+(``ModuleCompressConfig.fisher_channels=False``; with ``channels layer`` every rankwise row twice);
+``--sequential`` refits each chosen layer to the dense layer's outputs from its inputs in the model compressed so
+far (``sequential=True``).
 ``--keep-macs`` adds, per value, rankwise rows under a MAC budget alone (keep 1.0 of the parameters, that
 fraction of the targets' conv MACs at the calibration size; :mod:`rankwise.macs`); TensorLy-Torch has none.
 
@@ -22,7 +24,7 @@ pages, and the dense model's F1 against the rendered words' boxes; the targets' 
 interleaved call by call (and "min x", the minima's).
 
     PYTHONPATH=src python benchmarks/cnn_craft.py [--pages 8] [--keeps 0.5 0.3] [--keep-macs 0.5] [--methods ...]
-        [--fisher channels layer]
+        [--fisher channels layer] [--sequential]
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> None:
         default=["channels"],
         help="rankwise's output weights per channel and/or the layer's mean only (fisher_channels=False)",
     )
+    ap.add_argument("--sequential", action="store_true", help="rankwise's sequential refit (sequential=True)")
     args = ap.parse_args()
     for keep_macs in args.keep_macs:
         try:
@@ -118,7 +121,14 @@ def main() -> None:
             model = copy.deepcopy(dense)
             t0 = time.perf_counter()
             params, formats = compress(
-                model, method, keep, list(targets), stats, keep_macs, fisher_channels=fisher == "channels"
+                model,
+                method,
+                keep,
+                list(targets),
+                stats,
+                keep_macs,
+                fisher_channels=fisher == "channels",
+                sequential=(score_runner(calib), len(calib)) if args.sequential else None,
             )
             label = f"{method}/{fisher}" if method.startswith("rankwise") and len(args.fisher) > 1 else method
             fit = time.perf_counter() - t0
