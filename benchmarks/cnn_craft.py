@@ -13,7 +13,7 @@ fractions of their parameters, no fine-tuning. Methods as in :mod:`cnn`:
 ``--fisher layer`` weights each layer's predicted loss by its mean output sensitivity only
 (``ModuleCompressConfig.fisher_channels=False``; with ``channels layer`` every rankwise row twice);
 ``--sequential`` refits each chosen layer to the dense layer's outputs from its inputs in the model compressed so
-far (``sequential=True``).
+far (``sequential=True``); ``--damping`` sets the input whitening's (and that refit's) relative ridge.
 ``--keep-macs`` adds, per value, rankwise rows under a MAC budget alone (keep 1.0 of the parameters, that
 fraction of the targets' conv MACs at the calibration size; :mod:`rankwise.macs`); TensorLy-Torch has none.
 
@@ -24,7 +24,7 @@ pages, and the dense model's F1 against the rendered words' boxes; the targets' 
 interleaved call by call (and "min x", the minima's).
 
     PYTHONPATH=src python benchmarks/cnn_craft.py [--pages 8] [--keeps 0.5 0.3] [--keep-macs 0.5] [--methods ...]
-        [--fisher channels layer] [--sequential]
+        [--fisher channels layer] [--sequential] [--damping 1e-6]
 """
 
 from __future__ import annotations
@@ -70,6 +70,7 @@ def main() -> None:
         help="rankwise's output weights per channel and/or the layer's mean only (fisher_channels=False)",
     )
     ap.add_argument("--sequential", action="store_true", help="rankwise's sequential refit (sequential=True)")
+    ap.add_argument("--damping", type=float, default=1e-6, help="rankwise's whitening ridge (ModuleCompressConfig)")
     args = ap.parse_args()
     for keep_macs in args.keep_macs:
         try:
@@ -128,6 +129,7 @@ def main() -> None:
                 stats,
                 keep_macs,
                 fisher_channels=fisher == "channels",
+                damping=args.damping,
                 sequential=(score_runner(calib), len(calib)) if args.sequential else None,
             )
             label = f"{method}/{fisher}" if method.startswith("rankwise") and len(args.fisher) > 1 else method
