@@ -280,7 +280,9 @@ def test_sequential_refit_matches_the_dense_layers_outputs_from_the_compressed_m
     X, X_now = (F.unfold(t, 1).transpose(1, 2).reshape(-1, 16) for t in (x, x_now))
     Y = X @ dense[5].weight.detach().reshape(16, -1).T
     U, S, _ = torch.linalg.svd(X_now, full_matrices=False)
-    Q = U[:, S > 1e-10 * S[0]]  # an orthonormal basis of X_now's range (layer 2's low rank leaves it singular)
+    # an orthonormal basis of X_now's range (layer 2's low rank leaves it singular), cut where the refit's
+    # pseudo-inverse cuts: eigenvalues of X_now^T X_now below 1e-12 of the largest
+    Q = U[:, S > 1e-6 * S[0]]
     best = float((torch.linalg.svdvals(Q.T @ Y)[report.layers[1].rank :] ** 2).sum() + (Y - Q @ (Q.T @ Y)).norm() ** 2)
     with torch.no_grad():
         err_seq = float((seq[5](x_now) - dense[5](x)).norm() ** 2)
@@ -324,3 +326,50 @@ def test_fisher_channels_false_scales_each_layer_by_its_mean_gradient_moment_onl
     assert not torch.allclose(model[2].to_dense().weight, weighted[2].to_dense().weight)  # same rank, other weights
     with pytest.raises(ValueError, match=r"^fisher_channels must be True or False, got 'no'$"):
         ModuleCompressConfig(fisher_channels="no")
+
+
+def test_sequential_refit_of_linear_targets_and_its_bad_inputs():
+    # Linear targets: the refitted last layer reaches the least-squares optimum of ||W X - W' X'|| at its rank
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 6)).double()
+    X = torch.randn(64, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    config = ModuleCompressConfig(keep=0.5, format="svd", fisher=False, damping=0.0, kinds=("linear",), sequential=True)
+    seq = copy.deepcopy(dense)
+    report = compress_(seq, config, X)
+    chosen = [r for r in report.layers if r.format is not None]
+    assert len(chosen) >= 2 and chosen[0].name == "0"
+    last = chosen[-1]
+    x, x_now = _inputs_of(dense, last.name, X), _inputs_of(seq, last.name, X)
+    Y = x @ dense.get_submodule(last.name).weight.detach().T
+    U, S, _ = torch.linalg.svd(x_now, full_matrices=False)
+    Q = U[:, S > 1e-6 * S[0]]  # where the refit's pseudo-inverse cuts (x_now is nearly singular after a rank 1)
+    best = float((torch.linalg.svdvals(Q.T @ Y)[last.rank :] ** 2).sum() + (Y - Q @ (Q.T @ Y)).norm() ** 2)
+    with torch.no_grad():
+        err = float((seq.get_submodule(last.name)(x_now) - dense.get_submodule(last.name)(x)).norm() ** 2)
+    assert err == pytest.approx(best, rel=1e-7)
+    # a calibration callable that stops short of a refitted layer, or fails: one line naming the layer; the
+    # model keeps its dense layers
+    from rankwise.calibrate_modules import collect_module_stats
+
+    stats = collect_module_stats(dense, {n: dense.get_submodule(n) for n in ("0", "2", "4")}, X, fisher=False)
+    model = copy.deepcopy(dense)
+    with pytest.raises(ValueError, match=r"^calibration batch 0 never reached '2', the layer being refitted"):
+        compress_(model, config, lambda m, i: m[0](X), stats=stats)
+    assert all(type(m) is nn.Linear for m in model[::2])
+    with pytest.raises(ValueError, match=r"^calibration batch 0 could not run through the model to refit '2': "):
+        compress_(model, config, lambda m, i: m(X[:, :5]), stats=stats)
+    assert all(type(m) is nn.Linear for m in model[::2])
+    with pytest.raises(
+        ValueError, match=r"^calibration batch 0 gave '2' an input of shape \(64, 12\); it takes 10 features$"
+    ):
+        compress_(model, config, lambda m, i: m[2](X), stats=stats)
+    assert all(type(m) is nn.Linear for m in model[::2])
+
+
+def _inputs_of(model, name, X):
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
+    with torch.no_grad():
+        model(X)
+    handle.remove()
+    return seen[0]

@@ -321,8 +321,9 @@ class _Taken(Exception):
     """Raised by the input hook once the refitted layer's input is taken: the rest of the forward is not needed."""
 
 
-def _layer_input(model: nn.Module, layer: nn.Module, run, i: int) -> torch.Tensor:
-    """``layer``'s input when calibration batch ``i`` runs through ``model`` (the forward stops there)."""
+def _layer_input(model: nn.Module, name: str, layer: nn.Module, run, i: int) -> torch.Tensor:
+    """``layer``'s (the target ``name``) input when calibration batch ``i`` runs through ``model`` (the forward
+    stops there); ``ValueError`` naming the target when the batch fails or never reaches it."""
     taken = []
 
     def hook(module, args):
@@ -335,23 +336,34 @@ def _layer_input(model: nn.Module, layer: nn.Module, run, i: int) -> torch.Tenso
             run(model, i)
     except _Taken:
         pass
+    except Exception as exc:  # noqa: BLE001 - any failure is reported with the target being refitted
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"calibration batch {i} could not run through the model to refit {name!r}: {msg}") from None
     finally:
         handle.remove()
     if not taken:
-        raise ValueError(f"calibration batch {i} never reached the layer being refitted ({type(layer).__name__})")
-    return taken[0]
+        raise ValueError(f"calibration batch {i} never reached {name!r}, the layer being refitted (sequential=True)")
+    x, conv = taken[0], isinstance(layer, nn.Conv2d)
+    takes = layer.in_channels if conv else layer.in_features
+    if x.ndim < (3 if conv else 1) or x.shape[-3 if conv else -1] != takes:
+        raise ValueError(
+            f"calibration batch {i} gave {name!r} an input of shape {tuple(x.shape)}; it takes {takes} "
+            f"{'channels' if conv else 'features'}"
+        )
+    return x
 
 
 def _refit_target(
-    model, layer: nn.Module, st: ModuleStats, inputs, config, replaced: dict
+    model, name: str, layer: nn.Module, st: ModuleStats, inputs, config, replaced: dict
 ) -> tuple[nn.Module, ModuleStats]:
-    """What the sequential refit fits ``layer``'s option to (asymmetric reconstruction, Zhang et al. 2016): its
-    outputs on its inputs ``x'`` in the model compressed so far should match the dense layer's on the dense
-    model's inputs ``x``. ``E||W x - W' x'||^2 = E||(W_t - W') x'||^2 + const`` with
-    ``W_t = W E[x x'^T] E[x' x'^T]^{-1}`` (ridge ``damping`` relative to the mean diagonal), so the option is
-    fitted to ``W_t`` in the metric of ``x'``. ``replaced`` maps every target replaced so far to its
-    (dense, compressed) modules; the dense ones are swapped back in for the ``x`` pass. Returns a copy of
-    ``layer`` holding ``W_t`` and the statistics of ``x'`` (the output weights stay the dense model's)."""
+    """What the sequential refit fits the option of ``layer`` (the target ``name``) to (asymmetric
+    reconstruction, Zhang et al. 2016): its outputs on its inputs ``x'`` in the model compressed so far should
+    match the dense layer's on the dense model's inputs ``x``.
+    ``E||W x - W' x'||^2 = E||(W_t - W') x'||^2 + const`` with ``W_t = W E[x x'^T] E[x' x'^T]^{-1}`` (ridge
+    ``damping`` relative to the mean diagonal), so the option is fitted to ``W_t`` in the metric of ``x'``.
+    ``replaced`` maps every target replaced so far to its (dense, compressed) modules; the dense ones are
+    swapped back in for the ``x`` pass. Returns a copy of ``layer`` holding ``W_t`` and the statistics of
+    ``x'`` (the output weights stay the dense model's)."""
     run, n_batches = batch_runner(inputs, config.batch_size, config.batches)
     cross = gram = 0
     examples = 0
@@ -362,12 +374,12 @@ def _refit_target(
             for n, (dense, _) in replaced.items():
                 replace_module(model, n, dense)
             try:
-                x = _layer_input(model, layer, run, i)
+                x = _layer_input(model, name, layer, run, i)
             finally:
                 for n, (_, new) in replaced.items():
                     replace_module(model, n, new)
             rows, count = layer_rows(layer, x)
-            rows_now, _ = layer_rows(layer, _layer_input(model, layer, run, i))
+            rows_now, _ = layer_rows(layer, _layer_input(model, name, layer, run, i))
             cross = cross + row_products(rows, rows_now)
             gram = gram + row_products(rows_now, rows_now)
             examples += count
@@ -471,9 +483,13 @@ def compress_module_tree_(
         opt = opts[i]
         if opt.format is not None:
             if config.sequential and replaced and not isinstance(layer, nn.Embedding):
-                build = _layer_options(
-                    *_refit_target(model, layer, stats[name], inputs, config, replaced), config, priced
-                )[1]
+                try:
+                    refit = _refit_target(model, name, layer, stats[name], inputs, config, replaced)
+                except BaseException:  # the model is left as it was given (Ctrl-C included)
+                    for n, (dense, _) in replaced.items():
+                        replace_module(model, n, dense)
+                    raise
+                build = _layer_options(*refit, config, priced)[1]
             with torch.no_grad():
                 new = build(opt).to(next(layer.parameters()).device)
             replace_module(model, name, new)
