@@ -13,7 +13,7 @@ their dense MACs at the calibrated input sizes (:mod:`rankwise.macs`; for speed:
 where each other are in a CNN, whose high-resolution layers hold few parameters and many MACs). With
 ``sequential`` the chosen layers are then refitted in module order so that each one's outputs on its inputs in
 the model compressed so far match the dense layer's outputs on the dense model's inputs (asymmetric
-reconstruction, Zhang et al.: the error of the layers before it is compensated, not inherited).
+reconstruction, :mod:`rankwise.refit_modules`).
 
 References
 ----------
@@ -22,13 +22,10 @@ Y.-C. Hsu et al., "Language model compression with weighted low-rank factorizati
 Y.-D. Kim et al., "Compression of deep convolutional neural networks ...", arXiv:1511.06530 (Tucker-2).
 V. Lebedev et al., "Speeding-up convolutional neural networks using fine-tuned CP-decomposition",
 arXiv:1412.6553.
-X. Zhang, J. Zou, K. He, J. Sun, "Accelerating very deep convolutional networks for classification and
-detection", TPAMI 2016, arXiv:1505.06798 (asymmetric reconstruction).
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from dataclasses import dataclass, replace
 
@@ -37,7 +34,7 @@ from torch import nn
 
 from ._validate import fraction
 from .allocate import allocate_options
-from .calibrate_modules import ModuleStats, batch_runner, collect_module_stats, layer_rows, row_products
+from .calibrate_modules import ModuleStats, collect_module_stats
 from .compress_report import ModuleCompressReport, ModuleLayerReport
 from .formats._ops import check_tolerance
 from .formats.cp import CP, cp_als
@@ -48,6 +45,7 @@ from .layers.conv import CPConv2d, SVDConv2d, TuckerConv2d
 from .layers.embedding import LowRankEmbedding
 from .layers.linear import LowRankLinear
 from .macs import allocate_budgets, conv_macs, matrix_macs
+from .refit_modules import refit_target
 from .targets import replace_module
 
 CONV_FORMATS = ("svd", "tucker", "cp")
@@ -317,87 +315,6 @@ def _layer_options(layer: nn.Module, st: ModuleStats | None, config: ModuleCompr
         return opts, lambda o: LowRankEmbedding.from_factors(layer, f.truncate(o.rank))
 
 
-class _Taken(Exception):
-    """Raised by the input hook once the refitted layer's input is taken: the rest of the forward is not needed."""
-
-
-def _layer_input(model: nn.Module, name: str, layer: nn.Module, run, i: int) -> torch.Tensor:
-    """``layer``'s (the target ``name``) input when calibration batch ``i`` runs through ``model`` (the forward
-    stops there); ``ValueError`` naming the target when the batch fails or never reaches it."""
-    taken = []
-
-    def hook(module, args):
-        taken.append(args[0].detach())
-        raise _Taken
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            run(model, i)
-    except _Taken:
-        pass
-    except Exception as exc:  # noqa: BLE001 - any failure is reported with the target being refitted
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"calibration batch {i} could not run through the model to refit {name!r}: {msg}") from None
-    finally:
-        handle.remove()
-    if not taken:
-        raise ValueError(f"calibration batch {i} never reached {name!r}, the layer being refitted (sequential=True)")
-    x, conv = taken[0], isinstance(layer, nn.Conv2d)
-    takes = layer.in_channels if conv else layer.in_features
-    if x.ndim < (3 if conv else 1) or x.shape[-3 if conv else -1] != takes:
-        raise ValueError(
-            f"calibration batch {i} gave {name!r} an input of shape {tuple(x.shape)}; it takes {takes} "
-            f"{'channels' if conv else 'features'}"
-        )
-    return x
-
-
-def _refit_target(
-    model, name: str, layer: nn.Module, st: ModuleStats, inputs, config, replaced: dict
-) -> tuple[nn.Module, ModuleStats]:
-    """What the sequential refit fits the option of ``layer`` (the target ``name``) to (asymmetric
-    reconstruction, Zhang et al. 2016): its outputs on its inputs ``x'`` in the model compressed so far should
-    match the dense layer's on the dense model's inputs ``x``.
-    ``E||W x - W' x'||^2 = E||(W_t - W') x'||^2 + const`` with ``W_t = W E[x x'^T] E[x' x'^T]^{-1}`` (ridge
-    ``damping`` relative to the mean diagonal), so the option is fitted to ``W_t`` in the metric of ``x'``.
-    ``replaced`` maps every target replaced so far to its (dense, compressed) modules; the dense ones are
-    swapped back in for the ``x`` pass. Returns a copy of ``layer`` holding ``W_t`` and the statistics of
-    ``x'`` (the output weights stay the dense model's)."""
-    run, n_batches = batch_runner(inputs, config.batch_size, config.batches)
-    cross = gram = 0
-    examples = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(n_batches):
-            for n, (dense, _) in replaced.items():
-                replace_module(model, n, dense)
-            try:
-                x = _layer_input(model, name, layer, run, i)
-            finally:
-                for n, (_, new) in replaced.items():
-                    replace_module(model, n, new)
-            rows, count = layer_rows(layer, x)
-            rows_now, _ = layer_rows(layer, _layer_input(model, name, layer, run, i))
-            cross = cross + row_products(rows, rows_now)
-            gram = gram + row_products(rows_now, rows_now)
-            examples += count
-    finally:
-        model.train(was_training)
-    W = layer.weight.detach().double().reshape(layer.weight.shape[0], -1)
-    ridge = config.damping * float(torch.diagonal(gram).mean().clamp_min(1e-300))
-    evals, evecs = torch.linalg.eigh(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype))
-    # the pseudo-inverse: no component along inputs the compressed model never produces (dead channels); an
-    # arbitrary one there (LAPACK's least squares gave a different one per call) would enter the fit
-    inverse = torch.where(evals > float(evals.max()) * 1e-12, 1 / evals, torch.zeros_like(evals))
-    target = ((W @ cross) @ evecs) * inverse @ evecs.T
-    fitted = copy.deepcopy(layer)
-    with torch.no_grad():
-        fitted.weight.copy_(target.reshape(layer.weight.shape))
-    return fitted, replace(st, gram=gram / examples, examples=examples)
-
-
 def compress_module_tree_(
     model: nn.Module,
     config: ModuleCompressConfig,
@@ -484,12 +401,14 @@ def compress_module_tree_(
         if opt.format is not None:
             if config.sequential and replaced and not isinstance(layer, nn.Embedding):
                 try:
-                    refit = _refit_target(model, name, layer, stats[name], inputs, config, replaced)
+                    refit = refit_target(model, name, layer, stats[name], inputs, config, replaced)
                 except BaseException:  # the model is left as it was given (Ctrl-C included)
                     for n, (dense, _) in replaced.items():
                         replace_module(model, n, dense)
                     raise
-                build = _layer_options(*refit, config, priced)[1]
+                # only the chosen format is fitted again (auto would refit every format's candidates)
+                chosen_format = opt.format if isinstance(layer, nn.Conv2d) else "svd"
+                build = _layer_options(*refit, replace(config, format=chosen_format), priced)[1]
             with torch.no_grad():
                 new = build(opt).to(next(layer.parameters()).device)
             replace_module(model, name, new)
