@@ -184,3 +184,97 @@ def test_bits_per_weight_below_minimum_names_it_and_the_minimum_works(llama_dir,
         )
         == 0
     )
+
+
+def test_budget_run_equals_the_in_memory_budget(llama_dir, tmp_path):
+    """The block-by-block run (statistics per block, candidates rebuilt at write time) chooses and stores what
+    the in-memory allocation over a whole-model calibration does."""
+    from rankwise.calibrate import collect_stats
+    from rankwise.compress import CompressConfig
+    from rankwise.quant_budget import quantize_to_budget_
+    from rankwise.quant_checkpoint import compress_quantized
+    from rankwise.targets import find_targets
+
+    calib, config = token_ids(8, 32, seed=4), CompressConfig(fisher_seqs=4)
+    report = compress_quantized(
+        llama_dir, tmp_path / "b", calib, config=config, bits_per_weight=3.0, device="cpu", progress=False
+    )
+    memory = load_model(llama_dir)[0]
+    targets = find_targets(memory)
+    stats = collect_stats(memory, targets, calib, fisher_seqs=4, seed=config.seed, progress=False)
+    ref = quantize_to_budget_(memory, list(targets), stats, bits_per_weight=3.0, progress=False)
+    assert [(r.name, r.kind, r.config, r.bytes) for r in report.layers] == [
+        (r.name, r.kind, r.config, r.bytes) for r in ref
+    ]
+    assert len({(r.kind, r.config["bits"], r.config["group_size"]) for r in ref}) >= 2  # a mix, not one width
+    reloaded = rankwise.load(tmp_path / "b")
+    for name in targets:
+        torch.testing.assert_close(
+            reloaded.get_submodule(name).dense_weight(), memory.get_submodule(name).dense_weight(), rtol=0, atol=1e-6
+        )
+    assert report.target_bytes == sum(r.bytes for r in ref)
+
+
+def test_a_quantizing_run_holds_one_block(llama_dir, tmp_path, monkeypatch):
+    """While block i is written, every other block's weights and the dense layers it replaced are on the meta
+    device (not held: the run's memory is one block)."""
+    from rankwise.streamed import StreamedRun
+
+    real, seen = StreamedRun.write_block, []
+
+    def check(self, writer, i):
+        held = [
+            f"{j}.{p}"
+            for j, block in enumerate(self.source.stack)
+            if j != i
+            for p, t in block.named_parameters()
+            if t.device.type != "meta"
+        ]
+        replaced = [n for n, layer in self.targets.items() if layer.weight.device.type != "meta"]
+        seen.append((i, held, replaced))
+        return real(self, writer, i)
+
+    monkeypatch.setattr(StreamedRun, "write_block", check)
+    for k, argv in enumerate((["--bits-per-weight", "3.0"], ["--keep", "0.6", "--bits", "4"])):
+        seen.clear()
+        assert main(["compress", str(llama_dir), "--out", str(tmp_path / str(k)), *FAST, *argv]) == 0
+        assert seen == [(0, [], []), (1, [], [])]
+
+
+def test_interrupted_quantizing_run_resumes_to_the_same_output(llama_dir, tmp_path, capsys, monkeypatch):
+    from rankwise.quant_checkpoint import QuantPipeline
+
+    argv = ["--bits-per-weight", "3.0", *FAST]
+    whole = tmp_path / "whole"
+    assert main(["compress", str(llama_dir), "--out", str(whole), *argv]) == 0
+    real = QuantPipeline._factorize_block
+
+    def interrupt_at_block_1(self, i, *args):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(self, i, *args)
+
+    monkeypatch.setattr(QuantPipeline, "_factorize_block", interrupt_at_block_1)
+    capsys.readouterr()
+    out = tmp_path / "c"
+    assert main(["compress", str(llama_dir), "--out", str(out), *argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    assert err == [
+        f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
+        f"'{tmp_path / 'c.rankwise-run'}': rerun with --resume to continue"
+    ]
+    assert (tmp_path / "c.rankwise-run" / "options-0.pt").is_file() and not out.exists()
+    monkeypatch.setattr(QuantPipeline, "_factorize_block", real)
+    assert main(["compress", str(llama_dir), "--out", str(out), "--resume", *FAST, "--bits-per-weight", "3.5"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not PROGRESS_BAR.search(line)]
+    assert len(err) == 1 and re.fullmatch(
+        r"rankwise compress: error: --resume: '.*/c.rankwise-run' is an interrupted run with a different "
+        r"bits_per_weight: 3.0 there, 3.5 now",
+        err[0],
+    )
+    built = []
+    monkeypatch.setattr(QuantPipeline, "_factorize_block", lambda self, i, *a: (built.append(i), real(self, i, *a)))
+    assert main(["compress", str(llama_dir), "--out", str(out), "--resume", *argv]) == 0
+    assert built == [1]  # block 0's candidates came from the interrupted run
+    assert (out / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()
+    assert not (tmp_path / "c.rankwise-run").exists()

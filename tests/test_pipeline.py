@@ -97,7 +97,9 @@ def test_a_streamed_run_holds_no_block_weights_once_written(tmp_path):
         report = run.write(
             out,
             False,
-            lambda emit: run_compression(run.source, run.targets, config, calib, run.work, emit=emit, progress=False),
+            lambda writer: run_compression(
+                run.source, run.targets, config, calib, run.work, emit=run.block_writer(writer), progress=False
+            ),
         )
         swapped = [n for n, r in report.ranks.items() if r is not None]
         held = [

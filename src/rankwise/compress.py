@@ -281,10 +281,12 @@ def plan_compression(
     stats: CalibStats | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    keep_stats: bool = False,
 ) -> tuple[Pipeline, list, dict[str, float]]:
     """Passes A-C over ``source``'s blocks: ``(pipeline, every layer's curve, timings)``; the factors wait
     in ``work``. Any number of budgets can then be allocated (:func:`allocate_layers`) and written.
-    With ``config.include_head`` the LM head's curve comes last (``pipe.head`` names it)."""
+    With ``config.include_head`` the LM head's curve comes last (``pipe.head`` names it). ``keep_stats``:
+    every block's input statistics stay in ``work`` too (:func:`rankwise.pipeline.spilled_stats`)."""
     head = None
     if config.include_head:
         name, layer, embedding = find_head(source.model)
@@ -303,6 +305,7 @@ def plan_compression(
         dtype=dtype,
         progress=progress,
         head=head,
+        keep_stats=keep_stats,
     )
     t0 = time.perf_counter()
     curves = pipe.calibrate(calib, stats)
@@ -340,14 +343,16 @@ def run_compression(
     stats: CalibStats | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    keep_stats: bool = False,
 ) -> CompressReport:
     """The passes over ``source``'s blocks, the global allocation, then ``emit(i, {name: SVD or None})``
     for every block in order, with block ``i`` loaded (factors truncated to their allocated ranks); with
-    ``config.include_head``, then ``emit_head(head name, tied embedding name or None, SVD or None)``."""
+    ``config.include_head``, then ``emit_head(head name, tied embedding name or None, SVD or None)``.
+    ``keep_stats``: as for :func:`plan_compression` (``emit`` may read block ``i``'s statistics)."""
     if config.include_head and emit_head is None:
         raise ValueError("include_head: this compression path cannot write a factorized LM head (no emit_head)")
     pipe, curves, timings = plan_compression(
-        source, targets, config, calib, work, stats=stats, dtype=dtype, progress=progress
+        source, targets, config, calib, work, stats=stats, dtype=dtype, progress=progress, keep_stats=keep_stats
     )
     t0 = time.perf_counter()
     rank_of = allocate_layers(config, curves, config.keep)

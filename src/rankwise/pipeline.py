@@ -76,8 +76,9 @@ def _stats_state(stats: dict[str, InputStats]) -> dict:
     return out
 
 
-def _stats_from_state(state: dict, device: torch.device) -> dict[str, InputStats]:
-    stats = {}
+def spilled_stats(work: WorkDir, i: int, device: torch.device) -> dict[str, InputStats]:
+    """The input statistics of block ``i``'s targets, as pass A spilled them."""
+    state, stats = work.load(f"stats-{i}.pt"), {}
     for name, d in state.items():
         if "leader" not in d:
             stats[name] = InputStats(d["gram"].to(device), d["abs_sum"].to(device), int(d["count"]))
@@ -102,6 +103,8 @@ class Pipeline:
         target from the loss-head pass (its input: the final-norm output; its output weights: the logits'
         expected squared loss gradients), or None. A tied table is also priced as the input embedding
         (:func:`rankwise.head.factorize_tied_table`), from the loss gradient at the embedding's output.
+    keep_stats : spill every block's input statistics (also without loss gradients, also for data-free methods)
+        and keep them for :meth:`block_stats` after the passes (the quantizing runs' write pass reads them).
     """
 
     def __init__(
@@ -117,8 +120,9 @@ class Pipeline:
         dtype: torch.dtype,
         progress: bool = True,
         head: tuple[str, nn.Module, bool] | None = None,
+        keep_stats: bool = False,
     ):
-        self.head = head
+        self.head, self.keep_stats = head, keep_stats
         if head is not None and not config.needs_loss_gradients:
             raise ValueError(f"the LM head is priced from the loss-head pass; allocate={config.allocate!r} has none")
         self.source, self.config, self.work, self.progress = source, config, work, progress
@@ -127,7 +131,7 @@ class Pipeline:
         self.runner = BlockRunner(source, device, dtype)
         self.groups = targets_by_block(targets, source.stack_name, source.num_blocks)
         self.needs_grad = config.needs_loss_gradients
-        self.needs_inputs = config.method != "svd"
+        self.needs_inputs = config.method != "svd" or keep_stats
         self.grad_sq: dict[str, torch.Tensor] = {}
 
     def _targets(self, i: int) -> dict[str, nn.Module]:
@@ -167,21 +171,24 @@ class Pipeline:
                 for j in range(len(spans)):
                     hooks.new_forward()
                     hidden[j] = self.runner.run(block, hidden[j], calls[j][i]).to("cpu")
-            if self.needs_grad:
+            if self.needs_grad or self.keep_stats:
                 self.work.save(f"stats-{i}.pt", _stats_state(hooks.stats))
-            else:
+            if not self.needs_grad:
                 self._factorize_block(i, targets, CalibStats(hooks.stats))
             self.source.release_block(i)
             self.work.save("forward.pt", {"next": i + 1, "hidden": hidden})
         if self.needs_grad:
-            grad_sq = self._backward(calib, spans, hidden, calls, n_grad)
+            self._backward(calib, spans, hidden, calls, n_grad)
             for i in self._bar(range(self.source.num_blocks), "factorize blocks"):
-                if not self.work.has(f"factors-{i}.pt"):
-                    block_stats = _stats_from_state(self.work.load(f"stats-{i}.pt"), self.device)
+                if not self._done(i):
                     self.source.load_block(i)
-                    self._factorize_block(i, self._targets(i), CalibStats(block_stats, grad_sq))
+                    self._factorize_block(i, self._targets(i), self.block_stats(i))
                     self.source.release_block(i)
         return self._curves()
+
+    def block_stats(self, i: int) -> CalibStats:
+        """Block ``i``'s spilled input statistics (with loss gradients, or ``keep_stats``) and the loss gradients."""
+        return CalibStats(spilled_stats(self.work, i, self.device), self.grad_sq)
 
     # -- pass B ------------------------------------------------------------------------------------------
     def _backward(self, calib, spans, last_hidden, calls, n_grad: int) -> dict[str, torch.Tensor]:
@@ -241,6 +248,10 @@ class Pipeline:
         return grads
 
     # -- pass C ------------------------------------------------------------------------------------------
+    def _done(self, i: int) -> bool:
+        """Whether pass C finished block ``i`` (an interrupted run resumes after it)."""
+        return self.work.has(f"factors-{i}.pt")
+
     def _factorize_block(self, i: int | str, targets: dict[str, nn.Module], stats: CalibStats | None) -> None:
         cache, out, curves = {}, {}, {}
         for name, layer in targets.items():
@@ -308,7 +319,7 @@ class Pipeline:
 
     def _factorize_all(self, given: CalibStats | None) -> list[LayerCurve]:
         for i in self._bar(range(self.source.num_blocks), "factorize blocks"):
-            if self.work.has(f"factors-{i}.pt"):
+            if self._done(i):
                 continue
             self.source.load_block(i)
             self._factorize_block(i, self._targets(i), given)

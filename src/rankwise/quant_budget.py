@@ -102,6 +102,46 @@ class Candidate:
         return self.config.to_dict() | ({"rank": self.rank} if self.rank else {})
 
 
+def layer_options(shape: tuple[int, int], candidates=DEFAULT_CANDIDATES, lowrank_keeps=DEFAULT_LOWRANK_KEEPS):
+    """The ``(QuantizeConfig, rank or None)`` candidates of a dense (out, in) layer: every config of
+    ``candidates`` on the dense weight, then low rank at every fraction of ``lowrank_keeps`` of its parameters
+    (below full rank) with :data:`FACTOR_CONFIG` factors."""
+    m, n = shape
+    ranks = [max(1, int(keep * m * n / (m + n))) for keep in lowrank_keeps]
+    return [(c, None) for c in candidates] + [(FACTOR_CONFIG, r) for r in ranks if r < min(m, n)]
+
+
+@torch.no_grad()
+def build_candidate(
+    layer: nn.Module, name: str, stats: CalibStats, config: QuantizeConfig, rank: int | None, cache: dict
+) -> Candidate:
+    """One candidate of :func:`layer_options` for the dense ``layer`` (not modified): the layer it builds, its
+    bytes, estimated loss and error. ``cache`` keeps what the layer's candidates share (pass the same dict
+    for every candidate of one layer)."""
+    from .compress import CompressConfig
+    from .metric import factorize
+
+    W = layer_weight(layer)
+    st = stats.inputs[name]
+    if "cov" not in cache:
+        cache["cov"] = st.covariance.to(torch.float64)
+        cache[id(st)] = whitening_factor(st.covariance)  # the form metric.factorize caches it in
+    cov, g = cache["cov"], stats.out_grad_sq.get(name)
+    if rank is None:
+        new = quantize_dense(layer, cov, config, cache[id(st)])
+    else:
+        if "svd" not in cache:
+            method = CompressConfig(allocate="loss-aware" if stats.out_grad_sq else "uniform")
+            cache["svd"] = factorize(dense_weight(layer).detach(), method, stats, name, cache)
+        bias = getattr(layer, "bias", None)  # in the layer's dtype, as every candidate stores it
+        low = LowRankLinear.from_factors(cache["svd"].truncate(rank), bias, dtype=dense_weight(layer).dtype)
+        new = quantize_factors(low, cov, config)
+    What = new.dense_weight()
+    total = max(candidate_loss(W, 0 * W, cov, None), 1e-300)
+    error = (candidate_loss(W, What, cov, None) / total) ** 0.5
+    return Candidate(config, new, module_bytes(new), candidate_loss(W, What, cov, g), error, rank)
+
+
 @torch.no_grad()
 def layer_candidates(
     model: nn.Module,
@@ -112,45 +152,42 @@ def layer_candidates(
     lowrank_keeps=DEFAULT_LOWRANK_KEEPS,
     progress: bool = True,
 ) -> dict[str, list[Candidate]]:
-    """Every layer of ``names`` quantized by every config of ``candidates``, and factorized at every fraction
-    of ``lowrank_keeps`` with :data:`FACTOR_CONFIG` factors (``model`` is not modified)."""
-    from .compress import CompressConfig
-    from .metric import factorize
-
-    method = CompressConfig(allocate="loss-aware" if stats.out_grad_sq else "uniform")
+    """Every layer of ``names`` built as every candidate of :func:`layer_options` (``model`` is not modified)."""
     built: dict[str, list[Candidate]] = {}
     for name in _bar(names, progress, "quantize candidates"):
-        layer = model.get_submodule(name)
-        W = layer_weight(layer)
-        st = stats.inputs[name]
-        cov = st.covariance.to(torch.float64)
-        g = stats.out_grad_sq.get(name)
-        cache = {id(st): whitening_factor(st.covariance)}  # the form metric.factorize caches it in
-        total = max(candidate_loss(W, 0 * W, cov, None), 1e-300)
-        made = [(c, None, quantize_dense(layer, cov, c, cache[id(st)])) for c in candidates]
-        if lowrank_keeps:
-            m, n = W.shape
-            f = factorize(dense_weight(layer).detach(), method, stats, name, cache)
-            for keep in lowrank_keeps:
-                r = max(1, int(keep * m * n / (m + n)))
-                if r < min(m, n):
-                    bias = getattr(layer, "bias", None)  # in the layer's dtype, as every candidate stores it
-                    low = LowRankLinear.from_factors(f.truncate(r), bias, dtype=dense_weight(layer).dtype)
-                    made.append((FACTOR_CONFIG, r, quantize_factors(low, cov, FACTOR_CONFIG)))
-        built[name] = []
-        for config, rank, new in made:
-            What = new.dense_weight()
-            built[name].append(
-                Candidate(
-                    config,
-                    new,
-                    module_bytes(new),
-                    candidate_loss(W, What, cov, g),
-                    (candidate_loss(W, What, cov, None) / total) ** 0.5,
-                    rank,
-                )
-            )
+        layer, cache = model.get_submodule(name), {}
+        options = layer_options(tuple(layer_weight(layer).shape), candidates, lowrank_keeps)
+        built[name] = [build_candidate(layer, name, stats, c, r, cache) for c, r in options]
     return built
+
+
+def check_budget(bits_per_weight: float | None, size: int | None) -> None:
+    """``ValueError`` unless exactly one budget is given and ``bits_per_weight`` is a number > 0."""
+    if (bits_per_weight is None) == (size is None):
+        raise ValueError("give exactly one budget: bits_per_weight (over the quantized layers) or size (bytes)")
+    if size is None and (not is_number(bits_per_weight) or bits_per_weight <= 0):
+        raise ValueError(f"bits_per_weight must be a number > 0, got {bits_per_weight!r}")
+
+
+def allocate_budget(
+    options: list[list[tuple[int, float]]],
+    dense_weights: int,
+    *,
+    bits_per_weight: float | None = None,
+    size: int | None = None,
+    fixed: int = 0,
+) -> list[int]:
+    """Per layer, the index of the ``(bytes, loss)`` option :func:`allocate_options` picks within
+    ``bits_per_weight`` over the layers' ``dense_weights``, or within ``size`` bytes less the ``fixed`` bytes of
+    the untouched tensors (exactly one of the two). ``ValueError`` naming the minimum when even the cheapest
+    options do not fit."""
+    check_budget(bits_per_weight, size)
+    budget = size - fixed if size is not None else bits_per_weight * dense_weights / 8
+    cheapest = sum(min(b for b, _ in opts) for opts in options)
+    if cheapest > budget:
+        need = f"{cheapest * 8 / dense_weights:.3f} bits per weight" if size is None else f"{cheapest + fixed:,} bytes"
+        raise ValueError(f"the budget is below the smallest quantization of every layer; the minimum is {need}")
+    return allocate_options(options, budget)
 
 
 @torch.no_grad()
@@ -173,27 +210,14 @@ def quantize_to_budget_(
     minimum when the budget is below what the cheapest candidates (and, for ``size``, the untouched
     tensors) need.
     """
-    if (bits_per_weight is None) == (size is None):
-        raise ValueError("give exactly one budget: bits_per_weight (over the quantized layers) or size (bytes)")
     dense_weights = sum(layer_weight(model.get_submodule(n)).numel() for n in names)
-    if bits_per_weight is not None:
-        if not is_number(bits_per_weight) or bits_per_weight <= 0:
-            raise ValueError(f"bits_per_weight must be a number > 0, got {bits_per_weight!r}")
-        budget = bits_per_weight * dense_weights / 8
-    else:
-        budget = size - check_size(model, names, size)
+    check_budget(bits_per_weight, size)
+    fixed = check_size(model, names, size) if size is not None else 0
     built = built if built is not None else layer_candidates(model, names, stats, candidates, progress=progress)
     options = [[(c.bytes, c.loss) for c in built[n]] for n in names]
-    cheapest = sum(min(b for b, _ in opts) for opts in options)
-    if cheapest > budget:
-        need = (
-            f"{cheapest * 8 / dense_weights:.3f} bits per weight"
-            if size is None
-            else f"{cheapest + untouched_bytes(model, names):,} bytes"
-        )
-        raise ValueError(f"the budget is below the smallest quantization of every layer; the minimum is {need}")
+    choice = allocate_budget(options, dense_weights, bits_per_weight=bits_per_weight, size=size, fixed=fixed)
     reports = []
-    for name, k in zip(names, allocate_options(options, budget)):
+    for name, k in zip(names, choice):
         c = built[name][k]
         dense_weights = layer_weight(model.get_submodule(name)).numel()
         replace_module(model, name, c.layer)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .compress import CompressConfig, _check_calib, run_compression
 from .compress_report import CompressReport
@@ -24,7 +25,7 @@ from .io.lazy import ShardedWriter
 from .io.sidecar import copy_model_files, write_model_card
 from .io.stream import CheckpointSource, persistent_tensors, release_module
 from .pipeline import swap_in
-from .targets import find_targets
+from .targets import find_targets, replace_module
 from .workdir import WorkDir, check_free_disk, fingerprint, model_fingerprint
 
 
@@ -84,7 +85,8 @@ class StreamedRun:
     """One model read block by block, its targets, its spill directory; writes rankwise directories.
 
     Use as a context manager (the checkpoint is closed on exit). See :func:`compress_checkpoint` for the
-    parameters and errors.
+    parameters and errors; ``extra``: more fields of the spill directory's manifest (what else a ``resume``
+    must match).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class StreamedRun:
         force: bool = False,
         progress: bool = True,
         disk_for: Path | None = None,
+        extra: dict | None = None,
     ):
         from transformers import AutoModel, AutoModelForCausalLM
 
@@ -118,6 +121,7 @@ class StreamedRun:
                 "model": model_fingerprint(self.hf_dir),
                 "config": config.to_dict(),
                 "calib": None if calib is None else [list(calib.shape), fingerprint(calib)],
+                **(extra or {}),
             }
             check_free_disk(
                 Path(disk_for or work_dir).parent,
@@ -146,26 +150,47 @@ class StreamedRun:
             self.work.remove()  # bad input: nothing of this run is worth resuming
         self.source.close()
 
+    def swap(self, new: dict[str, nn.Module]) -> None:
+        """Put the layers ``new`` (qualified name -> module) into the loaded model in place of the ones there,
+        which return to the meta device at once (the run's target list still names the dense ones)."""
+        for name, layer in new.items():
+            old = self.source.model.get_submodule(name)
+            replace_module(self.source.model, name, layer)
+            release_module(old)
+
+    def swap_factors(self, factors) -> None:
+        """:func:`rankwise.pipeline.swap_in` (float32 ``LowRankLinear`` layers from ``{name: SVD or None}``), the
+        dense layers swapped out returned to the meta device."""
+        dense = [self.source.model.get_submodule(name) for name, f in factors.items() if f is not None]
+        swap_in(self.source.model, factors, lambda name: torch.float32)
+        for layer in dense:
+            release_module(layer)
+
+    def write_block(self, writer: ShardedWriter, i: int) -> None:
+        """Write block ``i``'s tensors: the dense ones in the dtype the checkpoint stored them in, a low-rank
+        layer's factors and bias in the stored dtype of the weight and bias they replace, the tensors of other
+        replaced layers (packed codes, float16 scales ...) as the layer holds them."""
+        source, stored = self.source, self.stored
+        prefix = f"{source.stack_name}.{i}."
+        for name, t in persistent_tensors(source.stack[i]).items():
+            full = prefix + name
+            owner, _, leaf = full.rpartition(".")
+            if full in stored:
+                dtype = stored[full]
+            elif owner.endswith((".down", ".up")) and isinstance(source.model.get_submodule(owner), nn.Linear):
+                layer = owner.rsplit(".", 1)[0]  # a LowRankLinear's <layer>.down.weight / <layer>.up.bias
+                dtype = stored[f"{layer}.bias" if leaf == "bias" else f"{layer}.weight"]
+            else:
+                dtype = t.dtype
+            writer.add(full, t.detach().to(dtype))
+
     def block_writer(self, writer: ShardedWriter):
         """``emit(i, factors)`` for :func:`rankwise.compress.run_compression`: swaps the factorized layers
-        into block ``i`` and writes its tensors, each in the dtype the checkpoint stored it in."""
-        source, stored = self.source, self.stored
+        into block ``i`` and writes its tensors (:meth:`write_block`)."""
 
         def write_block(i: int, factors) -> None:
-            prefix = f"{source.stack_name}.{i}."
-            dense = [source.model.get_submodule(name) for name, f in factors.items() if f is not None]
-            swap_in(source.model, factors, lambda name: torch.float32)
-            for layer in dense:  # swapped out, but the run's target list still holds them: free their weights
-                release_module(layer)
-            for name, t in persistent_tensors(source.stack[i]).items():
-                full = prefix + name
-                layer = full.rsplit(".", 2)[0]  # <layer>.down.weight / <layer>.up.bias
-                key = (
-                    full
-                    if full in stored
-                    else (f"{layer}.weight" if name.endswith(("down.weight", "up.weight")) else f"{layer}.bias")
-                )
-                writer.add(full, t.detach().to(stored[key]))
+            self.swap_factors(factors)
+            self.write_block(writer, i)
 
         return write_block
 
@@ -180,16 +205,18 @@ class StreamedRun:
                 writer.add(f"{module}.{name}", t.detach().to(dtype))
         return tuple(m + "." for m in replaced)
 
-    def write(self, out: Path, force: bool, emit_all) -> CompressReport:
-        """Write a rankwise directory atomically: ``emit_all(block_writer) -> CompressReport`` writes the
-        blocks, then the tensors outside the stack, the config, the input's other files and the report."""
+    def write(self, out: Path, force: bool, emit_all, card=None):
+        """Write a rankwise directory atomically: ``emit_all(writer) -> report`` writes the blocks (with
+        :meth:`block_writer` or :meth:`write_block`), then the tensors outside the stack, the config, the input's
+        other files and the model card. ``card``: ``report -> {"method", "budget"}`` for a report that is not a
+        :class:`~rankwise.compress_report.CompressReport` (then no ``rankwise_report.json`` is written)."""
         from transformers import AutoConfig
 
         from .io.hf_quantizer import RankwiseConfig
 
         with atomic_output_dir(out, force=force) as tmp:
             writer = ShardedWriter(tmp)
-            report = emit_all(self.block_writer(writer))
+            report = emit_all(writer)
             report.peak_rss_mib = peak_rss_mib()
             skip = (self.source.stack_name + ".", *self._write_head(writer))
             for name, key in self.source.keys.items():
@@ -198,16 +225,16 @@ class StreamedRun:
             writer.close()
             cfg = AutoConfig.from_pretrained(self.hf_dir)  # the input's, stored dtype included
             specs = factorized_specs(self.source.model)
-            ranks = {n: r for n, r in report.ranks.items() if n not in specs}
+            ranks = {} if card else {n: r for n, r in report.ranks.items() if n not in specs}
             cfg.quantization_config = RankwiseConfig(ranks, modules=specs).to_dict()
             if self.head is not None and self.head[1] is not None:
                 cfg.tie_word_embeddings = False  # tied by the head's spec (see rankwise.head.swap_head)
             cfg.save_pretrained(tmp)
             copy_model_files(self.hf_dir, tmp)
-            write_model_card(
-                tmp, base_model=source_name(self.hf_dir), **card_text(report, len(report.ranks)), quality=None
-            )
-            (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+            text = card(report) if card else card_text(report, len(report.ranks))
+            write_model_card(tmp, base_model=source_name(self.hf_dir), **text, quality=None)
+            if not card:
+                (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
         return report
 
 
@@ -251,8 +278,15 @@ def compress_checkpoint(
         report = run.write(
             out,
             force,
-            lambda emit: run_compression(
-                run.source, run.targets, config, calib, run.work, emit=emit, emit_head=run.write_head, progress=progress
+            lambda writer: run_compression(
+                run.source,
+                run.targets,
+                config,
+                calib,
+                run.work,
+                emit=run.block_writer(writer),
+                emit_head=run.write_head,
+                progress=progress,
             ),
         )
     run.work.remove()

@@ -161,7 +161,7 @@ def sweep(
                 run.write(
                     tmp / f"keep-{keep}",
                     False,
-                    lambda emit: (emit_blocks(pipe, rank_of, emit, progress), reports[keep])[1],
+                    lambda writer: (emit_blocks(pipe, rank_of, run.block_writer(writer), progress), reports[keep])[1],
                 )
             for r in reports.values():
                 r.peak_rss_mib = peak_rss_mib()

@@ -146,7 +146,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="then heal: N steps of distillation towards MODEL on "
         "the calibration text (see `rankwise heal`) before --out is written (default: no healing)",
     )
-    q = p.add_argument_group("quantization (in memory; GPTQ with the calibration statistics)")
+    q = p.add_argument_group("quantization (block by block; GPTQ with the calibration statistics)")
     q.add_argument(
         "--bits",
         type=int,
@@ -239,8 +239,20 @@ def _positive(value, option: str) -> None:
         raise ValueError(f"{option} must be an int >= 1, got {value}")
 
 
+def interrupted(out: str) -> int:
+    """What an interrupted compression tells the user; exit status 2."""
+    from ..streamed import run_dir
+
+    print(
+        f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
+        f"{str(run_dir(out))!r}: rerun with --resume to continue",
+        file=sys.stderr,
+    )
+    return 2
+
+
 def run_compress(args) -> int:
-    from ..streamed import compress_checkpoint, resolve_device, run_dir
+    from ..streamed import compress_checkpoint, resolve_device
 
     resolve_device(args.device)
     if any(getattr(args, k) is not None for k in QUANT_OPTIONS) or args.method == "qlr":
@@ -269,12 +281,7 @@ def run_compress(args) -> int:
             hf_dir, args.out, config, calib, device=args.device, resume=args.resume, force=args.force
         )
     except KeyboardInterrupt:
-        print(
-            f"rankwise compress: interrupted; no output was written. The finished blocks are kept in "
-            f"{str(run_dir(args.out))!r}: rerun with --resume to continue",
-            file=sys.stderr,
-        )
-        return 2
+        return interrupted(args.out)
     out = Path(args.out)
     print(report.summary())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))

@@ -12,11 +12,6 @@ def quant_settings(args) -> dict:
     from ..quant_budget import parse_size
     from ..quantize import QuantizeConfig
 
-    if args.resume:
-        raise ValueError(
-            "--resume applies to the streamed compression; quantizing runs (--bits, --method qlr, "
-            "--bits-per-weight, --size) run in memory and start over"
-        )
     if args.bits_per_weight is not None and args.size is not None:
         raise ValueError("give one byte budget: --bits-per-weight or --size, not both")
     if args.bits_per_weight is not None or args.size is not None:
@@ -44,7 +39,7 @@ def quant_settings(args) -> dict:
 
 def run_quantized_compress(args) -> int:
     from ..quant_checkpoint import compress_quantized
-    from .compress import config_and_calibration
+    from .compress import config_and_calibration, interrupted
 
     settings = quant_settings(args)
     lowrank = "quant" in settings and not settings["quant"].correction_rank
@@ -63,7 +58,12 @@ def run_quantized_compress(args) -> int:
             "accepted: a low-rank compression without them"
         )
     config, hf_dir, _, calib = config_and_calibration(plain, ("keep",) if lowrank else ())
-    report = compress_quantized(hf_dir, args.out, calib, config=config, force=args.force, **settings)
+    try:
+        report = compress_quantized(
+            hf_dir, args.out, calib, config=config, device=args.device, resume=args.resume, force=args.force, **settings
+        )
+    except KeyboardInterrupt:
+        return interrupted(args.out)
     out = Path(args.out)
     print(report.summary())
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
