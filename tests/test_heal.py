@@ -4,6 +4,7 @@ healed directory reloads with identical logits, and bad input is refused with on
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 
 import pytest
@@ -115,7 +116,7 @@ def test_backward_in_chunks_gives_the_whole_loss_and_its_gradients():
     expected = [p.grad.clone() for p in (*body.parameters(), *head.parameters())]
     body.zero_grad(), head.zero_grad()
     loss = backward_in_chunks(body(x), head, lambda z, rows: kl_full(z, teacher[rows], reduction="sum"), chunk=4)
-    assert float(loss) == pytest.approx(float(whole), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(whole.detach()), rel=1e-6)
     got = [p.grad for p in (*body.parameters(), *head.parameters())]
     assert all(torch.allclose(g, e, rtol=1e-5, atol=1e-8) for g, e in zip(got, expected))
 
@@ -300,6 +301,45 @@ def test_compress_with_heal_steps(llama_dir, tmp_path, capsys):
         assert torch.equal(healed, api)
 
 
+def test_compress_heal_then_quantize(llama_dir, tmp_path, capsys):
+    """``--bits`` with ``--heal-steps``: the healed factors quantized as ``compress --bits`` quantizes (GPTQ in the
+    metric of each layer's inputs through the healed model); exact reloads, honest bytes, the same as the API."""
+    from rankwise.heal_checkpoint import QUANT_CALIB_SEQS, quantize_healed_
+    from rankwise.layers import QuantLinear, QuantLowRankLinear
+    from rankwise.quantize import QuantizeConfig, module_bytes
+
+    args = ["compress", str(llama_dir), "--keep", "0.6", *FAST, "--heal-steps", "3"]
+    assert main([*args, "--bits", "4", "--group-size", "32", "--out", str(tmp_path / "q")]) == 0
+    text = capsys.readouterr().out
+    assert "healed 3 steps on 96 tokens" in text and "4-bit GPTQ of the healed factors" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    model = rankwise.load(tmp_path / "q")
+    layers = [m for n, m in model.named_modules() if re.fullmatch(r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj", n)]
+    assert len(layers) == 14 and all(isinstance(m, (QuantLinear, QuantLowRankLinear)) for m in layers)
+    assert any(isinstance(m, QuantLowRankLinear) for m in layers)
+    counted = int(re.search(r"whole model ([\d,]+) bytes", text).group(1).replace(",", ""))
+    assert counted == module_bytes(model)
+    ids = token_ids(2, 20)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(input_ids=ids).logits, logits)
+    # the API: heal the same compression, then quantize_healed_ on the same healing sequences
+    assert main([*args, "--out", str(tmp_path / "h")]) == 0
+    healed = rankwise.load(tmp_path / "h")
+    from rankwise.heal_checkpoint import healing_ids
+    from rankwise.io.models import load_model
+
+    seqs = healing_ids(load_model(llama_dir)[1], None, 32, None)  # what the heal read; GPTQ's inputs: the first 32
+    dense_logits = healed(input_ids=ids).logits.detach()
+    info = quantize_healed_(healed, seqs, QuantizeConfig(4, 32), progress=False)
+    assert len(seqs) > QUANT_CALIB_SEQS and info["model_bytes"] == counted
+    with torch.no_grad():
+        assert torch.equal(healed(input_ids=ids).logits, logits)
+    # 4-bit factors stay close to the healed model they quantize
+    err = float((logits - dense_logits).norm() / dense_logits.norm())
+    assert 0 < err < 0.05
+
+
 def test_bad_inputs_are_one_line_and_write_nothing(compressed, llama_dir, tmp_path, capsys):
     out = ["--out", str(tmp_path / "c")]
     run_bad(
@@ -361,6 +401,22 @@ def test_bad_inputs_are_one_line_and_write_nothing(compressed, llama_dir, tmp_pa
         capsys,
         r"^rankwise compress: error: --resume cannot be combined with --heal-steps "
         r"\(the unhealed model is not kept\)$",
+    )
+    run_bad(
+        ["heal", str(compressed), *out, "--bits", "5"],
+        capsys,
+        r"^rankwise heal: error: --bits must be one of 2, 3, 4, 8, got 5$",
+    )
+    run_bad(
+        ["heal", str(compressed), *out, "--group-size", "32"],
+        capsys,
+        r"^rankwise heal: error: --group-size needs --bits \(2, 3, 4 or 8\)$",
+    )
+    run_bad(
+        ["compress", str(llama_dir), *out, "--bits-per-weight", "3", "--heal-steps", "2"],
+        capsys,
+        r"^rankwise compress: error: --heal-steps heals low-rank compressions; with quantization only --bits "
+        r"\(the healed factors quantized\), not --method qlr, --bits-per-weight or --size$",
     )
     assert no_output(tmp_path)
     (tmp_path / "c").mkdir()

@@ -105,6 +105,7 @@ class HealReport:
     tokens: int = 0
     trained_params: int = 0
     seconds: float = 0.0
+    quantization: dict | None = None  # what quantizing the healed model stored (heal_checkpoint's ``quant``)
 
     def to_dict(self) -> dict:
         return {
@@ -113,6 +114,7 @@ class HealReport:
             "tokens": self.tokens,
             "trained_params": self.trained_params,
             "seconds": self.seconds,
+            "quantization": self.quantization,
         }
 
     def summary(self) -> str:
@@ -123,7 +125,7 @@ class HealReport:
             f"({self.trained_params:,} parameters trained) in {self.seconds:.1f} s; "
             f"KL to the teacher {first:.4f} -> {last:.4f} nats/token "
             f"(mean of the first and last {k} steps)"
-        )
+        ) + ("\n" + self.quantization["summary"] if self.quantization else "")
 
 
 # Positions per chunk of the output layer and the KL divergence: (KL_CHUNK, vocab) float32 tensors instead of

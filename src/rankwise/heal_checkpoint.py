@@ -23,6 +23,9 @@ import torch
 
 from ._validate import is_int
 from .heal import HealConfig, HealReport, heal_, teacher_top_k
+from .quantize import QuantizeConfig
+
+QUANT_CALIB_SEQS = 32  # healing sequences whose inputs give each layer's X^T X for GPTQ
 
 HEAL_REPORT_FILE = "rankwise_heal.json"
 
@@ -64,10 +67,12 @@ def heal_checkpoint(
     text: str | None = None,
     tokens: int | None = None,
     seq_len: int = 512,
+    quant=None,
     force: bool = False,
     progress: bool = True,
 ) -> HealReport:
-    """Heal the rankwise directory ``model`` (:func:`rankwise.heal.heal_`) and write it to ``out_dir``.
+    """Heal the rankwise directory ``model`` (:func:`rankwise.heal.heal_`) and write it to ``out_dir``; with
+    ``quant``, quantize the healed model's block linears before writing (:func:`quantize_healed_`).
 
     Parameters
     ----------
@@ -77,6 +82,7 @@ def heal_checkpoint(
     ref : the dense model (directory, file or alias); default: the base model the model card names.
     text : healing text (default: the built-in calibration half, disjoint from ``rankwise eval``'s).
     tokens, seq_len : how many tokens of ``text`` to read (default all whole sequences), cut into sequences.
+    quant : a :class:`rankwise.quantize.QuantizeConfig` without correction (default: no quantization).
 
     Returns
     -------
@@ -101,6 +107,8 @@ def heal_checkpoint(
     config = HealConfig() if config is None else config
     if not isinstance(config, HealConfig):
         raise ValueError(f"config must be a rankwise.heal.HealConfig, got {type(config).__name__}")
+    if quant is not None and (not isinstance(quant, QuantizeConfig) or quant.correction_rank):
+        raise ValueError(f"quant must be a rankwise QuantizeConfig without correction_rank, got {quant!r}")
     path = Path(model)
     qc = read_quantization_config(path)
     model_dir(path)  # config.json and intact safetensors weights
@@ -119,6 +127,8 @@ def heal_checkpoint(
         gc.collect()
     student = load(path)
     report = heal_(student, teacher, ids, config, cached=cached, progress=progress)
+    if quant is not None:
+        report.quantization = quantize_healed_(student, ids, quant, progress=progress)
     base = source_name(teacher_dir)
     with atomic_output_dir(out, force=force) as tmp:
         save(student, tmp, force=True)
@@ -132,8 +142,36 @@ def heal_checkpoint(
             base_model=base,
             quality=None,
             method=f"compress, then heal: {len(report.losses)} steps of distillation towards the "
-            f"base model ({loss}, {factors} factors, {report.tokens:,} tokens)",
+            f"base model ({loss}, {factors} factors, {report.tokens:,} tokens)"
+            + (f", then {quant.bits}-bit GPTQ (group {quant.group_size})" if quant is not None else ""),
             budget=f"{len(qc['ranks']) + len(qc.get('modules', {}))} layers factorized; "
             f"{report.trained_params:,} parameters healed",
         )
     return report
+
+
+@torch.no_grad()
+def quantize_healed_(student: torch.nn.Module, ids: torch.Tensor, quant: QuantizeConfig, *, progress: bool = True):
+    """Quantize every block linear of the healed ``student`` in place, as ``rankwise compress --bits`` does: the
+    factors of its low-rank layers, the layers left dense as they are. GPTQ's ``X^T X`` is each layer's input on
+    the first :data:`QUANT_CALIB_SEQS` healing sequences, through the healed model (the inputs it will see).
+    Returns the :class:`rankwise.quant_checkpoint.QuantRunReport`'s figures as a dict."""
+    from .calibrate import collect_stats
+    from .layers.linear import LowRankLinear
+    from .quant_checkpoint import QuantRunReport
+    from .quantize import layer_weight, module_bytes, quantize_
+    from .targets import block_stack, inside_low_rank, is_linear
+
+    prefix = block_stack(student)[0] + "."
+    targets = {
+        n: m
+        for n, m in student.named_modules()
+        if n.startswith(prefix) and (isinstance(m, LowRankLinear) or (is_linear(m) and not inside_low_rank(student, n)))
+    }
+    stats = collect_stats(student, targets, ids[:QUANT_CALIB_SEQS], fisher_seqs=0, progress=progress)
+    weights = sum(layer_weight(m).numel() for m in targets.values())
+    reports = quantize_(student, {n: quant for n in targets}, stats, progress=progress)
+    target_bytes = sum(r.bytes for r in reports)
+    method = f"{quant.bits}-bit GPTQ of the healed factors"
+    run = QuantRunReport(reports, weights, target_bytes, module_bytes(student), method)
+    return {"summary": run.summary(), "bits_per_weight": run.bits_per_weight, "model_bytes": run.model_bytes}

@@ -46,7 +46,7 @@ def find_targets(model: nn.Module, include: str | None = None, exclude: str | No
     """
     inc = _compile(include, "include")
     exc = _compile(exclude, "exclude")
-    linears = {n: m for n, m in model.named_modules() if is_linear(m) and not _inside_lowrank(model, n)}
+    linears = {n: m for n, m in model.named_modules() if is_linear(m) and not inside_low_rank(model, n)}
     if inc is not None:
         chosen = {n: m for n, m in linears.items() if inc.search(n)}
         if not chosen:
@@ -95,7 +95,8 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return parent
 
 
-def _inside_lowrank(model: nn.Module, name: str) -> bool:
+def inside_low_rank(model: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` is part of a ``LowRankLinear`` (its ``down`` / ``up``)."""
     parts = name.split(".")
     return any(isinstance(model.get_submodule(".".join(parts[:i])), LowRankLinear) for i in range(1, len(parts)))
 

@@ -251,6 +251,12 @@ def interrupted(out: str) -> int:
     return 2
 
 
+def check_heal_steps(args) -> None:
+    _positive(args.heal_steps, "--heal-steps")
+    if args.heal_steps is not None and args.resume:
+        raise ValueError("--resume cannot be combined with --heal-steps (the unhealed model is not kept)")
+
+
 def run_compress(args) -> int:
     from ..streamed import compress_checkpoint, resolve_device
 
@@ -263,16 +269,9 @@ def run_compress(args) -> int:
                 "--report covers low-rank compressions; quantizing runs (--bits, --method qlr, "
                 "--bits-per-weight, --size) print their summary instead"
             )
-        if args.heal_steps is not None:
-            raise ValueError(
-                "--heal-steps heals low-rank compressions; quantizing runs (--bits, --method qlr, "
-                "--bits-per-weight, --size) cannot be healed yet"
-            )
         return run_quantized_compress(args)
     check_report_option(args)
-    _positive(args.heal_steps, "--heal-steps")
-    if args.heal_steps is not None and args.resume:
-        raise ValueError("--resume cannot be combined with --heal-steps (the unhealed model is not kept)")
+    check_heal_steps(args)
     config, hf_dir, _, calib = config_and_calibration(args, ("keep", "sequential", "include_head", "head_weight"))
     if args.heal_steps is not None:
         return compress_and_heal(args, config, hf_dir, calib)
@@ -290,9 +289,10 @@ def run_compress(args) -> int:
     return 0
 
 
-def compress_and_heal(args, config, hf_dir: Path, calib) -> int:
+def compress_and_heal(args, config, hf_dir: Path, calib, quant=None) -> int:
     """``compress --heal-steps N``: compress into a temporary directory next to --out, heal it into --out on the
-    calibration text, remove the temporary directory (also on error or interrupt)."""
+    calibration text (then quantize it with ``quant``, ``--bits``), remove the temporary directory (also on
+    error or interrupt)."""
     import shutil
     import tempfile
 
@@ -314,6 +314,7 @@ def compress_and_heal(args, config, hf_dir: Path, calib) -> int:
             ref=hf_dir,
             text=text,
             seq_len=config.seq_len,
+            quant=quant,
             force=args.force,
         )
     finally:

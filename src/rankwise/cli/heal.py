@@ -21,6 +21,18 @@ def heal_config(args):
     return HealConfig(train_norms=args.train_norms, **{k: v for k, v in given.items() if v is not None})
 
 
+def heal_quantization(bits, group_size):
+    """The :class:`rankwise.quantize.QuantizeConfig` of ``--bits`` / ``--group-size`` after healing, or None."""
+    from ..quant import check_bits
+    from ..quantize import QuantizeConfig
+
+    if bits is None:
+        if group_size is not None:
+            raise ValueError("--group-size needs --bits (2, 3, 4 or 8)")
+        return None
+    return QuantizeConfig(check_bits(bits, "--bits"), 128 if group_size is None else group_size)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this module's subcommands on sub; each sets func to a callable(args) -> int."""
     from ..heal import HealConfig
@@ -60,6 +72,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         f"teacher is freed (default {d.top_k}: the whole vocabulary, teacher run on the fly)",
     )
     p.add_argument("--seed", type=int, help="seed of the data order (default 0)")
+    p.add_argument(
+        "--bits", type=int, help="then quantize the healed factors (and the layers left dense) to 2, 3, 4 or 8 bits"
+    )
+    p.add_argument("--group-size", type=int, help="--bits: input columns per quantization scale (default 128)")
     p.add_argument("--force", action="store_true", help="replace an existing --out directory")
     p.set_defaults(func=run_heal)
 
@@ -73,9 +89,18 @@ def run_heal(args) -> int:
         raise ValueError(f"--seq-len must be an int >= 2, got {args.seq_len}")
     if args.tokens is not None and args.tokens < args.seq_len:
         raise ValueError(f"--tokens must be at least --seq-len ({args.seq_len}), got {args.tokens}")
+    quant = heal_quantization(args.bits, args.group_size)
     text = _read_text(args.text, "--text") if args.text else None
     report = heal_checkpoint(
-        args.dir, args.out, config, ref=args.ref, text=text, tokens=args.tokens, seq_len=args.seq_len, force=args.force
+        args.dir,
+        args.out,
+        config,
+        ref=args.ref,
+        text=text,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        quant=quant,
+        force=args.force,
     )
     print(report.summary())
     print(f"saved {Path(args.out)}; reload with rankwise.load({args.out!r})")

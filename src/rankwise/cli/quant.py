@@ -39,7 +39,7 @@ def quant_settings(args) -> dict:
 
 def run_quantized_compress(args) -> int:
     from ..quant_checkpoint import compress_quantized
-    from .compress import config_and_calibration, interrupted
+    from .compress import check_heal_steps, compress_and_heal, config_and_calibration, interrupted
 
     settings = quant_settings(args)
     lowrank = "quant" in settings and not settings["quant"].correction_rank
@@ -57,7 +57,15 @@ def run_quantized_compress(args) -> int:
             f"{unsupported[0]} is not supported by quantizing runs (--bits, --method qlr, --bits-per-weight, --size); "
             "accepted: a low-rank compression without them"
         )
+    if args.heal_steps is not None and not lowrank:
+        raise ValueError(
+            "--heal-steps heals low-rank compressions; with quantization only --bits (the healed factors quantized), "
+            "not --method qlr, --bits-per-weight or --size"
+        )
+    check_heal_steps(args)
     config, hf_dir, _, calib = config_and_calibration(plain, ("keep",) if lowrank else ())
+    if args.heal_steps is not None:
+        return compress_and_heal(args, config, hf_dir, calib, quant=settings["quant"])
     try:
         report = compress_quantized(
             hf_dir, args.out, calib, config=config, device=args.device, resume=args.resume, force=args.force, **settings
