@@ -11,6 +11,7 @@ defaults); healing reads ``builtin_text("calib")`` too; evaluation reads the dis
     python benchmarks/heal.py --keeps 0.6 --steps 24 --lr 1e-4 3e-4 1e-3     # a short learning-rate sweep
     python benchmarks/heal.py --tiny          # free vs orthonormal factors on tiny random Llamas (seconds)
     python benchmarks/heal.py --keeps 0.6 --step-cost 4 --threads 1      # CPU time of a step, chunks vs whole
+    python benchmarks/heal.py --keeps 0.6 --tokens 57344 --held-out 8 --steps 128 --autocast 0 1  # float32 vs bf16
     python benchmarks/heal.py --keeps 0.6 --step-cost 2 --orthogonal 0 1 --seq-len 128 --threads 1  # orth. vs free
 """
 
@@ -153,6 +154,9 @@ def main(argv=None):
     p.add_argument("--orthogonal", type=int, nargs="+", default=[0], help="0 free factors, 1 orthonormal (both: 0 1)")
     p.add_argument("--top-k", type=int, nargs="+", default=[0], help="0 = full-vocabulary KL, k = cached top-k")
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument(
+        "--autocast", type=int, nargs="+", default=[0], help="0 float32, 1 bfloat16 autocast of the bodies (both: 0 1)"
+    )
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default="/tmp/rankwise-heal-bench", help="where the compressed models are kept")
@@ -181,7 +185,7 @@ def main(argv=None):
         f"torch threads {args.threads}"
     )
     head = (
-        f"{'keep':>4} {'lr':>7} {'orth':>4} {'top-k':>5} {'norms':>5} {'steps':>5} {'ppl dense':>9} "
+        f"{'keep':>4} {'lr':>7} {'orth':>4} {'bf16':>4} {'top-k':>5} {'norms':>5} {'steps':>5} {'ppl dense':>9} "
         f"{'ppl comp':>9} {'ppl healed':>10} {'gap closed':>10} {'KL comp':>8} {'KL healed':>9} {'top1 comp':>9} "
         f"{'top1 heal':>9} {'heal s':>7} {'heal cpu s':>10} {'held-out gap closed':>19}"
     )
@@ -192,7 +196,7 @@ def main(argv=None):
         before = next_token_agreement(rankwise.load(path), dense, eval_ids, progress=False)
         held = args.held_out and next_token_agreement(rankwise.load(path), dense, held_ids, progress=False)
         for lr in args.lr:
-            for orth in args.orthogonal:
+            for orth, bf16 in ((o, a) for o in args.orthogonal for a in args.autocast):
                 for k in args.top_k:
                     model = rankwise.load(path)
                     config = HealConfig(
@@ -203,6 +207,7 @@ def main(argv=None):
                         orthogonal=bool(orth),
                         top_k=k,
                         checkpointing=args.checkpointing,
+                        autocast=bool(bf16),
                     )
                     cpu = time.process_time()
                     report = heal_(model, dense, heal_ids, config, progress=False)
@@ -211,7 +216,7 @@ def main(argv=None):
                     closed = gap_closed(before, after)
                     held_closed = gap_closed(held, next_token_agreement(model, dense, held_ids, progress=False))
                     rows.append(
-                        f"{keep:>4} {lr:>7.0e} {orth:>4} {k:>5} {int(args.train_norms):>5} "
+                        f"{keep:>4} {lr:>7.0e} {orth:>4} {bf16:>4} {k:>5} {int(args.train_norms):>5} "
                         f"{len(report.losses):>5} {before.ref_perplexity:>9.3f} {before.perplexity:>9.3f} "
                         f"{after.perplexity:>10.3f} {closed:>10.3f} {before.kl:>8.4f} {after.kl:>9.4f} "
                         f"{before.top1:>9.4f} {after.top1:>9.4f} {report.seconds:>7.1f} {cpu:>10.1f} "

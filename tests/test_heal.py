@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import re
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -105,6 +106,36 @@ def test_gradient_checkpointing_gives_the_same_factors():
         heal_(s, teacher, ids, HealConfig(steps=4, lr=1e-2, checkpointing=checkpointing), progress=False)
         states.append(s.state_dict())
     assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6, rtol=0) for k in states[0])
+
+
+def test_autocast_runs_the_bodies_in_bfloat16_and_the_rest_in_float32():
+    teacher, student = teacher_and_student()
+    ids, held_out = token_ids(16, 32), token_ids(4, 32, seed=5)
+    seen = {}
+
+    def record(name):
+        return lambda module, args: seen.setdefault(name, []).append(args[0].dtype)
+
+    for model, tag in ((student, "student"), (teacher, "teacher")):
+        model.model.layers[0].mlp.down_proj.register_forward_pre_hook(record(f"{tag} body"))
+        model.lm_head.register_forward_pre_hook(record(f"{tag} head"))
+    before = next_token_agreement(student, teacher, held_out, progress=False).kl
+    plain = copy.deepcopy(student)
+    config = HealConfig(steps=30, batch_size=2, lr=3e-3)
+    seen.clear()
+    report = heal_(student, teacher, ids, HealConfig(**{**asdict(config), "autocast": True}), progress=False)
+    # split_head's check (16 tokens, whole model and body) runs each model twice in float32 before the steps;
+    # then every step's body in bfloat16 (the student's twice: forward and checkpointed recomputation)
+    for tag, calls in (("student", 2 + 2 * 30), ("teacher", 2 + 30)):
+        body = seen[f"{tag} body"]
+        assert body == [torch.float32] * 2 + [torch.bfloat16] * (calls - 2)
+        assert set(seen[f"{tag} head"]) == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+    reference = heal_(plain, teacher, ids, config, progress=False).losses
+    assert report.losses[0] == pytest.approx(reference[0], rel=0.02)  # one bf16 forward: the same loss to 2%
+    after = next_token_agreement(student, teacher, held_out, progress=False).kl
+    plain_after = next_token_agreement(plain, teacher, held_out, progress=False).kl
+    assert after < 0.99 * before and abs(after - plain_after) < 0.1 * (before - plain_after)
 
 
 def test_backward_in_chunks_gives_the_whole_loss_and_its_gradients():

@@ -17,6 +17,7 @@ def heal_config(args):
         "top_k": args.top_k,
         "seed": args.seed,
         "checkpointing": args.checkpointing,
+        "autocast": args.autocast,
     }
     return HealConfig(train_norms=args.train_norms, **{k: v for k, v in given.items() if v is not None})
 
@@ -64,6 +65,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--checkpointing",
         action=argparse.BooleanOptionalAction,
         help=f"recompute each block's activations in the backward pass (default {d.checkpointing})",
+    )
+    p.add_argument(
+        "--autocast",
+        action=argparse.BooleanOptionalAction,
+        help=f"run the transformer bodies in bfloat16 autocast; output layer, loss, weights and optimizer stay "
+        f"float32 (default {d.autocast})",
     )
     p.add_argument(
         "--top-k",
