@@ -55,3 +55,26 @@ def test_perplexity_on_cuda_matches_cpu():
     on_cpu = perplexity(model, ids, progress=False)
     on_gpu = perplexity(model.cuda(), ids, progress=False)
     assert on_gpu == pytest.approx(on_cpu, rel=1e-9)
+
+
+def test_quantizing_run_on_cuda_gives_the_cpu_choices(tmp_path):
+    """The block-by-block byte budget on the GPU: the CPU's per-layer choices and bytes, close logits, and an output
+    written from CUDA tensors that both loaders read identically."""
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.quant_checkpoint import compress_quantized
+
+    from _tiny_models import save_model_dir, tiny_llama
+
+    src = save_model_dir(tiny_llama(), tmp_path / "in")
+    runs = {
+        device: compress_quantized(src, tmp_path / device, CALIB, bits_per_weight=3.0, device=device, progress=False)
+        for device in ("cpu", "cuda")
+    }
+    assert [(r.name, r.config) for r in runs["cuda"].layers] == [(r.name, r.config) for r in runs["cpu"].layers]
+    assert runs["cuda"].model_bytes == runs["cpu"].model_bytes
+    cpu, gpu = (rankwise.load(tmp_path / device) for device in ("cpu", "cuda"))
+    expected = logits(cpu, "cpu")
+    assert float((logits(gpu, "cpu") - expected).norm()) < 1e-2 * float(expected.norm())
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "cuda")
+    assert torch.equal(logits(stock, "cpu"), logits(gpu, "cpu"))
