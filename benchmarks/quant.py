@@ -180,6 +180,7 @@ def main() -> None:
             for r in reports:
                 c = r.config
                 key = f"{c['bits']}b/g{c['group_size']}" + (f"+r{c['correction_rank']}" if c["correction_rank"] else "")
+                key += "+h" if c.get("rotate") else ""
                 if "rank" in c:
                     key = f"lowrank+{key} factors"
                 mix[key] = mix.get(key, 0) + 1

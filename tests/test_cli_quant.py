@@ -99,9 +99,9 @@ def test_bits_per_weight_budget_is_met(llama_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     model = _check_reload(out, text)
     bpw = float(re.search(r"\(([\d.]+) bits per weight, everything counted\)", text).group(1))
-    targets = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    targets = [m for n, m in model.named_modules() if re.fullmatch(r"model\.layers\.\d\.(self_attn|mlp)\.\w+_proj", n)]
     stored = sum(module_bytes(m) for m in targets)
-    assert len(targets) == 14
+    assert len(targets) == 14 and all(isinstance(m, (QuantLinear, QuantLowRankLinear)) for m in targets)
     assert bpw == pytest.approx(8 * stored / 18432, abs=5e-4) and bpw <= 3.0  # 2 blocks of 9216 weights
 
 

@@ -17,6 +17,7 @@ bits per code, the first code in the lowest bits of the first byte, and the row 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -243,6 +244,47 @@ def unpack_codes(packed: Tensor, bits: int, cols: int) -> Tensor:
     stream = ((packed[..., None] >> shifts) & 1).reshape(rows, -1)[:, : cols * bits].reshape(rows, cols, bits)
     weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int32)
     return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+
+
+def rotation_block(n: int) -> int:
+    """The Hadamard block size for ``n`` inputs: the largest power of two dividing ``n``, at most 128 (1: none)."""
+    return min(128, n & -n)
+
+
+@functools.lru_cache(maxsize=16)
+def _hadamard(block: int, device: str, dtype: torch.dtype) -> Tensor:
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < block:
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
+    return (H / math.sqrt(block)).to(device=device, dtype=dtype)
+
+
+def rotation_signs(n: int, seed: int = 0) -> Tensor:
+    """Seeded random signs (int8, +-1) of the input rotation of an ``n``-input layer."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.int8)
+
+
+def rotate_inputs(x: Tensor, signs: Tensor, block: int) -> Tensor:
+    """``x R`` for ``R = diag(signs) blockdiag(H, ..., H)``, ``H`` the orthonormal Hadamard matrix of size ``block``
+    (``R`` is orthogonal); ``x`` of shape (..., n), in ``O(n block)`` per row without forming ``R``."""
+    n = x.shape[-1]
+    H = _hadamard(block, str(x.device), x.dtype)
+    return ((x * signs.to(x.dtype)).reshape(*x.shape[:-1], n // block, block) @ H).reshape(x.shape)
+
+
+def gptq_rotated(W: Tensor, H: Tensor, bits: int, group_size: int, signs: Tensor, block: int, **kw) -> QuantizedMatrix:
+    """GPTQ of ``W R`` in the metric ``R^T H R`` (incoherence processing): the layer applies ``Q R^T``.
+
+    References
+    ----------
+    J. Chee, Y. Cai, V. Kuleshov, C. De Sa, "QuIP: 2-bit quantization of large language models with guarantees",
+    NeurIPS 2023, arXiv:2307.13304 (incoherence processing); A. Tseng et al., "QuIP#", ICML 2024,
+    arXiv:2402.04396 (randomized Hadamard transforms).
+    """
+    W = W.detach().to(torch.float64)
+    R = rotate_inputs(torch.eye(W.shape[1], dtype=torch.float64, device=W.device), signs, block)  # rows of I R
+    return gptq(W @ R, R.T @ H.to(torch.float64) @ R, bits, group_size, **kw)
 
 
 def quantize_with_correction(

@@ -56,6 +56,7 @@ class QuantRunReport:
         for r in self.layers:
             c = r.config
             rank = f" r{c['correction_rank']}" if c["correction_rank"] else ""
+            rank += " rotated" if c.get("rotate") else ""
             key = f"{r.kind} {c['bits']}-bit g{c['group_size']}{rank}"
             kinds.setdefault(key, []).append(r)
         lines = [f"{'layers':<34} {'n':>4} {'bytes':>12} {'bpw':>6} {'err':>6}"]

@@ -20,7 +20,17 @@ from ._validate import choice, int_at_least
 from .calibrate import CalibStats, _bar
 from .layers.linear import LowRankLinear, dense_weight
 from .layers.quant import QuantLinear, QuantLowRankLinear
-from .quant import check_bits, check_group_size, gptq, hessian_error, quantize_rtn, quantize_with_correction
+from .quant import (
+    check_bits,
+    check_group_size,
+    gptq,
+    gptq_rotated,
+    hessian_error,
+    quantize_rtn,
+    quantize_with_correction,
+    rotation_block,
+    rotation_signs,
+)
 from .targets import replace_module
 
 ALGORITHMS = ("gptq", "rtn")
@@ -34,6 +44,9 @@ class QuantizeConfig:
     algorithm : "gptq" (error feedback) or "rtn" (round to nearest).
     correction_rank : rank of the float16 low-rank correction of a dense layer's quantization error (Q + LR;
         0: none); refits : Q + LR alternations. damp : GPTQ's relative ridge on ``X^T X``.
+    rotate : quantize a dense layer's weight with its inputs rotated by a seeded random-sign block Hadamard
+        matrix (incoherence processing, :func:`rankwise.quant.gptq_rotated`); the layer rotates its inputs in
+        forward. GPTQ only, no correction; needs an even input width.
     """
 
     bits: int = 4
@@ -43,6 +56,7 @@ class QuantizeConfig:
     correction_rank: int = 0
     refits: int = 2
     damp: float = 0.01
+    rotate: bool = False
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -52,6 +66,8 @@ class QuantizeConfig:
             int_at_least(getattr(self, name), name, 0)
         if self.correction_rank and self.algorithm != "gptq":
             raise ValueError("correction_rank needs algorithm='gptq' (the correction is fitted to GPTQ's error)")
+        if self.rotate and (self.algorithm != "gptq" or self.correction_rank):
+            raise ValueError("rotate needs algorithm='gptq' and no correction_rank")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +110,14 @@ def quantize_dense(
     W = dense_weight(layer).detach()
     bias = getattr(layer, "bias", None)
     dtype = W.dtype
+    if config.rotate:
+        block = rotation_block(W.shape[1])
+        if block < 2:
+            raise ValueError(f"rotate needs an even input width, got {W.shape[1]}")
+        signs = rotation_signs(W.shape[1])
+        kw = {"symmetric": config.symmetric, "damp": config.damp}
+        q = gptq_rotated(W, H, config.bits, config.group_size, signs, block, **kw)
+        return QuantLinear.from_quantized(q, bias, dtype=dtype, rotation=(signs, block))
     if config.correction_rank:
         rank = min(config.correction_rank, *W.shape)
         q, L, R, _ = quantize_with_correction(

@@ -224,10 +224,11 @@ def layer_table(path: str | os.PathLike) -> tuple[list, dict[str, int]]:
 
 def _rank_label(spec: dict) -> int | str:
     """The rank column of `rankwise info`: a tuple of ranks as "3x2"; quantized layers as "4b" (bits), "2b+r16"
-    (with a rank-16 correction) or "40@4b" (rank-40 factors at 4 bits)."""
+    (with a rank-16 correction), "3b+h" (inputs Hadamard-rotated) or "40@4b" (rank-40 factors at 4 bits)."""
     rank = spec.get("rank", spec.get("ranks"))
     if "bits" in spec:
         correction = f"+r{spec['correction_rank']}" if spec.get("correction_rank") else ""
+        correction += "+h" if spec.get("rotation") else ""
         return (f"{rank}@" if rank else "") + f"{spec['bits']}b{correction}"
     return rank if isinstance(rank, int) else "x".join(map(str, rank))
 

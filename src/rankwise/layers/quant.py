@@ -9,7 +9,9 @@ stored tensors load.
 
 State-dict keys: ``codes`` (uint8, (out, ceil(in * bits / 8))), ``scale`` (float16, (out, groups)),
 ``zero`` (uint8, (out, groups); asymmetric only), ``bias``, ``correction_up`` (out, r) and
-``correction_down`` (r, in) (float16; Q + LR only); a ``QuantLowRankLinear`` holds ``down.*`` and ``up.*``.
+``correction_down`` (r, in) (float16; Q + LR only), ``signs`` (int8, (in,); with an input rotation: the layer
+applies ``Q R^T``, ``R = diag(signs) blockdiag(H)``, ``H`` the Hadamard matrix of the spec's ``rotation`` size); a
+``QuantLowRankLinear`` holds ``down.*`` and ``up.*``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._validate import is_int
-from ..quant import QuantizedMatrix, check_bits, dequantize, pack_codes, unpack_codes
+from ..quant import QuantizedMatrix, check_bits, dequantize, pack_codes, rotate_inputs, unpack_codes
 from .registry import LAYERS
 
 
@@ -53,6 +55,11 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = _int(spec, "in_features", 1), _int(spec, "out_features", 1)
         self.bits, self.group_size = check_bits(spec.get("bits")), _int(spec, "group_size", 1)
         self.symmetric, self.correction_rank = bool(spec.get("symmetric")), _int(spec, "correction_rank", 0)
+        self.rotation = _int(spec, "rotation", 0) if spec.get("rotation") else 0  # Hadamard block of the inputs
+        if self.rotation and (self.in_features % self.rotation or self.rotation & (self.rotation - 1)):
+            raise ValueError(
+                f"rotation must be a power of two dividing in_features={self.in_features}, got {self.rotation}"
+            )
         groups = math.ceil(self.in_features / self.group_size)
         packed = math.ceil(self.in_features * self.bits / 8)
         self.register_buffer("codes", torch.zeros(self.out_features, packed, dtype=torch.uint8, device=device))
@@ -65,6 +72,8 @@ class QuantLinear(nn.Module):
         self.correction_down = nn.Parameter(torch.zeros(r, self.in_features, **half)) if r else None
         bias = spec.get("bias")
         self.bias = nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)) if bias else None
+        signs = torch.ones(self.in_features, dtype=torch.int8, device=device) if self.rotation else None
+        self.register_buffer("signs", signs)
 
     def spec(self) -> dict:
         return {
@@ -76,14 +85,22 @@ class QuantLinear(nn.Module):
             "symmetric": self.symmetric,
             "correction_rank": self.correction_rank,
             "bias": self.bias is not None,
-        }
+        } | ({"rotation": self.rotation} if self.rotation else {})
 
     @classmethod
     def from_quantized(
-        cls, q: QuantizedMatrix, bias: torch.Tensor | None = None, correction=None, dtype: torch.dtype = torch.float32
+        cls,
+        q: QuantizedMatrix,
+        bias: torch.Tensor | None = None,
+        correction=None,
+        dtype: torch.dtype = torch.float32,
+        rotation: tuple[torch.Tensor, int] | None = None,
     ) -> QuantLinear:
         """From a :class:`~rankwise.quant.QuantizedMatrix` and, for Q + LR, ``correction = (L, R)``
-        (shapes (out, r) and (r, in))."""
+        (shapes (out, r) and (r, in)); ``rotation = (signs, block)``: ``q`` quantizes ``W R``
+        (:func:`rankwise.quant.gptq_rotated`) and the layer applies ``Q R^T``."""
+        if rotation is not None and correction is not None:
+            raise ValueError("a quantized layer takes a low-rank correction or an input rotation, not both")
         out, cin = q.shape
         spec = {
             "in_features": cin,
@@ -93,9 +110,12 @@ class QuantLinear(nn.Module):
             "symmetric": q.symmetric,
             "correction_rank": 0 if correction is None else int(correction[0].shape[1]),
             "bias": bias is not None,
+            "rotation": 0 if rotation is None else rotation[1],
         }
         layer = cls(spec, device=q.codes.device, dtype=dtype)
         with torch.no_grad():
+            if rotation is not None:
+                layer.signs.copy_(rotation[0])
             layer.codes.copy_(pack_codes(q.codes, q.bits))
             layer.scale.copy_(q.scale)
             if q.zero is not None:
@@ -113,6 +133,8 @@ class QuantLinear(nn.Module):
         return dequantize(codes, self.scale, self.zero, self.bits, self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotation:
+            return F.linear(rotate_inputs(x, self.signs, self.rotation), self.quantized_weight(x.dtype), self.bias)
         y = F.linear(x, self.quantized_weight(x.dtype), self.bias)
         if self.correction_rank:
             y = y + F.linear(F.linear(x, self.correction_down.to(x.dtype)), self.correction_up.to(x.dtype))
@@ -120,6 +142,9 @@ class QuantLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         W = self.quantized_weight(torch.float64)
+        if self.rotation:  # Q R^T, R's rows: the rotated identity
+            eye = torch.eye(self.in_features, dtype=torch.float64, device=W.device)
+            return W @ rotate_inputs(eye, self.signs, self.rotation).T
         if self.correction_rank:
             W = W + self.correction_up.double() @ self.correction_down.double()
         return W
@@ -132,6 +157,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, symmetric={self.symmetric}, correction_rank={self.correction_rank}"
+            + (f", rotation={self.rotation}" if self.rotation else "")
         )
 
 
