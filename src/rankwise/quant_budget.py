@@ -1,10 +1,10 @@
 """Quantize a model to a byte budget: per layer, the bit width, correction or factorization that buys the most.
 
 Every target layer is quantized once per candidate :class:`~rankwise.quantize.QuantizeConfig` (bit
-widths, Q + LR corrections, GPTQ on Hadamard-rotated inputs) and factorized at a few ranks with quantized factors (the whitened,
-Fisher-weighted SVD of :func:`rankwise.metric.factorize`, then
-:func:`rankwise.quantize.quantize_factors`); each candidate's stored bytes are counted from the layer it builds and its
-loss increase estimated from its output error on the calibration inputs, weighted per output channel
+widths, Q + LR corrections, GPTQ on Hadamard-rotated inputs) and factorized at a few ranks with quantized
+factors (the whitened, Fisher-weighted SVD of :func:`rankwise.metric.factorize`, then
+:func:`rankwise.quantize.quantize_factors`); each candidate's stored bytes are counted from the layer it builds
+and its loss increase estimated from its output error on the calibration inputs, weighted per output channel
 by the loss-gradient second moment when calibration collected one (``tr(diag(g) D C D^T)`` for the
 weight error ``D``, the input second moment ``C`` and ``g = E[(dL/dy)^2]``; plain ``tr(D C D^T)`` without
 gradients). A multiple-choice knapsack (:func:`rankwise.allocate.allocate_options`) then picks one
