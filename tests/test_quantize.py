@@ -172,6 +172,7 @@ def test_input_rotation_is_the_orthogonal_signed_block_hadamard():
     R = torch.diag(signs.double()) @ torch.block_diag(*[_hadamard_reference(block)] * (n // block))
     x = torch.randn(5, n, dtype=torch.float64)
     torch.testing.assert_close(rotate_inputs(x, signs, block), x @ R, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rotate_inputs(x, signs, block, transpose=True), x @ R.T, rtol=0, atol=1e-12)
     torch.testing.assert_close(R.T @ R, torch.eye(n, dtype=torch.float64), rtol=0, atol=1e-12)
     assert set(signs.tolist()) == {-1, 1} and torch.equal(signs, rotation_signs(96, seed=3))
 

@@ -265,12 +265,16 @@ def rotation_signs(n: int, seed: int = 0) -> Tensor:
     return (torch.randint(0, 2, (n,), generator=g) * 2 - 1).to(torch.int8)
 
 
-def rotate_inputs(x: Tensor, signs: Tensor, block: int) -> Tensor:
-    """``x R`` for ``R = diag(signs) blockdiag(H, ..., H)``, ``H`` the orthonormal Hadamard matrix of size ``block``
-    (``R`` is orthogonal); ``x`` of shape (..., n), in ``O(n block)`` per row without forming ``R``."""
+def rotate_inputs(x: Tensor, signs: Tensor, block: int, *, transpose: bool = False) -> Tensor:
+    """``x R`` (``transpose``: ``x R^T``) for ``R = diag(signs) blockdiag(H, ..., H)``, ``H`` the orthonormal
+    (symmetric) Hadamard matrix of size ``block``, so ``R`` is orthogonal; ``x`` of shape (..., n), in
+    ``O(n block)`` per row without forming ``R``."""
     n = x.shape[-1]
     H = _hadamard(block, str(x.device), x.dtype)
-    return ((x * signs.to(x.dtype)).reshape(*x.shape[:-1], n // block, block) @ H).reshape(x.shape)
+    s = signs.to(x.dtype)
+    if transpose:
+        return (x.reshape(*x.shape[:-1], n // block, block) @ H).reshape(x.shape) * s
+    return ((x * s).reshape(*x.shape[:-1], n // block, block) @ H).reshape(x.shape)
 
 
 def gptq_rotated(W: Tensor, H: Tensor, bits: int, group_size: int, signs: Tensor, block: int, **kw) -> QuantizedMatrix:
@@ -282,9 +286,9 @@ def gptq_rotated(W: Tensor, H: Tensor, bits: int, group_size: int, signs: Tensor
     NeurIPS 2023, arXiv:2307.13304 (incoherence processing); A. Tseng et al., "QuIP#", ICML 2024,
     arXiv:2402.04396 (randomized Hadamard transforms).
     """
-    W = W.detach().to(torch.float64)
-    R = rotate_inputs(torch.eye(W.shape[1], dtype=torch.float64, device=W.device), signs, block)  # rows of I R
-    return gptq(W @ R, R.T @ H.to(torch.float64) @ R, bits, group_size, **kw)
+    W, H = W.detach().to(torch.float64), H.to(torch.float64)
+    HR = rotate_inputs(H, signs, block)  # H R; its transpose R^T H (H symmetric), rotated again: R^T H R
+    return gptq(rotate_inputs(W, signs, block), rotate_inputs(HR.T, signs, block), bits, group_size, **kw)
 
 
 def quantize_with_correction(

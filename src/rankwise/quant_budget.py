@@ -69,15 +69,21 @@ def untouched_bytes(model: nn.Module, names: list[str]) -> int:
     return module_bytes(model) - sum(module_bytes(model.get_submodule(n)) for n in names)
 
 
-@torch.no_grad()
-def check_size(model: nn.Module, names: list[str], size: int) -> int:
-    """The bytes of the tensors outside ``names``; ``ValueError`` naming them when ``size`` leaves nothing beyond."""
-    fixed = untouched_bytes(model, names)
+def check_size_covers(size: int, fixed: int) -> None:
+    """``ValueError`` naming the minimum when ``size`` leaves nothing beyond the ``fixed`` bytes of the untouched
+    tensors."""
     if size <= fixed:
         raise ValueError(
             f"size {size:,} bytes is below the {fixed:,} bytes the model's untouched tensors "
             f"(embeddings, norms, layers not quantized) need; the minimum is more than {fixed:,}"
         )
+
+
+@torch.no_grad()
+def check_size(model: nn.Module, names: list[str], size: int) -> int:
+    """The bytes of the tensors outside ``names``; ``ValueError`` naming them when ``size`` leaves nothing beyond."""
+    fixed = untouched_bytes(model, names)
+    check_size_covers(size, fixed)
     return fixed
 
 

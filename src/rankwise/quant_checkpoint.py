@@ -31,7 +31,14 @@ from .calibrate import CalibStats, _bar
 from .compress import CompressConfig, run_compression
 from .io.stream import release_module
 from .pipeline import Pipeline, spilled_stats
-from .quant_budget import allocate_budget, build_candidate, check_budget, layer_candidates, layer_options
+from .quant_budget import (
+    allocate_budget,
+    build_candidate,
+    check_budget,
+    check_size_covers,
+    layer_candidates,
+    layer_options,
+)
 from .quantize import QuantizeConfig, QuantLayerReport, layer_weight, quantize_
 from .streamed import StreamedRun, run_dir
 
@@ -178,11 +185,8 @@ def compress_quantized(
         names = list(run.targets)
         weights = sum(layer_weight(m).numel() for m in run.targets.values())
         fixed = stored_bytes_outside(run, names)
-        if size is not None and size <= fixed:
-            raise ValueError(
-                f"size {size:,} bytes is below the {fixed:,} bytes the model's untouched tensors "
-                f"(embeddings, norms, layers not quantized) need; the minimum is more than {fixed:,}"
-            )
+        if size is not None:
+            check_size_covers(size, fixed)
         reports: list[QuantLayerReport] = []
         if lowrank:
             method = f"{config.method} low-rank at keep {config.keep} + {quant.bits}-bit factors"

@@ -142,9 +142,8 @@ class QuantLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         W = self.quantized_weight(torch.float64)
-        if self.rotation:  # Q R^T, R's rows: the rotated identity
-            eye = torch.eye(self.in_features, dtype=torch.float64, device=W.device)
-            return W @ rotate_inputs(eye, self.signs, self.rotation).T
+        if self.rotation:
+            return rotate_inputs(W, self.signs, self.rotation, transpose=True)  # Q R^T
         if self.correction_rank:
             W = W + self.correction_up.double() @ self.correction_down.double()
         return W
